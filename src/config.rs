@@ -1,0 +1,228 @@
+//! Every setting, as a CLI flag with a `COUNTERSINK_*` environment variable as fallback.
+//!
+//! clap parses; [`CoreConfig::validate`] and [`ServeConfig::validate`] check what clap's types
+//! cannot, once at start-up, with messages that name both the flag and the variable.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::{Args, ValueEnum};
+
+use crate::db::Backend;
+
+/// The most users a flush writes in one `INSERT ... ON CONFLICT` statement.
+///
+/// Each row binds two parameters; SQLite allows 32,766 binds per statement and PostgreSQL
+/// 65,535, so 16,383 rows is the largest chunk both backends accept.
+pub const MAX_FLUSH_CHUNK_USERS: usize = 16_383;
+
+/// Settings every subcommand needs: where Redis and the database are.
+#[derive(Debug, Clone, Args)]
+pub struct CoreConfig {
+    /// Redis URL (`redis://` or `rediss://`).
+    #[arg(
+        long,
+        env = "COUNTERSINK_REDIS_URL",
+        default_value = "redis://127.0.0.1:6379"
+    )]
+    pub redis_url: String,
+
+    /// Prefix of every Redis key; several deployments can share one Redis under different prefixes.
+    /// Letters, digits and `_ - . :` only (braces are added by countersink as a Redis Cluster hash tag).
+    #[arg(long, env = "COUNTERSINK_REDIS_PREFIX", default_value = "countersink")]
+    pub redis_prefix: String,
+
+    /// Database URL. The scheme picks the backend: `postgres://` / `postgresql://` for PostgreSQL,
+    /// `sqlite://PATH` (or a bare file path) for SQLite, the embedded default.
+    #[arg(
+        long,
+        env = "COUNTERSINK_DATABASE_URL",
+        default_value = "sqlite://countersink.sqlite3"
+    )]
+    pub database_url: String,
+
+    /// Database connections kept in the pool.
+    #[arg(long, env = "COUNTERSINK_DB_POOL_SIZE", default_value_t = 8)]
+    pub db_pool_size: u32,
+
+    /// Seconds to wait for a database connection before answering 503.
+    #[arg(long, env = "COUNTERSINK_DB_TIMEOUT_SECS", default_value_t = 5)]
+    pub db_timeout_secs: u64,
+
+    /// Users written per upsert statement during a flush (at most 16383, the bind limit of SQLite).
+    #[arg(long, env = "COUNTERSINK_FLUSH_CHUNK_USERS", default_value_t = 5_000)]
+    pub flush_chunk_users: usize,
+
+    /// Seconds a flush may hold the cross-process flush lock before another process may take it.
+    /// Must exceed the longest flush; a flush of 1,000,000 users takes seconds, not minutes.
+    #[arg(long, env = "COUNTERSINK_FLUSH_LOCK_TTL_SECS", default_value_t = 300)]
+    pub flush_lock_ttl_secs: u64,
+
+    /// Log format: `text` for people, `json` for log shippers.
+    #[arg(long, env = "COUNTERSINK_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Settings of `countersink serve`.
+#[derive(Debug, Clone, Args)]
+pub struct ServeConfig {
+    /// Address the HTTP server listens on. Keep it on a private interface: see the README.
+    #[arg(long, env = "COUNTERSINK_LISTEN", default_value = "127.0.0.1:7878")]
+    pub listen: SocketAddr,
+
+    /// When the scheduled flush runs: a cron expression with seconds (`sec min hour day month weekday`),
+    /// or `off` to flush only on demand.
+    #[arg(long, env = "COUNTERSINK_FLUSH_CRON", default_value = "*/10 * * * * *")]
+    pub flush_cron: String,
+
+    /// Apply pending database migrations at start-up (`countersink migrate` does it on its own).
+    #[arg(long, env = "COUNTERSINK_MIGRATE_ON_START", default_value_t = true, action = clap::ArgAction::Set)]
+    pub migrate_on_start: bool,
+
+    /// Largest request body accepted, in bytes.
+    #[arg(long, env = "COUNTERSINK_MAX_BODY_BYTES", default_value_t = 1024 * 1024)]
+    pub max_body_bytes: usize,
+
+    /// Most events accepted in one request.
+    #[arg(long, env = "COUNTERSINK_MAX_BATCH_EVENTS", default_value_t = 1_000)]
+    pub max_batch_events: usize,
+
+    /// Most users in one bulk read.
+    #[arg(long, env = "COUNTERSINK_MAX_READ_USERS", default_value_t = 1_000)]
+    pub max_read_users: usize,
+
+    /// Seconds a request may take before it is answered 503.
+    #[arg(long, env = "COUNTERSINK_REQUEST_TIMEOUT_SECS", default_value_t = 30)]
+    pub request_timeout_secs: u64,
+}
+
+/// A setting that failed validation; the message names the flag and the variable.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid setting {flag} ({env}): {problem}")]
+pub struct ConfigError {
+    flag: &'static str,
+    env: &'static str,
+    problem: String,
+}
+
+impl ConfigError {
+    /// A problem with one setting.
+    pub fn new(flag: &'static str, env: &'static str, problem: impl Into<String>) -> Self {
+        Self {
+            flag,
+            env,
+            problem: problem.into(),
+        }
+    }
+}
+
+impl CoreConfig {
+    /// Checks what clap's types cannot.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if !(self.redis_url.starts_with("redis://") || self.redis_url.starts_with("rediss://")) {
+            return Err(ConfigError::new(
+                "--redis-url",
+                "COUNTERSINK_REDIS_URL",
+                format!(
+                    "expected a redis:// or rediss:// URL, got {:?}",
+                    self.redis_url
+                ),
+            ));
+        }
+        let prefix_ok = !self.redis_prefix.is_empty()
+            && self.redis_prefix.len() <= 64
+            && self
+                .redis_prefix
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "_-.:".contains(c));
+        if !prefix_ok {
+            return Err(ConfigError::new(
+                "--redis-prefix",
+                "COUNTERSINK_REDIS_PREFIX",
+                "use 1 to 64 letters, digits, '_', '-', '.' or ':'",
+            ));
+        }
+        Backend::from_url(&self.database_url).map_err(|problem| {
+            ConfigError::new("--database-url", "COUNTERSINK_DATABASE_URL", problem)
+        })?;
+        if self.db_pool_size == 0 {
+            return Err(ConfigError::new(
+                "--db-pool-size",
+                "COUNTERSINK_DB_POOL_SIZE",
+                "must be at least 1",
+            ));
+        }
+        if self.db_timeout_secs == 0 {
+            return Err(ConfigError::new(
+                "--db-timeout-secs",
+                "COUNTERSINK_DB_TIMEOUT_SECS",
+                "must be at least 1",
+            ));
+        }
+        if self.flush_chunk_users == 0 || self.flush_chunk_users > MAX_FLUSH_CHUNK_USERS {
+            return Err(ConfigError::new(
+                "--flush-chunk-users",
+                "COUNTERSINK_FLUSH_CHUNK_USERS",
+                format!("must be from 1 to {MAX_FLUSH_CHUNK_USERS}"),
+            ));
+        }
+        if self.flush_lock_ttl_secs < 10 {
+            return Err(ConfigError::new(
+                "--flush-lock-ttl-secs",
+                "COUNTERSINK_FLUSH_LOCK_TTL_SECS",
+                "must be at least 10 seconds, longer than any flush takes",
+            ));
+        }
+        Ok(())
+    }
+
+    /// How long to wait for a pooled database connection.
+    pub fn db_timeout(&self) -> Duration {
+        Duration::from_secs(self.db_timeout_secs)
+    }
+}
+
+impl ServeConfig {
+    /// Checks what clap's types cannot. The cron expression is checked by [`crate::schedule`],
+    /// which owns the cron dialect.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.max_body_bytes < 1024 {
+            return Err(ConfigError::new(
+                "--max-body-bytes",
+                "COUNTERSINK_MAX_BODY_BYTES",
+                "must be at least 1024",
+            ));
+        }
+        if self.max_batch_events == 0 {
+            return Err(ConfigError::new(
+                "--max-batch-events",
+                "COUNTERSINK_MAX_BATCH_EVENTS",
+                "must be at least 1",
+            ));
+        }
+        if self.max_read_users == 0 {
+            return Err(ConfigError::new(
+                "--max-read-users",
+                "COUNTERSINK_MAX_READ_USERS",
+                "must be at least 1",
+            ));
+        }
+        if self.request_timeout_secs == 0 {
+            return Err(ConfigError::new(
+                "--request-timeout-secs",
+                "COUNTERSINK_REQUEST_TIMEOUT_SECS",
+                "must be at least 1",
+            ));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,172 @@
+//! The SQL side: backends, the connection pool, migrations and the queries countersink runs.
+//!
+//! diesel is synchronous, so every database call runs on tokio's blocking pool through
+//! [`Db::run`]. The backend is picked from the URL's scheme, never by trial (SQLite would accept
+//! any string as a file name). Backend-specific SQL lives in `match` arms labelled by backend.
+
+mod connection;
+pub mod queries;
+pub mod schema;
+
+pub use connection::DbConnection;
+
+use std::time::Duration;
+
+use diesel::connection::SimpleConnection;
+use diesel::r2d2::{ConnectionManager, CustomizeConnection, Pool, PooledConnection};
+use diesel_migrations::{embed_migrations, EmbeddedMigrations, MigrationHarness};
+
+const PG_MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations/postgres");
+const SQLITE_MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations/sqlite");
+
+/// How long SQLite waits for another writer before failing: a flush may hold the write lock
+/// for a second or two.
+const SQLITE_BUSY_TIMEOUT_MS: u32 = 10_000;
+
+/// The SQL backends countersink supports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// PostgreSQL.
+    Postgres,
+    /// SQLite.
+    Sqlite,
+}
+
+impl Backend {
+    /// Picks the backend from the URL's scheme.
+    pub fn from_url(url: &str) -> Result<Backend, String> {
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Ok(Backend::Postgres)
+        } else if url.starts_with("mysql://") || url.starts_with("mariadb://") {
+            Err("MySQL/MariaDB is not supported yet; use postgres:// or sqlite://".to_string())
+        } else if url.starts_with("sqlite://") || url.starts_with("file:") || !url.contains("://") {
+            if sqlite_path(url).is_empty() {
+                Err("the SQLite URL names no file; use sqlite://PATH".to_string())
+            } else {
+                Ok(Backend::Sqlite)
+            }
+        } else {
+            Err(format!(
+                "unknown scheme in {url:?}; use postgres://, postgresql:// or sqlite://"
+            ))
+        }
+    }
+}
+
+/// The path (or `file:` URI) SQLite opens for a `sqlite://` URL.
+fn sqlite_path(url: &str) -> &str {
+    url.strip_prefix("sqlite://").unwrap_or(url)
+}
+
+/// A database failure.
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    /// No connection could be had from the pool in time: the database is down or saturated.
+    #[error("no database connection available: {0}")]
+    Unavailable(String),
+    /// A query failed.
+    #[error("database query failed: {0}")]
+    Query(#[from] diesel::result::Error),
+    /// Applying migrations failed.
+    #[error("database migration failed: {0}")]
+    Migration(String),
+    /// The blocking task running the query panicked or was cancelled.
+    #[error("database task failed: {0}")]
+    Task(String),
+}
+
+impl DbError {
+    /// Whether the database was unreachable (worth a retry) rather than a query being wrong.
+    pub fn is_unavailable(&self) -> bool {
+        match self {
+            DbError::Unavailable(_) => true,
+            DbError::Query(diesel::result::Error::DatabaseError(kind, _)) => {
+                matches!(kind, diesel::result::DatabaseErrorKind::ClosedConnection)
+            }
+            _ => false,
+        }
+    }
+}
+
+#[derive(Debug)]
+struct SqliteSettings;
+
+impl CustomizeConnection<DbConnection, diesel::r2d2::Error> for SqliteSettings {
+    fn on_acquire(&self, conn: &mut DbConnection) -> Result<(), diesel::r2d2::Error> {
+        if let DbConnection::Sqlite(conn) = conn {
+            // WAL lets readers run beside the flush's write transaction.
+            conn.batch_execute(&format!(
+                "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS};"
+            ))
+            .map_err(diesel::r2d2::Error::QueryError)?;
+        }
+        Ok(())
+    }
+}
+
+/// The database: a pool of connections to one backend.
+#[derive(Clone)]
+pub struct Db {
+    pool: Pool<ConnectionManager<DbConnection>>,
+    backend: Backend,
+}
+
+impl Db {
+    /// A pool that connects lazily, so the service starts (and recovers) while the database is down.
+    pub fn connect(url: &str, pool_size: u32, timeout: Duration) -> Result<Db, DbError> {
+        let backend = Backend::from_url(url).map_err(DbError::Unavailable)?;
+        let url = match backend {
+            Backend::Postgres => url,
+            Backend::Sqlite => sqlite_path(url),
+        };
+        let pool = Pool::builder()
+            .max_size(pool_size)
+            .min_idle(Some(0))
+            .connection_timeout(timeout)
+            .connection_customizer(Box::new(SqliteSettings))
+            .build_unchecked(ConnectionManager::new(url));
+        Ok(Db { pool, backend })
+    }
+
+    /// The backend behind this pool.
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    /// Runs `f` with a pooled connection on tokio's blocking pool.
+    pub async fn run<T, F>(&self, f: F) -> Result<T, DbError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut DbConnection) -> Result<T, DbError> + Send + 'static,
+    {
+        let pool = self.pool.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut conn = pool
+                .get()
+                .map_err(|e| DbError::Unavailable(e.to_string()))?;
+            f(&mut conn)
+        })
+        .await
+        .map_err(|e| DbError::Task(e.to_string()))?
+    }
+
+    /// A pooled connection for code already on a blocking thread.
+    pub fn get(&self) -> Result<PooledConnection<ConnectionManager<DbConnection>>, DbError> {
+        self.pool
+            .get()
+            .map_err(|e| DbError::Unavailable(e.to_string()))
+    }
+
+    /// Applies the migrations not yet applied; returns their names.
+    pub async fn migrate(&self) -> Result<Vec<String>, DbError> {
+        self.run(|conn| {
+            let applied = match conn {
+                DbConnection::Pg(c) => c.run_pending_migrations(PG_MIGRATIONS),
+                DbConnection::Sqlite(c) => c.run_pending_migrations(SQLITE_MIGRATIONS),
+            }
+            .map_err(|e| DbError::Migration(e.to_string()))?;
+            Ok(applied.iter().map(|v| v.to_string()).collect())
+        })
+        .await
+    }
+}

@@ -1,0 +1,140 @@
+//! The queries countersink runs. Each takes a connection, so callers decide the transaction.
+
+use std::collections::{HashMap, HashSet};
+
+use chrono::NaiveDateTime;
+use diesel::prelude::*;
+use diesel::upsert::excluded;
+
+use super::schema::{
+    countersink_flush_batches as batches, countersink_usernotificationscount as counts,
+};
+use super::{DbConnection, DbError};
+
+/// Runs `$body` with `$c` bound to the concrete connection, for statements that diesel's
+/// MultiConnection cannot express (upserts): the same query builder, compiled per backend.
+macro_rules! per_backend {
+    ($conn:expr, $c:ident => $body:expr) => {
+        match $conn {
+            DbConnection::Pg($c) => $body,
+            DbConnection::Sqlite($c) => $body,
+        }
+    };
+}
+
+/// A flush batch as recorded in the database.
+#[derive(Debug, Clone, PartialEq, Eq, Queryable, serde::Serialize)]
+pub struct BatchRecord {
+    /// The batch id.
+    pub batch_id: String,
+    /// Users the batch changed.
+    pub users: i64,
+    /// The sum of its deltas.
+    pub delta_sum: i64,
+    /// When it was committed (UTC).
+    pub applied_at: NaiveDateTime,
+}
+
+/// Records `batch_id` as applied; `false` if it already was (then nothing else may be written).
+///
+/// Written first in the flush transaction: a second flusher of the same batch waits on the
+/// primary key until the first commits, then finds it recorded.
+pub fn claim_batch(
+    conn: &mut DbConnection,
+    batch_id: &str,
+    now: NaiveDateTime,
+) -> Result<bool, DbError> {
+    let claim = diesel::insert_into(batches::table)
+        .values((batches::batch_id.eq(batch_id), batches::applied_at.eq(now)))
+        .on_conflict_do_nothing();
+    let inserted = per_backend!(conn, c => claim.execute(c)?);
+    Ok(inserted == 1)
+}
+
+/// Stores the totals of a claimed batch.
+pub fn complete_batch(
+    conn: &mut DbConnection,
+    batch_id: &str,
+    users: i64,
+    delta_sum: i64,
+) -> Result<(), DbError> {
+    diesel::update(batches::table.find(batch_id))
+        .set((batches::users.eq(users), batches::delta_sum.eq(delta_sum)))
+        .execute(conn)?;
+    Ok(())
+}
+
+/// Adds each delta to its user's stored count, inserting users seen for the first time.
+///
+/// The caller keeps a chunk within the backends' bind limit ([`crate::config::MAX_FLUSH_CHUNK_USERS`]).
+pub fn add_deltas(conn: &mut DbConnection, deltas: &[(u64, i64)]) -> Result<usize, DbError> {
+    let rows: Vec<_> = deltas
+        .iter()
+        .map(|(user, delta)| {
+            (
+                counts::user_id.eq(*user as i64),
+                counts::unread_count.eq(*delta),
+            )
+        })
+        .collect();
+    let upsert = diesel::insert_into(counts::table)
+        .values(&rows)
+        .on_conflict(counts::user_id)
+        .do_update()
+        .set(counts::unread_count.eq(counts::unread_count + excluded(counts::unread_count)));
+    Ok(per_backend!(conn, c => upsert.execute(c)?))
+}
+
+/// Stored counts of `users`, and which of `batch_ids` are committed, from one snapshot.
+///
+/// Both must come from the same snapshot: a batch committing between two separate reads
+/// would otherwise be missed or counted twice.
+pub fn stored_counts(
+    conn: &mut DbConnection,
+    users: &[u64],
+    batch_ids: &[String],
+) -> Result<(HashMap<u64, i64>, HashSet<String>), DbError> {
+    let user_keys: Vec<i64> = users.iter().map(|u| *u as i64).collect();
+    let read = |conn: &mut DbConnection| -> Result<_, diesel::result::Error> {
+        let stored: Vec<(i64, i64)> = counts::table
+            .filter(counts::user_id.eq_any(&user_keys))
+            .select((counts::user_id, counts::unread_count))
+            .load(conn)?;
+        let committed: Vec<String> = if batch_ids.is_empty() {
+            Vec::new()
+        } else {
+            batches::table
+                .filter(batches::batch_id.eq_any(batch_ids))
+                .select(batches::batch_id)
+                .load(conn)?
+        };
+        Ok((stored, committed))
+    };
+    let (stored, committed) = conn.transaction(|c| {
+        if let DbConnection::Pg(_) = c {
+            // PostgreSQL: READ COMMITTED gives each statement its own snapshot; ask for one.
+            diesel::sql_query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+                .execute(c)?;
+        }
+        // SQLite: a transaction sees one snapshot from its first read (WAL mode).
+        read(c)
+    })?;
+    Ok((
+        stored.into_iter().map(|(u, n)| (u as u64, n)).collect(),
+        committed.into_iter().collect(),
+    ))
+}
+
+/// The most recent applied batch, if any.
+pub fn last_batch(conn: &mut DbConnection) -> Result<Option<BatchRecord>, DbError> {
+    Ok(batches::table
+        .order(batches::applied_at.desc())
+        .first(conn)
+        .optional()?)
+}
+
+/// Deletes batch records applied before `before`. Only safe once every batch handed off
+/// before then has been dropped from Redis, which a flush ensures by recovering leftovers first.
+pub fn prune_batches(conn: &mut DbConnection, before: NaiveDateTime) -> Result<usize, DbError> {
+    Ok(diesel::delete(batches::table.filter(batches::applied_at.lt(before))).execute(conn)?)
+}

@@ -1,0 +1,25 @@
+//! The diesel schema of the tables the migrations create (the same on every backend).
+
+diesel::table! {
+    /// user id → unread count; Django reads it through an unmanaged model.
+    countersink_usernotificationscount (user_id) {
+        /// The recipient's user id.
+        user_id -> BigInt,
+        /// Unread notifications as of the last flush.
+        unread_count -> BigInt,
+    }
+}
+
+diesel::table! {
+    /// One row per flush batch applied: the exactly-once record.
+    countersink_flush_batches (batch_id) {
+        /// The batch id chosen at hand-off.
+        batch_id -> Text,
+        /// Users the batch changed.
+        users -> BigInt,
+        /// The sum of the batch's deltas.
+        delta_sum -> BigInt,
+        /// When the batch was committed (UTC).
+        applied_at -> Timestamp,
+    }
+}

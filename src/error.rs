@@ -1,0 +1,167 @@
+//! The error policy, and the one place errors become HTTP responses.
+//!
+//! - Start-up and jobs use `anyhow` with context: a person reads those.
+//! - Data code has typed errors per layer: [`crate::events::EventError`],
+//!   [`crate::store::StoreError`], [`crate::db::DbError`], [`crate::flush::FlushError`],
+//!   [`crate::counts::ReadError`]. Each says whether a dependency was unavailable.
+//! - Handlers return [`AppError`]. Every error body has one shape:
+//!   `{"error": {"code": "...", "message": "...", "field": "..."}}`.
+//! - An unreachable Redis or database is 503 with `Retry-After`, never 500: the sender retries.
+//! - A 500 is logged with its cause and answered without internals.
+
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde_json::json;
+use tracing::error;
+
+use crate::counts::ReadError;
+use crate::db::DbError;
+use crate::events::EventError;
+use crate::flush::FlushError;
+use crate::store::StoreError;
+
+/// Seconds a client should wait before retrying after a 503.
+const RETRY_AFTER_SECS: u32 = 1;
+
+/// An error answered to an HTTP client.
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    /// The request is wrong; `field` names the offending part where there is one.
+    #[error("{message}")]
+    BadRequest {
+        /// A stable machine-readable code.
+        code: &'static str,
+        /// What is wrong, for a person.
+        message: String,
+        /// The JSON path or parameter at fault.
+        field: Option<String>,
+    },
+    /// The body is larger than allowed.
+    #[error("the request body exceeds {limit} bytes")]
+    PayloadTooLarge {
+        /// The configured limit.
+        limit: usize,
+    },
+    /// Nothing at this path.
+    #[error("no such endpoint")]
+    NotFound,
+    /// Another operation holds what this one needs.
+    #[error("{0}")]
+    Conflict(String),
+    /// A dependency is unreachable or overloaded: retry later.
+    #[error("{dependency} is unavailable; retry later")]
+    Unavailable {
+        /// Which dependency.
+        dependency: &'static str,
+    },
+    /// A bug or an unexpected state: logged, not echoed.
+    #[error("internal error")]
+    Internal(#[source] anyhow::Error),
+}
+
+impl AppError {
+    /// A 400 for a named parameter.
+    pub fn bad_parameter(field: &str, message: impl Into<String>) -> Self {
+        AppError::BadRequest {
+            code: "invalid_parameter",
+            message: message.into(),
+            field: Some(field.to_string()),
+        }
+    }
+}
+
+impl IntoResponse for AppError {
+    fn into_response(self) -> Response {
+        let (status, code, field) = match &self {
+            AppError::BadRequest { code, field, .. } => {
+                (StatusCode::BAD_REQUEST, *code, field.clone())
+            }
+            AppError::PayloadTooLarge { .. } => {
+                (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", None)
+            }
+            AppError::NotFound => (StatusCode::NOT_FOUND, "not_found", None),
+            AppError::Conflict(_) => (StatusCode::CONFLICT, "conflict", None),
+            AppError::Unavailable { .. } => (StatusCode::SERVICE_UNAVAILABLE, "unavailable", None),
+            AppError::Internal(cause) => {
+                error!(error = ?cause, "internal error");
+                (StatusCode::INTERNAL_SERVER_ERROR, "internal", None)
+            }
+        };
+        let mut body = json!({ "code": code, "message": self.to_string() });
+        if let Some(field) = field {
+            body["field"] = json!(field);
+        }
+        let mut response = (status, Json(json!({ "error": body }))).into_response();
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECS));
+        }
+        response
+    }
+}
+
+impl From<EventError> for AppError {
+    fn from(e: EventError) -> Self {
+        let code = match e {
+            EventError::Malformed(_) => "malformed_json",
+            EventError::TooMany { .. } | EventError::Empty { .. } => "invalid_batch",
+            EventError::NotAnEventOrArray | EventError::Field { .. } => "invalid_event",
+        };
+        AppError::BadRequest {
+            code,
+            field: e.field().map(str::to_string),
+            message: e.to_string(),
+        }
+    }
+}
+
+impl From<StoreError> for AppError {
+    fn from(e: StoreError) -> Self {
+        if e.is_unavailable() {
+            error!(error = %e, "redis unavailable");
+            AppError::Unavailable {
+                dependency: "redis",
+            }
+        } else {
+            AppError::Internal(e.into())
+        }
+    }
+}
+
+impl From<DbError> for AppError {
+    fn from(e: DbError) -> Self {
+        if e.is_unavailable() {
+            error!(error = %e, "database unavailable");
+            AppError::Unavailable {
+                dependency: "database",
+            }
+        } else {
+            AppError::Internal(e.into())
+        }
+    }
+}
+
+impl From<FlushError> for AppError {
+    fn from(e: FlushError) -> Self {
+        match e {
+            FlushError::Store(e) => e.into(),
+            FlushError::Db(e) => e.into(),
+            FlushError::Busy => AppError::Conflict(FlushError::Busy.to_string()),
+            FlushError::Stopped(_) => AppError::Internal(e.into()),
+        }
+    }
+}
+
+impl From<ReadError> for AppError {
+    fn from(e: ReadError) -> Self {
+        match e {
+            ReadError::Store(e) => e.into(),
+            ReadError::Db(e) => e.into(),
+            ReadError::Contended => AppError::Unavailable {
+                dependency: "flush",
+            },
+        }
+    }
+}

@@ -1,0 +1,380 @@
+//! The wire format of an event and its validation.
+//!
+//! A request body is one event object or a JSON array of them:
+//!
+//! ```json
+//! {"kind": "post_save", "notification_id": 17, "user_id": 42, "unread": true, "created": true,
+//!  "occurred_at": "2026-11-22T10:00:00Z"}
+//! ```
+//!
+//! The whole batch is validated before anything is applied; the first problem is reported
+//! with the event's index and the field, and nothing of that request is applied.
+
+use chrono::{DateTime, Utc};
+use serde_json::{Map, Value};
+
+/// The largest id accepted: Django's `BigAutoField` is a signed 64-bit integer.
+pub const MAX_ID: u64 = i64::MAX as u64;
+
+/// What happened to a notification.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventKind {
+    /// Django's `post_save`: the notification was created or updated.
+    PostSave,
+    /// Django's `post_delete`: the notification is gone (a soft delete is sent as this too).
+    PostDelete,
+}
+
+/// One validated event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Event {
+    /// What happened.
+    pub kind: EventKind,
+    /// The notification's primary key.
+    pub notification_id: u64,
+    /// The recipient's user id. A notification's recipient is assumed never to change.
+    pub user_id: u64,
+    /// Whether the notification is unread after this save (always `false` for a delete).
+    pub unread: bool,
+    /// Whether this save created the notification (Django's `created` argument).
+    pub created: bool,
+    /// When it happened, as the sender saw it. Informational: ordering is by arrival (see the README).
+    pub occurred_at: Option<DateTime<Utc>>,
+}
+
+impl Event {
+    /// A `post_save` event.
+    pub fn save(notification_id: u64, user_id: u64, unread: bool, created: bool) -> Self {
+        Self {
+            kind: EventKind::PostSave,
+            notification_id,
+            user_id,
+            unread,
+            created,
+            occurred_at: None,
+        }
+    }
+
+    /// A `post_delete` event.
+    pub fn delete(notification_id: u64, user_id: u64) -> Self {
+        Self {
+            kind: EventKind::PostDelete,
+            notification_id,
+            user_id,
+            unread: false,
+            created: false,
+            occurred_at: None,
+        }
+    }
+}
+
+/// Why a request body was rejected.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EventError {
+    /// The body is not JSON.
+    #[error("the body is not valid JSON: {0}")]
+    Malformed(String),
+    /// The body is JSON but neither an event object nor an array of them.
+    #[error("the body must be an event object or a JSON array of event objects")]
+    NotAnEventOrArray,
+    /// An empty array.
+    #[error("the batch is empty: send 1 to {max} events")]
+    Empty {
+        /// The configured maximum.
+        max: usize,
+    },
+    /// More events than allowed.
+    #[error("the batch holds {count} events; at most {max} are accepted per request")]
+    TooMany {
+        /// Events in the batch.
+        count: usize,
+        /// The configured maximum.
+        max: usize,
+    },
+    /// One field of one event is wrong.
+    #[error("{field}: {problem}")]
+    Field {
+        /// Where, as `events[3].user_id` (or `user_id` for a single event).
+        field: String,
+        /// What is wrong.
+        problem: String,
+    },
+}
+
+impl EventError {
+    /// The JSON path of the offending field, where there is one.
+    pub fn field(&self) -> Option<&str> {
+        match self {
+            EventError::Field { field, .. } => Some(field),
+            _ => None,
+        }
+    }
+}
+
+/// Parses and validates a request body holding one event or an array of at most `max_events`.
+pub fn parse_batch(body: &[u8], max_events: usize) -> Result<Vec<Event>, EventError> {
+    let value: Value =
+        serde_json::from_slice(body).map_err(|e| EventError::Malformed(e.to_string()))?;
+    match value {
+        Value::Object(object) => Ok(vec![parse_event(&object, None)?]),
+        Value::Array(items) => {
+            if items.is_empty() {
+                return Err(EventError::Empty { max: max_events });
+            }
+            if items.len() > max_events {
+                return Err(EventError::TooMany {
+                    count: items.len(),
+                    max: max_events,
+                });
+            }
+            items
+                .iter()
+                .enumerate()
+                .map(|(index, item)| match item {
+                    Value::Object(object) => parse_event(object, Some(index)),
+                    _ => Err(field_error(Some(index), None, "must be an event object")),
+                })
+                .collect()
+        }
+        _ => Err(EventError::NotAnEventOrArray),
+    }
+}
+
+const KNOWN_FIELDS: [&str; 6] = [
+    "kind",
+    "notification_id",
+    "user_id",
+    "unread",
+    "created",
+    "occurred_at",
+];
+
+fn parse_event(object: &Map<String, Value>, index: Option<usize>) -> Result<Event, EventError> {
+    // Unknown fields are rejected: a misspelt `unread` must not silently count as "read".
+    if let Some(unknown) = object.keys().find(|k| !KNOWN_FIELDS.contains(&k.as_str())) {
+        return Err(field_error(index, Some(unknown), "unknown field"));
+    }
+    let kind = match object.get("kind") {
+        Some(Value::String(s)) if s == "post_save" => EventKind::PostSave,
+        Some(Value::String(s)) if s == "post_delete" => EventKind::PostDelete,
+        Some(_) => {
+            return Err(field_error(
+                index,
+                Some("kind"),
+                "must be \"post_save\" or \"post_delete\"",
+            ))
+        }
+        None => return Err(field_error(index, Some("kind"), "is required")),
+    };
+    let notification_id = parse_id(object, index, "notification_id")?;
+    let user_id = parse_id(object, index, "user_id")?;
+    let unread = parse_bool(object, index, "unread")?;
+    let created = parse_bool(object, index, "created")?.unwrap_or(false);
+    let unread = match (kind, unread) {
+        (EventKind::PostSave, Some(unread)) => unread,
+        (EventKind::PostSave, None) => {
+            return Err(field_error(
+                index,
+                Some("unread"),
+                "is required for post_save",
+            ))
+        }
+        (EventKind::PostDelete, _) => false,
+    };
+    if kind == EventKind::PostDelete && created {
+        return Err(field_error(
+            index,
+            Some("created"),
+            "must not be true for post_delete",
+        ));
+    }
+    let occurred_at = match object.get("occurred_at") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) => Some(
+            DateTime::parse_from_rfc3339(s)
+                .map_err(|_| {
+                    field_error(index, Some("occurred_at"), "must be an RFC 3339 timestamp")
+                })?
+                .with_timezone(&Utc),
+        ),
+        Some(_) => {
+            return Err(field_error(
+                index,
+                Some("occurred_at"),
+                "must be an RFC 3339 timestamp string",
+            ))
+        }
+    };
+    Ok(Event {
+        kind,
+        notification_id,
+        user_id,
+        unread,
+        created,
+        occurred_at,
+    })
+}
+
+fn parse_id(
+    object: &Map<String, Value>,
+    index: Option<usize>,
+    name: &'static str,
+) -> Result<u64, EventError> {
+    match object.get(name) {
+        None => Err(field_error(index, Some(name), "is required")),
+        Some(Value::Number(n)) => n.as_u64().filter(|id| *id <= MAX_ID).ok_or_else(|| {
+            field_error(
+                index,
+                Some(name),
+                &format!("must be an integer from 0 to {MAX_ID}"),
+            )
+        }),
+        Some(_) => Err(field_error(
+            index,
+            Some(name),
+            &format!("must be an integer from 0 to {MAX_ID}"),
+        )),
+    }
+}
+
+fn parse_bool(
+    object: &Map<String, Value>,
+    index: Option<usize>,
+    name: &'static str,
+) -> Result<Option<bool>, EventError> {
+    match object.get(name) {
+        None => Ok(None),
+        Some(Value::Bool(b)) => Ok(Some(*b)),
+        Some(_) => Err(field_error(index, Some(name), "must be true or false")),
+    }
+}
+
+fn field_error(index: Option<usize>, name: Option<&str>, problem: &str) -> EventError {
+    let field = match (index, name) {
+        (Some(i), Some(name)) => format!("events[{i}].{name}"),
+        (Some(i), None) => format!("events[{i}]"),
+        (None, Some(name)) => name.to_string(),
+        (None, None) => "event".to_string(),
+    };
+    EventError::Field {
+        field,
+        problem: problem.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(body: &str) -> Result<Vec<Event>, EventError> {
+        parse_batch(body.as_bytes(), 1_000)
+    }
+
+    #[test]
+    fn single_event_object_is_a_batch_of_one() {
+        let events = parse(
+            r#"{"kind":"post_save","notification_id":1,"user_id":2,"unread":true,"created":true}"#,
+        );
+        assert_eq!(events, Ok(vec![Event::save(1, 2, true, true)]));
+    }
+
+    #[test]
+    fn delete_needs_no_unread_flag() {
+        let events = parse(r#"[{"kind":"post_delete","notification_id":9,"user_id":3}]"#);
+        assert_eq!(events, Ok(vec![Event::delete(9, 3)]));
+    }
+
+    #[test]
+    fn largest_bigautofield_id_is_accepted_and_one_more_is_not() {
+        let ok =
+            parse(r#"{"kind":"post_delete","notification_id":9223372036854775807,"user_id":1}"#);
+        assert_eq!(ok.map(|e| e[0].notification_id), Ok(MAX_ID));
+        let too_big =
+            parse(r#"{"kind":"post_delete","notification_id":9223372036854775808,"user_id":1}"#);
+        assert_eq!(too_big.unwrap_err().field(), Some("notification_id"));
+    }
+
+    #[test]
+    fn bad_event_names_its_index_and_field() {
+        let body = r#"[{"kind":"post_save","notification_id":1,"user_id":2,"unread":true},
+                       {"kind":"post_save","notification_id":-4,"user_id":2,"unread":true}]"#;
+        assert_eq!(
+            parse(body).unwrap_err().field(),
+            Some("events[1].notification_id")
+        );
+    }
+
+    #[test]
+    fn each_malformed_field_is_named() {
+        let cases = [
+            (
+                r#"{"kind":"post_update","notification_id":1,"user_id":2}"#,
+                "kind",
+            ),
+            (r#"{"notification_id":1,"user_id":2}"#, "kind"),
+            (
+                r#"{"kind":"post_save","notification_id":1.5,"user_id":2,"unread":true}"#,
+                "notification_id",
+            ),
+            (
+                r#"{"kind":"post_save","notification_id":"1","user_id":2,"unread":true}"#,
+                "notification_id",
+            ),
+            (
+                r#"{"kind":"post_save","notification_id":1,"unread":true}"#,
+                "user_id",
+            ),
+            (
+                r#"{"kind":"post_save","notification_id":1,"user_id":2}"#,
+                "unread",
+            ),
+            (
+                r#"{"kind":"post_save","notification_id":1,"user_id":2,"unread":"yes"}"#,
+                "unread",
+            ),
+            (
+                r#"{"kind":"post_save","notification_id":1,"user_id":2,"unread":true,"created":1}"#,
+                "created",
+            ),
+            (
+                r#"{"kind":"post_delete","notification_id":1,"user_id":2,"created":true}"#,
+                "created",
+            ),
+            (
+                r#"{"kind":"post_save","notification_id":1,"user_id":2,"unread":true,"occurred_at":"yesterday"}"#,
+                "occurred_at",
+            ),
+            (
+                r#"{"kind":"post_save","notification_id":1,"user_id":2,"unraed":true}"#,
+                "unraed",
+            ),
+        ];
+        for (body, field) in cases {
+            assert_eq!(
+                parse(body).unwrap_err().field(),
+                Some(field),
+                "body: {body}"
+            );
+        }
+    }
+
+    #[test]
+    fn batch_limits_are_enforced() {
+        assert_eq!(parse("[]"), Err(EventError::Empty { max: 1_000 }));
+        let one = r#"{"kind":"post_delete","notification_id":1,"user_id":2}"#;
+        let body = format!("[{}]", vec![one; 3].join(","));
+        assert_eq!(
+            parse_batch(body.as_bytes(), 2),
+            Err(EventError::TooMany { count: 3, max: 2 })
+        );
+        assert!(matches!(parse("{not json"), Err(EventError::Malformed(_))));
+        assert_eq!(parse("42"), Err(EventError::NotAnEventOrArray));
+    }
+
+    #[test]
+    fn occurred_at_is_parsed_as_utc() {
+        let body = r#"{"kind":"post_delete","notification_id":1,"user_id":2,"occurred_at":"2026-11-22T10:00:00+01:00"}"#;
+        let at = parse(body).map(|e| e[0].occurred_at.map(|t| t.to_rfc3339()));
+        assert_eq!(at, Ok(Some("2026-11-22T09:00:00+00:00".to_string())));
+    }
+}

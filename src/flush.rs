@@ -1,0 +1,316 @@
+//! The flush: pending deltas into `UserNotificationsCount`, exactly once, in batches.
+//!
+//! The protocol (`docs/design.md` says what a crash after each step leaves behind):
+//!
+//! 1. **Lock.** One flush at a time: a local mutex (the scheduler may start overlapping runs)
+//!    and a Redis lock with expiry (several sidecar processes may share one Redis).
+//! 2. **Recover.** Batches left by a process that stopped mid-flush are applied first, each
+//!    only if the database has no record of it.
+//! 3. **Hand off.** The pending set is renamed to a batch key with a fresh random batch id, in
+//!    one script: new events start a new pending set at once.
+//! 4. **Apply.** One database transaction records the batch id, then streams the batch from
+//!    Redis in chunks and adds each chunk with one upsert. A batch already recorded is skipped.
+//! 5. **Drop.** Once committed, the batch key is deleted.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use diesel::Connection;
+use tokio::runtime::Handle;
+use tracing::{info, instrument, warn};
+
+use crate::db::{queries, Db, DbError};
+use crate::store::{Store, StoreError};
+
+/// How long batch records are kept. Records only need to outlive the batch keys they guard,
+/// and every flush recovers leftover batches before it prunes.
+const BATCH_RECORD_RETENTION: chrono::TimeDelta = chrono::TimeDelta::days(7);
+/// How often a flush waiting for another process's lock looks again.
+const LOCK_POLL_INTERVAL: Duration = Duration::from_millis(100);
+
+/// A flush failure.
+#[derive(Debug, thiserror::Error)]
+pub enum FlushError {
+    /// Redis failed; whatever was handed off stays in Redis for the next flush.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The database failed; the transaction rolled back and the batch stays in Redis.
+    #[error(transparent)]
+    Db(#[from] DbError),
+    /// Another flush held the lock for longer than this caller would wait.
+    #[error("another flush is running; try again when it is done")]
+    Busy,
+    /// A test asked the flush to stop at a step, as if the process had died there.
+    #[error("flush stopped after {0:?} on request")]
+    Stopped(FlushStep),
+}
+
+impl FlushError {
+    /// Whether a dependency was unreachable (worth a retry).
+    pub fn is_unavailable(&self) -> bool {
+        match self {
+            FlushError::Store(e) => e.is_unavailable(),
+            FlushError::Db(e) => e.is_unavailable(),
+            FlushError::Busy | FlushError::Stopped(_) => false,
+        }
+    }
+}
+
+/// What to do when another flush is running.
+#[derive(Debug, Clone, Copy)]
+pub enum WhenBusy {
+    /// Return a skipped report at once (the scheduler: the running flush does the work).
+    Skip,
+    /// Wait up to this long for it to finish, then flush (a person or a script asked).
+    Wait(Duration),
+}
+
+/// The steps of a flush at which a test can stop it, as a crash would.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FlushStep {
+    /// After the pending set became a batch, before any database write.
+    Handoff,
+    /// After the first chunk was written, before the commit (the transaction rolls back).
+    FirstChunk,
+    /// After the commit, before the batch key is dropped.
+    Commit,
+}
+
+/// What one batch did.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct BatchReport {
+    /// The batch id.
+    pub batch_id: String,
+    /// Users whose stored count changed.
+    pub users: u64,
+    /// The sum of the deltas written.
+    pub delta_sum: i64,
+    /// Left by an earlier flush that stopped part-way.
+    pub recovered: bool,
+    /// Already recorded in the database, so nothing was written again.
+    pub already_applied: bool,
+}
+
+/// What a flush did.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct FlushReport {
+    /// The batches applied (recovered ones first).
+    pub batches: Vec<BatchReport>,
+    /// Rows upserted into the count table.
+    pub users_written: u64,
+    /// Why nothing was done, if it was skipped.
+    pub skipped: Option<String>,
+    /// Wall time in milliseconds.
+    pub duration_ms: u64,
+}
+
+/// Runs flushes. Cheap to clone; clones share the local lock.
+#[derive(Clone)]
+pub struct Flusher {
+    store: Store,
+    db: Db,
+    chunk_users: usize,
+    lock_ttl: Duration,
+    local: Arc<tokio::sync::Mutex<()>>,
+}
+
+impl Flusher {
+    /// A flusher writing `chunk_users` users per upsert, holding the cross-process lock at most `lock_ttl`.
+    pub fn new(store: Store, db: Db, chunk_users: usize, lock_ttl: Duration) -> Self {
+        Self {
+            store,
+            db,
+            chunk_users,
+            lock_ttl,
+            local: Arc::new(tokio::sync::Mutex::new(())),
+        }
+    }
+
+    /// Runs one complete flush.
+    #[instrument(skip(self))]
+    pub async fn flush(&self, when_busy: WhenBusy) -> Result<FlushReport, FlushError> {
+        self.run(when_busy, None).await
+    }
+
+    /// Runs a flush that stops at `step` as if the process had died there. For tests of the
+    /// exactly-once protocol; the lock is released as its expiry would.
+    pub async fn flush_stopping_after(&self, step: FlushStep) -> Result<FlushReport, FlushError> {
+        self.run(WhenBusy::Wait(Duration::from_secs(30)), Some(step))
+            .await
+    }
+
+    async fn run(
+        &self,
+        when_busy: WhenBusy,
+        stop: Option<FlushStep>,
+    ) -> Result<FlushReport, FlushError> {
+        let started = Instant::now();
+        let _local = match when_busy {
+            WhenBusy::Skip => match self.local.try_lock() {
+                Ok(guard) => guard,
+                Err(_) => {
+                    return Ok(skipped(
+                        "a flush is already running in this process",
+                        started,
+                    ))
+                }
+            },
+            WhenBusy::Wait(limit) => tokio::time::timeout(limit, self.local.lock())
+                .await
+                .map_err(|_| FlushError::Busy)?,
+        };
+        let token = random_id();
+        if !self.acquire_lock(&token, when_busy).await? {
+            return Ok(skipped("another process holds the flush lock", started));
+        }
+        let result = self.run_locked(stop).await;
+        if let Err(e) = self.store.release_flush_lock(&token).await {
+            // The lock expires by itself; the next flush only waits longer.
+            warn!(error = %e, "could not release the flush lock");
+        }
+        let mut report = result?;
+        report.duration_ms = started.elapsed().as_millis() as u64;
+        info!(
+            batches = report.batches.len(),
+            users_written = report.users_written,
+            duration_ms = report.duration_ms,
+            "flush done"
+        );
+        Ok(report)
+    }
+
+    async fn acquire_lock(&self, token: &str, when_busy: WhenBusy) -> Result<bool, FlushError> {
+        let deadline = match when_busy {
+            WhenBusy::Skip => None,
+            WhenBusy::Wait(limit) => Some(Instant::now() + limit),
+        };
+        loop {
+            if self.store.try_lock_flush(token, self.lock_ttl).await? {
+                return Ok(true);
+            }
+            match deadline {
+                None => return Ok(false),
+                Some(deadline) if Instant::now() >= deadline => return Err(FlushError::Busy),
+                Some(_) => tokio::time::sleep(LOCK_POLL_INTERVAL).await,
+            }
+        }
+    }
+
+    async fn run_locked(&self, stop: Option<FlushStep>) -> Result<FlushReport, FlushError> {
+        let mut report = FlushReport::default();
+        for batch_id in self.store.batch_ids().await? {
+            warn!(batch_id, "recovering a batch left by an interrupted flush");
+            let batch = self.apply_and_drop(&batch_id, true, None).await?;
+            report.users_written += if batch.already_applied {
+                0
+            } else {
+                batch.users
+            };
+            report.batches.push(batch);
+        }
+        let batch_id = random_id();
+        if self.store.handoff(&batch_id).await? {
+            if stop == Some(FlushStep::Handoff) {
+                return Err(FlushError::Stopped(FlushStep::Handoff));
+            }
+            let batch = self.apply_and_drop(&batch_id, false, stop).await?;
+            report.users_written += batch.users;
+            report.batches.push(batch);
+        }
+        let cutoff = (Utc::now() - BATCH_RECORD_RETENTION).naive_utc();
+        self.db
+            .run(move |conn| queries::prune_batches(conn, cutoff))
+            .await?;
+        Ok(report)
+    }
+
+    async fn apply_and_drop(
+        &self,
+        batch_id: &str,
+        recovered: bool,
+        stop: Option<FlushStep>,
+    ) -> Result<BatchReport, FlushError> {
+        let mut report = self.apply_batch(batch_id, stop).await?;
+        report.recovered = recovered;
+        if stop == Some(FlushStep::Commit) {
+            return Err(FlushError::Stopped(FlushStep::Commit));
+        }
+        self.store.drop_batch(batch_id).await?;
+        Ok(report)
+    }
+
+    /// Step 4: applies one batch in one transaction, unless it is already recorded.
+    #[instrument(skip(self, stop))]
+    async fn apply_batch(
+        &self,
+        batch_id: &str,
+        stop: Option<FlushStep>,
+    ) -> Result<BatchReport, FlushError> {
+        let store = self.store.clone();
+        let db = self.db.clone();
+        let chunk_users = self.chunk_users;
+        let batch_id = batch_id.to_string();
+        let handle = Handle::current();
+        // The transaction is synchronous (diesel); Redis reads inside it run on the runtime
+        // through `handle.block_on`, which is allowed on a blocking-pool thread.
+        tokio::task::spawn_blocking(move || -> Result<BatchReport, FlushError> {
+            let mut conn = db.get()?;
+            conn.transaction(|conn| {
+                let mut report = BatchReport {
+                    batch_id: batch_id.clone(),
+                    users: 0,
+                    delta_sum: 0,
+                    recovered: false,
+                    already_applied: false,
+                };
+                if !queries::claim_batch(conn, &batch_id, Utc::now().naive_utc())? {
+                    report.already_applied = true;
+                    return Ok(report);
+                }
+                let mut start = 0;
+                loop {
+                    let chunk =
+                        handle.block_on(store.batch_chunk(&batch_id, start, chunk_users))?;
+                    if chunk.is_empty() {
+                        break;
+                    }
+                    queries::add_deltas(conn, &chunk)?;
+                    report.users += chunk.len() as u64;
+                    report.delta_sum += chunk.iter().map(|(_, delta)| delta).sum::<i64>();
+                    if stop == Some(FlushStep::FirstChunk) {
+                        return Err(FlushError::Stopped(FlushStep::FirstChunk));
+                    }
+                    if chunk.len() < chunk_users {
+                        break;
+                    }
+                    start += chunk_users;
+                }
+                queries::complete_batch(conn, &batch_id, report.users as i64, report.delta_sum)?;
+                Ok(report)
+            })
+        })
+        .await
+        .map_err(|e| FlushError::Db(DbError::Task(e.to_string())))?
+    }
+}
+
+impl From<diesel::result::Error> for FlushError {
+    fn from(e: diesel::result::Error) -> Self {
+        FlushError::Db(DbError::Query(e))
+    }
+}
+
+fn skipped(reason: &str, started: Instant) -> FlushReport {
+    FlushReport {
+        skipped: Some(reason.to_string()),
+        duration_ms: started.elapsed().as_millis() as u64,
+        ..FlushReport::default()
+    }
+}
+
+/// A random 128-bit id in hex: batch ids must never repeat, even after Redis loses its data
+/// (a counter in Redis would restart and collide with ids already recorded in the database).
+fn random_id() -> String {
+    format!("{:032x}", rand::random::<u128>())
+}

@@ -1,0 +1,67 @@
+//! Real-time unread counts: one user, or many in one call.
+
+use axum::extract::{Path, RawQuery, State};
+use axum::Json;
+
+use crate::app::AppState;
+use crate::counts::{unread_counts, UnreadCount};
+use crate::error::AppError;
+use crate::events::MAX_ID;
+
+/// `GET /v1/users/{user_id}/unread-count`
+pub async fn get_unread_count(
+    State(state): State<AppState>,
+    Path(user_id): Path<String>,
+) -> Result<Json<UnreadCount>, AppError> {
+    let user_id = parse_user_id(&user_id, "user_id")?;
+    let mut counts = unread_counts(&state.store, &state.db, &[user_id]).await?;
+    counts
+        .pop()
+        .map(Json)
+        .ok_or_else(|| AppError::Internal(anyhow::anyhow!("a read returned no row")))
+}
+
+/// The answer of a bulk read.
+#[derive(Debug, serde::Serialize)]
+pub struct UnreadCounts {
+    /// One entry per requested user, in request order.
+    pub counts: Vec<UnreadCount>,
+}
+
+/// `GET /v1/unread-counts?user_ids=1,2,3`
+pub async fn get_unread_counts(
+    State(state): State<AppState>,
+    RawQuery(query): RawQuery,
+) -> Result<Json<UnreadCounts>, AppError> {
+    let list = query
+        .as_deref()
+        .unwrap_or("")
+        .split('&')
+        .find_map(|pair| pair.strip_prefix("user_ids="))
+        .ok_or_else(|| AppError::bad_parameter("user_ids", "give user ids as ?user_ids=1,2,3"))?;
+    let user_ids = list
+        .split(',')
+        .filter(|s| !s.is_empty())
+        .map(|s| parse_user_id(s, "user_ids"))
+        .collect::<Result<Vec<_>, _>>()?;
+    if user_ids.is_empty() || user_ids.len() > state.limits.max_read_users {
+        return Err(AppError::bad_parameter(
+            "user_ids",
+            format!("give 1 to {} user ids", state.limits.max_read_users),
+        ));
+    }
+    let counts = unread_counts(&state.store, &state.db, &user_ids).await?;
+    Ok(Json(UnreadCounts { counts }))
+}
+
+fn parse_user_id(raw: &str, field: &str) -> Result<u64, AppError> {
+    raw.parse::<u64>()
+        .ok()
+        .filter(|id| *id <= MAX_ID)
+        .ok_or_else(|| {
+            AppError::bad_parameter(
+                field,
+                format!("{raw:?} is not a user id (an integer from 0 to {MAX_ID})"),
+            )
+        })
+}

@@ -1,0 +1,57 @@
+//! `POST /v1/events`: one event or a batch, validated whole, applied in one Redis script.
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::Json;
+use tracing::info;
+
+use crate::app::AppState;
+use crate::error::AppError;
+use crate::events::parse_batch;
+use crate::store::ApplyOutcome;
+
+/// What a request's events did.
+#[derive(Debug, serde::Serialize)]
+pub struct EventsResponse {
+    /// Events in the request.
+    pub received: u64,
+    /// Events that changed a count.
+    pub changed: u64,
+    /// Events that changed no count.
+    pub noops: u64,
+    /// The no-ops by reason, and the changes.
+    pub outcomes: ApplyOutcome,
+}
+
+/// Validates the whole batch, then applies it atomically.
+pub async fn post_events(
+    State(state): State<AppState>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<EventsResponse>, AppError> {
+    let body = body.map_err(|rejection| match rejection.status() {
+        StatusCode::PAYLOAD_TOO_LARGE => AppError::PayloadTooLarge {
+            limit: state.limits.max_body_bytes,
+        },
+        _ => AppError::BadRequest {
+            code: "unreadable_body",
+            message: rejection.body_text(),
+            field: None,
+        },
+    })?;
+    let events = parse_batch(&body, state.limits.max_batch_events)?;
+    let outcomes = state.store.apply(&events).await?;
+    info!(
+        received = events.len(),
+        changed = outcomes.changed,
+        noops = outcomes.noops(),
+        "events applied"
+    );
+    Ok(Json(EventsResponse {
+        received: events.len() as u64,
+        changed: outcomes.changed,
+        noops: outcomes.noops(),
+        outcomes,
+    }))
+}

@@ -1,0 +1,58 @@
+//! The HTTP API: the router, with one file per endpoint group.
+//!
+//! | method and path                          | file         |
+//! |------------------------------------------|--------------|
+//! | `POST /v1/events`                        | `events.rs`  |
+//! | `GET /v1/users/{user_id}/unread-count`   | `counts.rs`  |
+//! | `GET /v1/unread-counts?user_ids=1,2`     | `counts.rs`  |
+//! | `POST /v1/flush`                         | `flush.rs`   |
+//! | `GET /v1/status`, `GET /healthz`         | `status.rs`  |
+
+mod counts;
+mod events;
+mod flush;
+mod status;
+
+use std::time::Duration;
+
+use axum::extract::{DefaultBodyLimit, Request};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use tower_http::trace::TraceLayer;
+
+use crate::app::AppState;
+use crate::error::AppError;
+
+/// Builds the router over `state`, with the body limit and the request deadline.
+pub fn router(state: AppState, max_body_bytes: usize, request_timeout: Duration) -> Router {
+    Router::new()
+        .route("/v1/events", post(events::post_events))
+        .route(
+            "/v1/users/{user_id}/unread-count",
+            get(counts::get_unread_count),
+        )
+        .route("/v1/unread-counts", get(counts::get_unread_counts))
+        .route("/v1/flush", post(flush::post_flush))
+        .route("/v1/status", get(status::get_status))
+        .route("/healthz", get(status::get_healthz))
+        .fallback(|| async { AppError::NotFound })
+        .layer(DefaultBodyLimit::max(max_body_bytes))
+        .layer(middleware::from_fn(move |request: Request, next: Next| {
+            deadline(request, next, request_timeout)
+        }))
+        .layer(TraceLayer::new_for_http())
+        .with_state(state)
+}
+
+/// Answers 503 when a request outlives its deadline, in the common error shape.
+async fn deadline(request: Request, next: Next, limit: Duration) -> Response {
+    match tokio::time::timeout(limit, next.run(request)).await {
+        Ok(response) => response,
+        Err(_) => AppError::Unavailable {
+            dependency: "the request deadline",
+        }
+        .into_response(),
+    }
+}

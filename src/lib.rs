@@ -1,0 +1,35 @@
+//! countersink keeps Django's "unread notifications" counters exact and fast.
+//!
+//! Django's `post_save` / `post_delete` signals arrive as HTTP events; each event becomes an
+//! exact state transition in Redis; per-user pending deltas wait in a Redis sorted set; a
+//! flush moves them into the `UserNotificationsCount` table exactly once, in batches.
+//!
+//! A map of the crate, one owner per concept:
+//!
+//! | module        | owns                                                                     |
+//! |---------------|--------------------------------------------------------------------------|
+//! | [`cli`]       | the command line: subcommands and their flags                             |
+//! | [`config`]    | every setting, as a flag and a `COUNTERSINK_*` variable, validated once   |
+//! | [`error`]     | the error policy and the one mapping from errors to HTTP responses        |
+//! | [`events`]    | the wire format of an event and its validation                            |
+//! | [`store`]     | the Redis side: key layout, Lua scripts, transitions, the pending set     |
+//! | [`db`]        | the SQL side: diesel schema, backends (PostgreSQL, SQLite), migrations    |
+//! | [`flush`]     | the exactly-once hand-off of pending deltas into the count table         |
+//! | [`counts`]    | real-time reads: stored + pending, consistent while a flush runs         |
+//! | [`schedule`]  | the only module that knows tokio-cron-scheduler                           |
+//! | [`app`]       | the shared state handed to handlers and jobs                              |
+//! | [`http`]      | the axum router, one file per endpoint group                              |
+//!
+//! `docs/design.md` describes the Redis key layout, the state machine and the flush protocol.
+
+pub mod app;
+pub mod cli;
+pub mod config;
+pub mod counts;
+pub mod db;
+pub mod error;
+pub mod events;
+pub mod flush;
+pub mod http;
+pub mod schedule;
+pub mod store;

@@ -1,0 +1,60 @@
+//! The Redis key layout. Every key of one deployment shares the hash tag `{prefix}`, so a
+//! script's keys always live in one Redis Cluster slot (see `docs/design.md`).
+
+/// Notifications per state shard: 2^16 ids × 2 bits = a 16 KiB string per shard key.
+pub const SHARD_BITS: u32 = 16;
+
+/// Builds the key names of one deployment.
+#[derive(Debug, Clone)]
+pub struct Keys {
+    tag: String,
+}
+
+impl Keys {
+    /// Keys under `prefix` (already validated: no braces).
+    pub fn new(prefix: &str) -> Self {
+        Self {
+            tag: format!("{{{prefix}}}"),
+        }
+    }
+
+    /// The shard of notification `id` and its index inside the shard.
+    pub fn state_slot(id: u64) -> (u64, u64) {
+        (id >> SHARD_BITS, id & ((1 << SHARD_BITS) - 1))
+    }
+
+    /// The 2-bit-per-notification state bitmap of one shard.
+    pub fn state(&self, shard: u64) -> String {
+        format!("{}:state:{shard}", self.tag)
+    }
+
+    /// The sorted set of pending deltas: member = user id, score = delta not yet in the database.
+    pub fn pending(&self) -> String {
+        format!("{}:pending", self.tag)
+    }
+
+    /// A batch handed off for flushing: the former pending set, renamed.
+    pub fn batch(&self, batch_id: &str) -> String {
+        format!("{}:batch:{batch_id}", self.tag)
+    }
+
+    /// The set of batch ids handed off and not yet dropped.
+    pub fn batches(&self) -> String {
+        format!("{}:batches", self.tag)
+    }
+
+    /// Counts hand-offs; readers use it as a sequence lock.
+    pub fn handoff_seq(&self) -> String {
+        format!("{}:handoff_seq", self.tag)
+    }
+
+    /// The cross-process flush lock.
+    pub fn flush_lock(&self) -> String {
+        format!("{}:flush_lock", self.tag)
+    }
+
+    /// The pattern that matches every key of this deployment (for tests and clean-up).
+    pub fn all_pattern(&self) -> String {
+        format!("{}:*", self.tag)
+    }
+}

@@ -1,0 +1,332 @@
+//! The Redis side: the per-notification state machine, the pending sorted set, flush batches
+//! and the flush lock. Every multi-key change is one Lua script, so it is atomic and costs one
+//! round trip per request, however many events the request holds.
+
+mod keys;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{AsyncCommands, Script};
+use tracing::instrument;
+
+use crate::events::{Event, EventKind};
+pub use keys::{Keys, SHARD_BITS};
+
+/// How long one Redis command may take before the request fails over to 503.
+const REDIS_RESPONSE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long connecting may take; short, so an outage is answered quickly.
+const REDIS_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// A Redis failure.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// Redis answered with an error or could not be reached.
+    #[error("redis: {0}")]
+    Redis(#[from] redis::RedisError),
+    /// Redis answered something the scripts never return: a bug or a foreign key clash.
+    #[error("unexpected reply from redis: {0}")]
+    Unexpected(String),
+}
+
+impl StoreError {
+    /// Whether Redis was unreachable or too slow (worth a retry), rather than a logic error.
+    pub fn is_unavailable(&self) -> bool {
+        match self {
+            StoreError::Redis(e) => {
+                e.is_io_error()
+                    || e.is_timeout()
+                    || e.is_connection_refusal()
+                    || e.is_connection_dropped()
+            }
+            StoreError::Unexpected(_) => false,
+        }
+    }
+}
+
+/// What one request's events did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct ApplyOutcome {
+    /// Events that changed a user's count.
+    pub changed: u64,
+    /// Events that changed only the recorded state (a first sight of a read notification,
+    /// the delete of a read one).
+    pub recorded: u64,
+    /// Events that repeated the state already recorded (retries, a second mark-as-read).
+    pub duplicate: u64,
+    /// `created` events for a notification already seen: late retries.
+    pub stale: u64,
+    /// Saves that arrived after the notification was deleted.
+    pub after_delete: u64,
+}
+
+impl ApplyOutcome {
+    /// Events that changed no count.
+    pub fn noops(&self) -> u64 {
+        self.recorded + self.duplicate + self.stale + self.after_delete
+    }
+}
+
+/// What Redis holds for some users that the database does not have yet (see [`crate::counts`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PendingSnapshot {
+    /// The hand-off sequence when the snapshot was taken.
+    pub handoff_seq: u64,
+    /// Batches handed off and not yet dropped; committed ones are already in the database.
+    pub batch_ids: Vec<String>,
+    /// Per user (in request order): the pending delta, then the delta in each batch of `batch_ids`.
+    pub deltas: Vec<(i64, Vec<i64>)>,
+}
+
+/// The Redis store of one deployment (one key prefix).
+#[derive(Clone)]
+pub struct Store {
+    conn: ConnectionManager,
+    keys: Keys,
+    scripts: &'static Scripts,
+}
+
+struct Scripts {
+    apply_events: Script,
+    handoff: Script,
+    drop_batch: Script,
+    read_pending: Script,
+    release_lock: Script,
+}
+
+fn scripts() -> &'static Scripts {
+    static SCRIPTS: std::sync::OnceLock<Scripts> = std::sync::OnceLock::new();
+    SCRIPTS.get_or_init(|| Scripts {
+        apply_events: Script::new(include_str!("apply_events.lua")),
+        handoff: Script::new(include_str!("handoff.lua")),
+        drop_batch: Script::new(include_str!("drop_batch.lua")),
+        read_pending: Script::new(include_str!("read_pending.lua")),
+        release_lock: Script::new(include_str!("release_lock.lua")),
+    })
+}
+
+impl Store {
+    /// A store that connects lazily and reconnects by itself, so the service starts and
+    /// recovers while Redis is down.
+    pub fn connect(redis_url: &str, prefix: &str) -> Result<Self, StoreError> {
+        let client = redis::Client::open(redis_url)?;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(REDIS_CONNECT_TIMEOUT))
+            .set_response_timeout(Some(REDIS_RESPONSE_TIMEOUT))
+            .set_number_of_retries(1);
+        let conn = ConnectionManager::new_lazy_with_config(client, config)?;
+        Ok(Self {
+            conn,
+            keys: Keys::new(prefix),
+            scripts: scripts(),
+        })
+    }
+
+    /// The key layout of this store.
+    pub fn keys(&self) -> &Keys {
+        &self.keys
+    }
+
+    /// Answers whether Redis is reachable.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        let mut conn = self.conn.clone();
+        let _: String = redis::cmd("PING").query_async(&mut conn).await?;
+        Ok(())
+    }
+
+    /// Applies a validated batch of events in one atomic script.
+    #[instrument(skip_all, fields(events = events.len()))]
+    pub async fn apply(&self, events: &[Event]) -> Result<ApplyOutcome, StoreError> {
+        if events.is_empty() {
+            return Ok(ApplyOutcome::default());
+        }
+        let mut invocation = self.scripts.apply_events.prepare_invoke();
+        invocation.key(self.keys.pending());
+        // KEYS[1] is the pending set; each distinct shard gets the next key index.
+        let mut shard_index: HashMap<u64, usize> = HashMap::new();
+        for event in events {
+            let (shard, index_in_shard) = Keys::state_slot(event.notification_id);
+            let next = shard_index.len() + 2;
+            let key_index = *shard_index.entry(shard).or_insert_with(|| {
+                invocation.key(self.keys.state(shard));
+                next
+            });
+            invocation
+                .arg(op_code(event))
+                .arg(key_index)
+                .arg(index_in_shard)
+                .arg(event.user_id);
+        }
+        let mut conn = self.conn.clone();
+        let counts: Vec<u64> = invocation.invoke_async(&mut conn).await?;
+        match counts[..] {
+            [changed, recorded, duplicate, stale, after_delete] => Ok(ApplyOutcome {
+                changed,
+                recorded,
+                duplicate,
+                stale,
+                after_delete,
+            }),
+            _ => Err(StoreError::Unexpected(format!(
+                "apply_events returned {counts:?}"
+            ))),
+        }
+    }
+
+    /// The pending delta of each user, plus their deltas in batches not yet dropped, atomically.
+    pub async fn pending_snapshot(&self, user_ids: &[u64]) -> Result<PendingSnapshot, StoreError> {
+        let mut invocation = self.scripts.read_pending.prepare_invoke();
+        invocation
+            .key(self.keys.pending())
+            .key(self.keys.batches())
+            .key(self.keys.handoff_seq())
+            .arg(self.keys.batch(""));
+        for user in user_ids {
+            invocation.arg(*user);
+        }
+        let mut conn = self.conn.clone();
+        let (seq, batch_ids, rows): (u64, Vec<String>, Vec<Vec<String>>) =
+            invocation.invoke_async(&mut conn).await?;
+        let deltas = rows
+            .iter()
+            .map(|row| {
+                let mut values = row.iter().map(|s| parse_score(s));
+                let pending = values.next().unwrap_or(Ok(0))?;
+                Ok((pending, values.collect::<Result<Vec<_>, _>>()?))
+            })
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        if deltas.len() != user_ids.len() {
+            return Err(StoreError::Unexpected(
+                "read_pending returned the wrong number of rows".into(),
+            ));
+        }
+        Ok(PendingSnapshot {
+            handoff_seq: seq,
+            batch_ids,
+            deltas,
+        })
+    }
+
+    /// The current hand-off sequence number.
+    pub async fn handoff_seq(&self) -> Result<u64, StoreError> {
+        let mut conn = self.conn.clone();
+        let seq: Option<u64> = conn.get(self.keys.handoff_seq()).await?;
+        Ok(seq.unwrap_or(0))
+    }
+
+    /// Users with a pending delta.
+    pub async fn pending_users(&self) -> Result<u64, StoreError> {
+        let mut conn = self.conn.clone();
+        Ok(conn.zcard(self.keys.pending()).await?)
+    }
+
+    /// Renames the pending set to the batch `batch_id`; `false` if nothing was pending.
+    pub async fn handoff(&self, batch_id: &str) -> Result<bool, StoreError> {
+        let mut conn = self.conn.clone();
+        let handed_off: i64 = self
+            .scripts
+            .handoff
+            .key(self.keys.pending())
+            .key(self.keys.batch(batch_id))
+            .key(self.keys.batches())
+            .key(self.keys.handoff_seq())
+            .arg(batch_id)
+            .invoke_async(&mut conn)
+            .await?;
+        Ok(handed_off == 1)
+    }
+
+    /// Batches handed off and not yet dropped: normally none between flushes; any found at the
+    /// start of a flush were left by a process that stopped mid-flush.
+    pub async fn batch_ids(&self) -> Result<Vec<String>, StoreError> {
+        let mut conn = self.conn.clone();
+        let mut ids: Vec<String> = conn.smembers(self.keys.batches()).await?;
+        ids.sort();
+        Ok(ids)
+    }
+
+    /// Users `start..start + count` of a batch (by rank: the batch no longer changes) with their deltas.
+    pub async fn batch_chunk(
+        &self,
+        batch_id: &str,
+        start: usize,
+        count: usize,
+    ) -> Result<Vec<(u64, i64)>, StoreError> {
+        let mut conn = self.conn.clone();
+        let stop = (start + count) as isize - 1;
+        let rows: Vec<(String, String)> = conn
+            .zrange_withscores(self.keys.batch(batch_id), start as isize, stop)
+            .await?;
+        rows.iter()
+            .map(|(user, score)| {
+                let user = user.parse::<u64>().map_err(|_| {
+                    StoreError::Unexpected(format!("batch member {user:?} is not a user id"))
+                })?;
+                Ok((user, parse_score(score)?))
+            })
+            .collect()
+    }
+
+    /// Deletes a batch whose deltas are committed.
+    pub async fn drop_batch(&self, batch_id: &str) -> Result<(), StoreError> {
+        let mut conn = self.conn.clone();
+        let _: i64 = self
+            .scripts
+            .drop_batch
+            .key(self.keys.batch(batch_id))
+            .key(self.keys.batches())
+            .arg(batch_id)
+            .invoke_async(&mut conn)
+            .await?;
+        Ok(())
+    }
+
+    /// Takes the flush lock for `ttl` if no one holds it.
+    pub async fn try_lock_flush(&self, token: &str, ttl: Duration) -> Result<bool, StoreError> {
+        let mut conn = self.conn.clone();
+        let set: Option<String> = redis::cmd("SET")
+            .arg(self.keys.flush_lock())
+            .arg(token)
+            .arg("NX")
+            .arg("PX")
+            .arg(ttl.as_millis() as u64)
+            .query_async(&mut conn)
+            .await?;
+        Ok(set.is_some())
+    }
+
+    /// Releases the flush lock if `token` still holds it.
+    pub async fn release_flush_lock(&self, token: &str) -> Result<(), StoreError> {
+        let mut conn = self.conn.clone();
+        let _: i64 = self
+            .scripts
+            .release_lock
+            .key(self.keys.flush_lock())
+            .arg(token)
+            .invoke_async(&mut conn)
+            .await?;
+        Ok(())
+    }
+}
+
+/// The script's op code for an event (see `apply_events.lua`).
+fn op_code(event: &Event) -> &'static str {
+    match (event.kind, event.created, event.unread) {
+        (EventKind::PostDelete, _, _) => "D",
+        (EventKind::PostSave, true, true) => "C1",
+        (EventKind::PostSave, true, false) => "C0",
+        (EventKind::PostSave, false, true) => "S1",
+        (EventKind::PostSave, false, false) => "S0",
+    }
+}
+
+/// Sorted-set scores are integral deltas, sent by Redis as decimal strings.
+fn parse_score(score: &str) -> Result<i64, StoreError> {
+    score
+        .parse::<f64>()
+        .ok()
+        .filter(|s| s.fract() == 0.0 && s.abs() < 2f64.powi(53))
+        .map(|s| s as i64)
+        .ok_or_else(|| StoreError::Unexpected(format!("score {score:?} is not an integral delta")))
+}
