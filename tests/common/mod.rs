@@ -1,0 +1,148 @@
+//! Test isolation: each test gets its own Redis key prefix and its own PostgreSQL schema (or
+//! SQLite file), against the real services, and removes them when it ends.
+#![allow(dead_code, clippy::unwrap_used)]
+
+use std::time::Duration;
+
+use countersink::app::AppState;
+use countersink::config::CoreConfig;
+use countersink::db::Backend;
+use diesel::{Connection, PgConnection, RunQueryDsl};
+
+/// The PostgreSQL server tests use; each test works in a schema of its own there.
+pub fn postgres_url() -> String {
+    std::env::var("COUNTERSINK_TEST_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
+}
+
+/// The Redis server tests use; each test works under a key prefix of its own there.
+pub fn redis_url() -> String {
+    std::env::var("COUNTERSINK_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
+/// A unique name for this test's schema and key prefix.
+fn unique_name() -> String {
+    format!("cstest_{:016x}", rand::random::<u64>())
+}
+
+/// One test's isolated Redis prefix and database, dropped when the test ends.
+pub struct TestEnv {
+    /// The settings pointing at this test's prefix and database.
+    pub core: CoreConfig,
+    name: String,
+    schema: Option<String>,
+    _sqlite_dir: Option<tempfile::TempDir>,
+}
+
+impl TestEnv {
+    /// A fresh PostgreSQL schema and Redis prefix, migrated.
+    pub async fn postgres() -> TestEnv {
+        let name = unique_name();
+        let mut admin = PgConnection::establish(&postgres_url()).unwrap();
+        diesel::sql_query(format!("CREATE SCHEMA {name}"))
+            .execute(&mut admin)
+            .unwrap();
+        // libpq's `options` puts every pooled connection in the test's schema.
+        let url = format!("{}?options=-csearch_path%3D{name}", postgres_url());
+        Self::migrated(name.clone(), url, Some(name), None).await
+    }
+
+    /// A fresh SQLite file and Redis prefix, migrated.
+    pub async fn sqlite() -> TestEnv {
+        let name = unique_name();
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("counts.sqlite3").display());
+        Self::migrated(name, url, None, Some(dir)).await
+    }
+
+    /// Both backends, for tests that must hold on each.
+    pub async fn each_backend() -> Vec<TestEnv> {
+        vec![Self::postgres().await, Self::sqlite().await]
+    }
+
+    async fn migrated(
+        name: String,
+        url: String,
+        schema: Option<String>,
+        dir: Option<tempfile::TempDir>,
+    ) -> TestEnv {
+        let env = TestEnv {
+            core: core_config(&name, &url),
+            name,
+            schema,
+            _sqlite_dir: dir,
+        };
+        env.state().db.migrate().await.unwrap();
+        env
+    }
+
+    /// A fresh application state over this test's prefix and database.
+    pub fn state(&self) -> AppState {
+        AppState::new(&self.core, None).unwrap()
+    }
+
+    /// The backend under test.
+    pub fn backend(&self) -> Backend {
+        Backend::from_url(&self.core.database_url).unwrap()
+    }
+
+    /// A Redis connection for inspecting or breaking this test's keys.
+    pub fn redis(&self) -> redis::Connection {
+        redis::Client::open(redis_url())
+            .unwrap()
+            .get_connection()
+            .unwrap()
+    }
+
+    /// The key prefix as the store writes it (with its hash-tag braces).
+    pub fn key(&self, suffix: &str) -> String {
+        format!("{{{}}}:{suffix}", self.name)
+    }
+}
+
+/// Settings for a test: small flush chunks, so chunking is exercised with few users.
+pub fn core_config(prefix: &str, database_url: &str) -> CoreConfig {
+    CoreConfig {
+        redis_url: redis_url(),
+        redis_prefix: prefix.to_string(),
+        database_url: database_url.to_string(),
+        db_pool_size: 4,
+        db_timeout_secs: 5,
+        flush_chunk_users: 100,
+        flush_lock_ttl_secs: 30,
+        log_format: countersink::config::LogFormat::Text,
+    }
+}
+
+impl Drop for TestEnv {
+    fn drop(&mut self) {
+        if let Ok(mut redis) = redis::Client::open(redis_url()).and_then(|c| c.get_connection()) {
+            let pattern = format!("{{{}}}:*", self.name);
+            let keys: Vec<String> = match redis::Commands::scan_match(&mut redis, &pattern) {
+                Ok(iter) => iter.filter_map(Result::ok).collect(),
+                Err(_) => Vec::new(),
+            };
+            if !keys.is_empty() {
+                let _: Result<(), _> = redis::cmd("DEL").arg(keys).query(&mut redis);
+            }
+        }
+        if let Some(schema) = &self.schema {
+            if let Ok(mut admin) = PgConnection::establish(&postgres_url()) {
+                let _ =
+                    diesel::sql_query(format!("DROP SCHEMA {schema} CASCADE")).execute(&mut admin);
+            }
+        }
+    }
+}
+
+/// Polls `f` until it returns true or `limit` passes.
+pub async fn eventually(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = std::time::Instant::now() + limit;
+    while std::time::Instant::now() < deadline {
+        if f() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    f()
+}

@@ -1,0 +1,250 @@
+//! The flush, exactly once, on PostgreSQL and SQLite: stopped after each step, run by several
+//! flushers at once, and read from while it runs.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::TestEnv;
+use countersink::app::AppState;
+use countersink::counts::unread_counts;
+use countersink::db::queries;
+use countersink::events::Event;
+use countersink::flush::{FlushError, FlushStep, WhenBusy};
+use diesel::prelude::*;
+
+const WAIT: WhenBusy = WhenBusy::Wait(Duration::from_secs(30));
+
+/// Creates `per_user[i]` unread notifications for user `i + 1`, ids continuing from `first_id`.
+async fn create_unread(state: &AppState, first_id: u64, per_user: &[u64]) -> u64 {
+    let mut events = Vec::new();
+    let mut id = first_id;
+    for (i, n) in per_user.iter().enumerate() {
+        for _ in 0..*n {
+            events.push(Event::save(id, i as u64 + 1, true, true));
+            id += 1;
+        }
+    }
+    for chunk in events.chunks(1_000) {
+        state.store.apply(chunk).await.unwrap();
+    }
+    id
+}
+
+/// The count table as a map.
+async fn stored(state: &AppState) -> HashMap<u64, i64> {
+    use countersink::db::schema::countersink_usernotificationscount::dsl::*;
+    state
+        .db
+        .run(|conn| {
+            let rows: Vec<(i64, i64)> = countersink_usernotificationscount
+                .select((user_id, unread_count))
+                .load(conn)?;
+            Ok(rows.into_iter().map(|(u, n)| (u as u64, n)).collect())
+        })
+        .await
+        .unwrap()
+}
+
+fn expected(per_user: &[u64]) -> HashMap<u64, i64> {
+    per_user
+        .iter()
+        .enumerate()
+        .filter(|(_, n)| **n > 0)
+        .map(|(i, n)| (i as u64 + 1, *n as i64))
+        .collect()
+}
+
+#[tokio::test]
+async fn flush_writes_every_pending_delta_once_and_empties_the_pending_set() {
+    for env in TestEnv::each_backend().await {
+        let state = env.state();
+        // 250 users with chunks of 100: three upsert statements.
+        let per_user: Vec<u64> = (0..250).map(|i| i % 4 + 1).collect();
+        create_unread(&state, 1, &per_user).await;
+        let report = state.flusher.flush(WAIT).await.unwrap();
+        assert_eq!(report.users_written, 250, "{:?}", env.backend());
+        assert_eq!(stored(&state).await, expected(&per_user));
+        assert_eq!(state.store.pending_users().await.unwrap(), 0);
+
+        // A second flush with nothing pending writes nothing; a third adds on top.
+        assert_eq!(state.flusher.flush(WAIT).await.unwrap().users_written, 0);
+        state
+            .store
+            .apply(&[Event::save(1, 1, false, false)])
+            .await
+            .unwrap();
+        state.flusher.flush(WAIT).await.unwrap();
+        assert_eq!(stored(&state).await[&1], per_user[0] as i64 - 1);
+    }
+}
+
+#[tokio::test]
+async fn a_flush_stopped_after_any_step_loses_nothing_and_applies_nothing_twice() {
+    for step in [FlushStep::Handoff, FlushStep::FirstChunk, FlushStep::Commit] {
+        for env in TestEnv::each_backend().await {
+            let state = env.state();
+            let per_user: Vec<u64> = (0..230).map(|i| i % 3 + 1).collect();
+            let next_id = create_unread(&state, 1, &per_user).await;
+            let stopped = state.flusher.flush_stopping_after(step).await;
+            assert!(
+                matches!(stopped, Err(FlushError::Stopped(s)) if s == step),
+                "{step:?}"
+            );
+
+            // Reads stay exact while the batch is stranded.
+            let read = unread_counts(&state.store, &state.db, &[1, 2, 3])
+                .await
+                .unwrap();
+            assert_eq!(
+                read.iter().map(|c| c.unread_count).collect::<Vec<_>>(),
+                vec![1, 2, 3],
+                "{step:?}"
+            );
+
+            // Events keep arriving, then a new process flushes.
+            let more = vec![0, 5];
+            create_unread(&state, next_id, &more).await;
+            let report = env.state().flusher.flush(WAIT).await.unwrap();
+            let recovered = &report.batches[0];
+            assert!(recovered.recovered, "{step:?}: {report:?}");
+            assert_eq!(
+                recovered.already_applied,
+                step == FlushStep::Commit,
+                "{step:?}"
+            );
+
+            let mut want = expected(&per_user);
+            *want.get_mut(&2).unwrap() += 5;
+            assert_eq!(
+                stored(&state).await,
+                want,
+                "{step:?} on {:?}",
+                env.backend()
+            );
+            assert!(state.store.batch_ids().await.unwrap().is_empty());
+        }
+    }
+}
+
+#[tokio::test]
+async fn concurrent_flushers_apply_each_delta_exactly_once() {
+    for env in TestEnv::each_backend().await {
+        // Four "processes", each with its own state and local lock, share Redis and the database.
+        let flushers: Vec<AppState> = (0..4).map(|_| env.state()).collect();
+        let writer = env.state();
+        let mut id = 1;
+        let mut per_user = vec![0u64; 50];
+        for round in 0..20 {
+            let add: Vec<u64> = (0..50).map(|u| (u + round) % 3).collect();
+            id = create_unread(&writer, id, &add).await;
+            for (total, n) in per_user.iter_mut().zip(&add) {
+                *total += n;
+            }
+            let mut running = Vec::new();
+            for state in &flushers {
+                let flusher = state.flusher.clone();
+                let when = if round % 2 == 0 { WhenBusy::Skip } else { WAIT };
+                running.push(tokio::spawn(
+                    async move { flusher.flush(when).await.unwrap() },
+                ));
+            }
+            for run in running {
+                run.await.unwrap();
+            }
+        }
+        flushers[0].flusher.flush(WAIT).await.unwrap();
+        assert_eq!(
+            stored(&writer).await,
+            expected(&per_user),
+            "{:?}",
+            env.backend()
+        );
+    }
+}
+
+#[tokio::test]
+async fn scheduled_flush_skips_while_another_process_holds_the_lock() {
+    let env = TestEnv::sqlite().await;
+    let state = env.state();
+    create_unread(&state, 1, &[2]).await;
+    let mut redis = env.redis();
+    let _: () = redis::Commands::set(&mut redis, env.key("flush_lock"), "someone-else").unwrap();
+    let report = state.flusher.flush(WhenBusy::Skip).await.unwrap();
+    assert!(report.skipped.is_some());
+    assert!(matches!(
+        state
+            .flusher
+            .flush(WhenBusy::Wait(Duration::from_millis(300)))
+            .await,
+        Err(FlushError::Busy)
+    ));
+    assert_eq!(
+        state.store.pending_users().await.unwrap(),
+        1,
+        "nothing was handed off"
+    );
+    let _: () = redis::Commands::del(&mut redis, env.key("flush_lock")).unwrap();
+    assert_eq!(
+        state
+            .flusher
+            .flush(WhenBusy::Skip)
+            .await
+            .unwrap()
+            .users_written,
+        1
+    );
+}
+
+#[tokio::test]
+async fn reads_during_flushes_neither_miss_nor_double_count_the_batch_in_flight() {
+    for env in TestEnv::each_backend().await {
+        let state = env.state();
+        let users: Vec<u64> = (1..=300).collect();
+        let mut per_user = vec![0u64; users.len()];
+        let mut id = 1;
+        let mut last_round_users = 0;
+        for round in 0..8u64 {
+            let add: Vec<u64> = users.iter().map(|u| (u + round) % 4).collect();
+            last_round_users = add.iter().filter(|n| **n > 0).count() as i64;
+            id = create_unread(&state, id, &add).await;
+            for (total, n) in per_user.iter_mut().zip(&add) {
+                *total += n;
+            }
+            // Readers check every user while a flush moves the deltas from Redis to the database.
+            let want: Vec<i64> = per_user.iter().map(|n| *n as i64).collect();
+            let done = Arc::new(AtomicBool::new(false));
+            let mut readers = Vec::new();
+            for _ in 0..3 {
+                let (reader, users, want, done) =
+                    (env.state(), users.clone(), want.clone(), done.clone());
+                readers.push(tokio::spawn(async move {
+                    let mut reads = 0;
+                    while !done.load(Ordering::Relaxed) || reads == 0 {
+                        let got: Vec<i64> = unread_counts(&reader.store, &reader.db, &users)
+                            .await
+                            .unwrap()
+                            .iter()
+                            .map(|c| c.unread_count)
+                            .collect();
+                        assert_eq!(got, want);
+                        reads += 1;
+                    }
+                    reads
+                }));
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            state.flusher.flush(WAIT).await.unwrap();
+            done.store(true, Ordering::Relaxed);
+            for reader in readers {
+                assert!(reader.await.unwrap() > 0);
+            }
+        }
+        let last = state.db.run(queries::last_batch).await.unwrap().unwrap();
+        assert_eq!(last.users, last_round_users);
+    }
+}

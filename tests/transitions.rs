@@ -1,0 +1,240 @@
+//! The per-notification state machine, against the real Redis: each event changes a count
+//! only on a real transition, however it is repeated, raced or reordered.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use common::TestEnv;
+use countersink::app::AppState;
+use countersink::counts::unread_counts;
+use countersink::events::{Event, MAX_ID};
+use proptest::prelude::*;
+
+async fn count(state: &AppState, user: u64) -> i64 {
+    unread_counts(&state.store, &state.db, &[user])
+        .await
+        .unwrap()[0]
+        .unread_count
+}
+
+async fn apply(state: &AppState, events: &[Event]) -> countersink::store::ApplyOutcome {
+    state.store.apply(events).await.unwrap()
+}
+
+#[tokio::test]
+async fn duplicate_event_is_counted_once() {
+    let env = TestEnv::sqlite().await;
+    let state = env.state();
+    let create = Event::save(1, 10, true, true);
+    apply(&state, &[create.clone()]).await;
+    apply(&state, &[create.clone()]).await;
+    assert_eq!(count(&state, 10).await, 1, "delivered twice");
+
+    let mark_read = Event::save(2, 11, false, false);
+    apply(&state, &[Event::save(2, 11, true, true)]).await;
+    for _ in 0..10 {
+        apply(&state, &[mark_read.clone()]).await;
+    }
+    assert_eq!(
+        count(&state, 11).await,
+        0,
+        "a mark-as-read delivered ten times"
+    );
+
+    // Duplicates inside one batch are no-ops too, and are reported as such.
+    let outcome = apply(&state, &vec![Event::save(3, 12, true, true); 10]).await;
+    assert_eq!((outcome.changed, outcome.noops()), (1, 9));
+    assert_eq!(count(&state, 12).await, 1);
+}
+
+#[tokio::test]
+async fn concurrent_double_mark_as_read_decrements_once() {
+    let env = TestEnv::sqlite().await;
+    let state = env.state();
+    let user = 20;
+    let notifications: Vec<u64> = (1..=200).collect();
+    let creates: Vec<Event> = notifications
+        .iter()
+        .map(|n| Event::save(*n, user, true, true))
+        .collect();
+    apply(&state, &creates).await;
+    assert_eq!(count(&state, user).await, 200);
+
+    // Two requests mark each notification read at the same moment.
+    let mut racers = Vec::new();
+    for n in &notifications {
+        for _ in 0..2 {
+            let store = state.store.clone();
+            let event = Event::save(*n, user, false, false);
+            racers.push(tokio::spawn(async move {
+                store.apply(&[event]).await.unwrap().changed
+            }));
+        }
+    }
+    let mut changed = 0;
+    for racer in racers {
+        changed += racer.await.unwrap();
+    }
+    assert_eq!(changed, 200, "exactly one of each pair changed the count");
+    assert_eq!(count(&state, user).await, 0);
+}
+
+#[tokio::test]
+async fn lifecycle_transitions_change_the_count_by_exactly_one() {
+    let env = TestEnv::sqlite().await;
+    let state = env.state();
+    let user = 30;
+    let steps: [(&str, Event, i64); 7] = [
+        ("create unread", Event::save(1, user, true, true), 1),
+        ("mark read", Event::save(1, user, false, false), 0),
+        ("mark unread again", Event::save(1, user, true, false), 1),
+        ("delete unread", Event::delete(1, user), 0),
+        ("save after delete", Event::save(1, user, true, false), 0),
+        ("create read", Event::save(2, user, false, true), 0),
+        ("delete read", Event::delete(2, user), 0),
+    ];
+    for (what, event, expected) in steps {
+        apply(&state, &[event]).await;
+        assert_eq!(count(&state, user).await, expected, "after {what}");
+    }
+}
+
+#[tokio::test]
+async fn deleted_notification_never_comes_back() {
+    let env = TestEnv::sqlite().await;
+    let state = env.state();
+    apply(
+        &state,
+        &[Event::save(5, 31, true, true), Event::delete(5, 31)],
+    )
+    .await;
+    let outcome = apply(
+        &state,
+        &[
+            Event::save(5, 31, true, true),
+            Event::save(5, 31, true, false),
+            Event::delete(5, 31),
+        ],
+    )
+    .await;
+    assert_eq!(
+        (outcome.changed, outcome.after_delete, outcome.duplicate),
+        (0, 2, 1)
+    );
+    assert_eq!(count(&state, 31).await, 0);
+}
+
+#[tokio::test]
+async fn late_creation_retry_does_not_undo_a_newer_state() {
+    let env = TestEnv::sqlite().await;
+    let state = env.state();
+    let create = Event::save(7, 40, true, true);
+    apply(&state, &[create.clone(), Event::save(7, 40, false, false)]).await;
+    // The sender's retry of the creation arrives after the mark-as-read.
+    let outcome = apply(&state, &[create]).await;
+    assert_eq!(outcome.stale, 1);
+    assert_eq!(count(&state, 40).await, 0);
+
+    // A mark-as-read that overtakes its creation: the creation arrives stale, the count stays right.
+    apply(&state, &[Event::save(8, 40, false, false)]).await;
+    apply(&state, &[Event::save(8, 40, true, true)]).await;
+    assert_eq!(count(&state, 40).await, 0);
+}
+
+#[tokio::test]
+async fn extreme_ids_are_tracked() {
+    let env = TestEnv::sqlite().await;
+    let state = env.state();
+    apply(
+        &state,
+        &[
+            Event::save(MAX_ID, MAX_ID, true, true),
+            Event::save(0, MAX_ID, true, true),
+        ],
+    )
+    .await;
+    assert_eq!(count(&state, MAX_ID).await, 2);
+    apply(&state, &[Event::delete(MAX_ID, MAX_ID)]).await;
+    assert_eq!(count(&state, MAX_ID).await, 1);
+}
+
+/// One step of a notification's life, as the sender could deliver it.
+#[derive(Debug, Clone)]
+enum Step {
+    Create { unread: bool },
+    Save { unread: bool },
+    Delete,
+}
+
+fn step() -> impl Strategy<Value = (u64, u64, Step)> {
+    let kind = prop_oneof![
+        any::<bool>().prop_map(|unread| Step::Create { unread }),
+        any::<bool>().prop_map(|unread| Step::Save { unread }),
+        Just(Step::Delete),
+    ];
+    // Few notifications and users, so sequences revisit them often.
+    (0u64..12, kind).prop_map(|(notification, kind)| (notification, notification % 3, kind))
+}
+
+/// The reference model: the state of each notification under the documented rules.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Model {
+    Unseen,
+    Read,
+    Unread,
+    Deleted,
+}
+
+fn model_next(state: Model, step: &Step) -> Model {
+    match (state, step) {
+        (Model::Deleted, _) => Model::Deleted,
+        (_, Step::Delete) => Model::Deleted,
+        (Model::Unseen, Step::Create { unread }) | (_, Step::Save { unread }) => {
+            if *unread {
+                Model::Unread
+            } else {
+                Model::Read
+            }
+        }
+        (seen, Step::Create { .. }) => seen,
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+    /// Invariant: after any sequence of events, split into any batches, every user's count
+    /// equals the number of that user's notifications the model holds as unread, and so is
+    /// never below zero.
+    #[test]
+    fn no_sequence_of_events_drives_a_count_below_zero(
+        steps in proptest::collection::vec(step(), 1..60),
+        batch in 1usize..8,
+    ) {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        runtime.block_on(async {
+            let env = TestEnv::sqlite().await;
+            let state = env.state();
+            let mut model = [Model::Unseen; 12];
+            let events: Vec<Event> = steps.iter().map(|(n, user, step)| {
+                model[*n as usize] = model_next(model[*n as usize], step);
+                match step {
+                    Step::Create { unread } => Event::save(*n, *user, *unread, true),
+                    Step::Save { unread } => Event::save(*n, *user, *unread, false),
+                    Step::Delete => Event::delete(*n, *user),
+                }
+            }).collect();
+            for chunk in events.chunks(batch) {
+                apply(&state, chunk).await;
+                for user in 0..3 {
+                    prop_assert!(count(&state, user).await >= 0);
+                }
+            }
+            for user in 0..3u64 {
+                let expected = (0..12u64).filter(|n| n % 3 == user && model[*n as usize] == Model::Unread).count() as i64;
+                prop_assert_eq!(count(&state, user).await, expected, "user {}", user);
+            }
+            Ok(())
+        })?;
+    }
+}
