@@ -1,6 +1,7 @@
 //! The shared state handed to HTTP handlers and jobs.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use crate::config::{CoreConfig, ServeConfig};
 use crate::db::Db;
@@ -21,7 +22,7 @@ pub struct AppState {
 }
 
 /// Request limits, from [`ServeConfig`].
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Limits {
     /// Most events per request.
     pub max_batch_events: usize,
@@ -29,6 +30,31 @@ pub struct Limits {
     pub max_read_users: usize,
     /// Largest request body, in bytes.
     pub max_body_bytes: usize,
+    /// How long a request may take.
+    pub request_timeout: Duration,
+}
+
+impl From<&ServeConfig> for Limits {
+    fn from(serve: &ServeConfig) -> Self {
+        Limits {
+            max_batch_events: serve.max_batch_events,
+            max_read_users: serve.max_read_users,
+            max_body_bytes: serve.max_body_bytes,
+            request_timeout: Duration::from_secs(serve.request_timeout_secs),
+        }
+    }
+}
+
+impl Default for Limits {
+    /// The defaults of `countersink serve`.
+    fn default() -> Self {
+        Limits {
+            max_batch_events: 1_000,
+            max_read_users: 1_000,
+            max_body_bytes: 1024 * 1024,
+            request_timeout: Duration::from_secs(30),
+        }
+    }
 }
 
 impl AppState {
@@ -40,13 +66,9 @@ impl AppState {
             store.clone(),
             db.clone(),
             core.flush_chunk_users,
-            std::time::Duration::from_secs(core.flush_lock_ttl_secs),
+            Duration::from_secs(core.flush_lock_ttl_secs),
         );
-        let limits = Limits {
-            max_batch_events: serve.map_or(1_000, |s| s.max_batch_events),
-            max_read_users: serve.map_or(1_000, |s| s.max_read_users),
-            max_body_bytes: serve.map_or(1024 * 1024, |s| s.max_body_bytes),
-        };
+        let limits = serve.map(Limits::from).unwrap_or_default();
         Ok(Self {
             store,
             db,

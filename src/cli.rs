@@ -96,11 +96,7 @@ async fn run_serve(core: &CoreConfig, serve: ServeConfig) -> anyhow::Result<()> 
         warn!(error = %e, "redis is not reachable yet; events will be answered 503 until it is");
     }
     let mut scheduler = schedule::start(&serve.flush_cron, state.flusher.clone()).await?;
-    let router = http::router(
-        state,
-        serve.max_body_bytes,
-        Duration::from_secs(serve.request_timeout_secs),
-    );
+    let router = http::router(state);
     let listener = TcpListener::bind(serve.listen)
         .await
         .with_context(|| format!("binding {}", serve.listen))?;

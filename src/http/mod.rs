@@ -25,8 +25,10 @@ use tower_http::trace::TraceLayer;
 use crate::app::AppState;
 use crate::error::AppError;
 
-/// Builds the router over `state`, with the body limit and the request deadline.
-pub fn router(state: AppState, max_body_bytes: usize, request_timeout: Duration) -> Router {
+/// Builds the router over `state`, with its body limit and request deadline.
+pub fn router(state: AppState) -> Router {
+    let max_body_bytes = state.limits.max_body_bytes;
+    let request_timeout = state.limits.request_timeout;
     Router::new()
         .route("/v1/events", post(events::post_events))
         .route(

@@ -94,10 +94,24 @@ impl TestEnv {
             .unwrap()
     }
 
+    /// Every key this test holds in Redis, sorted.
+    pub fn redis_keys(&self) -> Vec<String> {
+        scan_keys(&mut self.redis(), &self.key("*"))
+    }
+
     /// The key prefix as the store writes it (with its hash-tag braces).
     pub fn key(&self, suffix: &str) -> String {
         format!("{{{}}}:{suffix}", self.name)
     }
+}
+
+fn scan_keys(redis: &mut redis::Connection, pattern: &str) -> Vec<String> {
+    let mut keys: Vec<String> = match redis::Commands::scan_match(redis, pattern) {
+        Ok(iter) => iter.filter_map(Result::ok).collect(),
+        Err(_) => Vec::new(),
+    };
+    keys.sort();
+    keys
 }
 
 /// Settings for a test: small flush chunks, so chunking is exercised with few users.
@@ -117,11 +131,7 @@ pub fn core_config(prefix: &str, database_url: &str) -> CoreConfig {
 impl Drop for TestEnv {
     fn drop(&mut self) {
         if let Ok(mut redis) = redis::Client::open(redis_url()).and_then(|c| c.get_connection()) {
-            let pattern = format!("{{{}}}:*", self.name);
-            let keys: Vec<String> = match redis::Commands::scan_match(&mut redis, &pattern) {
-                Ok(iter) => iter.filter_map(Result::ok).collect(),
-                Err(_) => Vec::new(),
-            };
+            let keys = scan_keys(&mut redis, &self.key("*"));
             if !keys.is_empty() {
                 let _: Result<(), _> = redis::cmd("DEL").arg(keys).query(&mut redis);
             }

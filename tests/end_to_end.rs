@@ -1,0 +1,318 @@
+//! The real binary, end to end: a random stream of 100,000+ events for 1,000 users, with
+//! duplicates, late retries of creations and concurrent double mark-as-read, sent by several
+//! concurrent senders while scheduled and on-demand flushes run. At the end, every user's
+//! stored count must equal the count computed from the final state of the notifications.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::collections::HashMap;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::TestEnv;
+use diesel::prelude::*;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde_json::{json, Value};
+
+const USERS: u64 = 1_000;
+const BASE_EVENTS: usize = 100_000;
+const LANES: usize = 8;
+const MAX_BATCH: usize = 100;
+
+/// The sidecar binary, stopped when dropped.
+struct Sidecar {
+    child: Child,
+    base: String,
+}
+
+impl Sidecar {
+    async fn start(env: &TestEnv) -> Sidecar {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = Command::new(env!("CARGO_BIN_EXE_countersink"))
+            .args(["--redis-url", &env.core.redis_url])
+            .args(["--redis-prefix", &env.core.redis_prefix])
+            .args(["--database-url", &env.core.database_url])
+            .args(["--flush-chunk-users", "300"])
+            .args([
+                "serve",
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+                "--flush-cron",
+                "*/1 * * * * *",
+            ])
+            .env("COUNTERSINK_LOG", "warn")
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        let sidecar = Sidecar {
+            child,
+            base: format!("http://127.0.0.1:{port}"),
+        };
+        let client = reqwest::Client::new();
+        for _ in 0..200 {
+            if client
+                .get(format!("{}/healthz", sidecar.base))
+                .send()
+                .await
+                .is_ok()
+            {
+                return sidecar;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        panic!("the sidecar did not answer /healthz");
+    }
+}
+
+impl Drop for Sidecar {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum State {
+    Read,
+    Unread,
+    Deleted,
+}
+
+/// One request a lane sends, and whether a concurrent duplicate of its last event races it.
+struct Request {
+    events: Vec<Value>,
+    race_last: bool,
+}
+
+/// Builds the stream: per lane, the requests in order. Each notification belongs to one lane,
+/// so its events keep their order, as Django's on-commit hooks send them.
+fn build_stream(rng: &mut StdRng) -> (Vec<Vec<Request>>, HashMap<u64, (u64, State)>) {
+    let mut truth: HashMap<u64, (u64, State)> = HashMap::new();
+    let mut live: Vec<u64> = Vec::new();
+    let mut lanes: Vec<Vec<(Value, bool)>> = (0..LANES).map(|_| Vec::new()).collect();
+    let mut late_retries: Vec<Vec<Value>> = (0..LANES).map(|_| Vec::new()).collect();
+    let mut next_id = 1u64;
+    for _ in 0..BASE_EVENTS {
+        let (id, event, race) = if live.is_empty() || rng.random_bool(0.4) {
+            let (id, user, unread) = (next_id, rng.random_range(1..=USERS), rng.random_bool(0.9));
+            next_id += 1;
+            live.push(id);
+            truth.insert(id, (user, if unread { State::Unread } else { State::Read }));
+            let event = json!({"kind": "post_save", "notification_id": id, "user_id": user, "unread": unread, "created": true});
+            if rng.random_bool(0.05) {
+                late_retries[id as usize % LANES].push(event.clone());
+            }
+            (id, event, false)
+        } else {
+            let slot = rng.random_range(0..live.len());
+            let id = live[slot];
+            let (user, _) = truth[&id];
+            match rng.random_range(0..10) {
+                0..=4 => {
+                    truth.insert(id, (user, State::Read));
+                    let event = json!({"kind": "post_save", "notification_id": id, "user_id": user, "unread": false});
+                    (id, event, rng.random_bool(0.2))
+                }
+                5..=7 => {
+                    truth.insert(id, (user, State::Unread));
+                    (
+                        id,
+                        json!({"kind": "post_save", "notification_id": id, "user_id": user, "unread": true}),
+                        false,
+                    )
+                }
+                _ => {
+                    truth.insert(id, (user, State::Deleted));
+                    live.swap_remove(slot);
+                    (
+                        id,
+                        json!({"kind": "post_delete", "notification_id": id, "user_id": user}),
+                        false,
+                    )
+                }
+            }
+        };
+        let lane = &mut lanes[id as usize % LANES];
+        lane.push((event.clone(), race));
+        if rng.random_bool(0.05) {
+            // An immediate retry, before any newer event of that notification.
+            lane.push((event, false));
+        }
+        // Late retries of creations land long after newer events of the same notification.
+        let retries = &mut late_retries[id as usize % LANES];
+        if retries.len() > 20 && rng.random_bool(0.1) {
+            lane.extend(retries.drain(..).map(|event| (event, false)));
+        }
+    }
+    for (lane, retries) in lanes.iter_mut().zip(late_retries) {
+        lane.extend(retries.into_iter().map(|event| (event, false)));
+    }
+    let requests = lanes
+        .into_iter()
+        .map(|events| {
+            let mut requests = Vec::new();
+            let mut current = Vec::new();
+            for (event, race) in events {
+                current.push(event);
+                // A raced mark-as-read ends its request, so the duplicate races nothing newer.
+                if race || current.len() == MAX_BATCH || rng.random_bool(0.02) {
+                    requests.push(Request {
+                        events: std::mem::take(&mut current),
+                        race_last: race,
+                    });
+                }
+            }
+            if !current.is_empty() {
+                requests.push(Request {
+                    events: current,
+                    race_last: false,
+                });
+            }
+            requests
+        })
+        .collect();
+    (requests, truth)
+}
+
+async fn post_events(client: &reqwest::Client, base: &str, events: &[Value]) -> Value {
+    let response = client
+        .post(format!("{base}/v1/events"))
+        .json(&events)
+        .send()
+        .await
+        .unwrap();
+    assert!(response.status().is_success(), "{}", response.status());
+    response.json().await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_stream_with_retries_and_races_ends_with_exact_stored_counts() {
+    let seed: u64 = std::env::var("COUNTERSINK_E2E_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(rand::random);
+    println!("seed {seed} (set COUNTERSINK_E2E_SEED to replay)");
+    let mut rng = StdRng::seed_from_u64(seed);
+    let (lanes, truth) = build_stream(&mut rng);
+    let total: usize = lanes
+        .iter()
+        .flatten()
+        .map(|r| r.events.len() + usize::from(r.race_last))
+        .sum();
+    assert!(total >= BASE_EVENTS);
+
+    let env = TestEnv::postgres().await;
+    let sidecar = Sidecar::start(&env).await;
+    let client = reqwest::Client::new();
+
+    // On-demand flushes beside the scheduled one.
+    let streaming = Arc::new(AtomicBool::new(true));
+    let flusher = {
+        let (client, base, streaming) = (client.clone(), sidecar.base.clone(), streaming.clone());
+        tokio::spawn(async move {
+            let mut flushes = 0;
+            while streaming.load(Ordering::Relaxed) {
+                let response = client
+                    .post(format!("{base}/v1/flush"))
+                    .send()
+                    .await
+                    .unwrap();
+                assert!(response.status().is_success(), "{}", response.status());
+                flushes += 1;
+                tokio::time::sleep(Duration::from_millis(150)).await;
+            }
+            flushes
+        })
+    };
+    let mut senders = Vec::new();
+    for requests in lanes {
+        let (client, base) = (client.clone(), sidecar.base.clone());
+        senders.push(tokio::spawn(async move {
+            for request in requests {
+                if request.race_last {
+                    let duplicate = vec![request.events[request.events.len() - 1].clone()];
+                    tokio::join!(
+                        post_events(&client, &base, &request.events),
+                        post_events(&client, &base, &duplicate)
+                    );
+                } else {
+                    post_events(&client, &base, &request.events).await;
+                }
+            }
+        }));
+    }
+    for sender in senders {
+        sender.await.unwrap();
+    }
+    streaming.store(false, Ordering::Relaxed);
+    assert!(flusher.await.unwrap() > 0);
+    let response = client
+        .post(format!("{}/v1/flush", sidecar.base))
+        .send()
+        .await
+        .unwrap();
+    assert!(response.status().is_success());
+
+    let mut want: HashMap<i64, i64> = HashMap::new();
+    for (user, state) in truth.values() {
+        if *state == State::Unread {
+            *want.entry(*user as i64).or_default() += 1;
+        }
+    }
+    let url = env.core.database_url.clone();
+    let stored: HashMap<i64, i64> = tokio::task::spawn_blocking(move || {
+        use countersink::db::schema::countersink_usernotificationscount::dsl::*;
+        let mut conn = PgConnection::establish(&url).unwrap();
+        countersink_usernotificationscount
+            .select((user_id, unread_count))
+            .load::<(i64, i64)>(&mut conn)
+            .unwrap()
+    })
+    .await
+    .unwrap()
+    .into_iter()
+    .filter(|(_, n)| *n != 0)
+    .collect();
+    let wrong: Vec<_> = (1..=USERS as i64)
+        .filter(|u| stored.get(u) != want.get(u))
+        .map(|u| (u, stored.get(&u).copied(), want.get(&u).copied()))
+        .collect();
+    assert!(
+        wrong.is_empty(),
+        "seed {seed}: {} users wrong, e.g. (user, stored, true): {:?}",
+        wrong.len(),
+        &wrong[..wrong.len().min(5)]
+    );
+
+    // The read API agrees, with nothing left pending.
+    let ids = (1..=USERS)
+        .map(|u| u.to_string())
+        .collect::<Vec<_>>()
+        .join(",");
+    let read: Value = client
+        .get(format!("{}/v1/unread-counts?user_ids={ids}", sidecar.base))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    for entry in read["counts"].as_array().unwrap() {
+        let user = entry["user_id"].as_i64().unwrap();
+        assert_eq!(
+            entry["unread_count"].as_i64(),
+            Some(want.get(&user).copied().unwrap_or(0)),
+            "user {user}"
+        );
+        assert_eq!(entry["pending"], 0);
+    }
+    println!("{total} events, {} users checked", USERS);
+}
