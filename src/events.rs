@@ -362,7 +362,7 @@ mod tests {
     fn batch_limits_are_enforced() {
         assert_eq!(parse("[]"), Err(EventError::Empty { max: 1_000 }));
         let one = r#"{"kind":"post_delete","notification_id":1,"user_id":2}"#;
-        let body = format!("[{}]", vec![one; 3].join(","));
+        let body = format!("[{}]", [one; 3].join(","));
         assert_eq!(
             parse_batch(body.as_bytes(), 2),
             Err(EventError::TooMany { count: 3, max: 2 })

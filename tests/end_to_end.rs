@@ -86,6 +86,9 @@ enum State {
     Deleted,
 }
 
+/// Each notification's recipient and final state.
+type Truth = HashMap<u64, (u64, State)>;
+
 /// One request a lane sends, and whether a concurrent duplicate of its last event races it.
 struct Request {
     events: Vec<Value>,
@@ -94,8 +97,8 @@ struct Request {
 
 /// Builds the stream: per lane, the requests in order. Each notification belongs to one lane,
 /// so its events keep their order, as Django's on-commit hooks send them.
-fn build_stream(rng: &mut StdRng) -> (Vec<Vec<Request>>, HashMap<u64, (u64, State)>) {
-    let mut truth: HashMap<u64, (u64, State)> = HashMap::new();
+fn build_stream(rng: &mut StdRng) -> (Vec<Vec<Request>>, Truth) {
+    let mut truth = Truth::new();
     let mut live: Vec<u64> = Vec::new();
     let mut lanes: Vec<Vec<(Value, bool)>> = (0..LANES).map(|_| Vec::new()).collect();
     let mut late_retries: Vec<Vec<Value>> = (0..LANES).map(|_| Vec::new()).collect();

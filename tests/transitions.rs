@@ -26,14 +26,14 @@ async fn duplicate_event_is_counted_once() {
     let env = TestEnv::sqlite().await;
     let state = env.state();
     let create = Event::save(1, 10, true, true);
-    apply(&state, &[create.clone()]).await;
-    apply(&state, &[create.clone()]).await;
+    apply(&state, std::slice::from_ref(&create)).await;
+    apply(&state, std::slice::from_ref(&create)).await;
     assert_eq!(count(&state, 10).await, 1, "delivered twice");
 
     let mark_read = Event::save(2, 11, false, false);
     apply(&state, &[Event::save(2, 11, true, true)]).await;
     for _ in 0..10 {
-        apply(&state, &[mark_read.clone()]).await;
+        apply(&state, std::slice::from_ref(&mark_read)).await;
     }
     assert_eq!(
         count(&state, 11).await,

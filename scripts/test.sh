@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Runs every test: formatting and lints, the Rust tests against the real Redis and PostgreSQL,
+# and the Django package's tests against the real sidecar binary.
+# Installs what a fresh machine lacks and starts a local service that is down.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+say() { printf '\n== %s\n' "$*"; }
+
+say "system packages"
+# pq-sys links libpq; the outage tests run a redis-server of their own.
+missing=()
+dpkg -s libpq-dev >/dev/null 2>&1 || missing+=(libpq-dev)
+command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "installing: ${missing[*]}"
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+say "services"
+if ! redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1; then
+  echo "starting redis"
+  redis-server --daemonize yes --bind 127.0.0.1 -::1 --port 6379 --save "" --appendonly no \
+    --dir /var/lib/redis --logfile /var/log/redis/ci.log
+fi
+if ! pg_isready -q -h 127.0.0.1 -p 5432; then
+  echo "starting postgresql"
+  pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql)" main start
+fi
+for _ in $(seq 1 50); do
+  redis-cli -h 127.0.0.1 ping >/dev/null 2>&1 && pg_isready -q -h 127.0.0.1 -p 5432 && break
+  sleep 0.2
+done
+redis-cli -h 127.0.0.1 ping >/dev/null || { echo "redis is not answering on 127.0.0.1:6379"; exit 1; }
+pg_isready -h 127.0.0.1 -p 5432 || { echo "postgresql is not answering on 127.0.0.1:5432"; exit 1; }
+
+say "format and lints"
+cargo fmt --check
+cargo clippy --all-targets --locked -- -D warnings
+
+say "rust tests"
+cargo test --locked --all-targets
+
+if [ -x python_client/run-tests.sh ]; then
+  say "python client tests"
+  cargo build --locked --bin countersink
+  COUNTERSINK_BIN="$PWD/target/debug/countersink" python_client/run-tests.sh
+fi
