@@ -30,7 +30,12 @@ pub struct CoreConfig {
 
     /// Prefix of every Redis key; several deployments can share one Redis under different prefixes.
     /// Letters, digits and `_ - . :` only (braces are added by countersink as a Redis Cluster hash tag).
-    #[arg(long, global = true, env = "COUNTERSINK_REDIS_PREFIX", default_value = "countersink")]
+    #[arg(
+        long,
+        global = true,
+        env = "COUNTERSINK_REDIS_PREFIX",
+        default_value = "countersink"
+    )]
     pub redis_prefix: String,
 
     /// Database URL. The scheme picks the backend: `postgres://` / `postgresql://` for PostgreSQL,
@@ -44,20 +49,40 @@ pub struct CoreConfig {
     pub database_url: String,
 
     /// Database connections kept in the pool.
-    #[arg(long, global = true, env = "COUNTERSINK_DB_POOL_SIZE", default_value_t = 8)]
+    #[arg(
+        long,
+        global = true,
+        env = "COUNTERSINK_DB_POOL_SIZE",
+        default_value_t = 8
+    )]
     pub db_pool_size: u32,
 
     /// Seconds to wait for a database connection before answering 503.
-    #[arg(long, global = true, env = "COUNTERSINK_DB_TIMEOUT_SECS", default_value_t = 5)]
+    #[arg(
+        long,
+        global = true,
+        env = "COUNTERSINK_DB_TIMEOUT_SECS",
+        default_value_t = 5
+    )]
     pub db_timeout_secs: u64,
 
     /// Users written per upsert statement during a flush (at most 16383, the bind limit of SQLite).
-    #[arg(long, global = true, env = "COUNTERSINK_FLUSH_CHUNK_USERS", default_value_t = 5_000)]
+    #[arg(
+        long,
+        global = true,
+        env = "COUNTERSINK_FLUSH_CHUNK_USERS",
+        default_value_t = 5_000
+    )]
     pub flush_chunk_users: usize,
 
     /// Seconds a flush may hold the cross-process flush lock before another process may take it.
     /// Must exceed the longest flush; a flush of 1,000,000 users takes seconds, not minutes.
-    #[arg(long, global = true, env = "COUNTERSINK_FLUSH_LOCK_TTL_SECS", default_value_t = 300)]
+    #[arg(
+        long,
+        global = true,
+        env = "COUNTERSINK_FLUSH_LOCK_TTL_SECS",
+        default_value_t = 300
+    )]
     pub flush_lock_ttl_secs: u64,
 
     /// Log format: `text` for people, `json` for log shippers.
