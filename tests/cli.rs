@@ -1,0 +1,97 @@
+//! The binary's subcommands: `migrate`, `flush`, and start-up validation.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::process::{Command, Output};
+
+use common::TestEnv;
+use countersink::counts::unread_counts;
+use countersink::events::Event;
+
+fn countersink(env: &TestEnv, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_countersink"))
+        .env("COUNTERSINK_REDIS_URL", &env.core.redis_url)
+        .env("COUNTERSINK_REDIS_PREFIX", &env.core.redis_prefix)
+        .env("COUNTERSINK_DATABASE_URL", &env.core.database_url)
+        .env("COUNTERSINK_LOG", "warn")
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn migrate_is_idempotent_and_flush_prints_what_it_wrote() {
+    let env = TestEnv::postgres().await;
+    let migrate = countersink(&env, &["migrate"]);
+    assert!(migrate.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&migrate.stdout).trim(),
+        "no migrations to apply"
+    );
+
+    let state = env.state();
+    state
+        .store
+        .apply(&[Event::save(1, 8, true, true), Event::save(2, 9, true, true)])
+        .await
+        .unwrap();
+    let flush = countersink(&env, &["flush"]);
+    assert!(
+        flush.status.success(),
+        "{}",
+        String::from_utf8_lossy(&flush.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&flush.stdout).unwrap();
+    assert_eq!(report["users_written"], 2);
+    let counts = unread_counts(&state.store, &state.db, &[8, 9])
+        .await
+        .unwrap();
+    assert!(
+        counts.iter().all(|c| c.stored == 1 && c.pending == 0),
+        "{counts:?}"
+    );
+}
+
+#[tokio::test]
+async fn fresh_sqlite_database_is_migrated_by_the_migrate_command() {
+    let env = TestEnv::sqlite().await;
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("fresh.sqlite3").display());
+    let output = countersink(&env, &["--database-url", &url, "migrate"]);
+    assert!(output.status.success());
+    assert!(String::from_utf8_lossy(&output.stdout).starts_with("applied: "));
+}
+
+#[tokio::test]
+async fn invalid_settings_stop_start_up_naming_the_variable() {
+    let env = TestEnv::sqlite().await;
+    let cases: [(&[&str], &str); 5] = [
+        (
+            &["--database-url", "mysql://root@localhost/db", "migrate"],
+            "COUNTERSINK_DATABASE_URL",
+        ),
+        (
+            &["--database-url", "http://example", "migrate"],
+            "COUNTERSINK_DATABASE_URL",
+        ),
+        (
+            &["--redis-url", "localhost:6379", "flush"],
+            "COUNTERSINK_REDIS_URL",
+        ),
+        (
+            &["--flush-chunk-users", "20000", "flush"],
+            "COUNTERSINK_FLUSH_CHUNK_USERS",
+        ),
+        (
+            &["serve", "--flush-cron", "every minute"],
+            "COUNTERSINK_FLUSH_CRON",
+        ),
+    ];
+    for (args, variable) in cases {
+        let output = countersink(&env, args);
+        assert!(!output.status.success(), "{args:?}");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains(variable), "{args:?}: {stderr}");
+    }
+}
