@@ -6,6 +6,7 @@ use std::time::Duration;
 use crate::config::{CoreConfig, ServeConfig};
 use crate::db::Db;
 use crate::flush::Flusher;
+use crate::http::auth::Auth;
 use crate::store::Store;
 
 /// Everything a handler needs. Cheap to clone.
@@ -19,6 +20,10 @@ pub struct AppState {
     pub flusher: Flusher,
     /// The HTTP limits.
     pub limits: Arc<Limits>,
+    /// Who may call what.
+    pub auth: Arc<Auth>,
+    /// Permits for requests in flight (`--max-concurrent-requests`).
+    pub in_flight: Arc<tokio::sync::Semaphore>,
 }
 
 /// Request limits, from [`ServeConfig`].
@@ -32,6 +37,10 @@ pub struct Limits {
     pub max_body_bytes: usize,
     /// How long a request may take.
     pub request_timeout: Duration,
+    /// How long a request's `webhook-id` is remembered.
+    pub idempotency_ttl: Duration,
+    /// Most requests in flight.
+    pub max_concurrent_requests: usize,
 }
 
 impl From<&ServeConfig> for Limits {
@@ -41,6 +50,8 @@ impl From<&ServeConfig> for Limits {
             max_read_users: serve.max_read_users,
             max_body_bytes: serve.max_body_bytes,
             request_timeout: Duration::from_secs(serve.request_timeout_secs),
+            idempotency_ttl: Duration::from_secs(serve.idempotency_ttl_secs),
+            max_concurrent_requests: serve.max_concurrent_requests,
         }
     }
 }
@@ -53,12 +64,15 @@ impl Default for Limits {
             max_read_users: 1_000,
             max_body_bytes: 1024 * 1024,
             request_timeout: Duration::from_secs(30),
+            idempotency_ttl: Duration::from_secs(86_400),
+            max_concurrent_requests: 256,
         }
     }
 }
 
 impl AppState {
     /// Builds the state; connects lazily, so this succeeds while Redis or the database is down.
+    /// Without `serve` (the CLI), requests are not authenticated.
     pub fn new(core: &CoreConfig, serve: Option<&ServeConfig>) -> anyhow::Result<Self> {
         let store = Store::connect(&core.redis_url, &core.redis_prefix)?;
         let db = Db::connect(&core.database_url, core.db_pool_size, core.db_timeout())?;
@@ -69,11 +83,30 @@ impl AppState {
             Duration::from_secs(core.flush_lock_ttl_secs),
         );
         let limits = serve.map(Limits::from).unwrap_or_default();
+        let auth = match serve {
+            Some(serve) => Auth::from_config(serve)?,
+            None => Auth::open(),
+        };
         Ok(Self {
             store,
             db,
             flusher,
+            in_flight: Arc::new(tokio::sync::Semaphore::new(limits.max_concurrent_requests)),
             limits: Arc::new(limits),
+            auth: Arc::new(auth),
         })
+    }
+
+    /// The same state with other limits (tests).
+    pub fn with_limits(mut self, limits: Limits) -> Self {
+        self.in_flight = Arc::new(tokio::sync::Semaphore::new(limits.max_concurrent_requests));
+        self.limits = Arc::new(limits);
+        self
+    }
+
+    /// The same state with other credentials (tests).
+    pub fn with_auth(mut self, auth: Auth) -> Self {
+        self.auth = Arc::new(auth);
+        self
     }
 }

@@ -32,7 +32,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the HTTP service and the scheduled flush.
-    Serve(ServeConfig),
+    Serve(Box<ServeConfig>),
     /// Apply pending database migrations and exit.
     Migrate,
     /// Flush pending deltas into the count table now, print what was written, and exit
@@ -45,7 +45,7 @@ impl Cli {
     pub async fn run(self) -> anyhow::Result<()> {
         self.core.validate()?;
         match self.command {
-            Command::Serve(serve) => run_serve(&self.core, serve).await,
+            Command::Serve(serve) => run_serve(&self.core, *serve).await,
             Command::Migrate => {
                 let state = AppState::new(&self.core, None)?;
                 let applied = state.db.migrate().await.context("migrating the database")?;
@@ -61,11 +61,7 @@ impl Cli {
             }
             Command::Flush => {
                 let state = AppState::new(&self.core, None)?;
-                let report = state
-                    .flusher
-                    .flush(WhenBusy::Wait(CLI_FLUSH_WAIT))
-                    .await
-                    .context("flushing")?;
+                let report = state.flusher.flush(WhenBusy::Wait(CLI_FLUSH_WAIT)).await.context("flushing")?;
                 println!("{}", serde_json::to_string_pretty(&report)?);
                 Ok(())
             }
@@ -82,12 +78,11 @@ async fn run_serve(core: &CoreConfig, serve: ServeConfig) -> anyhow::Result<()> 
     serve.validate()?;
     schedule::validate_cron(&serve.flush_cron)?;
     let state = AppState::new(core, Some(&serve))?;
+    if state.auth.is_open() {
+        warn!(listen = %serve.listen, "running without a webhook secret or an admin token (--insecure-no-auth): anyone who reaches the port can change counts");
+    }
     if serve.migrate_on_start {
-        let applied = state
-            .db
-            .migrate()
-            .await
-            .context("migrating the database at start-up (--migrate-on-start)")?;
+        let applied = state.db.migrate().await.context("migrating the database at start-up (--migrate-on-start)")?;
         if !applied.is_empty() {
             info!(migrations = ?applied, "applied migrations");
         }
@@ -97,13 +92,9 @@ async fn run_serve(core: &CoreConfig, serve: ServeConfig) -> anyhow::Result<()> 
     }
     let mut scheduler = schedule::start(&serve.flush_cron, state.flusher.clone()).await?;
     let router = http::router(state);
-    let listener = TcpListener::bind(serve.listen)
-        .await
-        .with_context(|| format!("binding {}", serve.listen))?;
+    let listener = TcpListener::bind(serve.listen).await.with_context(|| format!("binding {}", serve.listen))?;
     info!(address = %listener.local_addr()?, "listening");
-    axum::serve(listener, router)
-        .with_graceful_shutdown(shutdown_signal())
-        .await?;
+    axum::serve(listener, router).with_graceful_shutdown(shutdown_signal()).await?;
     if let Some(scheduler) = scheduler.as_mut() {
         scheduler.shutdown().await?;
     }

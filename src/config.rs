@@ -4,6 +4,7 @@
 //! cannot, once at start-up, with messages that name both the flag and the variable.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, ValueEnum};
@@ -20,69 +21,34 @@ pub const MAX_FLUSH_CHUNK_USERS: usize = 16_383;
 #[derive(Debug, Clone, Args)]
 pub struct CoreConfig {
     /// Redis URL (`redis://` or `rediss://`).
-    #[arg(
-        long,
-        global = true,
-        env = "COUNTERSINK_REDIS_URL",
-        default_value = "redis://127.0.0.1:6379"
-    )]
+    #[arg(long, global = true, env = "COUNTERSINK_REDIS_URL", default_value = "redis://127.0.0.1:6379")]
     pub redis_url: String,
 
     /// Prefix of every Redis key; several deployments can share one Redis under different prefixes.
     /// Letters, digits and `_ - . :` only (braces are added by countersink as a Redis Cluster hash tag).
-    #[arg(
-        long,
-        global = true,
-        env = "COUNTERSINK_REDIS_PREFIX",
-        default_value = "countersink"
-    )]
+    #[arg(long, global = true, env = "COUNTERSINK_REDIS_PREFIX", default_value = "countersink")]
     pub redis_prefix: String,
 
     /// Database URL. The scheme picks the backend: `postgres://` / `postgresql://` for PostgreSQL,
     /// `sqlite://PATH` (or a bare file path) for SQLite, the embedded default.
-    #[arg(
-        long,
-        global = true,
-        env = "COUNTERSINK_DATABASE_URL",
-        default_value = "sqlite://countersink.sqlite3"
-    )]
+    #[arg(long, global = true, env = "COUNTERSINK_DATABASE_URL", default_value = "sqlite://countersink.sqlite3")]
     pub database_url: String,
 
     /// Database connections kept in the pool.
-    #[arg(
-        long,
-        global = true,
-        env = "COUNTERSINK_DB_POOL_SIZE",
-        default_value_t = 8
-    )]
+    #[arg(long, global = true, env = "COUNTERSINK_DB_POOL_SIZE", default_value_t = 8)]
     pub db_pool_size: u32,
 
     /// Seconds to wait for a database connection before answering 503.
-    #[arg(
-        long,
-        global = true,
-        env = "COUNTERSINK_DB_TIMEOUT_SECS",
-        default_value_t = 5
-    )]
+    #[arg(long, global = true, env = "COUNTERSINK_DB_TIMEOUT_SECS", default_value_t = 5)]
     pub db_timeout_secs: u64,
 
     /// Users written per upsert statement during a flush (at most 16383, the bind limit of SQLite).
-    #[arg(
-        long,
-        global = true,
-        env = "COUNTERSINK_FLUSH_CHUNK_USERS",
-        default_value_t = 5_000
-    )]
+    #[arg(long, global = true, env = "COUNTERSINK_FLUSH_CHUNK_USERS", default_value_t = 5_000)]
     pub flush_chunk_users: usize,
 
     /// Seconds a flush may hold the cross-process flush lock before another process may take it.
     /// Must exceed the longest flush; a flush of 1,000,000 users takes seconds, not minutes.
-    #[arg(
-        long,
-        global = true,
-        env = "COUNTERSINK_FLUSH_LOCK_TTL_SECS",
-        default_value_t = 300
-    )]
+    #[arg(long, global = true, env = "COUNTERSINK_FLUSH_LOCK_TTL_SECS", default_value_t = 300)]
     pub flush_lock_ttl_secs: u64,
 
     /// Log format: `text` for people, `json` for log shippers.
@@ -127,6 +93,45 @@ pub struct ServeConfig {
     #[arg(long, env = "COUNTERSINK_MAX_READ_USERS", default_value_t = 1_000)]
     pub max_read_users: usize,
 
+    /// Most requests handled at once; more are answered 503 with `Retry-After` instead of queueing.
+    #[arg(long, env = "COUNTERSINK_MAX_CONCURRENT_REQUESTS", default_value_t = 256)]
+    pub max_concurrent_requests: usize,
+
+    /// Accepted webhook signing secrets (`whsec_…`, space-separated while rotating). Prefer the
+    /// environment variable or the file: command lines are visible to other users of the machine.
+    #[arg(long, env = "COUNTERSINK_WEBHOOK_SECRET", hide_env_values = true)]
+    pub webhook_secret: Option<String>,
+
+    /// A file holding the webhook secrets, instead of --webhook-secret.
+    #[arg(long, env = "COUNTERSINK_WEBHOOK_SECRET_FILE")]
+    pub webhook_secret_file: Option<PathBuf>,
+
+    /// Bearer token for the admin endpoints (flush, reconcile, status); at least 16 characters.
+    #[arg(long, env = "COUNTERSINK_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
+
+    /// A file holding the admin token, instead of --admin-token.
+    #[arg(long, env = "COUNTERSINK_ADMIN_TOKEN_FILE")]
+    pub admin_token_file: Option<PathBuf>,
+
+    /// Bearer token required to read counts; reads are open when unset. At least 16 characters.
+    #[arg(long, env = "COUNTERSINK_READ_TOKEN", hide_env_values = true)]
+    pub read_token: Option<String>,
+
+    /// A file holding the read token, instead of --read-token.
+    #[arg(long, env = "COUNTERSINK_READ_TOKEN_FILE")]
+    pub read_token_file: Option<PathBuf>,
+
+    /// Run without a webhook secret or an admin token: anyone who reaches the port can change
+    /// counts. For local development only; logged as a warning at start-up.
+    #[arg(long, env = "COUNTERSINK_INSECURE_NO_AUTH")]
+    pub insecure_no_auth: bool,
+
+    /// Seconds a request's `webhook-id` is remembered, so a replay is answered as already applied.
+    /// Must cover the sender's retry window.
+    #[arg(long, env = "COUNTERSINK_IDEMPOTENCY_TTL_SECS", default_value_t = 86_400)]
+    pub idempotency_ttl_secs: u64,
+
     /// Seconds a request may take before it is answered 503.
     #[arg(long, env = "COUNTERSINK_REQUEST_TIMEOUT_SECS", default_value_t = 30)]
     pub request_timeout_secs: u64,
@@ -144,11 +149,7 @@ pub struct ConfigError {
 impl ConfigError {
     /// A problem with one setting.
     pub fn new(flag: &'static str, env: &'static str, problem: impl Into<String>) -> Self {
-        Self {
-            flag,
-            env,
-            problem: problem.into(),
-        }
+        Self { flag, env, problem: problem.into() }
     }
 }
 
@@ -159,18 +160,12 @@ impl CoreConfig {
             return Err(ConfigError::new(
                 "--redis-url",
                 "COUNTERSINK_REDIS_URL",
-                format!(
-                    "expected a redis:// or rediss:// URL, got {:?}",
-                    self.redis_url
-                ),
+                format!("expected a redis:// or rediss:// URL, got {:?}", self.redis_url),
             ));
         }
         let prefix_ok = !self.redis_prefix.is_empty()
             && self.redis_prefix.len() <= 64
-            && self
-                .redis_prefix
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || "_-.:".contains(c));
+            && self.redis_prefix.chars().all(|c| c.is_ascii_alphanumeric() || "_-.:".contains(c));
         if !prefix_ok {
             return Err(ConfigError::new(
                 "--redis-prefix",
@@ -178,22 +173,13 @@ impl CoreConfig {
                 "use 1 to 64 letters, digits, '_', '-', '.' or ':'",
             ));
         }
-        Backend::from_url(&self.database_url).map_err(|problem| {
-            ConfigError::new("--database-url", "COUNTERSINK_DATABASE_URL", problem)
-        })?;
+        Backend::from_url(&self.database_url)
+            .map_err(|problem| ConfigError::new("--database-url", "COUNTERSINK_DATABASE_URL", problem))?;
         if self.db_pool_size == 0 {
-            return Err(ConfigError::new(
-                "--db-pool-size",
-                "COUNTERSINK_DB_POOL_SIZE",
-                "must be at least 1",
-            ));
+            return Err(ConfigError::new("--db-pool-size", "COUNTERSINK_DB_POOL_SIZE", "must be at least 1"));
         }
         if self.db_timeout_secs == 0 {
-            return Err(ConfigError::new(
-                "--db-timeout-secs",
-                "COUNTERSINK_DB_TIMEOUT_SECS",
-                "must be at least 1",
-            ));
+            return Err(ConfigError::new("--db-timeout-secs", "COUNTERSINK_DB_TIMEOUT_SECS", "must be at least 1"));
         }
         if self.flush_chunk_users == 0 || self.flush_chunk_users > MAX_FLUSH_CHUNK_USERS {
             return Err(ConfigError::new(
@@ -223,24 +209,26 @@ impl ServeConfig {
     /// which owns the cron dialect.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.max_body_bytes < 1024 {
-            return Err(ConfigError::new(
-                "--max-body-bytes",
-                "COUNTERSINK_MAX_BODY_BYTES",
-                "must be at least 1024",
-            ));
+            return Err(ConfigError::new("--max-body-bytes", "COUNTERSINK_MAX_BODY_BYTES", "must be at least 1024"));
         }
         if self.max_batch_events == 0 {
+            return Err(ConfigError::new("--max-batch-events", "COUNTERSINK_MAX_BATCH_EVENTS", "must be at least 1"));
+        }
+        if self.max_read_users == 0 {
+            return Err(ConfigError::new("--max-read-users", "COUNTERSINK_MAX_READ_USERS", "must be at least 1"));
+        }
+        if self.max_concurrent_requests == 0 {
             return Err(ConfigError::new(
-                "--max-batch-events",
-                "COUNTERSINK_MAX_BATCH_EVENTS",
+                "--max-concurrent-requests",
+                "COUNTERSINK_MAX_CONCURRENT_REQUESTS",
                 "must be at least 1",
             ));
         }
-        if self.max_read_users == 0 {
+        if self.idempotency_ttl_secs < 60 {
             return Err(ConfigError::new(
-                "--max-read-users",
-                "COUNTERSINK_MAX_READ_USERS",
-                "must be at least 1",
+                "--idempotency-ttl-secs",
+                "COUNTERSINK_IDEMPOTENCY_TTL_SECS",
+                "must be at least 60 seconds, longer than the sender's retries take",
             ));
         }
         if self.request_timeout_secs == 0 {

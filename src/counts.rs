@@ -58,18 +58,12 @@ pub struct UnreadCount {
 }
 
 /// Reads the real-time unread counts of `user_ids`, in the same order.
-pub async fn unread_counts(
-    store: &Store,
-    db: &Db,
-    user_ids: &[u64],
-) -> Result<Vec<UnreadCount>, ReadError> {
+pub async fn unread_counts(store: &Store, db: &Db, user_ids: &[u64]) -> Result<Vec<UnreadCount>, ReadError> {
     for attempt in 1..=MAX_READ_ATTEMPTS {
         let snapshot = store.pending_snapshot(user_ids).await?;
         let users = user_ids.to_vec();
         let batch_ids = snapshot.batch_ids.clone();
-        let (stored, committed) = db
-            .run(move |conn| queries::stored_counts(conn, &users, &batch_ids))
-            .await?;
+        let (stored, committed) = db.run(move |conn| queries::stored_counts(conn, &users, &batch_ids)).await?;
         if store.handoff_seq().await? != snapshot.handoff_seq {
             warn!(attempt, "a flush handed off during a read; reading again");
             continue;
@@ -87,12 +81,7 @@ pub async fn unread_counts(
                     .sum();
                 let stored = stored.get(user_id).copied().unwrap_or(0);
                 let pending = pending + uncommitted;
-                UnreadCount {
-                    user_id: *user_id,
-                    unread_count: stored + pending,
-                    stored,
-                    pending,
-                }
+                UnreadCount { user_id: *user_id, unread_count: stored + pending, stored, pending }
             })
             .collect();
         return Ok(counts);

@@ -6,7 +6,9 @@
 //!   [`crate::counts::ReadError`]. Each says whether a dependency was unavailable.
 //! - Handlers return [`AppError`]. Every error body has one shape:
 //!   `{"error": {"code": "...", "message": "...", "field": "..."}}`.
-//! - An unreachable Redis or database is 503 with `Retry-After`, never 500: the sender retries.
+//! - An unreachable Redis or database, or too many requests at once, is 503 with `Retry-After`,
+//!   never 500: the sender retries.
+//! - 401 says which credential is missing or wrong, never what the secret is.
 //! - A 500 is logged with its cause and answered without internals.
 
 use axum::http::{header, HeaderValue, StatusCode};
@@ -43,6 +45,12 @@ pub enum AppError {
         /// The configured limit.
         limit: usize,
     },
+    /// Missing or wrong credentials: a webhook signature or a bearer token.
+    #[error("{0}")]
+    Unauthorized(String),
+    /// Too many requests in flight: retry later.
+    #[error("the server is busy; retry later")]
+    Overloaded,
     /// Nothing at this path.
     #[error("no such endpoint")]
     NotFound,
@@ -63,23 +71,17 @@ pub enum AppError {
 impl AppError {
     /// A 400 for a named parameter.
     pub fn bad_parameter(field: &str, message: impl Into<String>) -> Self {
-        AppError::BadRequest {
-            code: "invalid_parameter",
-            message: message.into(),
-            field: Some(field.to_string()),
-        }
+        AppError::BadRequest { code: "invalid_parameter", message: message.into(), field: Some(field.to_string()) }
     }
 }
 
 impl IntoResponse for AppError {
     fn into_response(self) -> Response {
         let (status, code, field) = match &self {
-            AppError::BadRequest { code, field, .. } => {
-                (StatusCode::BAD_REQUEST, *code, field.clone())
-            }
-            AppError::PayloadTooLarge { .. } => {
-                (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", None)
-            }
+            AppError::BadRequest { code, field, .. } => (StatusCode::BAD_REQUEST, *code, field.clone()),
+            AppError::PayloadTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", None),
+            AppError::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "unauthorized", None),
+            AppError::Overloaded => (StatusCode::SERVICE_UNAVAILABLE, "overloaded", None),
             AppError::NotFound => (StatusCode::NOT_FOUND, "not_found", None),
             AppError::Conflict(_) => (StatusCode::CONFLICT, "conflict", None),
             AppError::Unavailable { .. } => (StatusCode::SERVICE_UNAVAILABLE, "unavailable", None),
@@ -94,9 +96,7 @@ impl IntoResponse for AppError {
         }
         let mut response = (status, Json(json!({ "error": body }))).into_response();
         if status == StatusCode::SERVICE_UNAVAILABLE {
-            response
-                .headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECS));
+            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECS));
         }
         response
     }
@@ -109,11 +109,7 @@ impl From<EventError> for AppError {
             EventError::TooMany { .. } | EventError::Empty { .. } => "invalid_batch",
             EventError::NotAnEventOrArray | EventError::Field { .. } => "invalid_event",
         };
-        AppError::BadRequest {
-            code,
-            field: e.field().map(str::to_string),
-            message: e.to_string(),
-        }
+        AppError::BadRequest { code, field: e.field().map(str::to_string), message: e.to_string() }
     }
 }
 
@@ -121,9 +117,7 @@ impl From<StoreError> for AppError {
     fn from(e: StoreError) -> Self {
         if e.is_unavailable() {
             error!(error = %e, "redis unavailable");
-            AppError::Unavailable {
-                dependency: "redis",
-            }
+            AppError::Unavailable { dependency: "redis" }
         } else {
             AppError::Internal(e.into())
         }
@@ -134,9 +128,7 @@ impl From<DbError> for AppError {
     fn from(e: DbError) -> Self {
         if e.is_unavailable() {
             error!(error = %e, "database unavailable");
-            AppError::Unavailable {
-                dependency: "database",
-            }
+            AppError::Unavailable { dependency: "database" }
         } else {
             AppError::Internal(e.into())
         }
@@ -159,9 +151,7 @@ impl From<ReadError> for AppError {
         match e {
             ReadError::Store(e) => e.into(),
             ReadError::Db(e) => e.into(),
-            ReadError::Contended => AppError::Unavailable {
-                dependency: "flush",
-            },
+            ReadError::Contended => AppError::Unavailable { dependency: "flush" },
         }
     }
 }

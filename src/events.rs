@@ -45,26 +45,12 @@ pub struct Event {
 impl Event {
     /// A `post_save` event.
     pub fn save(notification_id: u64, user_id: u64, unread: bool, created: bool) -> Self {
-        Self {
-            kind: EventKind::PostSave,
-            notification_id,
-            user_id,
-            unread,
-            created,
-            occurred_at: None,
-        }
+        Self { kind: EventKind::PostSave, notification_id, user_id, unread, created, occurred_at: None }
     }
 
     /// A `post_delete` event.
     pub fn delete(notification_id: u64, user_id: u64) -> Self {
-        Self {
-            kind: EventKind::PostDelete,
-            notification_id,
-            user_id,
-            unread: false,
-            created: false,
-            occurred_at: None,
-        }
+        Self { kind: EventKind::PostDelete, notification_id, user_id, unread: false, created: false, occurred_at: None }
     }
 }
 
@@ -113,8 +99,7 @@ impl EventError {
 
 /// Parses and validates a request body holding one event or an array of at most `max_events`.
 pub fn parse_batch(body: &[u8], max_events: usize) -> Result<Vec<Event>, EventError> {
-    let value: Value =
-        serde_json::from_slice(body).map_err(|e| EventError::Malformed(e.to_string()))?;
+    let value: Value = serde_json::from_slice(body).map_err(|e| EventError::Malformed(e.to_string()))?;
     match value {
         Value::Object(object) => Ok(vec![parse_event(&object, None)?]),
         Value::Array(items) => {
@@ -122,10 +107,7 @@ pub fn parse_batch(body: &[u8], max_events: usize) -> Result<Vec<Event>, EventEr
                 return Err(EventError::Empty { max: max_events });
             }
             if items.len() > max_events {
-                return Err(EventError::TooMany {
-                    count: items.len(),
-                    max: max_events,
-                });
+                return Err(EventError::TooMany { count: items.len(), max: max_events });
             }
             items
                 .iter()
@@ -140,14 +122,7 @@ pub fn parse_batch(body: &[u8], max_events: usize) -> Result<Vec<Event>, EventEr
     }
 }
 
-const KNOWN_FIELDS: [&str; 6] = [
-    "kind",
-    "notification_id",
-    "user_id",
-    "unread",
-    "created",
-    "occurred_at",
-];
+const KNOWN_FIELDS: [&str; 6] = ["kind", "notification_id", "user_id", "unread", "created", "occurred_at"];
 
 fn parse_event(object: &Map<String, Value>, index: Option<usize>) -> Result<Event, EventError> {
     // Unknown fields are rejected: a misspelt `unread` must not silently count as "read".
@@ -157,13 +132,7 @@ fn parse_event(object: &Map<String, Value>, index: Option<usize>) -> Result<Even
     let kind = match object.get("kind") {
         Some(Value::String(s)) if s == "post_save" => EventKind::PostSave,
         Some(Value::String(s)) if s == "post_delete" => EventKind::PostDelete,
-        Some(_) => {
-            return Err(field_error(
-                index,
-                Some("kind"),
-                "must be \"post_save\" or \"post_delete\"",
-            ))
-        }
+        Some(_) => return Err(field_error(index, Some("kind"), "must be \"post_save\" or \"post_delete\"")),
         None => return Err(field_error(index, Some("kind"), "is required")),
     };
     let notification_id = parse_id(object, index, "notification_id")?;
@@ -172,68 +141,32 @@ fn parse_event(object: &Map<String, Value>, index: Option<usize>) -> Result<Even
     let created = parse_bool(object, index, "created")?.unwrap_or(false);
     let unread = match (kind, unread) {
         (EventKind::PostSave, Some(unread)) => unread,
-        (EventKind::PostSave, None) => {
-            return Err(field_error(
-                index,
-                Some("unread"),
-                "is required for post_save",
-            ))
-        }
+        (EventKind::PostSave, None) => return Err(field_error(index, Some("unread"), "is required for post_save")),
         (EventKind::PostDelete, _) => false,
     };
     if kind == EventKind::PostDelete && created {
-        return Err(field_error(
-            index,
-            Some("created"),
-            "must not be true for post_delete",
-        ));
+        return Err(field_error(index, Some("created"), "must not be true for post_delete"));
     }
     let occurred_at = match object.get("occurred_at") {
         None | Some(Value::Null) => None,
         Some(Value::String(s)) => Some(
             DateTime::parse_from_rfc3339(s)
-                .map_err(|_| {
-                    field_error(index, Some("occurred_at"), "must be an RFC 3339 timestamp")
-                })?
+                .map_err(|_| field_error(index, Some("occurred_at"), "must be an RFC 3339 timestamp"))?
                 .with_timezone(&Utc),
         ),
-        Some(_) => {
-            return Err(field_error(
-                index,
-                Some("occurred_at"),
-                "must be an RFC 3339 timestamp string",
-            ))
-        }
+        Some(_) => return Err(field_error(index, Some("occurred_at"), "must be an RFC 3339 timestamp string")),
     };
-    Ok(Event {
-        kind,
-        notification_id,
-        user_id,
-        unread,
-        created,
-        occurred_at,
-    })
+    Ok(Event { kind, notification_id, user_id, unread, created, occurred_at })
 }
 
-fn parse_id(
-    object: &Map<String, Value>,
-    index: Option<usize>,
-    name: &'static str,
-) -> Result<u64, EventError> {
+fn parse_id(object: &Map<String, Value>, index: Option<usize>, name: &'static str) -> Result<u64, EventError> {
     match object.get(name) {
         None => Err(field_error(index, Some(name), "is required")),
-        Some(Value::Number(n)) => n.as_u64().filter(|id| *id <= MAX_ID).ok_or_else(|| {
-            field_error(
-                index,
-                Some(name),
-                &format!("must be an integer from 0 to {MAX_ID}"),
-            )
-        }),
-        Some(_) => Err(field_error(
-            index,
-            Some(name),
-            &format!("must be an integer from 0 to {MAX_ID}"),
-        )),
+        Some(Value::Number(n)) => n
+            .as_u64()
+            .filter(|id| *id <= MAX_ID)
+            .ok_or_else(|| field_error(index, Some(name), &format!("must be an integer from 0 to {MAX_ID}"))),
+        Some(_) => Err(field_error(index, Some(name), &format!("must be an integer from 0 to {MAX_ID}"))),
     }
 }
 
@@ -256,10 +189,7 @@ fn field_error(index: Option<usize>, name: Option<&str>, problem: &str) -> Event
         (None, Some(name)) => name.to_string(),
         (None, None) => "event".to_string(),
     };
-    EventError::Field {
-        field,
-        problem: problem.to_string(),
-    }
+    EventError::Field { field, problem: problem.to_string() }
 }
 
 #[cfg(test)]
@@ -272,9 +202,7 @@ mod tests {
 
     #[test]
     fn single_event_object_is_a_batch_of_one() {
-        let events = parse(
-            r#"{"kind":"post_save","notification_id":1,"user_id":2,"unread":true,"created":true}"#,
-        );
+        let events = parse(r#"{"kind":"post_save","notification_id":1,"user_id":2,"unread":true,"created":true}"#);
         assert_eq!(events, Ok(vec![Event::save(1, 2, true, true)]));
     }
 
@@ -286,11 +214,9 @@ mod tests {
 
     #[test]
     fn largest_bigautofield_id_is_accepted_and_one_more_is_not() {
-        let ok =
-            parse(r#"{"kind":"post_delete","notification_id":9223372036854775807,"user_id":1}"#);
+        let ok = parse(r#"{"kind":"post_delete","notification_id":9223372036854775807,"user_id":1}"#);
         assert_eq!(ok.map(|e| e[0].notification_id), Ok(MAX_ID));
-        let too_big =
-            parse(r#"{"kind":"post_delete","notification_id":9223372036854775808,"user_id":1}"#);
+        let too_big = parse(r#"{"kind":"post_delete","notification_id":9223372036854775808,"user_id":1}"#);
         assert_eq!(too_big.unwrap_err().field(), Some("notification_id"));
     }
 
@@ -298,63 +224,29 @@ mod tests {
     fn bad_event_names_its_index_and_field() {
         let body = r#"[{"kind":"post_save","notification_id":1,"user_id":2,"unread":true},
                        {"kind":"post_save","notification_id":-4,"user_id":2,"unread":true}]"#;
-        assert_eq!(
-            parse(body).unwrap_err().field(),
-            Some("events[1].notification_id")
-        );
+        assert_eq!(parse(body).unwrap_err().field(), Some("events[1].notification_id"));
     }
 
     #[test]
     fn each_malformed_field_is_named() {
         let cases = [
-            (
-                r#"{"kind":"post_update","notification_id":1,"user_id":2}"#,
-                "kind",
-            ),
+            (r#"{"kind":"post_update","notification_id":1,"user_id":2}"#, "kind"),
             (r#"{"notification_id":1,"user_id":2}"#, "kind"),
-            (
-                r#"{"kind":"post_save","notification_id":1.5,"user_id":2,"unread":true}"#,
-                "notification_id",
-            ),
-            (
-                r#"{"kind":"post_save","notification_id":"1","user_id":2,"unread":true}"#,
-                "notification_id",
-            ),
-            (
-                r#"{"kind":"post_save","notification_id":1,"unread":true}"#,
-                "user_id",
-            ),
-            (
-                r#"{"kind":"post_save","notification_id":1,"user_id":2}"#,
-                "unread",
-            ),
-            (
-                r#"{"kind":"post_save","notification_id":1,"user_id":2,"unread":"yes"}"#,
-                "unread",
-            ),
-            (
-                r#"{"kind":"post_save","notification_id":1,"user_id":2,"unread":true,"created":1}"#,
-                "created",
-            ),
-            (
-                r#"{"kind":"post_delete","notification_id":1,"user_id":2,"created":true}"#,
-                "created",
-            ),
+            (r#"{"kind":"post_save","notification_id":1.5,"user_id":2,"unread":true}"#, "notification_id"),
+            (r#"{"kind":"post_save","notification_id":"1","user_id":2,"unread":true}"#, "notification_id"),
+            (r#"{"kind":"post_save","notification_id":1,"unread":true}"#, "user_id"),
+            (r#"{"kind":"post_save","notification_id":1,"user_id":2}"#, "unread"),
+            (r#"{"kind":"post_save","notification_id":1,"user_id":2,"unread":"yes"}"#, "unread"),
+            (r#"{"kind":"post_save","notification_id":1,"user_id":2,"unread":true,"created":1}"#, "created"),
+            (r#"{"kind":"post_delete","notification_id":1,"user_id":2,"created":true}"#, "created"),
             (
                 r#"{"kind":"post_save","notification_id":1,"user_id":2,"unread":true,"occurred_at":"yesterday"}"#,
                 "occurred_at",
             ),
-            (
-                r#"{"kind":"post_save","notification_id":1,"user_id":2,"unraed":true}"#,
-                "unraed",
-            ),
+            (r#"{"kind":"post_save","notification_id":1,"user_id":2,"unraed":true}"#, "unraed"),
         ];
         for (body, field) in cases {
-            assert_eq!(
-                parse(body).unwrap_err().field(),
-                Some(field),
-                "body: {body}"
-            );
+            assert_eq!(parse(body).unwrap_err().field(), Some(field), "body: {body}");
         }
     }
 
@@ -363,17 +255,15 @@ mod tests {
         assert_eq!(parse("[]"), Err(EventError::Empty { max: 1_000 }));
         let one = r#"{"kind":"post_delete","notification_id":1,"user_id":2}"#;
         let body = format!("[{}]", [one; 3].join(","));
-        assert_eq!(
-            parse_batch(body.as_bytes(), 2),
-            Err(EventError::TooMany { count: 3, max: 2 })
-        );
+        assert_eq!(parse_batch(body.as_bytes(), 2), Err(EventError::TooMany { count: 3, max: 2 }));
         assert!(matches!(parse("{not json"), Err(EventError::Malformed(_))));
         assert_eq!(parse("42"), Err(EventError::NotAnEventOrArray));
     }
 
     #[test]
     fn occurred_at_is_parsed_as_utc() {
-        let body = r#"{"kind":"post_delete","notification_id":1,"user_id":2,"occurred_at":"2026-11-22T10:00:00+01:00"}"#;
+        let body =
+            r#"{"kind":"post_delete","notification_id":1,"user_id":2,"occurred_at":"2026-11-22T10:00:00+01:00"}"#;
         let at = parse(body).map(|e| e[0].occurred_at.map(|t| t.to_rfc3339()));
         assert_eq!(at, Ok(Some("2026-11-22T09:00:00+00:00".to_string())));
     }

@@ -118,13 +118,7 @@ pub struct Flusher {
 impl Flusher {
     /// A flusher writing `chunk_users` users per upsert, holding the cross-process lock at most `lock_ttl`.
     pub fn new(store: Store, db: Db, chunk_users: usize, lock_ttl: Duration) -> Self {
-        Self {
-            store,
-            db,
-            chunk_users,
-            lock_ttl,
-            local: Arc::new(tokio::sync::Mutex::new(())),
-        }
+        Self { store, db, chunk_users, lock_ttl, local: Arc::new(tokio::sync::Mutex::new(())) }
     }
 
     /// Runs one complete flush.
@@ -136,29 +130,19 @@ impl Flusher {
     /// Runs a flush that stops at `step` as if the process had died there. For tests of the
     /// exactly-once protocol; the lock is released as its expiry would.
     pub async fn flush_stopping_after(&self, step: FlushStep) -> Result<FlushReport, FlushError> {
-        self.run(WhenBusy::Wait(Duration::from_secs(30)), Some(step))
-            .await
+        self.run(WhenBusy::Wait(Duration::from_secs(30)), Some(step)).await
     }
 
-    async fn run(
-        &self,
-        when_busy: WhenBusy,
-        stop: Option<FlushStep>,
-    ) -> Result<FlushReport, FlushError> {
+    async fn run(&self, when_busy: WhenBusy, stop: Option<FlushStep>) -> Result<FlushReport, FlushError> {
         let started = Instant::now();
         let _local = match when_busy {
             WhenBusy::Skip => match self.local.try_lock() {
                 Ok(guard) => guard,
-                Err(_) => {
-                    return Ok(skipped(
-                        "a flush is already running in this process",
-                        started,
-                    ))
-                }
+                Err(_) => return Ok(skipped("a flush is already running in this process", started)),
             },
-            WhenBusy::Wait(limit) => tokio::time::timeout(limit, self.local.lock())
-                .await
-                .map_err(|_| FlushError::Busy)?,
+            WhenBusy::Wait(limit) => {
+                tokio::time::timeout(limit, self.local.lock()).await.map_err(|_| FlushError::Busy)?
+            }
         };
         let token = random_id();
         if !self.acquire_lock(&token, when_busy).await? {
@@ -202,11 +186,7 @@ impl Flusher {
         for batch_id in self.store.batch_ids().await? {
             warn!(batch_id, "recovering a batch left by an interrupted flush");
             let batch = self.apply_and_drop(&batch_id, true, None).await?;
-            report.users_written += if batch.already_applied {
-                0
-            } else {
-                batch.users
-            };
+            report.users_written += if batch.already_applied { 0 } else { batch.users };
             report.batches.push(batch);
         }
         let batch_id = random_id();
@@ -219,9 +199,7 @@ impl Flusher {
             report.batches.push(batch);
         }
         let cutoff = (Utc::now() - BATCH_RECORD_RETENTION).naive_utc();
-        self.db
-            .run(move |conn| queries::prune_batches(conn, cutoff))
-            .await?;
+        self.db.run(move |conn| queries::prune_batches(conn, cutoff)).await?;
         Ok(report)
     }
 
@@ -242,11 +220,7 @@ impl Flusher {
 
     /// Step 4: applies one batch in one transaction, unless it is already recorded.
     #[instrument(skip(self, stop))]
-    async fn apply_batch(
-        &self,
-        batch_id: &str,
-        stop: Option<FlushStep>,
-    ) -> Result<BatchReport, FlushError> {
+    async fn apply_batch(&self, batch_id: &str, stop: Option<FlushStep>) -> Result<BatchReport, FlushError> {
         let store = self.store.clone();
         let db = self.db.clone();
         let chunk_users = self.chunk_users;
@@ -270,8 +244,7 @@ impl Flusher {
                 }
                 let mut start = 0;
                 loop {
-                    let chunk =
-                        handle.block_on(store.batch_chunk(&batch_id, start, chunk_users))?;
+                    let chunk = handle.block_on(store.batch_chunk(&batch_id, start, chunk_users))?;
                     if chunk.is_empty() {
                         break;
                     }

@@ -18,7 +18,8 @@
 //! | [`counts`]    | real-time reads: stored + pending, consistent while a flush runs         |
 //! | [`schedule`]  | the only module that knows tokio-cron-scheduler                           |
 //! | [`app`]       | the shared state handed to handlers and jobs                              |
-//! | [`http`]      | the axum router, one file per endpoint group                              |
+//! | [`http`]      | the axum router, one file per endpoint group, request authentication      |
+//! | [`webhook`]   | the Standard Webhooks signature scheme                                    |
 //!
 //! `docs/design.md` describes the Redis key layout, the state machine and the flush protocol.
 
@@ -33,3 +34,4 @@ pub mod flush;
 pub mod http;
 pub mod schedule;
 pub mod store;
+pub mod webhook;

@@ -22,7 +22,9 @@ pub fn validate_cron(expression: &str) -> Result<(), ConfigError> {
         ConfigError::new(
             "--flush-cron",
             "COUNTERSINK_FLUSH_CRON",
-            format!("{expression:?} is not a cron expression with seconds, e.g. \"*/10 * * * * *\" ({e:?}), or \"off\""),
+            format!(
+                "{expression:?} is not a cron expression with seconds, e.g. \"*/10 * * * * *\" ({e:?}), or \"off\""
+            ),
         )
     })
 }

@@ -15,6 +15,8 @@ fn countersink(env: &TestEnv, args: &[&str]) -> Output {
         .env("COUNTERSINK_REDIS_PREFIX", &env.core.redis_prefix)
         .env("COUNTERSINK_DATABASE_URL", &env.core.database_url)
         .env("COUNTERSINK_LOG", "warn")
+        .env_remove("COUNTERSINK_WEBHOOK_SECRET")
+        .env_remove("COUNTERSINK_ADMIN_TOKEN")
         .args(args)
         .output()
         .unwrap()
@@ -25,32 +27,16 @@ async fn migrate_is_idempotent_and_flush_prints_what_it_wrote() {
     let env = TestEnv::postgres().await;
     let migrate = countersink(&env, &["migrate"]);
     assert!(migrate.status.success());
-    assert_eq!(
-        String::from_utf8_lossy(&migrate.stdout).trim(),
-        "no migrations to apply"
-    );
+    assert_eq!(String::from_utf8_lossy(&migrate.stdout).trim(), "no migrations to apply");
 
     let state = env.state();
-    state
-        .store
-        .apply(&[Event::save(1, 8, true, true), Event::save(2, 9, true, true)])
-        .await
-        .unwrap();
+    state.store.apply(&[Event::save(1, 8, true, true), Event::save(2, 9, true, true)]).await.unwrap();
     let flush = countersink(&env, &["flush"]);
-    assert!(
-        flush.status.success(),
-        "{}",
-        String::from_utf8_lossy(&flush.stderr)
-    );
+    assert!(flush.status.success(), "{}", String::from_utf8_lossy(&flush.stderr));
     let report: serde_json::Value = serde_json::from_slice(&flush.stdout).unwrap();
     assert_eq!(report["users_written"], 2);
-    let counts = unread_counts(&state.store, &state.db, &[8, 9])
-        .await
-        .unwrap();
-    assert!(
-        counts.iter().all(|c| c.stored == 1 && c.pending == 0),
-        "{counts:?}"
-    );
+    let counts = unread_counts(&state.store, &state.db, &[8, 9]).await.unwrap();
+    assert!(counts.iter().all(|c| c.stored == 1 && c.pending == 0), "{counts:?}");
 }
 
 #[tokio::test]
@@ -66,27 +52,14 @@ async fn fresh_sqlite_database_is_migrated_by_the_migrate_command() {
 #[tokio::test]
 async fn invalid_settings_stop_start_up_naming_the_variable() {
     let env = TestEnv::sqlite().await;
-    let cases: [(&[&str], &str); 5] = [
-        (
-            &["--database-url", "mysql://root@localhost/db", "migrate"],
-            "COUNTERSINK_DATABASE_URL",
-        ),
-        (
-            &["--database-url", "http://example", "migrate"],
-            "COUNTERSINK_DATABASE_URL",
-        ),
-        (
-            &["--redis-url", "localhost:6379", "flush"],
-            "COUNTERSINK_REDIS_URL",
-        ),
-        (
-            &["--flush-chunk-users", "20000", "flush"],
-            "COUNTERSINK_FLUSH_CHUNK_USERS",
-        ),
-        (
-            &["serve", "--flush-cron", "every minute"],
-            "COUNTERSINK_FLUSH_CRON",
-        ),
+    let cases: [(&[&str], &str); 7] = [
+        (&["serve"], "COUNTERSINK_WEBHOOK_SECRET"),
+        (&["serve", "--webhook-secret", "not-a-whsec-secret"], "COUNTERSINK_WEBHOOK_SECRET"),
+        (&["--database-url", "mysql://root@localhost/db", "migrate"], "COUNTERSINK_DATABASE_URL"),
+        (&["--database-url", "http://example", "migrate"], "COUNTERSINK_DATABASE_URL"),
+        (&["--redis-url", "localhost:6379", "flush"], "COUNTERSINK_REDIS_URL"),
+        (&["--flush-chunk-users", "20000", "flush"], "COUNTERSINK_FLUSH_CHUNK_USERS"),
+        (&["serve", "--flush-cron", "every minute"], "COUNTERSINK_FLUSH_CRON"),
     ];
     for (args, variable) in cases {
         let output = countersink(&env, args);

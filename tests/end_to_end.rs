@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::TestEnv;
+use countersink::webhook::WebhookSecret;
 use diesel::prelude::*;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -22,6 +23,8 @@ const USERS: u64 = 1_000;
 const BASE_EVENTS: usize = 100_000;
 const LANES: usize = 8;
 const MAX_BATCH: usize = 100;
+const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+const ADMIN_TOKEN: &str = "end-to-end-admin-token";
 
 /// The sidecar binary, stopped when dropped.
 struct Sidecar {
@@ -31,39 +34,23 @@ struct Sidecar {
 
 impl Sidecar {
     async fn start(env: &TestEnv) -> Sidecar {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let child = Command::new(env!("CARGO_BIN_EXE_countersink"))
             .args(["--redis-url", &env.core.redis_url])
             .args(["--redis-prefix", &env.core.redis_prefix])
             .args(["--database-url", &env.core.database_url])
             .args(["--flush-chunk-users", "300"])
-            .args([
-                "serve",
-                "--listen",
-                &format!("127.0.0.1:{port}"),
-                "--flush-cron",
-                "*/1 * * * * *",
-            ])
+            .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--flush-cron", "*/1 * * * * *"])
             .env("COUNTERSINK_LOG", "warn")
+            .env("COUNTERSINK_WEBHOOK_SECRET", SECRET)
+            .env("COUNTERSINK_ADMIN_TOKEN", ADMIN_TOKEN)
             .stdout(Stdio::null())
             .spawn()
             .unwrap();
-        let sidecar = Sidecar {
-            child,
-            base: format!("http://127.0.0.1:{port}"),
-        };
+        let sidecar = Sidecar { child, base: format!("http://127.0.0.1:{port}") };
         let client = reqwest::Client::new();
         for _ in 0..200 {
-            if client
-                .get(format!("{}/healthz", sidecar.base))
-                .send()
-                .await
-                .is_ok()
-            {
+            if client.get(format!("{}/healthz", sidecar.base)).send().await.is_ok() {
                 return sidecar;
             }
             tokio::time::sleep(Duration::from_millis(25)).await;
@@ -109,7 +96,8 @@ fn build_stream(rng: &mut StdRng) -> (Vec<Vec<Request>>, Truth) {
             next_id += 1;
             live.push(id);
             truth.insert(id, (user, if unread { State::Unread } else { State::Read }));
-            let event = json!({"kind": "post_save", "notification_id": id, "user_id": user, "unread": unread, "created": true});
+            let event =
+                json!({"kind": "post_save", "notification_id": id, "user_id": user, "unread": unread, "created": true});
             if rng.random_bool(0.05) {
                 late_retries[id as usize % LANES].push(event.clone());
             }
@@ -126,20 +114,12 @@ fn build_stream(rng: &mut StdRng) -> (Vec<Vec<Request>>, Truth) {
                 }
                 5..=7 => {
                     truth.insert(id, (user, State::Unread));
-                    (
-                        id,
-                        json!({"kind": "post_save", "notification_id": id, "user_id": user, "unread": true}),
-                        false,
-                    )
+                    (id, json!({"kind": "post_save", "notification_id": id, "user_id": user, "unread": true}), false)
                 }
                 _ => {
                     truth.insert(id, (user, State::Deleted));
                     live.swap_remove(slot);
-                    (
-                        id,
-                        json!({"kind": "post_delete", "notification_id": id, "user_id": user}),
-                        false,
-                    )
+                    (id, json!({"kind": "post_delete", "notification_id": id, "user_id": user}), false)
                 }
             }
         };
@@ -167,17 +147,11 @@ fn build_stream(rng: &mut StdRng) -> (Vec<Vec<Request>>, Truth) {
                 current.push(event);
                 // A raced mark-as-read ends its request, so the duplicate races nothing newer.
                 if race || current.len() == MAX_BATCH || rng.random_bool(0.02) {
-                    requests.push(Request {
-                        events: std::mem::take(&mut current),
-                        race_last: race,
-                    });
+                    requests.push(Request { events: std::mem::take(&mut current), race_last: race });
                 }
             }
             if !current.is_empty() {
-                requests.push(Request {
-                    events: current,
-                    race_last: false,
-                });
+                requests.push(Request { events: current, race_last: false });
             }
             requests
         })
@@ -185,10 +159,19 @@ fn build_stream(rng: &mut StdRng) -> (Vec<Vec<Request>>, Truth) {
     (requests, truth)
 }
 
+/// Posts events signed as the Django package signs them, each request with an id of its own.
 async fn post_events(client: &reqwest::Client, base: &str, events: &[Value]) -> Value {
+    let body = serde_json::to_vec(events).unwrap();
+    let id = format!("msg_{:032x}", rand::random::<u128>());
+    let timestamp = chrono::Utc::now().timestamp();
+    let secret: WebhookSecret = SECRET.parse().unwrap();
     let response = client
         .post(format!("{base}/v1/events"))
-        .json(&events)
+        .header("content-type", "application/json")
+        .header("webhook-id", &id)
+        .header("webhook-timestamp", timestamp.to_string())
+        .header("webhook-signature", secret.sign(&id, timestamp, &body))
+        .body(body)
         .send()
         .await
         .unwrap();
@@ -198,18 +181,12 @@ async fn post_events(client: &reqwest::Client, base: &str, events: &[Value]) -> 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn random_stream_with_retries_and_races_ends_with_exact_stored_counts() {
-    let seed: u64 = std::env::var("COUNTERSINK_E2E_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(rand::random);
+    let seed: u64 =
+        std::env::var("COUNTERSINK_E2E_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(rand::random);
     println!("seed {seed} (set COUNTERSINK_E2E_SEED to replay)");
     let mut rng = StdRng::seed_from_u64(seed);
     let (lanes, truth) = build_stream(&mut rng);
-    let total: usize = lanes
-        .iter()
-        .flatten()
-        .map(|r| r.events.len() + usize::from(r.race_last))
-        .sum();
+    let total: usize = lanes.iter().flatten().map(|r| r.events.len() + usize::from(r.race_last)).sum();
     assert!(total >= BASE_EVENTS);
 
     let env = TestEnv::postgres().await;
@@ -223,11 +200,7 @@ async fn random_stream_with_retries_and_races_ends_with_exact_stored_counts() {
         tokio::spawn(async move {
             let mut flushes = 0;
             while streaming.load(Ordering::Relaxed) {
-                let response = client
-                    .post(format!("{base}/v1/flush"))
-                    .send()
-                    .await
-                    .unwrap();
+                let response = client.post(format!("{base}/v1/flush")).bearer_auth(ADMIN_TOKEN).send().await.unwrap();
                 assert!(response.status().is_success(), "{}", response.status());
                 flushes += 1;
                 tokio::time::sleep(Duration::from_millis(150)).await;
@@ -242,10 +215,7 @@ async fn random_stream_with_retries_and_races_ends_with_exact_stored_counts() {
             for request in requests {
                 if request.race_last {
                     let duplicate = vec![request.events[request.events.len() - 1].clone()];
-                    tokio::join!(
-                        post_events(&client, &base, &request.events),
-                        post_events(&client, &base, &duplicate)
-                    );
+                    tokio::join!(post_events(&client, &base, &request.events), post_events(&client, &base, &duplicate));
                 } else {
                     post_events(&client, &base, &request.events).await;
                 }
@@ -257,11 +227,7 @@ async fn random_stream_with_retries_and_races_ends_with_exact_stored_counts() {
     }
     streaming.store(false, Ordering::Relaxed);
     assert!(flusher.await.unwrap() > 0);
-    let response = client
-        .post(format!("{}/v1/flush", sidecar.base))
-        .send()
-        .await
-        .unwrap();
+    let response = client.post(format!("{}/v1/flush", sidecar.base)).bearer_auth(ADMIN_TOKEN).send().await.unwrap();
     assert!(response.status().is_success());
 
     let mut want: HashMap<i64, i64> = HashMap::new();
@@ -274,10 +240,7 @@ async fn random_stream_with_retries_and_races_ends_with_exact_stored_counts() {
     let stored: HashMap<i64, i64> = tokio::task::spawn_blocking(move || {
         use countersink::db::schema::countersink_usernotificationscount::dsl::*;
         let mut conn = PgConnection::establish(&url).unwrap();
-        countersink_usernotificationscount
-            .select((user_id, unread_count))
-            .load::<(i64, i64)>(&mut conn)
-            .unwrap()
+        countersink_usernotificationscount.select((user_id, unread_count)).load::<(i64, i64)>(&mut conn).unwrap()
     })
     .await
     .unwrap()
@@ -296,10 +259,7 @@ async fn random_stream_with_retries_and_races_ends_with_exact_stored_counts() {
     );
 
     // The read API agrees, with nothing left pending.
-    let ids = (1..=USERS)
-        .map(|u| u.to_string())
-        .collect::<Vec<_>>()
-        .join(",");
+    let ids = (1..=USERS).map(|u| u.to_string()).collect::<Vec<_>>().join(",");
     let read: Value = client
         .get(format!("{}/v1/unread-counts?user_ids={ids}", sidecar.base))
         .send()
@@ -310,11 +270,7 @@ async fn random_stream_with_retries_and_races_ends_with_exact_stored_counts() {
         .unwrap();
     for entry in read["counts"].as_array().unwrap() {
         let user = entry["user_id"].as_i64().unwrap();
-        assert_eq!(
-            entry["unread_count"].as_i64(),
-            Some(want.get(&user).copied().unwrap_or(0)),
-            "user {user}"
-        );
+        assert_eq!(entry["unread_count"].as_i64(), Some(want.get(&user).copied().unwrap_or(0)), "user {user}");
         assert_eq!(entry["pending"], 0);
     }
     println!("{total} events, {} users checked", USERS);

@@ -41,9 +41,8 @@ async fn stored(state: &AppState) -> HashMap<u64, i64> {
     state
         .db
         .run(|conn| {
-            let rows: Vec<(i64, i64)> = countersink_usernotificationscount
-                .select((user_id, unread_count))
-                .load(conn)?;
+            let rows: Vec<(i64, i64)> =
+                countersink_usernotificationscount.select((user_id, unread_count)).load(conn)?;
             Ok(rows.into_iter().map(|(u, n)| (u as u64, n)).collect())
         })
         .await
@@ -51,12 +50,7 @@ async fn stored(state: &AppState) -> HashMap<u64, i64> {
 }
 
 fn expected(per_user: &[u64]) -> HashMap<u64, i64> {
-    per_user
-        .iter()
-        .enumerate()
-        .filter(|(_, n)| **n > 0)
-        .map(|(i, n)| (i as u64 + 1, *n as i64))
-        .collect()
+    per_user.iter().enumerate().filter(|(_, n)| **n > 0).map(|(i, n)| (i as u64 + 1, *n as i64)).collect()
 }
 
 #[tokio::test]
@@ -73,11 +67,7 @@ async fn flush_writes_every_pending_delta_once_and_empties_the_pending_set() {
 
         // A second flush with nothing pending writes nothing; a third adds on top.
         assert_eq!(state.flusher.flush(WAIT).await.unwrap().users_written, 0);
-        state
-            .store
-            .apply(&[Event::save(1, 1, false, false)])
-            .await
-            .unwrap();
+        state.store.apply(&[Event::save(1, 1, false, false)]).await.unwrap();
         state.flusher.flush(WAIT).await.unwrap();
         assert_eq!(stored(&state).await[&1], per_user[0] as i64 - 1);
     }
@@ -91,20 +81,11 @@ async fn a_flush_stopped_after_any_step_loses_nothing_and_applies_nothing_twice(
             let per_user: Vec<u64> = (0..230).map(|i| i % 3 + 1).collect();
             let next_id = create_unread(&state, 1, &per_user).await;
             let stopped = state.flusher.flush_stopping_after(step).await;
-            assert!(
-                matches!(stopped, Err(FlushError::Stopped(s)) if s == step),
-                "{step:?}"
-            );
+            assert!(matches!(stopped, Err(FlushError::Stopped(s)) if s == step), "{step:?}");
 
             // Reads stay exact while the batch is stranded.
-            let read = unread_counts(&state.store, &state.db, &[1, 2, 3])
-                .await
-                .unwrap();
-            assert_eq!(
-                read.iter().map(|c| c.unread_count).collect::<Vec<_>>(),
-                vec![1, 2, 3],
-                "{step:?}"
-            );
+            let read = unread_counts(&state.store, &state.db, &[1, 2, 3]).await.unwrap();
+            assert_eq!(read.iter().map(|c| c.unread_count).collect::<Vec<_>>(), vec![1, 2, 3], "{step:?}");
 
             // Events keep arriving, then a new process flushes.
             let more = vec![0, 5];
@@ -112,20 +93,11 @@ async fn a_flush_stopped_after_any_step_loses_nothing_and_applies_nothing_twice(
             let report = env.state().flusher.flush(WAIT).await.unwrap();
             let recovered = &report.batches[0];
             assert!(recovered.recovered, "{step:?}: {report:?}");
-            assert_eq!(
-                recovered.already_applied,
-                step == FlushStep::Commit,
-                "{step:?}"
-            );
+            assert_eq!(recovered.already_applied, step == FlushStep::Commit, "{step:?}");
 
             let mut want = expected(&per_user);
             *want.get_mut(&2).unwrap() += 5;
-            assert_eq!(
-                stored(&state).await,
-                want,
-                "{step:?} on {:?}",
-                env.backend()
-            );
+            assert_eq!(stored(&state).await, want, "{step:?} on {:?}", env.backend());
             assert!(state.store.batch_ids().await.unwrap().is_empty());
         }
     }
@@ -149,21 +121,14 @@ async fn concurrent_flushers_apply_each_delta_exactly_once() {
             for state in &flushers {
                 let flusher = state.flusher.clone();
                 let when = if round % 2 == 0 { WhenBusy::Skip } else { WAIT };
-                running.push(tokio::spawn(
-                    async move { flusher.flush(when).await.unwrap() },
-                ));
+                running.push(tokio::spawn(async move { flusher.flush(when).await.unwrap() }));
             }
             for run in running {
                 run.await.unwrap();
             }
         }
         flushers[0].flusher.flush(WAIT).await.unwrap();
-        assert_eq!(
-            stored(&writer).await,
-            expected(&per_user),
-            "{:?}",
-            env.backend()
-        );
+        assert_eq!(stored(&writer).await, expected(&per_user), "{:?}", env.backend());
     }
 }
 
@@ -176,28 +141,10 @@ async fn scheduled_flush_skips_while_another_process_holds_the_lock() {
     let _: () = redis::Commands::set(&mut redis, env.key("flush_lock"), "someone-else").unwrap();
     let report = state.flusher.flush(WhenBusy::Skip).await.unwrap();
     assert!(report.skipped.is_some());
-    assert!(matches!(
-        state
-            .flusher
-            .flush(WhenBusy::Wait(Duration::from_millis(300)))
-            .await,
-        Err(FlushError::Busy)
-    ));
-    assert_eq!(
-        state.store.pending_users().await.unwrap(),
-        1,
-        "nothing was handed off"
-    );
+    assert!(matches!(state.flusher.flush(WhenBusy::Wait(Duration::from_millis(300))).await, Err(FlushError::Busy)));
+    assert_eq!(state.store.pending_users().await.unwrap(), 1, "nothing was handed off");
     let _: () = redis::Commands::del(&mut redis, env.key("flush_lock")).unwrap();
-    assert_eq!(
-        state
-            .flusher
-            .flush(WhenBusy::Skip)
-            .await
-            .unwrap()
-            .users_written,
-        1
-    );
+    assert_eq!(state.flusher.flush(WhenBusy::Skip).await.unwrap().users_written, 1);
 }
 
 #[tokio::test]
@@ -220,8 +167,7 @@ async fn reads_during_flushes_neither_miss_nor_double_count_the_batch_in_flight(
             let done = Arc::new(AtomicBool::new(false));
             let mut readers = Vec::new();
             for _ in 0..3 {
-                let (reader, users, want, done) =
-                    (env.state(), users.clone(), want.clone(), done.clone());
+                let (reader, users, want, done) = (env.state(), users.clone(), want.clone(), done.clone());
                 readers.push(tokio::spawn(async move {
                     let mut reads = 0;
                     while !done.load(Ordering::Relaxed) || reads == 0 {

@@ -17,23 +17,11 @@ fn router(state: AppState) -> Router {
     countersink::http::router(state)
 }
 
-async fn call(
-    app: &Router,
-    method: &str,
-    uri: &str,
-    body: impl Into<Body>,
-) -> (StatusCode, Value, Option<String>) {
-    let request = Request::builder()
-        .method(method)
-        .uri(uri)
-        .body(body.into())
-        .unwrap();
+async fn call(app: &Router, method: &str, uri: &str, body: impl Into<Body>) -> (StatusCode, Value, Option<String>) {
+    let request = Request::builder().method(method).uri(uri).body(body.into()).unwrap();
     let response = app.clone().oneshot(request).await.unwrap();
     let status = response.status();
-    let retry_after = response
-        .headers()
-        .get("retry-after")
-        .map(|v| v.to_str().unwrap().to_string());
+    let retry_after = response.headers().get("retry-after").map(|v| v.to_str().unwrap().to_string());
     let bytes = response.into_body().collect().await.unwrap().to_bytes();
     let json = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
     (status, json, retry_after)
@@ -53,26 +41,18 @@ async fn events_are_applied_and_counted_in_the_answer() {
     let (status, body, _) = call(&app, "POST", "/v1/events", batch.to_string()).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(
-        (
-            body["received"].as_u64(),
-            body["changed"].as_u64(),
-            body["noops"].as_u64()
-        ),
+        (body["received"].as_u64(), body["changed"].as_u64(), body["noops"].as_u64()),
         (Some(4), Some(3), Some(1))
     );
     assert_eq!(body["outcomes"]["stale"], 1);
 
     let (status, body, _) = call(&app, "GET", "/v1/users/5/unread-count", Body::empty()).await;
     assert_eq!(status, StatusCode::OK);
-    assert_eq!(
-        body,
-        json!({"user_id": 5, "unread_count": 1, "stored": 0, "pending": 1})
-    );
+    assert_eq!(body, json!({"user_id": 5, "unread_count": 1, "stored": 0, "pending": 1}));
 
     let (_, flushed, _) = call(&app, "POST", "/v1/flush", Body::empty()).await;
     assert_eq!(flushed["users_written"], 1);
-    let (status, body, _) =
-        call(&app, "GET", "/v1/unread-counts?user_ids=5,6", Body::empty()).await;
+    let (status, body, _) = call(&app, "GET", "/v1/unread-counts?user_ids=5,6", Body::empty()).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(
         body["counts"],
@@ -92,19 +72,9 @@ async fn bad_input_is_rejected_with_the_field_named_and_nothing_applied() {
     let app = router(env.state());
     let valid = json!({"kind": "post_save", "notification_id": 1, "user_id": 2, "unread": true, "created": true});
     let cases: Vec<(String, StatusCode, &str, Option<&str>)> = vec![
-        (
-            "{\"kind\": ".into(),
-            StatusCode::BAD_REQUEST,
-            "malformed_json",
-            None,
-        ),
+        ("{\"kind\": ".into(), StatusCode::BAD_REQUEST, "malformed_json", None),
         ("[]".into(), StatusCode::BAD_REQUEST, "invalid_batch", None),
-        (
-            "\"post_save\"".into(),
-            StatusCode::BAD_REQUEST,
-            "invalid_event",
-            None,
-        ),
+        ("\"post_save\"".into(), StatusCode::BAD_REQUEST, "invalid_event", None),
         (
             json!([valid, {"kind": "post_rename", "notification_id": 1, "user_id": 2}]).to_string(),
             StatusCode::BAD_REQUEST,
@@ -118,30 +88,20 @@ async fn bad_input_is_rejected_with_the_field_named_and_nothing_applied() {
             Some("events[2].user_id"),
         ),
         (
-            json!([valid, {"kind": "post_delete", "notification_id": -1, "user_id": 2}])
-                .to_string(),
+            json!([valid, {"kind": "post_delete", "notification_id": -1, "user_id": 2}]).to_string(),
             StatusCode::BAD_REQUEST,
             "invalid_event",
             Some("events[1].notification_id"),
         ),
         (
-            json!([valid, {"kind": "post_delete", "notification_id": 1, "user_id": 2.5}])
-                .to_string(),
+            json!([valid, {"kind": "post_delete", "notification_id": 1, "user_id": 2.5}]).to_string(),
             StatusCode::BAD_REQUEST,
             "invalid_event",
             Some("events[1].user_id"),
         ),
+        (serde_json::to_string(&vec![valid.clone(); 1_001]).unwrap(), StatusCode::BAD_REQUEST, "invalid_batch", None),
         (
-            serde_json::to_string(&vec![valid.clone(); 1_001]).unwrap(),
-            StatusCode::BAD_REQUEST,
-            "invalid_batch",
-            None,
-        ),
-        (
-            format!(
-                "[{valid}, {}]",
-                " ".repeat(Limits::default().max_body_bytes)
-            ),
+            format!("[{valid}, {}]", " ".repeat(Limits::default().max_body_bytes)),
             StatusCode::PAYLOAD_TOO_LARGE,
             "payload_too_large",
             None,
@@ -153,15 +113,9 @@ async fn bad_input_is_rejected_with_the_field_named_and_nothing_applied() {
         assert_eq!(status, want_status, "{shown}: {answer}");
         assert_eq!(answer["error"]["code"], want_code, "{shown}");
         assert_eq!(answer["error"]["field"].as_str(), want_field, "{shown}");
-        assert!(answer["error"]["message"]
-            .as_str()
-            .is_some_and(|m| !m.is_empty()));
+        assert!(answer["error"]["message"].as_str().is_some_and(|m| !m.is_empty()));
     }
-    assert_eq!(
-        env.redis_keys(),
-        Vec::<String>::new(),
-        "a rejected request applied something"
-    );
+    assert_eq!(env.redis_keys(), Vec::<String>::new(), "a rejected request applied something");
 }
 
 #[tokio::test]
@@ -180,23 +134,11 @@ async fn bad_read_parameters_are_rejected() {
         assert_eq!(status, StatusCode::BAD_REQUEST, "{uri}");
         assert_eq!(body["error"]["code"], "invalid_parameter", "{uri}");
     }
-    let too_many = (0..1_001)
-        .map(|i| i.to_string())
-        .collect::<Vec<_>>()
-        .join(",");
-    let (status, _, _) = call(
-        &app,
-        "GET",
-        &format!("/v1/unread-counts?user_ids={too_many}"),
-        Body::empty(),
-    )
-    .await;
+    let too_many = (0..1_001).map(|i| i.to_string()).collect::<Vec<_>>().join(",");
+    let (status, _, _) = call(&app, "GET", &format!("/v1/unread-counts?user_ids={too_many}"), Body::empty()).await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
     let (status, body, _) = call(&app, "GET", "/v1/nothing-here", Body::empty()).await;
-    assert_eq!(
-        (status, body["error"]["code"].as_str()),
-        (StatusCode::NOT_FOUND, Some("not_found"))
-    );
+    assert_eq!((status, body["error"]["code"].as_str()), (StatusCode::NOT_FOUND, Some("not_found")));
 }
 
 #[tokio::test]
@@ -225,10 +167,7 @@ async fn unreachable_database_is_503_and_keeps_the_pending_deltas() {
     let state = env.state();
     let app = router(state.clone());
     let event = json!({"kind": "post_save", "notification_id": 1, "user_id": 2, "unread": true, "created": true});
-    assert_eq!(
-        call(&app, "POST", "/v1/events", event.to_string()).await.0,
-        StatusCode::OK
-    );
+    assert_eq!(call(&app, "POST", "/v1/events", event.to_string()).await.0, StatusCode::OK);
 
     let mut core = env.core.clone();
     core.database_url = "postgres://postgres@127.0.0.1:1/test".into();

@@ -20,11 +20,7 @@ use tokio::task::JoinSet;
 const WAIT: WhenBusy = WhenBusy::Wait(Duration::from_secs(10));
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 /// A throwaway redis-server of this test's own, so killing it disturbs no other test.
@@ -36,16 +32,7 @@ struct OwnRedis {
 impl OwnRedis {
     fn start(port: u16) -> OwnRedis {
         let child = Command::new("redis-server")
-            .args([
-                "--port",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
             .stdout(Stdio::null())
             .spawn()
             .expect("redis-server must be on PATH for the outage tests");
@@ -84,21 +71,11 @@ async fn redis_outage_is_answered_503_and_recovers_without_a_restart() {
     core.redis_url = redis.url();
     let state = AppState::new(&core, None).unwrap();
 
-    state
-        .store
-        .apply(&[Event::save(1, 9, true, true)])
-        .await
-        .unwrap();
+    state.store.apply(&[Event::save(1, 9, true, true)]).await.unwrap();
     redis.kill();
-    let during = state
-        .store
-        .apply(&[Event::save(2, 9, true, true)])
-        .await
-        .unwrap_err();
+    let during = state.store.apply(&[Event::save(2, 9, true, true)]).await.unwrap_err();
     assert!(during.is_unavailable(), "{during}");
-    let read = unread_counts(&state.store, &state.db, &[9])
-        .await
-        .unwrap_err();
+    let read = unread_counts(&state.store, &state.db, &[9]).await.unwrap_err();
     assert!(read.is_unavailable(), "{read}");
 
     let _redis = OwnRedis::start(redis.port);
@@ -116,21 +93,10 @@ async fn redis_outage_is_answered_503_and_recovers_without_a_restart() {
     }
     assert_eq!(recovered.map(|o| o.changed), Some(1));
     // A second retry of the same event is harmless.
-    assert_eq!(
-        state
-            .store
-            .apply(&[Event::save(2, 9, true, true)])
-            .await
-            .unwrap()
-            .changed,
-        0
-    );
+    assert_eq!(state.store.apply(&[Event::save(2, 9, true, true)]).await.unwrap().changed, 0);
     // This Redis keeps nothing on disk: the first event was lost with it (the reconcile
     // repairs that); what arrived after the restart is counted once.
-    assert_eq!(
-        unread_counts(&state.store, &state.db, &[9]).await.unwrap()[0].unread_count,
-        1
-    );
+    assert_eq!(unread_counts(&state.store, &state.db, &[9]).await.unwrap()[0].unread_count, 1);
 }
 
 /// Forwards a local port to PostgreSQL; `cut` drops every connection and stops listening.
@@ -168,32 +134,18 @@ async fn database_outage_during_a_flush_keeps_the_deltas_for_the_next_flush() {
     let address: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let mut proxy = Proxy::start(address).await;
     let mut core = env.core.clone();
-    core.database_url = env
-        .core
-        .database_url
-        .replace("127.0.0.1:5432", &proxy.address.to_string());
+    core.database_url = env.core.database_url.replace("127.0.0.1:5432", &proxy.address.to_string());
     core.db_timeout_secs = 1;
     let state = AppState::new(&core, None).unwrap();
 
-    state
-        .store
-        .apply(&[Event::save(1, 3, true, true), Event::save(2, 3, true, true)])
-        .await
-        .unwrap();
+    state.store.apply(&[Event::save(1, 3, true, true), Event::save(2, 3, true, true)]).await.unwrap();
     state.flusher.flush(WAIT).await.unwrap();
-    state
-        .store
-        .apply(&[Event::save(3, 3, true, true)])
-        .await
-        .unwrap();
+    state.store.apply(&[Event::save(3, 3, true, true)]).await.unwrap();
 
     proxy.cut();
     let failed = state.flusher.flush(WAIT).await.unwrap_err();
     assert!(failed.is_unavailable(), "{failed}");
-    assert!(unread_counts(&state.store, &state.db, &[3])
-        .await
-        .unwrap_err()
-        .is_unavailable());
+    assert!(unread_counts(&state.store, &state.db, &[3]).await.unwrap_err().is_unavailable());
 
     let _proxy = Proxy::start(address).await;
     let report = state.flusher.flush(WAIT).await.unwrap();

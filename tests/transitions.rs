@@ -11,10 +11,7 @@ use countersink::events::{Event, MAX_ID};
 use proptest::prelude::*;
 
 async fn count(state: &AppState, user: u64) -> i64 {
-    unread_counts(&state.store, &state.db, &[user])
-        .await
-        .unwrap()[0]
-        .unread_count
+    unread_counts(&state.store, &state.db, &[user]).await.unwrap()[0].unread_count
 }
 
 async fn apply(state: &AppState, events: &[Event]) -> countersink::store::ApplyOutcome {
@@ -35,11 +32,7 @@ async fn duplicate_event_is_counted_once() {
     for _ in 0..10 {
         apply(&state, std::slice::from_ref(&mark_read)).await;
     }
-    assert_eq!(
-        count(&state, 11).await,
-        0,
-        "a mark-as-read delivered ten times"
-    );
+    assert_eq!(count(&state, 11).await, 0, "a mark-as-read delivered ten times");
 
     // Duplicates inside one batch are no-ops too, and are reported as such.
     let outcome = apply(&state, &vec![Event::save(3, 12, true, true); 10]).await;
@@ -53,10 +46,7 @@ async fn concurrent_double_mark_as_read_decrements_once() {
     let state = env.state();
     let user = 20;
     let notifications: Vec<u64> = (1..=200).collect();
-    let creates: Vec<Event> = notifications
-        .iter()
-        .map(|n| Event::save(*n, user, true, true))
-        .collect();
+    let creates: Vec<Event> = notifications.iter().map(|n| Event::save(*n, user, true, true)).collect();
     apply(&state, &creates).await;
     assert_eq!(count(&state, user).await, 200);
 
@@ -66,9 +56,7 @@ async fn concurrent_double_mark_as_read_decrements_once() {
         for _ in 0..2 {
             let store = state.store.clone();
             let event = Event::save(*n, user, false, false);
-            racers.push(tokio::spawn(async move {
-                store.apply(&[event]).await.unwrap().changed
-            }));
+            racers.push(tokio::spawn(async move { store.apply(&[event]).await.unwrap().changed }));
         }
     }
     let mut changed = 0;
@@ -103,24 +91,10 @@ async fn lifecycle_transitions_change_the_count_by_exactly_one() {
 async fn deleted_notification_never_comes_back() {
     let env = TestEnv::sqlite().await;
     let state = env.state();
-    apply(
-        &state,
-        &[Event::save(5, 31, true, true), Event::delete(5, 31)],
-    )
-    .await;
-    let outcome = apply(
-        &state,
-        &[
-            Event::save(5, 31, true, true),
-            Event::save(5, 31, true, false),
-            Event::delete(5, 31),
-        ],
-    )
-    .await;
-    assert_eq!(
-        (outcome.changed, outcome.after_delete, outcome.duplicate),
-        (0, 2, 1)
-    );
+    apply(&state, &[Event::save(5, 31, true, true), Event::delete(5, 31)]).await;
+    let outcome =
+        apply(&state, &[Event::save(5, 31, true, true), Event::save(5, 31, true, false), Event::delete(5, 31)]).await;
+    assert_eq!((outcome.changed, outcome.after_delete, outcome.duplicate), (0, 2, 1));
     assert_eq!(count(&state, 31).await, 0);
 }
 
@@ -145,14 +119,7 @@ async fn late_creation_retry_does_not_undo_a_newer_state() {
 async fn extreme_ids_are_tracked() {
     let env = TestEnv::sqlite().await;
     let state = env.state();
-    apply(
-        &state,
-        &[
-            Event::save(MAX_ID, MAX_ID, true, true),
-            Event::save(0, MAX_ID, true, true),
-        ],
-    )
-    .await;
+    apply(&state, &[Event::save(MAX_ID, MAX_ID, true, true), Event::save(0, MAX_ID, true, true)]).await;
     assert_eq!(count(&state, MAX_ID).await, 2);
     apply(&state, &[Event::delete(MAX_ID, MAX_ID)]).await;
     assert_eq!(count(&state, MAX_ID).await, 1);

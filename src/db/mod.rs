@@ -46,9 +46,7 @@ impl Backend {
                 Ok(Backend::Sqlite)
             }
         } else {
-            Err(format!(
-                "unknown scheme in {url:?}; use postgres://, postgresql:// or sqlite://"
-            ))
+            Err(format!("unknown scheme in {url:?}; use postgres://, postgresql:// or sqlite://"))
         }
     }
 }
@@ -141,9 +139,7 @@ impl Db {
     {
         let pool = self.pool.clone();
         tokio::task::spawn_blocking(move || {
-            let mut conn = pool
-                .get()
-                .map_err(|e| DbError::Unavailable(e.to_string()))?;
+            let mut conn = pool.get().map_err(|e| DbError::Unavailable(e.to_string()))?;
             f(&mut conn)
         })
         .await
@@ -152,9 +148,7 @@ impl Db {
 
     /// A pooled connection for code already on a blocking thread.
     pub fn get(&self) -> Result<PooledConnection<ConnectionManager<DbConnection>>, DbError> {
-        self.pool
-            .get()
-            .map_err(|e| DbError::Unavailable(e.to_string()))
+        self.pool.get().map_err(|e| DbError::Unavailable(e.to_string()))
     }
 
     /// Applies the migrations not yet applied; returns their names.

@@ -6,9 +6,7 @@ use chrono::NaiveDateTime;
 use diesel::prelude::*;
 use diesel::upsert::excluded;
 
-use super::schema::{
-    countersink_flush_batches as batches, countersink_usernotificationscount as counts,
-};
+use super::schema::{countersink_flush_batches as batches, countersink_usernotificationscount as counts};
 use super::{DbConnection, DbError};
 
 /// Runs `$body` with `$c` bound to the concrete connection, for statements that diesel's
@@ -39,11 +37,7 @@ pub struct BatchRecord {
 ///
 /// Written first in the flush transaction: a second flusher of the same batch waits on the
 /// primary key until the first commits, then finds it recorded.
-pub fn claim_batch(
-    conn: &mut DbConnection,
-    batch_id: &str,
-    now: NaiveDateTime,
-) -> Result<bool, DbError> {
+pub fn claim_batch(conn: &mut DbConnection, batch_id: &str, now: NaiveDateTime) -> Result<bool, DbError> {
     let claim = diesel::insert_into(batches::table)
         .values((batches::batch_id.eq(batch_id), batches::applied_at.eq(now)))
         .on_conflict_do_nothing();
@@ -52,12 +46,7 @@ pub fn claim_batch(
 }
 
 /// Stores the totals of a claimed batch.
-pub fn complete_batch(
-    conn: &mut DbConnection,
-    batch_id: &str,
-    users: i64,
-    delta_sum: i64,
-) -> Result<(), DbError> {
+pub fn complete_batch(conn: &mut DbConnection, batch_id: &str, users: i64, delta_sum: i64) -> Result<(), DbError> {
     diesel::update(batches::table.find(batch_id))
         .set((batches::users.eq(users), batches::delta_sum.eq(delta_sum)))
         .execute(conn)?;
@@ -70,12 +59,7 @@ pub fn complete_batch(
 pub fn add_deltas(conn: &mut DbConnection, deltas: &[(u64, i64)]) -> Result<usize, DbError> {
     let rows: Vec<_> = deltas
         .iter()
-        .map(|(user, delta)| {
-            (
-                counts::user_id.eq(*user as i64),
-                counts::unread_count.eq(*delta),
-            )
-        })
+        .map(|(user, delta)| (counts::user_id.eq(*user as i64), counts::unread_count.eq(*delta)))
         .collect();
     let upsert = diesel::insert_into(counts::table)
         .values(&rows)
@@ -103,34 +87,24 @@ pub fn stored_counts(
         let committed: Vec<String> = if batch_ids.is_empty() {
             Vec::new()
         } else {
-            batches::table
-                .filter(batches::batch_id.eq_any(batch_ids))
-                .select(batches::batch_id)
-                .load(conn)?
+            batches::table.filter(batches::batch_id.eq_any(batch_ids)).select(batches::batch_id).load(conn)?
         };
         Ok((stored, committed))
     };
     let (stored, committed) = conn.transaction(|c| {
         if let DbConnection::Pg(_) = c {
             // PostgreSQL: READ COMMITTED gives each statement its own snapshot; ask for one.
-            diesel::sql_query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-                .execute(c)?;
+            diesel::sql_query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY").execute(c)?;
         }
         // SQLite: a transaction sees one snapshot from its first read (WAL mode).
         read(c)
     })?;
-    Ok((
-        stored.into_iter().map(|(u, n)| (u as u64, n)).collect(),
-        committed.into_iter().collect(),
-    ))
+    Ok((stored.into_iter().map(|(u, n)| (u as u64, n)).collect(), committed.into_iter().collect()))
 }
 
 /// The most recent applied batch, if any.
 pub fn last_batch(conn: &mut DbConnection) -> Result<Option<BatchRecord>, DbError> {
-    Ok(batches::table
-        .order(batches::applied_at.desc())
-        .first(conn)
-        .optional()?)
+    Ok(batches::table.order(batches::applied_at.desc()).first(conn).optional()?)
 }
 
 /// Deletes batch records applied before `before`. Only safe once every batch handed off

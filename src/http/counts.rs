@@ -15,10 +15,7 @@ pub async fn get_unread_count(
 ) -> Result<Json<UnreadCount>, AppError> {
     let user_id = parse_user_id(&user_id, "user_id")?;
     let mut counts = unread_counts(&state.store, &state.db, &[user_id]).await?;
-    counts
-        .pop()
-        .map(Json)
-        .ok_or_else(|| AppError::Internal(anyhow::anyhow!("a read returned no row")))
+    counts.pop().map(Json).ok_or_else(|| AppError::Internal(anyhow::anyhow!("a read returned no row")))
 }
 
 /// The answer of a bulk read.
@@ -45,23 +42,14 @@ pub async fn get_unread_counts(
         .map(|s| parse_user_id(s, "user_ids"))
         .collect::<Result<Vec<_>, _>>()?;
     if user_ids.is_empty() || user_ids.len() > state.limits.max_read_users {
-        return Err(AppError::bad_parameter(
-            "user_ids",
-            format!("give 1 to {} user ids", state.limits.max_read_users),
-        ));
+        return Err(AppError::bad_parameter("user_ids", format!("give 1 to {} user ids", state.limits.max_read_users)));
     }
     let counts = unread_counts(&state.store, &state.db, &user_ids).await?;
     Ok(Json(UnreadCounts { counts }))
 }
 
 fn parse_user_id(raw: &str, field: &str) -> Result<u64, AppError> {
-    raw.parse::<u64>()
-        .ok()
-        .filter(|id| *id <= MAX_ID)
-        .ok_or_else(|| {
-            AppError::bad_parameter(
-                field,
-                format!("{raw:?} is not a user id (an integer from 0 to {MAX_ID})"),
-            )
-        })
+    raw.parse::<u64>().ok().filter(|id| *id <= MAX_ID).ok_or_else(|| {
+        AppError::bad_parameter(field, format!("{raw:?} is not a user id (an integer from 0 to {MAX_ID})"))
+    })
 }

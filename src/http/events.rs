@@ -3,7 +3,7 @@
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::State;
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use axum::Json;
 use tracing::info;
 
@@ -23,29 +23,30 @@ pub struct EventsResponse {
     pub noops: u64,
     /// The no-ops by reason, and the changes.
     pub outcomes: ApplyOutcome,
+    /// This request's `webhook-id` was applied before; the counts are those of that delivery.
+    pub replayed: bool,
 }
 
-/// Validates the whole batch, then applies it atomically.
+/// Checks the signature, validates the whole batch, then applies it atomically, once per `webhook-id`.
 pub async fn post_events(
     State(state): State<AppState>,
+    headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<EventsResponse>, AppError> {
     let body = body.map_err(|rejection| match rejection.status() {
-        StatusCode::PAYLOAD_TOO_LARGE => AppError::PayloadTooLarge {
-            limit: state.limits.max_body_bytes,
-        },
-        _ => AppError::BadRequest {
-            code: "unreadable_body",
-            message: rejection.body_text(),
-            field: None,
-        },
+        StatusCode::PAYLOAD_TOO_LARGE => AppError::PayloadTooLarge { limit: state.limits.max_body_bytes },
+        _ => AppError::BadRequest { code: "unreadable_body", message: rejection.body_text(), field: None },
     })?;
+    let webhook_id = state.auth.verify_webhook(&headers, &body)?;
     let events = parse_batch(&body, state.limits.max_batch_events)?;
-    let outcomes = state.store.apply(&events).await?;
+    let idempotency = webhook_id.map(|id| (id, state.limits.idempotency_ttl));
+    let applied = state.store.apply_once(&events, idempotency).await?;
+    let outcomes = applied.outcome;
     info!(
         received = events.len(),
         changed = outcomes.changed,
         noops = outcomes.noops(),
+        replayed = applied.replayed,
         "events applied"
     );
     Ok(Json(EventsResponse {
@@ -53,5 +54,6 @@ pub async fn post_events(
         changed: outcomes.changed,
         noops: outcomes.noops(),
         outcomes,
+        replayed: applied.replayed,
     }))
 }

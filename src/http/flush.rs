@@ -14,10 +14,5 @@ const WAIT_FOR_RUNNING_FLUSH: Duration = Duration::from_secs(20);
 
 /// Runs a flush, waiting for one already running, so the caller's earlier events are written on return.
 pub async fn post_flush(State(state): State<AppState>) -> Result<Json<FlushReport>, AppError> {
-    Ok(Json(
-        state
-            .flusher
-            .flush(WhenBusy::Wait(WAIT_FOR_RUNNING_FLUSH))
-            .await?,
-    ))
+    Ok(Json(state.flusher.flush(WhenBusy::Wait(WAIT_FOR_RUNNING_FLUSH)).await?))
 }

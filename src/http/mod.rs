@@ -2,12 +2,16 @@
 //!
 //! | method and path                          | file         |
 //! |------------------------------------------|--------------|
-//! | `POST /v1/events`                        | `events.rs`  |
+//! | `POST /v1/events` (signed)               | `events.rs`  |
 //! | `GET /v1/users/{user_id}/unread-count`   | `counts.rs`  |
 //! | `GET /v1/unread-counts?user_ids=1,2`     | `counts.rs`  |
 //! | `POST /v1/flush`                         | `flush.rs`   |
 //! | `GET /v1/status`, `GET /healthz`         | `status.rs`  |
+//!
+//! `auth.rs` holds the signature check and the bearer-token middleware: reads take the read
+//! token (when set), flush and status the admin token.
 
+pub mod auth;
 mod counts;
 mod events;
 mod flush;
@@ -15,7 +19,7 @@ mod status;
 
 use std::time::Duration;
 
-use axum::extract::{DefaultBodyLimit, Request};
+use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -29,32 +33,41 @@ use crate::error::AppError;
 pub fn router(state: AppState) -> Router {
     let max_body_bytes = state.limits.max_body_bytes;
     let request_timeout = state.limits.request_timeout;
-    Router::new()
-        .route("/v1/events", post(events::post_events))
-        .route(
-            "/v1/users/{user_id}/unread-count",
-            get(counts::get_unread_count),
-        )
+    // Events authenticate by signature, inside the handler (the signature covers the body).
+    let events = Router::new().route("/v1/events", post(events::post_events));
+    let reads = Router::new()
+        .route("/v1/users/{user_id}/unread-count", get(counts::get_unread_count))
         .route("/v1/unread-counts", get(counts::get_unread_counts))
+        .route_layer(middleware::from_fn_with_state(state.clone(), auth::require_read));
+    let admin = Router::new()
         .route("/v1/flush", post(flush::post_flush))
         .route("/v1/status", get(status::get_status))
+        .route_layer(middleware::from_fn_with_state(state.clone(), auth::require_admin));
+    Router::new()
+        .merge(events)
+        .merge(reads)
+        .merge(admin)
         .route("/healthz", get(status::get_healthz))
         .fallback(|| async { AppError::NotFound })
         .layer(DefaultBodyLimit::max(max_body_bytes))
-        .layer(middleware::from_fn(move |request: Request, next: Next| {
-            deadline(request, next, request_timeout)
-        }))
+        .layer(middleware::from_fn(move |request: Request, next: Next| deadline(request, next, request_timeout)))
+        .layer(middleware::from_fn_with_state(state.clone(), shed_load))
         .layer(TraceLayer::new_for_http())
         .with_state(state)
+}
+
+/// Answers 503 at once when `--max-concurrent-requests` are in flight: no unbounded queue.
+async fn shed_load(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    match state.in_flight.clone().try_acquire_owned() {
+        Ok(_permit) => next.run(request).await,
+        Err(_) => AppError::Overloaded.into_response(),
+    }
 }
 
 /// Answers 503 when a request outlives its deadline, in the common error shape.
 async fn deadline(request: Request, next: Next, limit: Duration) -> Response {
     match tokio::time::timeout(limit, next.run(request)).await {
         Ok(response) => response,
-        Err(_) => AppError::Unavailable {
-            dependency: "the request deadline",
-        }
-        .into_response(),
+        Err(_) => AppError::Unavailable { dependency: "the request deadline" }.into_response(),
     }
 }

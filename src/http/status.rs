@@ -29,9 +29,5 @@ pub async fn get_status(State(state): State<AppState>) -> Result<Json<Status>, A
     let pending_users = state.store.pending_users().await?;
     let open_batches = state.store.batch_ids().await?.len();
     let last_flush = state.db.run(queries::last_batch).await?;
-    Ok(Json(Status {
-        pending_users,
-        open_batches,
-        last_flush,
-    }))
+    Ok(Json(Status { pending_users, open_batches, last_flush }))
 }

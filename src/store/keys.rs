@@ -13,9 +13,7 @@ pub struct Keys {
 impl Keys {
     /// Keys under `prefix` (already validated: no braces).
     pub fn new(prefix: &str) -> Self {
-        Self {
-            tag: format!("{{{prefix}}}"),
-        }
+        Self { tag: format!("{{{prefix}}}") }
     }
 
     /// The shard of notification `id` and its index inside the shard.
@@ -46,6 +44,11 @@ impl Keys {
     /// Counts hand-offs; readers use it as a sequence lock.
     pub fn handoff_seq(&self) -> String {
         format!("{}:handoff_seq", self.tag)
+    }
+
+    /// Remembers a request's `webhook-id`, so a replay is answered as already applied.
+    pub fn webhook(&self, webhook_id: &str) -> String {
+        format!("{}:webhook:{webhook_id}", self.tag)
     }
 
     /// The cross-process flush lock.

@@ -35,10 +35,7 @@ impl StoreError {
     pub fn is_unavailable(&self) -> bool {
         match self {
             StoreError::Redis(e) => {
-                e.is_io_error()
-                    || e.is_timeout()
-                    || e.is_connection_refusal()
-                    || e.is_connection_dropped()
+                e.is_io_error() || e.is_timeout() || e.is_connection_refusal() || e.is_connection_dropped()
             }
             StoreError::Unexpected(_) => false,
         }
@@ -66,6 +63,15 @@ impl ApplyOutcome {
     pub fn noops(&self) -> u64 {
         self.recorded + self.duplicate + self.stale + self.after_delete
     }
+}
+
+/// The result of [`Store::apply_once`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Applied {
+    /// What the events did (for a replay: what they did the first time).
+    pub outcome: ApplyOutcome,
+    /// The request's idempotency key was seen before: nothing was applied now.
+    pub replayed: bool,
 }
 
 /// What Redis holds for some users that the database does not have yet (see [`crate::counts`]).
@@ -116,11 +122,7 @@ impl Store {
             .set_response_timeout(Some(REDIS_RESPONSE_TIMEOUT))
             .set_number_of_retries(1);
         let conn = ConnectionManager::new_lazy_with_config(client, config)?;
-        Ok(Self {
-            conn,
-            keys: Keys::new(prefix),
-            scripts: scripts(),
-        })
+        Ok(Self { conn, keys: Keys::new(prefix), scripts: scripts() })
     }
 
     /// The key layout of this store.
@@ -136,41 +138,41 @@ impl Store {
     }
 
     /// Applies a validated batch of events in one atomic script.
-    #[instrument(skip_all, fields(events = events.len()))]
     pub async fn apply(&self, events: &[Event]) -> Result<ApplyOutcome, StoreError> {
-        if events.is_empty() {
-            return Ok(ApplyOutcome::default());
-        }
+        Ok(self.apply_once(events, None).await?.outcome)
+    }
+
+    /// Applies a batch unless a request with the same idempotency key (its `webhook-id`) was
+    /// applied within `ttl`; then answers with that first delivery's outcome. The check, the
+    /// transitions and remembering the key are one atomic script.
+    #[instrument(skip_all, fields(events = events.len()))]
+    pub async fn apply_once(
+        &self,
+        events: &[Event],
+        idempotency: Option<(&str, Duration)>,
+    ) -> Result<Applied, StoreError> {
         let mut invocation = self.scripts.apply_events.prepare_invoke();
-        invocation.key(self.keys.pending());
-        // KEYS[1] is the pending set; each distinct shard gets the next key index.
+        let (key_id, ttl) = idempotency.unwrap_or(("", Duration::ZERO));
+        invocation.key(self.keys.pending()).key(self.keys.webhook(key_id)).arg(ttl.as_secs());
+        // KEYS[1] and KEYS[2] are taken; each distinct shard gets the next key index.
         let mut shard_index: HashMap<u64, usize> = HashMap::new();
         for event in events {
             let (shard, index_in_shard) = Keys::state_slot(event.notification_id);
-            let next = shard_index.len() + 2;
+            let next = shard_index.len() + 3;
             let key_index = *shard_index.entry(shard).or_insert_with(|| {
                 invocation.key(self.keys.state(shard));
                 next
             });
-            invocation
-                .arg(op_code(event))
-                .arg(key_index)
-                .arg(index_in_shard)
-                .arg(event.user_id);
+            invocation.arg(op_code(event)).arg(key_index).arg(index_in_shard).arg(event.user_id);
         }
         let mut conn = self.conn.clone();
         let counts: Vec<u64> = invocation.invoke_async(&mut conn).await?;
         match counts[..] {
-            [changed, recorded, duplicate, stale, after_delete] => Ok(ApplyOutcome {
-                changed,
-                recorded,
-                duplicate,
-                stale,
-                after_delete,
+            [changed, recorded, duplicate, stale, after_delete, replayed] => Ok(Applied {
+                outcome: ApplyOutcome { changed, recorded, duplicate, stale, after_delete },
+                replayed: replayed == 1,
             }),
-            _ => Err(StoreError::Unexpected(format!(
-                "apply_events returned {counts:?}"
-            ))),
+            _ => Err(StoreError::Unexpected(format!("apply_events returned {counts:?}"))),
         }
     }
 
@@ -186,8 +188,7 @@ impl Store {
             invocation.arg(*user);
         }
         let mut conn = self.conn.clone();
-        let (seq, batch_ids, rows): (u64, Vec<String>, Vec<Vec<String>>) =
-            invocation.invoke_async(&mut conn).await?;
+        let (seq, batch_ids, rows): (u64, Vec<String>, Vec<Vec<String>>) = invocation.invoke_async(&mut conn).await?;
         let deltas = rows
             .iter()
             .map(|row| {
@@ -197,15 +198,9 @@ impl Store {
             })
             .collect::<Result<Vec<_>, StoreError>>()?;
         if deltas.len() != user_ids.len() {
-            return Err(StoreError::Unexpected(
-                "read_pending returned the wrong number of rows".into(),
-            ));
+            return Err(StoreError::Unexpected("read_pending returned the wrong number of rows".into()));
         }
-        Ok(PendingSnapshot {
-            handoff_seq: seq,
-            batch_ids,
-            deltas,
-        })
+        Ok(PendingSnapshot { handoff_seq: seq, batch_ids, deltas })
     }
 
     /// The current hand-off sequence number.
@@ -247,22 +242,16 @@ impl Store {
     }
 
     /// Users `start..start + count` of a batch (by rank: the batch no longer changes) with their deltas.
-    pub async fn batch_chunk(
-        &self,
-        batch_id: &str,
-        start: usize,
-        count: usize,
-    ) -> Result<Vec<(u64, i64)>, StoreError> {
+    pub async fn batch_chunk(&self, batch_id: &str, start: usize, count: usize) -> Result<Vec<(u64, i64)>, StoreError> {
         let mut conn = self.conn.clone();
         let stop = (start + count) as isize - 1;
-        let rows: Vec<(String, String)> = conn
-            .zrange_withscores(self.keys.batch(batch_id), start as isize, stop)
-            .await?;
+        let rows: Vec<(String, String)> =
+            conn.zrange_withscores(self.keys.batch(batch_id), start as isize, stop).await?;
         rows.iter()
             .map(|(user, score)| {
-                let user = user.parse::<u64>().map_err(|_| {
-                    StoreError::Unexpected(format!("batch member {user:?} is not a user id"))
-                })?;
+                let user = user
+                    .parse::<u64>()
+                    .map_err(|_| StoreError::Unexpected(format!("batch member {user:?} is not a user id")))?;
                 Ok((user, parse_score(score)?))
             })
             .collect()
@@ -299,13 +288,7 @@ impl Store {
     /// Releases the flush lock if `token` still holds it.
     pub async fn release_flush_lock(&self, token: &str) -> Result<(), StoreError> {
         let mut conn = self.conn.clone();
-        let _: i64 = self
-            .scripts
-            .release_lock
-            .key(self.keys.flush_lock())
-            .arg(token)
-            .invoke_async(&mut conn)
-            .await?;
+        let _: i64 = self.scripts.release_lock.key(self.keys.flush_lock()).arg(token).invoke_async(&mut conn).await?;
         Ok(())
     }
 }

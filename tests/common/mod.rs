@@ -11,8 +11,7 @@ use diesel::{Connection, PgConnection, RunQueryDsl};
 
 /// The PostgreSQL server tests use; each test works in a schema of its own there.
 pub fn postgres_url() -> String {
-    std::env::var("COUNTERSINK_TEST_POSTGRES_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
+    std::env::var("COUNTERSINK_TEST_POSTGRES_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
 }
 
 /// The Redis server tests use; each test works under a key prefix of its own there.
@@ -39,9 +38,7 @@ impl TestEnv {
     pub async fn postgres() -> TestEnv {
         let name = unique_name();
         let mut admin = PgConnection::establish(&postgres_url()).unwrap();
-        diesel::sql_query(format!("CREATE SCHEMA {name}"))
-            .execute(&mut admin)
-            .unwrap();
+        diesel::sql_query(format!("CREATE SCHEMA {name}")).execute(&mut admin).unwrap();
         // libpq's `options` puts every pooled connection in the test's schema.
         let url = format!("{}?options=-csearch_path%3D{name}", postgres_url());
         Self::migrated(name.clone(), url, Some(name), None).await
@@ -60,18 +57,8 @@ impl TestEnv {
         vec![Self::postgres().await, Self::sqlite().await]
     }
 
-    async fn migrated(
-        name: String,
-        url: String,
-        schema: Option<String>,
-        dir: Option<tempfile::TempDir>,
-    ) -> TestEnv {
-        let env = TestEnv {
-            core: core_config(&name, &url),
-            name,
-            schema,
-            _sqlite_dir: dir,
-        };
+    async fn migrated(name: String, url: String, schema: Option<String>, dir: Option<tempfile::TempDir>) -> TestEnv {
+        let env = TestEnv { core: core_config(&name, &url), name, schema, _sqlite_dir: dir };
         env.state().db.migrate().await.unwrap();
         env
     }
@@ -88,10 +75,7 @@ impl TestEnv {
 
     /// A Redis connection for inspecting or breaking this test's keys.
     pub fn redis(&self) -> redis::Connection {
-        redis::Client::open(redis_url())
-            .unwrap()
-            .get_connection()
-            .unwrap()
+        redis::Client::open(redis_url()).unwrap().get_connection().unwrap()
     }
 
     /// Every key this test holds in Redis, sorted.
@@ -138,8 +122,7 @@ impl Drop for TestEnv {
         }
         if let Some(schema) = &self.schema {
             if let Ok(mut admin) = PgConnection::establish(&postgres_url()) {
-                let _ =
-                    diesel::sql_query(format!("DROP SCHEMA {schema} CASCADE")).execute(&mut admin);
+                let _ = diesel::sql_query(format!("DROP SCHEMA {schema} CASCADE")).execute(&mut admin);
             }
         }
     }

@@ -1,0 +1,182 @@
+//! The trust boundary: signed events, replays, bearer tokens, load shedding and slow bodies.
+//! Every rejection must leave Redis untouched: no state, no pending delta, no idempotency key.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use axum::body::{Body, Bytes};
+use axum::http::{Request, StatusCode};
+use axum::Router;
+use common::TestEnv;
+use countersink::app::{AppState, Limits};
+use countersink::http::auth::{Auth, BearerToken};
+use countersink::webhook::WebhookSecret;
+use futures_util::StreamExt;
+use http_body_util::BodyExt;
+use serde_json::{json, Value};
+use tower::ServiceExt;
+
+const ADMIN: &str = "admin-token-0123456789";
+const READ: &str = "read-token-0123456789";
+
+fn secret() -> WebhookSecret {
+    WebhookSecret::from_key(b"the current webhook secret key")
+}
+
+fn old_secret() -> WebhookSecret {
+    WebhookSecret::from_key(b"the previous webhook secret key")
+}
+
+fn secured(state: AppState) -> Router {
+    let auth = Auth {
+        webhook_secrets: vec![secret(), old_secret()],
+        admin_token: Some(BearerToken::new(ADMIN)),
+        read_token: Some(BearerToken::new(READ)),
+    };
+    countersink::http::router(state.with_auth(auth))
+}
+
+fn now() -> i64 {
+    chrono::Utc::now().timestamp()
+}
+
+fn body() -> String {
+    json!([{"kind": "post_save", "notification_id": 1, "user_id": 2, "unread": true, "created": true}]).to_string()
+}
+
+/// A request signed with `signer` as the Standard Webhooks scheme says.
+fn signed(signer: &WebhookSecret, id: &str, timestamp: i64, body: &str) -> Request<Body> {
+    Request::post("/v1/events")
+        .header("webhook-id", id)
+        .header("webhook-timestamp", timestamp.to_string())
+        .header("webhook-signature", signer.sign(id, timestamp, body.as_bytes()))
+        .body(Body::from(body.to_string()))
+        .unwrap()
+}
+
+async fn send(app: &Router, request: Request<Body>) -> (StatusCode, Value) {
+    let response = app.clone().oneshot(request).await.unwrap();
+    let status = response.status();
+    let bytes = response.into_body().collect().await.unwrap().to_bytes();
+    (status, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
+}
+
+fn get(uri: &str, token: Option<&str>) -> Request<Body> {
+    let builder = Request::get(uri);
+    let builder = match token {
+        Some(token) => builder.header("authorization", format!("Bearer {token}")),
+        None => builder,
+    };
+    builder.body(Body::empty()).unwrap()
+}
+
+#[tokio::test]
+async fn unsigned_forged_stale_and_future_events_are_refused_and_change_nothing() {
+    let env = TestEnv::sqlite().await;
+    let app = secured(env.state());
+    let forger = WebhookSecret::from_key(b"a secret the sender does not have");
+    let mut tampered = signed(&secret(), "msg_1", now(), &body());
+    *tampered.body_mut() = Body::from(body().replace("\"unread\":true", "\"unread\":false"));
+    let cases = [
+        ("unsigned", Request::post("/v1/events").body(Body::from(body())).unwrap()),
+        ("forged", signed(&forger, "msg_1", now(), &body())),
+        ("tampered body", tampered),
+        ("stale", signed(&secret(), "msg_1", now() - 301, &body())),
+        ("future-dated", signed(&secret(), "msg_1", now() + 301, &body())),
+        ("id with a space", signed(&secret(), "msg 1", now(), &body())),
+    ];
+    for (what, request) in cases {
+        let (status, answer) = send(&app, request).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "{what}: {answer}");
+        assert_eq!(answer["error"]["code"], "unauthorized", "{what}");
+        assert!(!answer.to_string().contains("webhook secret key"), "{what}: the secret leaked");
+    }
+    assert_eq!(env.redis_keys(), Vec::<String>::new(), "a refused request applied something");
+}
+
+#[tokio::test]
+async fn signed_events_apply_once_per_webhook_id_with_either_rotated_secret() {
+    let env = TestEnv::sqlite().await;
+    let app = secured(env.state());
+    let (status, first) = send(&app, signed(&secret(), "msg_a", now(), &body())).await;
+    assert_eq!(status, StatusCode::OK, "{first}");
+    assert_eq!((first["changed"].as_u64(), first["replayed"].as_bool()), (Some(1), Some(false)));
+
+    // The same delivery again (a sender's retry): answered as already applied.
+    let (status, replay) = send(&app, signed(&secret(), "msg_a", now(), &body())).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!((replay["changed"].as_u64(), replay["replayed"].as_bool()), (Some(1), Some(true)));
+
+    // The old secret still verifies during a rotation.
+    let read_it = json!([{"kind": "post_save", "notification_id": 1, "user_id": 2, "unread": false}]).to_string();
+    let (status, answer) = send(&app, signed(&old_secret(), "msg_b", now(), &read_it)).await;
+    assert_eq!((status, answer["changed"].as_u64()), (StatusCode::OK, Some(1)));
+
+    let (_, count) = send(&app, get("/v1/users/2/unread-count", Some(READ))).await;
+    assert_eq!(count["unread_count"], 0);
+    assert!(env.redis_keys().iter().any(|k| k.ends_with(":webhook:msg_a")));
+}
+
+#[tokio::test]
+async fn admin_and_read_endpoints_require_their_tokens() {
+    let env = TestEnv::sqlite().await;
+    let app = secured(env.state());
+    for (request, want) in [
+        (Request::post("/v1/flush").body(Body::empty()).unwrap(), StatusCode::UNAUTHORIZED),
+        (get("/v1/status", None), StatusCode::UNAUTHORIZED),
+        (get("/v1/status", Some(READ)), StatusCode::UNAUTHORIZED),
+        (get("/v1/status", Some(ADMIN)), StatusCode::OK),
+        (
+            Request::post("/v1/flush").header("authorization", format!("Bearer {ADMIN}")).body(Body::empty()).unwrap(),
+            StatusCode::OK,
+        ),
+        (get("/v1/users/2/unread-count", None), StatusCode::UNAUTHORIZED),
+        (get("/v1/users/2/unread-count", Some("not-the-read-token")), StatusCode::UNAUTHORIZED),
+        (get("/v1/users/2/unread-count", Some(READ)), StatusCode::OK),
+        (get("/v1/unread-counts?user_ids=2", Some(ADMIN)), StatusCode::OK),
+        (get("/healthz", None), StatusCode::OK),
+    ] {
+        let uri = request.uri().to_string();
+        let (status, answer) = send(&app, request).await;
+        assert_eq!(status, want, "{uri}: {answer}");
+        if status == StatusCode::UNAUTHORIZED {
+            assert!(!answer.to_string().contains(ADMIN) && !answer.to_string().contains(READ));
+        }
+    }
+}
+
+#[tokio::test]
+async fn requests_beyond_the_concurrency_cap_are_shed_with_503() {
+    let env = TestEnv::sqlite().await;
+    let state = env.state().with_limits(Limits { max_concurrent_requests: 1, ..Limits::default() });
+    let app = countersink::http::router(state);
+    // Another process holds the flush lock, so this flush waits and keeps its permit.
+    let mut redis = env.redis();
+    let _: () = redis::Commands::set(&mut redis, env.key("flush_lock"), "someone-else").unwrap();
+    let waiting = tokio::spawn({
+        let app = app.clone();
+        async move { send(&app, Request::post("/v1/flush").body(Body::empty()).unwrap()).await }
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let response = app.clone().oneshot(Request::post("/v1/events").body(Body::from(body())).unwrap()).await.unwrap();
+    assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(response.headers().get("retry-after").map(|v| v.to_str().unwrap()), Some("1"));
+    let _: () = redis::Commands::del(&mut redis, env.key("flush_lock")).unwrap();
+    assert_eq!(waiting.await.unwrap().0, StatusCode::OK);
+    assert!(env.redis_keys().iter().all(|k| !k.contains(":state:")), "the shed request applied something");
+}
+
+#[tokio::test]
+async fn a_body_that_never_finishes_meets_the_request_deadline() {
+    let env = TestEnv::sqlite().await;
+    let state = env.state().with_limits(Limits { request_timeout: Duration::from_millis(500), ..Limits::default() });
+    let app = countersink::http::router(state);
+    let first = Bytes::from(body()[..20].to_string());
+    let stalled = futures_util::stream::iter([Ok::<_, std::io::Error>(first)]).chain(futures_util::stream::pending());
+    let request = Request::post("/v1/events").body(Body::from_stream(stalled)).unwrap();
+    let (status, answer) = tokio::time::timeout(Duration::from_secs(5), send(&app, request)).await.unwrap();
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{answer}");
+    assert_eq!(env.redis_keys(), Vec::<String>::new());
+}
