@@ -20,16 +20,11 @@ use diesel::{Connection, PgConnection, RunQueryDsl};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let users: u64 = std::env::args()
-        .nth(1)
-        .map(|s| s.parse())
-        .transpose()
-        .context("users must be a number")?
-        .unwrap_or(1_000_000);
+    let users: u64 =
+        std::env::args().nth(1).map(|s| s.parse()).transpose().context("users must be a number")?.unwrap_or(1_000_000);
     let postgres = std::env::var("COUNTERSINK_TEST_POSTGRES_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
-    let redis_url = std::env::var("COUNTERSINK_TEST_REDIS_URL")
-        .unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+    let redis_url = std::env::var("COUNTERSINK_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
     let name = format!("csbench_{:08x}", rand::random::<u32>());
 
     let mut admin = PgConnection::establish(&postgres)?;
@@ -42,15 +37,15 @@ async fn main() -> anyhow::Result<()> {
         db_timeout_secs: 10,
         flush_chunk_users: 5_000,
         flush_lock_ttl_secs: 600,
+        source: countersink::source::SourceConfig::default(),
         log_format: LogFormat::Text,
     };
     let result = run(&core, users).await;
 
     diesel::sql_query(format!("DROP SCHEMA {name} CASCADE")).execute(&mut admin)?;
     let mut redis = redis::Client::open(redis_url)?.get_connection()?;
-    let keys: Vec<String> = redis::Commands::scan_match(&mut redis, format!("{{{name}}}:*"))?
-        .filter_map(Result::ok)
-        .collect();
+    let keys: Vec<String> =
+        redis::Commands::scan_match(&mut redis, format!("{{{name}}}:*"))?.filter_map(Result::ok).collect();
     if !keys.is_empty() {
         redis::Commands::del::<_, ()>(&mut redis, keys)?;
     }
@@ -72,17 +67,10 @@ async fn run(core: &CoreConfig, users: u64) -> anyhow::Result<()> {
     let rss_before = status_kib("VmRSS")?;
     reset_peak_rss()?;
     let started = Instant::now();
-    let report = state
-        .flusher
-        .flush(WhenBusy::Wait(Duration::from_secs(60)))
-        .await?;
+    let report = state.flusher.flush(WhenBusy::Wait(Duration::from_secs(60))).await?;
     let elapsed = started.elapsed();
     let peak = status_kib("VmHWM")?;
-    anyhow::ensure!(
-        report.users_written == users,
-        "flushed {} users, expected {users}",
-        report.users_written
-    );
+    anyhow::ensure!(report.users_written == users, "flushed {} users, expected {users}", report.users_written);
     println!(
         "flushed {users} users in {:.2} s: {:.0} users/s",
         elapsed.as_secs_f64(),
@@ -102,14 +90,7 @@ fn status_kib(field: &str) -> anyhow::Result<u64> {
     let status = std::fs::read_to_string("/proc/self/status")?;
     status
         .lines()
-        .find_map(|line| {
-            line.strip_prefix(field)?
-                .trim_start_matches(':')
-                .trim()
-                .strip_suffix(" kB")?
-                .parse()
-                .ok()
-        })
+        .find_map(|line| line.strip_prefix(field)?.trim_start_matches(':').trim().strip_suffix(" kB")?.parse().ok())
         .with_context(|| format!("no {field} in /proc/self/status"))
 }
 

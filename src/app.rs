@@ -7,6 +7,7 @@ use crate::config::{CoreConfig, ServeConfig};
 use crate::db::Db;
 use crate::flush::Flusher;
 use crate::http::auth::Auth;
+use crate::reconcile::Reconciler;
 use crate::store::Store;
 
 /// Everything a handler needs. Cheap to clone.
@@ -18,6 +19,8 @@ pub struct AppState {
     pub db: Db,
     /// Runs flushes; shared so HTTP, the scheduler and shutdown use one local lock.
     pub flusher: Flusher,
+    /// Recounts users from the Notification table.
+    pub reconciler: Reconciler,
     /// The HTTP limits.
     pub limits: Arc<Limits>,
     /// Who may call what.
@@ -82,6 +85,7 @@ impl AppState {
             core.flush_chunk_users,
             Duration::from_secs(core.flush_lock_ttl_secs),
         );
+        let reconciler = Reconciler::new(store.clone(), db.clone(), flusher.clone(), core.source.resolve()?);
         let limits = serve.map(Limits::from).unwrap_or_default();
         let auth = match serve {
             Some(serve) => Auth::from_config(serve)?,
@@ -91,6 +95,7 @@ impl AppState {
             store,
             db,
             flusher,
+            reconciler,
             in_flight: Arc::new(tokio::sync::Semaphore::new(limits.max_concurrent_requests)),
             limits: Arc::new(limits),
             auth: Arc::new(auth),

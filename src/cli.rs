@@ -3,13 +3,14 @@
 use std::time::Duration;
 
 use anyhow::Context;
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 use tokio::net::TcpListener;
 use tracing::{info, warn};
 
 use crate::app::AppState;
 use crate::config::{CoreConfig, LogFormat, ServeConfig};
 use crate::flush::WhenBusy;
+use crate::schedule::Schedules;
 use crate::{http, schedule};
 
 /// How long `countersink flush` waits for a flush already running elsewhere.
@@ -38,6 +39,24 @@ pub enum Command {
     /// Flush pending deltas into the count table now, print what was written, and exit
     /// (the manage.py-style trigger; safe beside a running service).
     Flush,
+    /// Recount users from the Notification table, repair any drift, print what was wrong, and
+    /// exit (safe beside a running service). Needs --source-table.
+    Reconcile(ReconcileArgs),
+}
+
+/// Which users `countersink reconcile` recounts.
+#[derive(Debug, Args)]
+#[group(required = true, multiple = false)]
+pub struct ReconcileArgs {
+    /// A user to recount; repeat for several.
+    #[arg(long = "user", value_name = "USER_ID")]
+    pub users: Vec<u64>,
+    /// Every user with a notification or a stored count.
+    #[arg(long)]
+    pub all: bool,
+    /// With --all: users per second at most (0: no limit), to spare the database.
+    #[arg(long, default_value_t = 2_000, requires = "all")]
+    pub rate: u32,
 }
 
 impl Cli {
@@ -59,6 +78,7 @@ impl Cli {
                 );
                 Ok(())
             }
+            Command::Reconcile(args) => run_reconcile(&self.core, args).await,
             Command::Flush => {
                 let state = AppState::new(&self.core, None)?;
                 let report = state.flusher.flush(WhenBusy::Wait(CLI_FLUSH_WAIT)).await.context("flushing")?;
@@ -76,7 +96,8 @@ impl Cli {
 
 async fn run_serve(core: &CoreConfig, serve: ServeConfig) -> anyhow::Result<()> {
     serve.validate()?;
-    schedule::validate_cron(&serve.flush_cron)?;
+    schedule::validate_cron(&serve.flush_cron, "--flush-cron", "COUNTERSINK_FLUSH_CRON")?;
+    schedule::validate_cron(&serve.reconcile_cron, "--reconcile-cron", "COUNTERSINK_RECONCILE_CRON")?;
     let state = AppState::new(core, Some(&serve))?;
     if state.auth.is_open() {
         warn!(listen = %serve.listen, "running without a webhook secret or an admin token (--insecure-no-auth): anyone who reaches the port can change counts");
@@ -90,7 +111,18 @@ async fn run_serve(core: &CoreConfig, serve: ServeConfig) -> anyhow::Result<()> 
     if let Err(e) = state.store.ping().await {
         warn!(error = %e, "redis is not reachable yet; events will be answered 503 until it is");
     }
-    let mut scheduler = schedule::start(&serve.flush_cron, state.flusher.clone()).await?;
+    if state.reconciler.is_configured() {
+        state.reconciler.check_source().await.context("checking the Notification table (--source-*)")?;
+        tokio::spawn(recount_worker(state.clone()));
+    } else if serve.reconcile_cron != schedule::CRON_OFF {
+        anyhow::bail!("--reconcile-cron (COUNTERSINK_RECONCILE_CRON) needs --source-table (COUNTERSINK_SOURCE_TABLE)");
+    }
+    let schedules = Schedules {
+        flush_cron: serve.flush_cron.clone(),
+        reconcile_cron: serve.reconcile_cron.clone(),
+        reconcile_rate: serve.reconcile_rate,
+    };
+    let mut scheduler = schedule::start(&schedules, state.flusher.clone(), state.reconciler.clone()).await?;
     let router = http::router(state);
     let listener = TcpListener::bind(serve.listen).await.with_context(|| format!("binding {}", serve.listen))?;
     info!(address = %listener.local_addr()?, "listening");
@@ -99,6 +131,46 @@ async fn run_serve(core: &CoreConfig, serve: ServeConfig) -> anyhow::Result<()> 
         scheduler.shutdown().await?;
     }
     info!("stopped");
+    Ok(())
+}
+
+/// How often queued recounts (from `recount` events) are taken.
+const RECOUNT_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Recounts the users that `recount` events asked for, coalesced, once a second.
+async fn recount_worker(state: AppState) {
+    loop {
+        tokio::time::sleep(RECOUNT_INTERVAL).await;
+        if let Err(e) = state.reconciler.run_queued_recounts().await {
+            // The taken users stay taken and are retried on the next round.
+            warn!(error = %e, "queued recounts failed; retrying");
+        }
+    }
+}
+
+async fn run_reconcile(core: &CoreConfig, args: ReconcileArgs) -> anyhow::Result<()> {
+    let state = AppState::new(core, None)?;
+    state.reconciler.check_source().await.context("checking the Notification table (--source-*)")?;
+    let report = if args.all {
+        let mut last_line = std::time::Instant::now();
+        state
+            .reconciler
+            .reconcile_all(args.rate, |report| {
+                if last_line.elapsed() >= Duration::from_secs(2) {
+                    last_line = std::time::Instant::now();
+                    let rate = report.users_checked as f64 / (report.duration_ms.max(1) as f64 / 1000.0);
+                    eprintln!(
+                        "reconcile: {} users checked, {} drifted, {rate:.0} users/s",
+                        report.users_checked,
+                        report.drift.len()
+                    );
+                }
+            })
+            .await?
+    } else {
+        state.reconciler.reconcile_users(&args.users).await?
+    };
+    println!("{}", serde_json::to_string_pretty(&report)?);
     Ok(())
 }
 

@@ -10,6 +10,7 @@ use std::time::Duration;
 use clap::{Args, ValueEnum};
 
 use crate::db::Backend;
+use crate::source::SourceConfig;
 
 /// The most users a flush writes in one `INSERT ... ON CONFLICT` statement.
 ///
@@ -51,6 +52,10 @@ pub struct CoreConfig {
     #[arg(long, global = true, env = "COUNTERSINK_FLUSH_LOCK_TTL_SECS", default_value_t = 300)]
     pub flush_lock_ttl_secs: u64,
 
+    /// Where the Notification table is, for reconcile and recounts.
+    #[command(flatten)]
+    pub source: SourceConfig,
+
     /// Log format: `text` for people, `json` for log shippers.
     #[arg(long, global = true, env = "COUNTERSINK_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -76,6 +81,15 @@ pub struct ServeConfig {
     /// or `off` to flush only on demand.
     #[arg(long, env = "COUNTERSINK_FLUSH_CRON", default_value = "*/10 * * * * *")]
     pub flush_cron: String,
+
+    /// When the scheduled reconcile of all users runs (cron with seconds), or `off`. It needs
+    /// --source-table and walks users at --reconcile-rate; drift found is logged.
+    #[arg(long, env = "COUNTERSINK_RECONCILE_CRON", default_value = "off")]
+    pub reconcile_cron: String,
+
+    /// Users per second a reconcile of all users checks at most (0: no limit).
+    #[arg(long, env = "COUNTERSINK_RECONCILE_RATE", default_value_t = 2_000)]
+    pub reconcile_rate: u32,
 
     /// Apply pending database migrations at start-up (`countersink migrate` does it on its own).
     #[arg(long, env = "COUNTERSINK_MIGRATE_ON_START", default_value_t = true, action = clap::ArgAction::Set)]
@@ -188,6 +202,7 @@ impl CoreConfig {
                 format!("must be from 1 to {MAX_FLUSH_CHUNK_USERS}"),
             ));
         }
+        self.source.resolve()?;
         if self.flush_lock_ttl_secs < 10 {
             return Err(ConfigError::new(
                 "--flush-lock-ttl-secs",

@@ -21,6 +21,7 @@ use crate::counts::ReadError;
 use crate::db::DbError;
 use crate::events::EventError;
 use crate::flush::FlushError;
+use crate::reconcile::ReconcileError;
 use crate::store::StoreError;
 
 /// Seconds a client should wait before retrying after a 503.
@@ -152,6 +153,17 @@ impl From<ReadError> for AppError {
             ReadError::Store(e) => e.into(),
             ReadError::Db(e) => e.into(),
             ReadError::Contended => AppError::Unavailable { dependency: "flush" },
+        }
+    }
+}
+
+impl From<ReconcileError> for AppError {
+    fn from(e: ReconcileError) -> Self {
+        match e {
+            ReconcileError::NotConfigured => AppError::Conflict(e.to_string()),
+            ReconcileError::Store(e) => e.into(),
+            ReconcileError::Db(e) => e.into(),
+            ReconcileError::Flush(e) => e.into(),
         }
     }
 }

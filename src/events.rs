@@ -7,6 +7,10 @@
 //!  "occurred_at": "2026-11-22T10:00:00Z"}
 //! ```
 //!
+//! A third kind, `{"kind": "recount", "user_id": 42}`, says that a user's notifications changed
+//! through a path that sends no signal (`QuerySet.update()`, bulk writes, raw SQL): the sidecar
+//! recounts that user from the Notification table.
+//!
 //! The whole batch is validated before anything is applied; the first problem is reported
 //! with the event's index and the field, and nothing of that request is applied.
 
@@ -54,6 +58,33 @@ impl Event {
     }
 }
 
+/// A validated request body: transitions to apply, and users to recount.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Batch {
+    /// `post_save` and `post_delete` events, in order.
+    pub transitions: Vec<Event>,
+    /// Users named by `recount` events.
+    pub recounts: Vec<u64>,
+}
+
+impl Batch {
+    /// Events in the request.
+    pub fn len(&self) -> usize {
+        self.transitions.len() + self.recounts.len()
+    }
+
+    /// Whether the request held no event.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// One parsed event object.
+enum Parsed {
+    Transition(Event),
+    Recount(u64),
+}
+
 /// Why a request body was rejected.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum EventError {
@@ -98,10 +129,10 @@ impl EventError {
 }
 
 /// Parses and validates a request body holding one event or an array of at most `max_events`.
-pub fn parse_batch(body: &[u8], max_events: usize) -> Result<Vec<Event>, EventError> {
+pub fn parse_batch(body: &[u8], max_events: usize) -> Result<Batch, EventError> {
     let value: Value = serde_json::from_slice(body).map_err(|e| EventError::Malformed(e.to_string()))?;
-    match value {
-        Value::Object(object) => Ok(vec![parse_event(&object, None)?]),
+    let parsed = match value {
+        Value::Object(object) => vec![parse_event(&object, None)?],
         Value::Array(items) => {
             if items.is_empty() {
                 return Err(EventError::Empty { max: max_events });
@@ -116,25 +147,36 @@ pub fn parse_batch(body: &[u8], max_events: usize) -> Result<Vec<Event>, EventEr
                     Value::Object(object) => parse_event(object, Some(index)),
                     _ => Err(field_error(Some(index), None, "must be an event object")),
                 })
-                .collect()
+                .collect::<Result<Vec<_>, _>>()?
         }
-        _ => Err(EventError::NotAnEventOrArray),
+        _ => return Err(EventError::NotAnEventOrArray),
+    };
+    let mut batch = Batch::default();
+    for event in parsed {
+        match event {
+            Parsed::Transition(event) => batch.transitions.push(event),
+            Parsed::Recount(user) => batch.recounts.push(user),
+        }
     }
+    Ok(batch)
 }
 
 const KNOWN_FIELDS: [&str; 6] = ["kind", "notification_id", "user_id", "unread", "created", "occurred_at"];
 
-fn parse_event(object: &Map<String, Value>, index: Option<usize>) -> Result<Event, EventError> {
+fn parse_event(object: &Map<String, Value>, index: Option<usize>) -> Result<Parsed, EventError> {
+    let kind = match object.get("kind") {
+        Some(Value::String(s)) if s == "post_save" => EventKind::PostSave,
+        Some(Value::String(s)) if s == "post_delete" => EventKind::PostDelete,
+        Some(Value::String(s)) if s == "recount" => return parse_recount(object, index),
+        Some(_) => {
+            return Err(field_error(index, Some("kind"), "must be \"post_save\", \"post_delete\" or \"recount\""))
+        }
+        None => return Err(field_error(index, Some("kind"), "is required")),
+    };
     // Unknown fields are rejected: a misspelt `unread` must not silently count as "read".
     if let Some(unknown) = object.keys().find(|k| !KNOWN_FIELDS.contains(&k.as_str())) {
         return Err(field_error(index, Some(unknown), "unknown field"));
     }
-    let kind = match object.get("kind") {
-        Some(Value::String(s)) if s == "post_save" => EventKind::PostSave,
-        Some(Value::String(s)) if s == "post_delete" => EventKind::PostDelete,
-        Some(_) => return Err(field_error(index, Some("kind"), "must be \"post_save\" or \"post_delete\"")),
-        None => return Err(field_error(index, Some("kind"), "is required")),
-    };
     let notification_id = parse_id(object, index, "notification_id")?;
     let user_id = parse_id(object, index, "user_id")?;
     let unread = parse_bool(object, index, "unread")?;
@@ -156,7 +198,14 @@ fn parse_event(object: &Map<String, Value>, index: Option<usize>) -> Result<Even
         ),
         Some(_) => return Err(field_error(index, Some("occurred_at"), "must be an RFC 3339 timestamp string")),
     };
-    Ok(Event { kind, notification_id, user_id, unread, created, occurred_at })
+    Ok(Parsed::Transition(Event { kind, notification_id, user_id, unread, created, occurred_at }))
+}
+
+fn parse_recount(object: &Map<String, Value>, index: Option<usize>) -> Result<Parsed, EventError> {
+    if let Some(unknown) = object.keys().find(|k| !["kind", "user_id", "occurred_at"].contains(&k.as_str())) {
+        return Err(field_error(index, Some(unknown), "unknown field for recount (it takes user_id)"));
+    }
+    Ok(Parsed::Recount(parse_id(object, index, "user_id")?))
 }
 
 fn parse_id(object: &Map<String, Value>, index: Option<usize>, name: &'static str) -> Result<u64, EventError> {
@@ -197,7 +246,18 @@ mod tests {
     use super::*;
 
     fn parse(body: &str) -> Result<Vec<Event>, EventError> {
-        parse_batch(body.as_bytes(), 1_000)
+        parse_batch(body.as_bytes(), 1_000).map(|batch| batch.transitions)
+    }
+
+    #[test]
+    fn recount_names_a_user_and_nothing_else() {
+        let body = r#"[{"kind":"recount","user_id":7},{"kind":"post_delete","notification_id":1,"user_id":2}]"#;
+        let batch = parse_batch(body.as_bytes(), 10);
+        assert_eq!(batch, Ok(Batch { transitions: vec![Event::delete(1, 2)], recounts: vec![7] }));
+        let extra = parse_batch(br#"[{"kind":"recount","user_id":7,"notification_id":1}]"#, 10);
+        assert_eq!(extra.unwrap_err().field(), Some("events[0].notification_id"));
+        let missing = parse_batch(br#"{"kind":"recount"}"#, 10);
+        assert_eq!(missing.unwrap_err().field(), Some("user_id"));
     }
 
     #[test]
@@ -255,7 +315,7 @@ mod tests {
         assert_eq!(parse("[]"), Err(EventError::Empty { max: 1_000 }));
         let one = r#"{"kind":"post_delete","notification_id":1,"user_id":2}"#;
         let body = format!("[{}]", [one; 3].join(","));
-        assert_eq!(parse_batch(body.as_bytes(), 2), Err(EventError::TooMany { count: 3, max: 2 }));
+        assert_eq!(parse_batch(body.as_bytes(), 2).map(|b| b.len()), Err(EventError::TooMany { count: 3, max: 2 }));
         assert!(matches!(parse("{not json"), Err(EventError::Malformed(_))));
         assert_eq!(parse("42"), Err(EventError::NotAnEventOrArray));
     }

@@ -135,25 +135,10 @@ impl Flusher {
 
     async fn run(&self, when_busy: WhenBusy, stop: Option<FlushStep>) -> Result<FlushReport, FlushError> {
         let started = Instant::now();
-        let _local = match when_busy {
-            WhenBusy::Skip => match self.local.try_lock() {
-                Ok(guard) => guard,
-                Err(_) => return Ok(skipped("a flush is already running in this process", started)),
-            },
-            WhenBusy::Wait(limit) => {
-                tokio::time::timeout(limit, self.local.lock()).await.map_err(|_| FlushError::Busy)?
-            }
+        let mut report = match self.exclusive(when_busy, async || self.flush_locked(stop).await).await? {
+            Ok(report) => report,
+            Err(reason) => return Ok(skipped(reason, started)),
         };
-        let token = random_id();
-        if !self.acquire_lock(&token, when_busy).await? {
-            return Ok(skipped("another process holds the flush lock", started));
-        }
-        let result = self.run_locked(stop).await;
-        if let Err(e) = self.store.release_flush_lock(&token).await {
-            // The lock expires by itself; the next flush only waits longer.
-            warn!(error = %e, "could not release the flush lock");
-        }
-        let mut report = result?;
         report.duration_ms = started.elapsed().as_millis() as u64;
         info!(
             batches = report.batches.len(),
@@ -162,6 +147,34 @@ impl Flusher {
             "flush done"
         );
         Ok(report)
+    }
+
+    /// Runs `work` holding both flush locks, so no flush runs beside it (reconcile needs this).
+    /// `Err(reason)` when `when_busy` is [`WhenBusy::Skip`] and a flush is running.
+    pub async fn exclusive<T>(
+        &self,
+        when_busy: WhenBusy,
+        work: impl AsyncFnOnce() -> Result<T, FlushError>,
+    ) -> Result<Result<T, &'static str>, FlushError> {
+        let _local = match when_busy {
+            WhenBusy::Skip => match self.local.try_lock() {
+                Ok(guard) => guard,
+                Err(_) => return Ok(Err("a flush is already running in this process")),
+            },
+            WhenBusy::Wait(limit) => {
+                tokio::time::timeout(limit, self.local.lock()).await.map_err(|_| FlushError::Busy)?
+            }
+        };
+        let token = random_id();
+        if !self.acquire_lock(&token, when_busy).await? {
+            return Ok(Err("another process holds the flush lock"));
+        }
+        let result = work().await;
+        if let Err(e) = self.store.release_flush_lock(&token).await {
+            // The lock expires by itself; the next flush only waits longer.
+            warn!(error = %e, "could not release the flush lock");
+        }
+        result.map(Ok)
     }
 
     async fn acquire_lock(&self, token: &str, when_busy: WhenBusy) -> Result<bool, FlushError> {
@@ -181,14 +194,9 @@ impl Flusher {
         }
     }
 
-    async fn run_locked(&self, stop: Option<FlushStep>) -> Result<FlushReport, FlushError> {
-        let mut report = FlushReport::default();
-        for batch_id in self.store.batch_ids().await? {
-            warn!(batch_id, "recovering a batch left by an interrupted flush");
-            let batch = self.apply_and_drop(&batch_id, true, None).await?;
-            report.users_written += if batch.already_applied { 0 } else { batch.users };
-            report.batches.push(batch);
-        }
+    /// A flush, for a caller holding the locks ([`Flusher::exclusive`]).
+    pub async fn flush_locked(&self, stop: Option<FlushStep>) -> Result<FlushReport, FlushError> {
+        let mut report = self.recover_open_batches().await?;
         let batch_id = random_id();
         if self.store.handoff(&batch_id).await? {
             if stop == Some(FlushStep::Handoff) {
@@ -200,6 +208,19 @@ impl Flusher {
         }
         let cutoff = (Utc::now() - BATCH_RECORD_RETENTION).naive_utc();
         self.db.run(move |conn| queries::prune_batches(conn, cutoff)).await?;
+        Ok(report)
+    }
+
+    /// Step 2: applies and drops batches left by a process that stopped mid-flush, for a caller
+    /// holding the locks. Afterwards no batch is open.
+    pub async fn recover_open_batches(&self) -> Result<FlushReport, FlushError> {
+        let mut report = FlushReport::default();
+        for batch_id in self.store.batch_ids().await? {
+            warn!(batch_id, "recovering a batch left by an interrupted flush");
+            let batch = self.apply_and_drop(&batch_id, true, None).await?;
+            report.users_written += if batch.already_applied { 0 } else { batch.users };
+            report.batches.push(batch);
+        }
         Ok(report)
     }
 

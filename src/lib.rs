@@ -16,6 +16,8 @@
 //! | [`db`]        | the SQL side: diesel schema, backends (PostgreSQL, SQLite), migrations    |
 //! | [`flush`]     | the exactly-once hand-off of pending deltas into the count table         |
 //! | [`counts`]    | real-time reads: stored + pending, consistent while a flush runs         |
+//! | [`source`]    | the Notification table: mapping, validation, the queries that read it     |
+//! | [`reconcile`] | recounting users from that table, safely beside live events               |
 //! | [`schedule`]  | the only module that knows tokio-cron-scheduler                           |
 //! | [`app`]       | the shared state handed to handlers and jobs                              |
 //! | [`http`]      | the axum router, one file per endpoint group, request authentication      |
@@ -32,6 +34,8 @@ pub mod error;
 pub mod events;
 pub mod flush;
 pub mod http;
+pub mod reconcile;
 pub mod schedule;
+pub mod source;
 pub mod store;
 pub mod webhook;

@@ -25,6 +25,8 @@ pub struct EventsResponse {
     pub outcomes: ApplyOutcome,
     /// This request's `webhook-id` was applied before; the counts are those of that delivery.
     pub replayed: bool,
+    /// Users queued for a recount by `recount` events (repeated asks coalesce).
+    pub recounts_queued: u64,
 }
 
 /// Checks the signature, validates the whole batch, then applies it atomically, once per `webhook-id`.
@@ -38,22 +40,33 @@ pub async fn post_events(
         _ => AppError::BadRequest { code: "unreadable_body", message: rejection.body_text(), field: None },
     })?;
     let webhook_id = state.auth.verify_webhook(&headers, &body)?;
-    let events = parse_batch(&body, state.limits.max_batch_events)?;
+    let batch = parse_batch(&body, state.limits.max_batch_events)?;
+    if !batch.recounts.is_empty() && !state.reconciler.is_configured() {
+        return Err(AppError::BadRequest {
+            code: "recount_not_configured",
+            message: "recount events need the sidecar's --source-table (COUNTERSINK_SOURCE_TABLE)".into(),
+            field: None,
+        });
+    }
+    // Recounts first: asking twice is harmless, and a replayed request finds them queued already.
+    state.store.queue_recounts(&batch.recounts).await?;
     let idempotency = webhook_id.map(|id| (id, state.limits.idempotency_ttl));
-    let applied = state.store.apply_once(&events, idempotency).await?;
+    let applied = state.store.apply_once(&batch.transitions, idempotency).await?;
     let outcomes = applied.outcome;
     info!(
-        received = events.len(),
+        received = batch.len(),
+        recounts = batch.recounts.len(),
         changed = outcomes.changed,
         noops = outcomes.noops(),
         replayed = applied.replayed,
         "events applied"
     );
     Ok(Json(EventsResponse {
-        received: events.len() as u64,
+        received: batch.len() as u64,
         changed: outcomes.changed,
         noops: outcomes.noops(),
         outcomes,
         replayed: applied.replayed,
+        recounts_queued: batch.recounts.len() as u64,
     }))
 }

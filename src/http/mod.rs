@@ -6,6 +6,7 @@
 //! | `GET /v1/users/{user_id}/unread-count`   | `counts.rs`  |
 //! | `GET /v1/unread-counts?user_ids=1,2`     | `counts.rs`  |
 //! | `POST /v1/flush`                         | `flush.rs`   |
+//! | `POST /v1/reconcile`                     | `reconcile.rs` |
 //! | `GET /v1/status`, `GET /healthz`         | `status.rs`  |
 //!
 //! `auth.rs` holds the signature check and the bearer-token middleware: reads take the read
@@ -15,6 +16,7 @@ pub mod auth;
 mod counts;
 mod events;
 mod flush;
+mod reconcile;
 mod status;
 
 use std::time::Duration;
@@ -41,6 +43,7 @@ pub fn router(state: AppState) -> Router {
         .route_layer(middleware::from_fn_with_state(state.clone(), auth::require_read));
     let admin = Router::new()
         .route("/v1/flush", post(flush::post_flush))
+        .route("/v1/reconcile", post(reconcile::post_reconcile))
         .route("/v1/status", get(status::get_status))
         .route_layer(middleware::from_fn_with_state(state.clone(), auth::require_admin));
     Router::new()

@@ -20,6 +20,8 @@ pub struct Status {
     pub pending_users: u64,
     /// Batches handed off and not yet dropped (non-zero only during a flush or after a crash).
     pub open_batches: usize,
+    /// Users waiting for a recount asked by `recount` events.
+    pub recounts_waiting: u64,
     /// The last batch written to the database.
     pub last_flush: Option<BatchRecord>,
 }
@@ -28,6 +30,7 @@ pub struct Status {
 pub async fn get_status(State(state): State<AppState>) -> Result<Json<Status>, AppError> {
     let pending_users = state.store.pending_users().await?;
     let open_batches = state.store.batch_ids().await?.len();
+    let recounts_waiting = state.store.recounts_waiting().await?;
     let last_flush = state.db.run(queries::last_batch).await?;
-    Ok(Json(Status { pending_users, open_batches, last_flush }))
+    Ok(Json(Status { pending_users, open_batches, recounts_waiting, last_flush }))
 }

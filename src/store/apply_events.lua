@@ -1,18 +1,19 @@
 -- Applies a batch of events atomically: one state transition per event, one ZINCRBY per user.
+-- (transition.lua is prepended.)
 --
 -- KEYS[1]   the pending sorted set (member = user id, score = pending delta)
 -- KEYS[2]   the idempotency key of this request (its webhook-id)
--- KEYS[3..] state shard bitmaps, 2 bits per notification:
---           0 unseen, 1 read, 2 unread, 3 deleted
+-- KEYS[3]   the users being reconciled (member = user id, score = fence deadline in ms)
+-- KEYS[4..] state shard bitmaps, 2 bits per notification
 -- ARGV[1]   seconds to remember the idempotency key; 0 when the request has none
--- ARGV[2..] 4 values per event: op, key index (into KEYS), index in shard, user id
---           op: C1 created unread, C0 created read, S1 saved unread, S0 saved read, D deleted
+-- ARGV[2]   the prefix of journal keys (journal key = prefix .. user id)
+-- ARGV[3]   the prefix of reconciled-set keys (set key = prefix .. user id)
+-- ARGV[4..] 4 values per event: op, key index (into KEYS), index in shard, user id
 --
 -- Returns {changed, recorded, duplicate, stale, after_delete, replayed}: events that changed a
 -- count, that changed only the state, that repeated the current state, that were stale
 -- creations, that arrived after the notification was deleted; replayed is 1 when the request's
 -- id was seen before, and the counts are then those of its first delivery.
-local UNSEEN, READ, UNREAD, DELETED = 0, 1, 2, 3
 local ttl = tonumber(ARGV[1])
 
 if ttl > 0 then
@@ -25,27 +26,58 @@ if ttl > 0 then
   end
 end
 
-local changed, recorded, duplicate, stale, after_delete = 0, 0, 0, 0, 0
+-- While a user is reconciled, their events are also journaled, so the reconcile can replay
+-- what arrived between its read of the Notification table and its write.
+local fenced = {}
+local fencing = redis.call('EXISTS', KEYS[3]) == 1
+local now = fencing and now_ms() or 0
+local function journal(user, entry)
+  if not fencing then return end
+  if fenced[user] == nil then
+    local deadline = redis.call('ZSCORE', KEYS[3], user)
+    fenced[user] = deadline ~= false and deadline ~= nil and tonumber(deadline) > now
+  end
+  if fenced[user] then
+    redis.call('RPUSH', ARGV[2] .. user, entry)
+    -- A reconcile that died leaves its journal behind; it expires on its own.
+    redis.call('PEXPIRE', ARGV[2] .. user, 600000)
+  end
+end
+
+-- For a short while after a reconcile, a user's reconciled set names every notification the
+-- Notification table held for them. An event for a notification that Redis knew but the table
+-- no longer held (deleted before the read, its event still in flight) must not count again.
+local reconciled = {}
+local function held_by_table(user, key, pos, old)
+  if reconciled[user] == nil then reconciled[user] = redis.call('EXISTS', ARGV[3] .. user) == 1 end
+  if not reconciled[user] then return true end
+  local slot = key .. ' ' .. string.sub(pos, 2)
+  if redis.call('SISMEMBER', ARGV[3] .. user, slot) == 1 then return true end
+  if old == UNSEEN then
+    -- Created after the read: from now on it belongs to the reconciled picture.
+    redis.call('SADD', ARGV[3] .. user, slot)
+    return true
+  end
+  return false
+end
+
+local outcomes = {duplicate = 0, stale = 0, after_delete = 0}
+local changed, recorded = 0, 0
 local deltas, users = {}, {}
 
-for i = 2, #ARGV, 4 do
+for i = 4, #ARGV, 4 do
   local op, key, pos, user = ARGV[i], KEYS[tonumber(ARGV[i + 1])], '#' .. ARGV[i + 2], ARGV[i + 3]
+  journal(user, op .. ' ' .. key .. ' ' .. pos)
   local old = redis.call('BITFIELD', key, 'GET', 'u2', pos)[1]
-  local new = old
-  if old == DELETED then
-    -- A deleted notification never comes back.
-    if op == 'D' then duplicate = duplicate + 1 else after_delete = after_delete + 1 end
-  elseif op == 'D' then
-    new = DELETED
-  elseif string.sub(op, 1, 1) == 'C' and old ~= UNSEEN then
-    -- A creation for a notification already seen is a late retry: newer state wins.
-    stale = stale + 1
-  else
-    new = (string.sub(op, 2, 2) == '1') and UNREAD or READ
-    if new == old then duplicate = duplicate + 1 end
+  local new, why = transition(old, op)
+  if not why and not held_by_table(user, key, pos, old) then
+    -- The reconcile counted it as gone: record that, and count nothing.
+    redis.call('BITFIELD', key, 'SET', 'u2', pos, DELETED)
+    why = 'after_delete'
   end
-
-  if new ~= old then
+  if why then
+    outcomes[why] = outcomes[why] + 1
+  else
     redis.call('BITFIELD', key, 'SET', 'u2', pos, new)
     local delta = (new == UNREAD and 1 or 0) - (old == UNREAD and 1 or 0)
     if delta == 0 then
@@ -71,7 +103,9 @@ for _, user in ipairs(users) do
   end
 end
 
+local result = {changed, recorded, outcomes.duplicate, outcomes.stale, outcomes.after_delete}
 if ttl > 0 then
-  redis.call('SET', KEYS[2], table.concat({changed, recorded, duplicate, stale, after_delete}, ' '), 'EX', ttl)
+  redis.call('SET', KEYS[2], table.concat(result, ' '), 'EX', ttl)
 end
-return {changed, recorded, duplicate, stale, after_delete, 0}
+result[#result + 1] = 0
+return result

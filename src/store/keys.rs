@@ -51,6 +51,32 @@ impl Keys {
         format!("{}:webhook:{webhook_id}", self.tag)
     }
 
+    /// Users being reconciled: member = user id, score = the fence's deadline (ms).
+    pub fn reconciling(&self) -> String {
+        format!("{}:reconciling", self.tag)
+    }
+
+    /// Events of a user that arrived while the user was reconciled.
+    pub fn journal(&self, user: &str) -> String {
+        format!("{}:journal:{user}", self.tag)
+    }
+
+    /// The notifications the Notification table held for a user at their last reconcile
+    /// (kept for [`crate::reconcile`]'s grace period).
+    pub fn reconciled(&self, user: &str) -> String {
+        format!("{}:reconciled:{user}", self.tag)
+    }
+
+    /// Users waiting for a recount.
+    pub fn recounts(&self) -> String {
+        format!("{}:recounts", self.tag)
+    }
+
+    /// Users taken for a recount by a worker, not yet done.
+    pub fn recounts_taken(&self) -> String {
+        format!("{}:recounts_taken", self.tag)
+    }
+
     /// The cross-process flush lock.
     pub fn flush_lock(&self) -> String {
         format!("{}:flush_lock", self.tag)

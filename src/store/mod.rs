@@ -95,6 +95,9 @@ pub struct Store {
 
 struct Scripts {
     apply_events: Script,
+    reconcile_begin: Script,
+    reconcile_finish: Script,
+    take_recounts: Script,
     handoff: Script,
     drop_batch: Script,
     read_pending: Script,
@@ -104,7 +107,10 @@ struct Scripts {
 fn scripts() -> &'static Scripts {
     static SCRIPTS: std::sync::OnceLock<Scripts> = std::sync::OnceLock::new();
     SCRIPTS.get_or_init(|| Scripts {
-        apply_events: Script::new(include_str!("apply_events.lua")),
+        apply_events: Script::new(concat!(include_str!("transition.lua"), include_str!("apply_events.lua"))),
+        reconcile_begin: Script::new(concat!(include_str!("transition.lua"), include_str!("reconcile_begin.lua"))),
+        reconcile_finish: Script::new(concat!(include_str!("transition.lua"), include_str!("reconcile_finish.lua"))),
+        take_recounts: Script::new(include_str!("take_recounts.lua")),
         handoff: Script::new(include_str!("handoff.lua")),
         drop_batch: Script::new(include_str!("drop_batch.lua")),
         read_pending: Script::new(include_str!("read_pending.lua")),
@@ -153,12 +159,18 @@ impl Store {
     ) -> Result<Applied, StoreError> {
         let mut invocation = self.scripts.apply_events.prepare_invoke();
         let (key_id, ttl) = idempotency.unwrap_or(("", Duration::ZERO));
-        invocation.key(self.keys.pending()).key(self.keys.webhook(key_id)).arg(ttl.as_secs());
-        // KEYS[1] and KEYS[2] are taken; each distinct shard gets the next key index.
+        invocation
+            .key(self.keys.pending())
+            .key(self.keys.webhook(key_id))
+            .key(self.keys.reconciling())
+            .arg(ttl.as_secs())
+            .arg(self.keys.journal(""))
+            .arg(self.keys.reconciled(""));
+        // KEYS[1..3] are taken; each distinct shard gets the next key index.
         let mut shard_index: HashMap<u64, usize> = HashMap::new();
         for event in events {
             let (shard, index_in_shard) = Keys::state_slot(event.notification_id);
-            let next = shard_index.len() + 3;
+            let next = shard_index.len() + 4;
             let key_index = *shard_index.entry(shard).or_insert_with(|| {
                 invocation.key(self.keys.state(shard));
                 next
@@ -290,6 +302,114 @@ impl Store {
         let mut conn = self.conn.clone();
         let _: i64 = self.scripts.release_lock.key(self.keys.flush_lock()).arg(token).invoke_async(&mut conn).await?;
         Ok(())
+    }
+}
+
+/// A user's notifications as the Notification table holds them, for [`Store::reconcile_finish`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UserTruth {
+    /// The user.
+    pub user_id: u64,
+    /// The user's stored count (read while no flush can run).
+    pub stored: i64,
+    /// Each notification's id and state (1 read, 2 unread, 3 deleted).
+    pub notifications: Vec<(u64, u8)>,
+}
+
+/// What a reconcile found for one user.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct UserDrift {
+    /// The user.
+    pub user_id: u64,
+    /// What countersink counted before (stored + pending).
+    pub stored: i64,
+    /// The true count, now in effect.
+    pub actual: i64,
+}
+
+impl Store {
+    /// Fences `users` for `fence`: until it is lifted or expires, their events are journaled.
+    pub async fn reconcile_begin(&self, users: &[u64], fence: Duration) -> Result<(), StoreError> {
+        let mut invocation = self.scripts.reconcile_begin.prepare_invoke();
+        invocation.key(self.keys.reconciling()).arg(self.keys.journal("")).arg(fence.as_millis() as u64);
+        for user in users {
+            invocation.arg(*user);
+        }
+        let mut conn = self.conn.clone();
+        let _: i64 = invocation.invoke_async(&mut conn).await?;
+        Ok(())
+    }
+
+    /// Sets the users' state to the table's truth plus the journal, and their pending deltas to
+    /// match; lifts the fence. Returns a drift per user, or `None` for a user whose fence expired.
+    ///
+    /// For `grace` afterwards, an event for a notification Redis knew but the table did not hold
+    /// (deleted before the read, its event still on the way) counts nothing.
+    pub async fn reconcile_finish(
+        &self,
+        truths: &[UserTruth],
+        grace: Duration,
+    ) -> Result<Vec<(u64, Option<UserDrift>)>, StoreError> {
+        let mut invocation = self.scripts.reconcile_finish.prepare_invoke();
+        invocation
+            .key(self.keys.pending())
+            .key(self.keys.reconciling())
+            .arg(self.keys.journal(""))
+            .arg(self.keys.reconciled(""))
+            .arg(grace.as_millis() as u64);
+        for truth in truths {
+            invocation.arg(truth.user_id).arg(truth.stored).arg(truth.notifications.len());
+            for (id, state) in &truth.notifications {
+                let (shard, index) = Keys::state_slot(*id);
+                invocation.arg(self.keys.state(shard)).arg(index).arg(*state);
+            }
+        }
+        let mut conn = self.conn.clone();
+        let rows: Vec<(u64, i64, i64)> = invocation.invoke_async(&mut conn).await?;
+        Ok(rows
+            .into_iter()
+            .map(|(user_id, stored, actual)| {
+                let drift = (stored >= 0).then_some(UserDrift { user_id, stored, actual });
+                (user_id, drift)
+            })
+            .collect())
+    }
+
+    /// Asks for users to be recounted (the bulk paths); repeated asks for a user coalesce.
+    pub async fn queue_recounts(&self, users: &[u64]) -> Result<(), StoreError> {
+        if users.is_empty() {
+            return Ok(());
+        }
+        let mut conn = self.conn.clone();
+        let _: i64 = conn.sadd(self.keys.recounts(), users).await?;
+        Ok(())
+    }
+
+    /// Takes the users waiting for a recount; asks made from now on wait for the next take.
+    /// Users taken but not yet [`Store::recounts_done`] (a worker died) are taken again.
+    pub async fn take_recounts(&self) -> Result<Vec<u64>, StoreError> {
+        let mut conn = self.conn.clone();
+        let users: Vec<u64> = self
+            .scripts
+            .take_recounts
+            .key(self.keys.recounts())
+            .key(self.keys.recounts_taken())
+            .invoke_async(&mut conn)
+            .await?;
+        Ok(users)
+    }
+
+    /// Marks the taken recounts as done.
+    pub async fn recounts_done(&self) -> Result<(), StoreError> {
+        let mut conn = self.conn.clone();
+        let _: i64 = conn.del(self.keys.recounts_taken()).await?;
+        Ok(())
+    }
+
+    /// Users waiting for a recount.
+    pub async fn recounts_waiting(&self) -> Result<u64, StoreError> {
+        let mut conn = self.conn.clone();
+        Ok(conn.scard(self.keys.recounts()).await?)
     }
 }
 

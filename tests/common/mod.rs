@@ -63,6 +63,98 @@ impl TestEnv {
         env
     }
 
+    /// Both backends with a Notification table `notifications_notification(id, recipient_id,
+    /// unread, deleted)` configured as the reconcile source.
+    pub async fn each_backend_with_source() -> Vec<TestEnv> {
+        let mut envs = Self::each_backend().await;
+        for env in &mut envs {
+            env.add_notification_table().await;
+        }
+        envs
+    }
+
+    /// A PostgreSQL schema with the Notification table configured as the source.
+    pub async fn postgres_with_source() -> TestEnv {
+        let mut env = Self::postgres().await;
+        env.add_notification_table().await;
+        env
+    }
+
+    /// A SQLite file with the Notification table configured as the source.
+    pub async fn sqlite_with_source() -> TestEnv {
+        let mut env = Self::sqlite().await;
+        env.add_notification_table().await;
+        env
+    }
+
+    /// Creates the Notification table and points the source mapping at it.
+    pub async fn add_notification_table(&mut self) {
+        let ddl = match self.backend() {
+            Backend::Postgres => {
+                "CREATE TABLE notifications_notification (id BIGSERIAL PRIMARY KEY, recipient_id BIGINT NOT NULL, \
+                 unread BOOLEAN NOT NULL, deleted BOOLEAN NOT NULL DEFAULT FALSE)"
+            }
+            Backend::Sqlite => {
+                "CREATE TABLE notifications_notification (id INTEGER PRIMARY KEY AUTOINCREMENT, recipient_id BIGINT NOT NULL, \
+                 unread BOOLEAN NOT NULL, deleted BOOLEAN NOT NULL DEFAULT FALSE)"
+            }
+        };
+        self.sql(ddl).await;
+        self.core.source = countersink::source::SourceConfig {
+            source_table: Some("notifications_notification".into()),
+            source_deleted_column: Some("deleted".into()),
+            ..countersink::source::SourceConfig::default()
+        };
+    }
+
+    /// Runs one SQL statement on this test's database (the Django side writing behind our back).
+    pub async fn sql(&self, statement: &str) -> usize {
+        let statement = statement.to_string();
+        self.state().db.run(move |conn| Ok(diesel::sql_query(statement).execute(conn)?)).await.unwrap()
+    }
+
+    /// Unread, undeleted notifications per user, as Django's `.count()` would say.
+    pub async fn true_counts(&self) -> std::collections::HashMap<u64, i64> {
+        #[derive(diesel::QueryableByName)]
+        struct Row {
+            #[diesel(sql_type = diesel::sql_types::BigInt)]
+            user_id: i64,
+            #[diesel(sql_type = diesel::sql_types::BigInt)]
+            unread: i64,
+        }
+        let rows: Vec<Row> = self
+            .state()
+            .db
+            .run(|conn| {
+                Ok(diesel::sql_query(
+                    "SELECT CAST(recipient_id AS BIGINT) AS user_id, CAST(COUNT(*) AS BIGINT) AS unread \
+                     FROM notifications_notification WHERE unread AND NOT deleted GROUP BY recipient_id",
+                )
+                .load(conn)?)
+            })
+            .await
+            .unwrap();
+        rows.into_iter().map(|r| (r.user_id as u64, r.unread)).collect()
+    }
+
+    /// The count table, without zero rows.
+    pub async fn stored_counts(&self) -> std::collections::HashMap<u64, i64> {
+        use countersink::db::schema::countersink_usernotificationscount::dsl::*;
+        use diesel::{ExpressionMethods, QueryDsl};
+        let rows: Vec<(i64, i64)> = self
+            .state()
+            .db
+            .run(|conn| {
+                Ok(countersink_usernotificationscount
+                    .select((user_id, unread_count))
+                    .filter(unread_count.ne(0))
+                    .load(conn)?)
+            })
+            .await
+            .unwrap();
+        rows.into_iter().map(|(u, n)| (u as u64, n)).collect()
+    }
+
     /// A fresh application state over this test's prefix and database.
     pub fn state(&self) -> AppState {
         AppState::new(&self.core, None).unwrap()
@@ -108,6 +200,7 @@ pub fn core_config(prefix: &str, database_url: &str) -> CoreConfig {
         db_timeout_secs: 5,
         flush_chunk_users: 100,
         flush_lock_ttl_secs: 30,
+        source: countersink::source::SourceConfig::default(),
         log_format: countersink::config::LogFormat::Text,
     }
 }

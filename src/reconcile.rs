@@ -1,0 +1,237 @@
+//! Reconcile: recount users from the Notification table and repair both their Redis state and
+//! their stored count, safely while events keep arriving.
+//!
+//! For each batch of users, holding the flush lock (so no flush runs and no batch is open):
+//!
+//! 1. **Fence.** One script marks the users as being reconciled; from then on, their events
+//!    are applied as usual *and* journaled.
+//! 2. **Read the truth.** Their notifications (id, read state, soft delete) and stored counts.
+//! 3. **Repair.** One script sets each notification's state to the truth, replays the journal
+//!    on top (events that arrived after step 1 may be newer than the read), counts the unread,
+//!    sets the pending delta to `true − stored`, and lifts the fence.
+//! 4. **Flush**, so the stored count is right at once.
+//!
+//! An event that lands during the reconcile is either in the truth (committed before the read;
+//! replaying it changes nothing) or journaled and replayed: it is neither lost nor counted twice.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tracing::{info, instrument, warn};
+
+use crate::db::{queries, Db, DbError};
+use crate::flush::{FlushError, Flusher, WhenBusy};
+use crate::source::Source;
+use crate::store::{Store, StoreError, UserDrift, UserTruth};
+
+/// Users recounted per step: bounds the memory of one read and the time the flush lock is held.
+pub const USERS_PER_STEP: usize = 200;
+/// How long a user's events are journaled at most; a step takes well under a second.
+const FENCE: Duration = Duration::from_secs(60);
+/// How long after a reconcile an in-flight event for a notification the table no longer held is
+/// recognised (see `apply_events.lua`): longer than any sender takes to deliver an event.
+const GRACE: Duration = Duration::from_secs(120);
+/// How long a reconcile waits for a running flush.
+const LOCK_WAIT: Duration = Duration::from_secs(60);
+
+/// A reconcile failure.
+#[derive(Debug, thiserror::Error)]
+pub enum ReconcileError {
+    /// No `--source-table`: there is no truth to recount from.
+    #[error("reconcile needs the Notification table: set --source-table (COUNTERSINK_SOURCE_TABLE)")]
+    NotConfigured,
+    /// Redis failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The database failed.
+    #[error(transparent)]
+    Db(#[from] DbError),
+    /// Taking the flush lock or flushing failed.
+    #[error(transparent)]
+    Flush(#[from] FlushError),
+}
+
+/// What a reconcile found.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct ReconcileReport {
+    /// Users recounted.
+    pub users_checked: u64,
+    /// Users whose count was wrong: what countersink had, and the truth now in effect.
+    pub drift: Vec<UserDrift>,
+    /// Users whose fence expired before their repair (too slow a step); reconcile them again.
+    pub unfinished: Vec<u64>,
+    /// Wall time in milliseconds.
+    pub duration_ms: u64,
+}
+
+/// Runs reconciles. Cheap to clone.
+#[derive(Clone)]
+pub struct Reconciler {
+    store: Store,
+    db: Db,
+    flusher: Flusher,
+    source: Option<Arc<Source>>,
+}
+
+impl Reconciler {
+    /// A reconciler over `source`; without one, every reconcile answers [`ReconcileError::NotConfigured`].
+    pub fn new(store: Store, db: Db, flusher: Flusher, source: Option<Source>) -> Self {
+        Self { store, db, flusher, source: source.map(Arc::new) }
+    }
+
+    /// Whether a Notification table is configured.
+    pub fn is_configured(&self) -> bool {
+        self.source.is_some()
+    }
+
+    /// Checks the mapping against the database, naming what is missing.
+    pub async fn check_source(&self) -> Result<(), anyhow::Error> {
+        let source = self.source.clone().ok_or(ReconcileError::NotConfigured)?;
+        self.db.run(move |conn| Ok(source.check(conn))).await?.map_err(anyhow::Error::msg)
+    }
+
+    /// Recounts `users` (duplicates are coalesced).
+    #[instrument(skip_all, fields(users = users.len()))]
+    pub async fn reconcile_users(&self, users: &[u64]) -> Result<ReconcileReport, ReconcileError> {
+        let started = Instant::now();
+        let users: Vec<u64> = users.iter().copied().collect::<BTreeSet<_>>().into_iter().collect();
+        let mut report = ReconcileReport::default();
+        for step in users.chunks(USERS_PER_STEP) {
+            self.step(step, &mut report).await?;
+        }
+        report.duration_ms = started.elapsed().as_millis() as u64;
+        log_report(&report);
+        Ok(report)
+    }
+
+    /// Recounts every user with a notification or a stored count, in id order, at most
+    /// `users_per_second` (0: no limit), calling `progress` after each step with the users done.
+    pub async fn reconcile_all(
+        &self,
+        users_per_second: u32,
+        mut progress: impl FnMut(&ReconcileReport),
+    ) -> Result<ReconcileReport, ReconcileError> {
+        let source = self.source.clone().ok_or(ReconcileError::NotConfigured)?;
+        let started = Instant::now();
+        let mut report = ReconcileReport::default();
+        let mut after = None;
+        loop {
+            let step_started = Instant::now();
+            let source = source.clone();
+            let users = self.db.run(move |conn| source.users_after(conn, after, USERS_PER_STEP)).await?;
+            let Some(last) = users.last() else { break };
+            after = Some(*last);
+            self.step(&users, &mut report).await?;
+            report.duration_ms = started.elapsed().as_millis() as u64;
+            progress(&report);
+            if users_per_second > 0 {
+                let budget = Duration::from_secs_f64(users.len() as f64 / f64::from(users_per_second));
+                tokio::time::sleep(budget.saturating_sub(step_started.elapsed())).await;
+            }
+        }
+        report.duration_ms = started.elapsed().as_millis() as u64;
+        log_report(&report);
+        Ok(report)
+    }
+
+    /// Recounts the users queued by `recount` events, if any. Users stay queued until their
+    /// recount succeeds, so a failure or a crash only delays them.
+    pub async fn run_queued_recounts(&self) -> Result<Option<ReconcileReport>, ReconcileError> {
+        let users = self.store.take_recounts().await?;
+        if users.is_empty() {
+            return Ok(None);
+        }
+        let report = self.reconcile_users(&users).await?;
+        self.store.recounts_done().await?;
+        Ok(Some(report))
+    }
+
+    /// Reconciles one step of users under the flush lock, then flushes.
+    async fn step(&self, users: &[u64], report: &mut ReconcileReport) -> Result<(), ReconcileError> {
+        let source = self.source.clone().ok_or(ReconcileError::NotConfigured)?;
+        let outcome = self
+            .flusher
+            .exclusive(WhenBusy::Wait(LOCK_WAIT), async || {
+                self.flusher.recover_open_batches().await?;
+                let repaired = self.repair(&source, users).await.map_err(reconcile_to_flush)?;
+                self.flusher.flush_locked(None).await?;
+                Ok(repaired)
+            })
+            .await;
+        let repaired = match outcome {
+            Ok(Ok(repaired)) => repaired,
+            Ok(Err(reason)) => unreachable!("a waiting lock is never skipped: {reason}"),
+            Err(FlushError::Db(e)) => return Err(ReconcileError::Db(e)),
+            Err(FlushError::Store(e)) => return Err(ReconcileError::Store(e)),
+            Err(e) => return Err(ReconcileError::Flush(e)),
+        };
+        report.users_checked += users.len() as u64;
+        for (user_id, drift) in repaired {
+            match drift {
+                Some(drift) if drift.stored != drift.actual => report.drift.push(drift),
+                Some(_) => {}
+                None => report.unfinished.push(user_id),
+            }
+        }
+        Ok(())
+    }
+
+    /// Steps 1 to 3 for `users`.
+    async fn repair(
+        &self,
+        source: &Arc<Source>,
+        users: &[u64],
+    ) -> Result<Vec<(u64, Option<UserDrift>)>, ReconcileError> {
+        self.store.reconcile_begin(users, FENCE).await?;
+        let (source, wanted) = (source.clone(), users.to_vec());
+        let (rows, stored) = self
+            .db
+            .run(move |conn| {
+                let rows = source.rows_of_users(conn, &wanted)?;
+                let (stored, _) = queries::stored_counts(conn, &wanted, &[])?;
+                Ok((rows, stored))
+            })
+            .await?;
+        let mut by_user: HashMap<u64, Vec<(u64, u8)>> = HashMap::new();
+        for row in rows {
+            by_user.entry(row.user_id as u64).or_default().push((row.id as u64, row.state as u8));
+        }
+        let truths: Vec<UserTruth> = users
+            .iter()
+            .map(|user| UserTruth {
+                user_id: *user,
+                stored: stored.get(user).copied().unwrap_or(0),
+                notifications: by_user.remove(user).unwrap_or_default(),
+            })
+            .collect();
+        Ok(self.store.reconcile_finish(&truths, GRACE).await?)
+    }
+}
+
+/// Carries a reconcile failure through the flush lock's error type.
+fn reconcile_to_flush(e: ReconcileError) -> FlushError {
+    match e {
+        ReconcileError::Store(e) => FlushError::Store(e),
+        ReconcileError::Db(e) => FlushError::Db(e),
+        ReconcileError::Flush(e) => e,
+        ReconcileError::NotConfigured => FlushError::Db(DbError::Task(ReconcileError::NotConfigured.to_string())),
+    }
+}
+
+fn log_report(report: &ReconcileReport) {
+    if report.drift.is_empty() {
+        info!(users_checked = report.users_checked, duration_ms = report.duration_ms, "reconcile found no drift");
+    } else {
+        // Drift means an event was lost or a bulk path went unreported: worth a look.
+        warn!(
+            users_checked = report.users_checked,
+            drifted_users = report.drift.len(),
+            net_drift = report.drift.iter().map(|d| d.stored - d.actual).sum::<i64>(),
+            "reconcile repaired drift"
+        );
+    }
+    if !report.unfinished.is_empty() {
+        warn!(users = ?report.unfinished, "reconcile did not finish some users in time; reconcile them again");
+    }
+}
