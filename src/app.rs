@@ -77,7 +77,10 @@ impl AppState {
     /// Builds the state; connects lazily, so this succeeds while Redis or the database is down.
     /// Without `serve` (the CLI), requests are not authenticated.
     pub fn new(core: &CoreConfig, serve: Option<&ServeConfig>) -> anyhow::Result<Self> {
+        let source = core.source.resolve()?;
         let store = Store::connect(&core.redis_url, &core.redis_prefix)?;
+        // With a Notification table to rebuild from, a lost state is refused until rebuilt.
+        let store = if source.is_some() { store.requiring_bootstrap() } else { store };
         let db = Db::connect(&core.database_url, core.db_pool_size, core.db_timeout())?;
         let flusher = Flusher::new(
             store.clone(),
@@ -85,7 +88,7 @@ impl AppState {
             core.flush_chunk_users,
             Duration::from_secs(core.flush_lock_ttl_secs),
         );
-        let reconciler = Reconciler::new(store.clone(), db.clone(), flusher.clone(), core.source.resolve()?);
+        let reconciler = Reconciler::new(store.clone(), db.clone(), flusher.clone(), source);
         let limits = serve.map(Limits::from).unwrap_or_default();
         let auth = match serve {
             Some(serve) => Auth::from_config(serve)?,

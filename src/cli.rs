@@ -11,7 +11,7 @@ use crate::app::AppState;
 use crate::config::{CoreConfig, LogFormat, ServeConfig};
 use crate::flush::WhenBusy;
 use crate::schedule::Schedules;
-use crate::{http, schedule};
+use crate::{bootstrap, http, schedule};
 
 /// How long `countersink flush` waits for a flush already running elsewhere.
 const CLI_FLUSH_WAIT: Duration = Duration::from_secs(120);
@@ -42,6 +42,9 @@ pub enum Command {
     /// Recount users from the Notification table, repair any drift, print what was wrong, and
     /// exit (safe beside a running service). Needs --source-table.
     Reconcile(ReconcileArgs),
+    /// Rebuild the whole Redis state and every stored count from the Notification table, with
+    /// progress, and exit. Events are answered 503 (senders retry) while it runs. Needs --source-table.
+    Bootstrap,
 }
 
 /// Which users `countersink reconcile` recounts.
@@ -79,6 +82,13 @@ impl Cli {
                 Ok(())
             }
             Command::Reconcile(args) => run_reconcile(&self.core, args).await,
+            Command::Bootstrap => {
+                let state = AppState::new(&self.core, None)?;
+                state.reconciler.check_source().await.context("checking the Notification table (--source-*)")?;
+                let report = state.reconciler.bootstrap(bootstrap::progress_printer()).await?;
+                println!("{}", serde_json::to_string_pretty(&report)?);
+                Ok(())
+            }
             Command::Flush => {
                 let state = AppState::new(&self.core, None)?;
                 let report = state.flusher.flush(WhenBusy::Wait(CLI_FLUSH_WAIT)).await.context("flushing")?;
@@ -114,6 +124,9 @@ async fn run_serve(core: &CoreConfig, serve: ServeConfig) -> anyhow::Result<()> 
     if state.reconciler.is_configured() {
         state.reconciler.check_source().await.context("checking the Notification table (--source-*)")?;
         tokio::spawn(recount_worker(state.clone()));
+        if serve.auto_bootstrap {
+            tokio::spawn(state.reconciler.clone().watch_for_lost_state(LOST_STATE_CHECK));
+        }
     } else if serve.reconcile_cron != schedule::CRON_OFF {
         anyhow::bail!("--reconcile-cron (COUNTERSINK_RECONCILE_CRON) needs --source-table (COUNTERSINK_SOURCE_TABLE)");
     }
@@ -133,6 +146,9 @@ async fn run_serve(core: &CoreConfig, serve: ServeConfig) -> anyhow::Result<()> 
     info!("stopped");
     Ok(())
 }
+
+/// How often `serve` checks that the Redis state is still there.
+const LOST_STATE_CHECK: Duration = Duration::from_secs(2);
 
 /// How often queued recounts (from `recount` events) are taken.
 const RECOUNT_INTERVAL: Duration = Duration::from_secs(1);

@@ -91,6 +91,11 @@ pub struct ServeConfig {
     #[arg(long, env = "COUNTERSINK_RECONCILE_RATE", default_value_t = 2_000)]
     pub reconcile_rate: u32,
 
+    /// With --source-table: when the Redis state is missing (first start, or Redis lost its
+    /// data), rebuild it from the table by itself. Otherwise events wait (503) for `countersink bootstrap`.
+    #[arg(long, env = "COUNTERSINK_AUTO_BOOTSTRAP", default_value_t = true, action = clap::ArgAction::Set)]
+    pub auto_bootstrap: bool,
+
     /// Apply pending database migrations at start-up (`countersink migrate` does it on its own).
     #[arg(long, env = "COUNTERSINK_MIGRATE_ON_START", default_value_t = true, action = clap::ArgAction::Set)]
     pub migrate_on_start: bool,

@@ -116,6 +116,9 @@ impl From<EventError> for AppError {
 
 impl From<StoreError> for AppError {
     fn from(e: StoreError) -> Self {
+        if matches!(e, StoreError::StateMissing) {
+            return AppError::Unavailable { dependency: "the Redis state (it is being rebuilt)" };
+        }
         if e.is_unavailable() {
             error!(error = %e, "redis unavailable");
             AppError::Unavailable { dependency: "redis" }

@@ -18,6 +18,7 @@
 //! | [`counts`]    | real-time reads: stored + pending, consistent while a flush runs         |
 //! | [`source`]    | the Notification table: mapping, validation, the queries that read it     |
 //! | [`reconcile`] | recounting users from that table, safely beside live events               |
+//! | [`bootstrap`] | rebuilding the whole state from that table (day one, or Redis lost)       |
 //! | [`schedule`]  | the only module that knows tokio-cron-scheduler                           |
 //! | [`app`]       | the shared state handed to handlers and jobs                              |
 //! | [`http`]      | the axum router, one file per endpoint group, request authentication      |
@@ -26,6 +27,7 @@
 //! `docs/design.md` describes the Redis key layout, the state machine and the flush protocol.
 
 pub mod app;
+pub mod bootstrap;
 pub mod cli;
 pub mod config;
 pub mod counts;

@@ -80,6 +80,22 @@ impl Reconciler {
         Self { store, db, flusher, source: source.map(Arc::new) }
     }
 
+    /// Rebuilds the whole state and every stored count from the table (see [`crate::bootstrap`]).
+    pub async fn bootstrap(
+        &self,
+        progress: impl FnMut(crate::bootstrap::Progress) + Send + 'static,
+    ) -> Result<crate::bootstrap::BootstrapReport, ReconcileError> {
+        let source = self.source.clone().ok_or(ReconcileError::NotConfigured)?;
+        crate::bootstrap::bootstrap(&self.store, &self.db, &self.flusher, &source, progress).await
+    }
+
+    /// Rebuilds the state whenever it is found missing; runs until the process stops.
+    pub async fn watch_for_lost_state(self, interval: Duration) {
+        if let Some(source) = self.source.clone() {
+            crate::bootstrap::watch(self.store, self.db, self.flusher, (*source).clone(), interval).await;
+        }
+    }
+
     /// Whether a Notification table is configured.
     pub fn is_configured(&self) -> bool {
         self.source.is_some()

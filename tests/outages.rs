@@ -6,10 +6,9 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use common::TestEnv;
+use common::{free_port, OwnRedis, TestEnv};
 use countersink::app::AppState;
 use countersink::counts::unread_counts;
 use countersink::events::Event;
@@ -18,50 +17,6 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
 
 const WAIT: WhenBusy = WhenBusy::Wait(Duration::from_secs(10));
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-/// A throwaway redis-server of this test's own, so killing it disturbs no other test.
-struct OwnRedis {
-    port: u16,
-    child: Child,
-}
-
-impl OwnRedis {
-    fn start(port: u16) -> OwnRedis {
-        let child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("redis-server must be on PATH for the outage tests");
-        let redis = OwnRedis { port, child };
-        let client = redis::Client::open(redis.url()).unwrap();
-        for _ in 0..100 {
-            if client.get_connection().is_ok() {
-                return redis;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        panic!("redis-server did not start on port {port}");
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-
-    fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for OwnRedis {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
 
 #[tokio::test]
 async fn redis_outage_is_answered_503_and_recovers_without_a_restart() {

@@ -253,3 +253,40 @@ async fn reconciles_beside_live_writers_lose_nothing_and_count_nothing_twice() {
         assert!(report.drift.is_empty(), "seed {seed}: {:?}", report.drift);
     }
 }
+
+#[tokio::test]
+async fn reconcile_and_recount_over_http() {
+    use axum::body::Body;
+    use axum::http::{Request, StatusCode};
+    use http_body_util::BodyExt;
+    use tower::ServiceExt;
+
+    async fn call(app: &axum::Router, uri: &str, body: &str) -> (StatusCode, serde_json::Value) {
+        let request = Request::post(uri).body(Body::from(body.to_string())).unwrap();
+        let response = app.clone().oneshot(request).await.unwrap();
+        let status = response.status();
+        let bytes = response.into_body().collect().await.unwrap().to_bytes();
+        (status, serde_json::from_slice(&bytes).unwrap_or_default())
+    }
+
+    let env = TestEnv::sqlite_with_source().await;
+    let state = env.state();
+    create(&env, &state, 1, 9, true, true).await;
+    let app = countersink::http::router(state.clone());
+    let (status, report) = call(&app, "/v1/reconcile", r#"{"user_ids": [9]}"#).await;
+    assert_eq!(status, StatusCode::OK, "{report}");
+    assert_eq!(report["drift"], serde_json::json!([{"user_id": 9, "stored": 0, "actual": 1}]));
+    for bad in [r#"{"user_ids": []}"#, r#"{"users": [1]}"#, r#"{"user_ids": [-1]}"#, "nope"] {
+        assert_eq!(call(&app, "/v1/reconcile", bad).await.0, StatusCode::BAD_REQUEST, "{bad}");
+    }
+    let (status, answer) = call(&app, "/v1/events", r#"[{"kind": "recount", "user_id": 9}]"#).await;
+    assert_eq!((status, answer["recounts_queued"].as_u64()), (StatusCode::OK, Some(1)));
+
+    // Without a Notification table, recounts and reconciles are refused and nothing is queued.
+    let plain = TestEnv::sqlite().await;
+    let app = countersink::http::router(plain.state());
+    let (status, answer) = call(&app, "/v1/events", r#"[{"kind": "recount", "user_id": 9}]"#).await;
+    assert_eq!((status, answer["error"]["code"].as_str()), (StatusCode::BAD_REQUEST, Some("recount_not_configured")));
+    assert_eq!(call(&app, "/v1/reconcile", r#"{"user_ids": [9]}"#).await.0, StatusCode::CONFLICT);
+    assert_eq!(plain.redis_keys(), Vec::<String>::new());
+}

@@ -4,17 +4,24 @@
 -- KEYS[1]   the pending sorted set (member = user id, score = pending delta)
 -- KEYS[2]   the idempotency key of this request (its webhook-id)
 -- KEYS[3]   the users being reconciled (member = user id, score = fence deadline in ms)
--- KEYS[4..] state shard bitmaps, 2 bits per notification
+-- KEYS[4]   the marker a bootstrap writes when the state is complete
+-- KEYS[5..] state shard bitmaps, 2 bits per notification
 -- ARGV[1]   seconds to remember the idempotency key; 0 when the request has none
 -- ARGV[2]   the prefix of journal keys (journal key = prefix .. user id)
 -- ARGV[3]   the prefix of reconciled-set keys (set key = prefix .. user id)
--- ARGV[4..] 4 values per event: op, key index (into KEYS), index in shard, user id
+-- ARGV[4]   1 if the state must be bootstrapped (the marker must exist), else 0
+-- ARGV[5..] 4 values per event: op, key index (into KEYS), index in shard, user id
 --
 -- Returns {changed, recorded, duplicate, stale, after_delete, replayed}: events that changed a
 -- count, that changed only the state, that repeated the current state, that were stale
 -- creations, that arrived after the notification was deleted; replayed is 1 when the request's
 -- id was seen before, and the counts are then those of its first delivery.
+-- Returns {-1} when the marker is required and missing: the state was lost, nothing is applied.
 local ttl = tonumber(ARGV[1])
+
+if ARGV[4] == '1' and redis.call('EXISTS', KEYS[4]) == 0 then
+  return {-1}
+end
 
 if ttl > 0 then
   local first = redis.call('GET', KEYS[2])
@@ -65,7 +72,7 @@ local outcomes = {duplicate = 0, stale = 0, after_delete = 0}
 local changed, recorded = 0, 0
 local deltas, users = {}, {}
 
-for i = 4, #ARGV, 4 do
+for i = 5, #ARGV, 4 do
   local op, key, pos, user = ARGV[i], KEYS[tonumber(ARGV[i + 1])], '#' .. ARGV[i + 2], ARGV[i + 3]
   journal(user, op .. ' ' .. key .. ' ' .. pos)
   local old = redis.call('BITFIELD', key, 'GET', 'u2', pos)[1]

@@ -67,6 +67,11 @@ impl Keys {
         format!("{}:reconciled:{user}", self.tag)
     }
 
+    /// Written by a bootstrap once the state is complete; its absence means the state was lost.
+    pub fn ready(&self) -> String {
+        format!("{}:ready", self.tag)
+    }
+
     /// Users waiting for a recount.
     pub fn recounts(&self) -> String {
         format!("{}:recounts", self.tag)
@@ -82,8 +87,8 @@ impl Keys {
         format!("{}:flush_lock", self.tag)
     }
 
-    /// The pattern that matches every key of this deployment (for tests and clean-up).
-    pub fn all_pattern(&self) -> String {
-        format!("{}:*", self.tag)
+    /// A `SCAN` pattern under this deployment's tag, e.g. `state:*`.
+    pub fn pattern(&self, glob: &str) -> String {
+        format!("{}:{glob}", self.tag)
     }
 }

@@ -25,6 +25,9 @@ pub enum StoreError {
     /// Redis answered with an error or could not be reached.
     #[error("redis: {0}")]
     Redis(#[from] redis::RedisError),
+    /// The state is missing (Redis lost its data) and must be bootstrapped before events apply.
+    #[error("the Redis state is missing; it is being rebuilt from the Notification table")]
+    StateMissing,
     /// Redis answered something the scripts never return: a bug or a foreign key clash.
     #[error("unexpected reply from redis: {0}")]
     Unexpected(String),
@@ -37,6 +40,7 @@ impl StoreError {
             StoreError::Redis(e) => {
                 e.is_io_error() || e.is_timeout() || e.is_connection_refusal() || e.is_connection_dropped()
             }
+            StoreError::StateMissing => true,
             StoreError::Unexpected(_) => false,
         }
     }
@@ -91,6 +95,7 @@ pub struct Store {
     conn: ConnectionManager,
     keys: Keys,
     scripts: &'static Scripts,
+    requires_bootstrap: bool,
 }
 
 struct Scripts {
@@ -128,7 +133,14 @@ impl Store {
             .set_response_timeout(Some(REDIS_RESPONSE_TIMEOUT))
             .set_number_of_retries(1);
         let conn = ConnectionManager::new_lazy_with_config(client, config)?;
-        Ok(Self { conn, keys: Keys::new(prefix), scripts: scripts() })
+        Ok(Self { conn, keys: Keys::new(prefix), scripts: scripts(), requires_bootstrap: false })
+    }
+
+    /// The same store, refusing events until a bootstrap has marked the state complete.
+    /// Used when the Notification table is configured, so a lost state can be rebuilt.
+    pub fn requiring_bootstrap(mut self) -> Self {
+        self.requires_bootstrap = true;
+        self
     }
 
     /// The key layout of this store.
@@ -163,14 +175,16 @@ impl Store {
             .key(self.keys.pending())
             .key(self.keys.webhook(key_id))
             .key(self.keys.reconciling())
+            .key(self.keys.ready())
             .arg(ttl.as_secs())
             .arg(self.keys.journal(""))
-            .arg(self.keys.reconciled(""));
-        // KEYS[1..3] are taken; each distinct shard gets the next key index.
+            .arg(self.keys.reconciled(""))
+            .arg(u8::from(self.requires_bootstrap));
+        // KEYS[1..4] are taken; each distinct shard gets the next key index.
         let mut shard_index: HashMap<u64, usize> = HashMap::new();
         for event in events {
             let (shard, index_in_shard) = Keys::state_slot(event.notification_id);
-            let next = shard_index.len() + 4;
+            let next = shard_index.len() + 5;
             let key_index = *shard_index.entry(shard).or_insert_with(|| {
                 invocation.key(self.keys.state(shard));
                 next
@@ -178,7 +192,11 @@ impl Store {
             invocation.arg(op_code(event)).arg(key_index).arg(index_in_shard).arg(event.user_id);
         }
         let mut conn = self.conn.clone();
-        let counts: Vec<u64> = invocation.invoke_async(&mut conn).await?;
+        let counts: Vec<i64> = invocation.invoke_async(&mut conn).await?;
+        let counts: Vec<u64> = match counts[..] {
+            [-1] => return Err(StoreError::StateMissing),
+            _ => counts.iter().map(|c| *c as u64).collect(),
+        };
         match counts[..] {
             [changed, recorded, duplicate, stale, after_delete, replayed] => Ok(Applied {
                 outcome: ApplyOutcome { changed, recorded, duplicate, stale, after_delete },
@@ -410,6 +428,71 @@ impl Store {
     pub async fn recounts_waiting(&self) -> Result<u64, StoreError> {
         let mut conn = self.conn.clone();
         Ok(conn.scard(self.keys.recounts()).await?)
+    }
+}
+
+impl Store {
+    /// Whether a bootstrap has marked the state complete (always true when none is required).
+    pub async fn is_ready(&self) -> Result<bool, StoreError> {
+        if !self.requires_bootstrap {
+            return Ok(true);
+        }
+        let mut conn = self.conn.clone();
+        Ok(conn.exists(self.keys.ready()).await?)
+    }
+
+    /// Marks the state complete: events apply from now on.
+    pub async fn mark_ready(&self) -> Result<(), StoreError> {
+        let mut conn = self.conn.clone();
+        let _: () = conn.set(self.keys.ready(), chrono::Utc::now().to_rfc3339()).await?;
+        Ok(())
+    }
+
+    /// Deletes the whole state: the marker first (events are refused from then on), then every
+    /// state shard, the pending set, open batches, reconcile fences, journals and pictures.
+    pub async fn clear_state(&self) -> Result<u64, StoreError> {
+        let mut conn = self.conn.clone();
+        let _: i64 = conn.del(self.keys.ready()).await?;
+        let mut deleted = 0;
+        for pattern in ["state:*", "batch:*", "journal:*", "reconciled:*"] {
+            let pattern = self.keys.pattern(pattern);
+            let keys: Vec<String> = {
+                let mut scan = conn.scan_match::<_, String>(&pattern).await?;
+                let mut keys = Vec::new();
+                while let Some(key) = scan.next_item().await {
+                    keys.push(key?);
+                }
+                keys
+            };
+            for chunk in keys.chunks(1_000) {
+                let n: u64 = conn.unlink(chunk).await?;
+                deleted += n;
+            }
+        }
+        let singles = [self.keys.pending(), self.keys.batches(), self.keys.reconciling()];
+        let n: u64 = conn.unlink(&singles).await?;
+        Ok(deleted + n)
+    }
+
+    /// Writes notification states as a bootstrap read them: one `BITFIELD` per shard, pipelined.
+    pub async fn write_states(&self, states: &[(u64, u8)]) -> Result<(), StoreError> {
+        let mut by_shard: HashMap<u64, redis::Cmd> = HashMap::new();
+        for (id, state) in states {
+            let (shard, index) = Keys::state_slot(*id);
+            let command = by_shard.entry(shard).or_insert_with(|| {
+                let mut command = redis::cmd("BITFIELD");
+                command.arg(self.keys.state(shard));
+                command
+            });
+            command.arg("SET").arg("u2").arg(format!("#{index}")).arg(*state);
+        }
+        let mut pipeline = redis::pipe();
+        for command in by_shard.into_values() {
+            pipeline.add_command(command).ignore();
+        }
+        let mut conn = self.conn.clone();
+        let _: () = pipeline.query_async(&mut conn).await?;
+        Ok(())
     }
 }
 

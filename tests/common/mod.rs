@@ -105,6 +105,8 @@ impl TestEnv {
             source_deleted_column: Some("deleted".into()),
             ..countersink::source::SourceConfig::default()
         };
+        // With a source, events wait for a bootstrap; the table is empty, so this is instant.
+        self.state().reconciler.bootstrap(|_| {}).await.unwrap();
     }
 
     /// Runs one SQL statement on this test's database (the Django side writing behind our back).
@@ -231,4 +233,54 @@ pub async fn eventually(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     f()
+}
+
+/// A throwaway redis-server of the test's own, for tests that kill or flush Redis without
+/// disturbing the tests running beside them.
+pub struct OwnRedis {
+    /// Its port on 127.0.0.1.
+    pub port: u16,
+    child: std::process::Child,
+}
+
+impl OwnRedis {
+    /// Starts one on `port` (pick it with [`free_port`]).
+    pub fn start(port: u16) -> OwnRedis {
+        let child = std::process::Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server must be on PATH for these tests");
+        let redis = OwnRedis { port, child };
+        let client = redis::Client::open(redis.url()).unwrap();
+        for _ in 0..100 {
+            if client.get_connection().is_ok() {
+                return redis;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("redis-server did not start on port {port}");
+    }
+
+    /// Its URL.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Stops it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for OwnRedis {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A TCP port nothing listens on right now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }

@@ -1,0 +1,175 @@
+//! Bootstrap from the Notification table, and losing Redis: events wait (503) until the state
+//! is rebuilt, and counts end exact after a `FLUSHALL` in the middle of a stream of events.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{free_port, OwnRedis, TestEnv};
+use countersink::app::AppState;
+use countersink::counts::unread_counts;
+use countersink::events::Event;
+use countersink::flush::WhenBusy;
+use countersink::store::StoreError;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+const WAIT: WhenBusy = WhenBusy::Wait(Duration::from_secs(30));
+
+/// Fills the table behind the sidecar's back: `n` notifications for 50 users.
+async fn existing_notifications(env: &TestEnv, n: u64) {
+    let rows: Vec<String> =
+        (1..=n).map(|id| format!("({id}, {}, {}, {})", id % 50, id % 3 != 0, id % 11 == 0)).collect();
+    for chunk in rows.chunks(500) {
+        env.sql(&format!(
+            "INSERT INTO notifications_notification (id, recipient_id, unread, deleted) VALUES {}",
+            chunk.join(",")
+        ))
+        .await;
+    }
+}
+
+#[tokio::test]
+async fn bootstrap_on_an_existing_table_gives_exact_counts_and_state() {
+    for env in TestEnv::each_backend_with_source().await {
+        existing_notifications(&env, 3_000).await;
+        // A stale stored count for a user with no notifications left.
+        env.sql("INSERT INTO countersink_usernotificationscount (user_id, unread_count) VALUES (777, 4)").await;
+        let state = env.state();
+        let reported = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let progress = reported.clone();
+        let report =
+            state.reconciler.bootstrap(move |p| progress.lock().unwrap().push((p.done, p.total))).await.unwrap();
+        assert_eq!(report.notifications, 3_000);
+        assert_eq!(reported.lock().unwrap().last(), Some(&(3_000, 3_000)), "progress reached the end");
+        assert_eq!(env.stored_counts().await, env.true_counts().await, "{:?}", env.backend());
+
+        // The state matches the table: events on existing notifications are exact transitions.
+        env.sql("UPDATE notifications_notification SET unread = NOT unread WHERE id IN (1, 3)").await;
+        let outcome =
+            state.store.apply(&[Event::save(1, 1, false, false), Event::save(3, 3, true, false)]).await.unwrap();
+        assert_eq!(outcome.changed, 2);
+        let duplicate = state.store.apply(&[Event::save(2, 2, true, false), Event::delete(11, 11)]).await.unwrap();
+        assert_eq!(duplicate.changed, 0, "already unread / already deleted in the table");
+        state.flusher.flush(WAIT).await.unwrap();
+        assert_eq!(env.stored_counts().await, env.true_counts().await);
+    }
+}
+
+#[tokio::test]
+async fn events_are_refused_until_the_state_is_bootstrapped() {
+    let mut env = TestEnv::postgres_with_source().await;
+    let mut redis = env.redis();
+    let _: () = redis::Commands::del(&mut redis, env.key("ready")).unwrap();
+    let state = env.state();
+    let refused = state.store.apply(&[Event::save(1, 1, true, true)]).await.unwrap_err();
+    assert!(matches!(refused, StoreError::StateMissing), "{refused}");
+    assert!(refused.is_unavailable(), "answered 503 so the sender retries");
+    let app = countersink::http::router(state.clone());
+    let response = tower::ServiceExt::oneshot(
+        app,
+        axum::http::Request::post("/v1/events")
+            .body(axum::body::Body::from(r#"{"kind":"post_delete","notification_id":1,"user_id":1}"#))
+            .unwrap(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(response.status(), axum::http::StatusCode::SERVICE_UNAVAILABLE);
+    assert!(env.redis_keys().iter().all(|k| !k.contains(":state:")));
+
+    env.core.source.source_table = Some("notifications_notification".into());
+    state.reconciler.bootstrap(|_| {}).await.unwrap();
+    assert_eq!(state.store.apply(&[Event::save(1, 1, true, true)]).await.unwrap().changed, 1);
+}
+
+/// Sends an event the way the Django package does: retried with backoff while refused.
+async fn send(state: &AppState, event: Event) -> u32 {
+    let mut refusals = 0;
+    loop {
+        match state.store.apply(std::slice::from_ref(&event)).await {
+            Ok(_) => return refusals,
+            Err(e) if e.is_unavailable() => {
+                refusals += 1;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flushall_in_the_middle_of_a_stream_is_recovered_with_exact_counts() {
+    let seed: u64 = rand::random();
+    let mut env = TestEnv::postgres().await;
+    let redis = OwnRedis::start(free_port());
+    env.core.redis_url = redis.url();
+    env.add_notification_table().await;
+    existing_notifications(&env, 500).await;
+    let state = env.state();
+    state.reconciler.bootstrap(|_| {}).await.unwrap();
+    // The sidecar's watcher, as `serve` runs it.
+    let watcher = tokio::spawn(state.reconciler.clone().watch_for_lost_state(Duration::from_millis(50)));
+    let flushing = Arc::new(AtomicBool::new(true));
+    let flusher = tokio::spawn({
+        let (state, flushing) = (state.clone(), flushing.clone());
+        async move {
+            while flushing.load(Ordering::Relaxed) {
+                // Flushes may fail while the state is being rebuilt; the next one catches up.
+                let _ = state.flusher.flush(WhenBusy::Skip).await;
+                tokio::time::sleep(Duration::from_millis(30)).await;
+            }
+        }
+    });
+
+    let env = Arc::new(env);
+    let mut writers = Vec::new();
+    for lane in 0..4u64 {
+        let (env, state) = (env.clone(), state.clone());
+        writers.push(tokio::spawn(async move {
+            let mut rng = StdRng::seed_from_u64(seed + lane);
+            let mut refusals = 0;
+            let mut next = 10_000 + lane;
+            for step in 0..120u64 {
+                let id = if step % 3 == 0 { next } else { rng.random_range(1..=125) * 4 + lane - 3 };
+                let user = id % 50;
+                if step % 3 == 0 {
+                    next += 4;
+                    env.sql(&format!(
+                        "INSERT INTO notifications_notification (id, recipient_id, unread, deleted) VALUES ({id}, {user}, TRUE, FALSE)"
+                    ))
+                    .await;
+                    refusals += send(&state, Event::save(id, user, true, true)).await;
+                } else {
+                    let unread = rng.random_bool(0.5);
+                    env.sql(&format!("UPDATE notifications_notification SET unread = {unread} WHERE id = {id}")).await;
+                    refusals += send(&state, Event::save(id, user, unread, false)).await;
+                }
+            }
+            refusals
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let mut admin = redis::Client::open(redis.url()).unwrap().get_connection().unwrap();
+    let _: () = redis::cmd("FLUSHALL").query(&mut admin).unwrap();
+    let mut refusals = 0;
+    for writer in writers {
+        refusals += writer.await.unwrap();
+    }
+    flushing.store(false, Ordering::Relaxed);
+    flusher.await.unwrap();
+    watcher.abort();
+
+    assert!(refusals > 0, "events were refused while the state was missing");
+    assert!(state.store.is_ready().await.unwrap(), "the watcher rebuilt the state");
+    state.flusher.flush(WAIT).await.unwrap();
+    assert_eq!(env.stored_counts().await, env.true_counts().await, "seed {seed}, {refusals} refusals");
+    let users: Vec<u64> = (0..50).collect();
+    let reads = unread_counts(&state.store, &state.db, &users).await.unwrap();
+    let truth = env.true_counts().await;
+    for read in reads {
+        assert_eq!(read.unread_count, truth.get(&read.user_id).copied().unwrap_or(0));
+    }
+}
