@@ -72,13 +72,18 @@ async fn run(database_url: &str, redis_url: &str, prefix: &str, rows: u64, users
     let state = AppState::new(&core, None)?;
     state.db.migrate().await?;
     let started = Instant::now();
-    let report = state.reconciler.bootstrap(countersink::bootstrap::progress_printer()).await?;
+    let report = state
+        .reconciler
+        .bootstrap(countersink::bootstrap::Batching::default(), countersink::bootstrap::progress_printer())
+        .await?;
     let seconds = started.elapsed().as_secs_f64();
     println!(
-        "bootstrap: {} notifications, {} users with unread, in {seconds:.1} s ({:.0} notifications/s)",
+        "bootstrap: {} notifications, {} users written, in {seconds:.1} s ({:.0} notifications/s; reading and states {:.1} s, writing counts {:.1} s)",
         report.notifications,
-        report.users_with_unread,
-        report.notifications as f64 / seconds
+        report.users_written,
+        report.notifications as f64 / seconds,
+        report.states_ms as f64 / 1000.0,
+        seconds - report.states_ms as f64 / 1000.0,
     );
     let pending = state.store.pending_users().await?;
     anyhow::ensure!(report.notifications == rows && pending == 0, "bootstrap incomplete");

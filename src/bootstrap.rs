@@ -2,47 +2,70 @@
 //! on day one (a database full of notifications the sidecar never saw) or after Redis lost its
 //! data (the marker `{P}:ready` is gone).
 //!
-//! 1. Take the flush lock; delete the marker, so events are answered 503 (senders retry) and
-//!    nothing is applied against a half-built state; clear the old state.
-//! 2. In one database transaction, whose first statement zeroes the stored counts (on SQLite
-//!    that takes the write lock, on PostgreSQL the transaction is REPEATABLE READ, so both read
-//!    one unchanging snapshot): stream the table in id order, in chunks, writing each
-//!    notification's 2-bit state; then write every user's true count with one
-//!    `INSERT … SELECT … GROUP BY`.
-//! 3. Commit, then set the marker: events flow again. Retried events of changes the snapshot
-//!    already holds find their state and change nothing; later ones apply on top.
+//! 1. Under the flush lock, delete the marker (events are answered 503 from now; senders retry,
+//!    and nothing is applied against a half-built state), delete the old state, and record that
+//!    a bootstrap is under way.
+//! 2. Read the table in id order, in chunks (the next read overlapping this write): write each
+//!    notification's 2-bit state, and add its unread rows to per-user counts kept in memory.
+//!    Every million rows ([`Batching`]), save those counts and the last id read, atomically.
+//! 3. In one database transaction, set every stored count to the counted value (zero for
+//!    everyone else); then write the marker: events flow again.
 //!
-//! An interrupted bootstrap is not resumed: the marker is still missing, so the next one starts
-//! over (resuming would mix two snapshots). Memory is one chunk.
+//! Counts are built from the very rows whose states were written, so they agree whenever each
+//! row was read. A change made during the bootstrap has its event refused and retried
+//! afterwards: it finds its state already there (no-op) or applies as a real transition. No long
+//! database transaction is held. An interrupted bootstrap resumes from its last checkpoint (the
+//! marker is still missing, so events still wait): states after it are written again, which is
+//! harmless, and counts continue from the saved ones. Memory is one chunk of rows plus one count
+//! per user with unread notifications (16 bytes each, about 30 MB per million users).
 
+use std::collections::HashMap;
 use std::io::IsTerminal;
 use std::time::{Duration, Instant};
 
-use diesel::{Connection, RunQueryDsl};
-use tokio::runtime::Handle;
+use diesel::Connection;
+
 use tracing::{info, warn};
 
-use crate::db::{Backend, Db, DbError};
+use crate::config::MAX_FLUSH_CHUNK_USERS;
+use crate::db::{queries, Db, DbError};
 use crate::flush::{FlushError, Flusher, WhenBusy};
 use crate::reconcile::ReconcileError;
 use crate::source::Source;
 use crate::store::Store;
 
-/// Notifications read per chunk: large enough for few round trips, small enough to bound memory
-/// (a chunk is about 1.5 MB in flight).
-pub const CHUNK_ROWS: usize = 50_000;
+/// How a bootstrap reads the table.
+#[derive(Debug, Clone, Copy)]
+pub struct Batching {
+    /// Notifications per chunk: large enough for few round trips, small enough to bound memory.
+    pub chunk_rows: usize,
+    /// Notifications between checkpoints: at most this many are read again after an interruption.
+    pub checkpoint_rows: u64,
+}
+
+impl Default for Batching {
+    fn default() -> Self {
+        Batching { chunk_rows: 20_000, checkpoint_rows: 1_000_000 }
+    }
+}
+/// The state code of an unread notification (see `transition.lua`).
+const UNREAD: u8 = 2;
 /// How long a bootstrap waits for a running flush.
 const LOCK_WAIT: Duration = Duration::from_secs(120);
-/// How often progress is reported when not on a terminal.
+/// How often progress is logged when not on a terminal.
 const LOG_EVERY: Duration = Duration::from_secs(5);
 
 /// What a bootstrap did.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 pub struct BootstrapReport {
-    /// Notifications whose state was written.
+    /// Notifications whose state was written by this run.
     pub notifications: u64,
+    /// Whether this run resumed an interrupted one.
+    pub resumed: bool,
     /// Users given a non-zero stored count.
-    pub users_with_unread: u64,
+    pub users_written: u64,
+    /// Milliseconds spent reading rows and writing states (the rest is writing the counts).
+    pub states_ms: u64,
     /// Wall time in milliseconds.
     pub duration_ms: u64,
 }
@@ -50,9 +73,9 @@ pub struct BootstrapReport {
 /// Progress of a running bootstrap.
 #[derive(Debug, Clone, Copy)]
 pub struct Progress {
-    /// Notifications done.
+    /// Notifications done by this run.
     pub done: u64,
-    /// Notifications in the snapshot.
+    /// Notifications this run has to do (counted at its start).
     pub total: u64,
     /// Since the start.
     pub elapsed: Duration,
@@ -80,15 +103,66 @@ pub async fn bootstrap(
     db: &Db,
     flusher: &Flusher,
     source: &Source,
-    progress: impl FnMut(Progress) + Send + 'static,
+    batching: Batching,
+    mut progress: impl FnMut(Progress) + Send,
 ) -> Result<BootstrapReport, ReconcileError> {
     let started = Instant::now();
     let outcome = flusher
         .exclusive(WhenBusy::Wait(LOCK_WAIT), async || {
-            let cleared = store.clear_state().await?;
-            info!(keys = cleared, "bootstrap: cleared the old state; events wait until it is rebuilt");
-            let report = rebuild(store, db, source, progress, started).await?;
-            store.mark_ready().await?;
+            let mut report = BootstrapReport::default();
+            let (mut after, mut counts) = match store.bootstrap_cursor().await? {
+                Some(after) => {
+                    info!(after_id = ?after, "bootstrap: resuming from its last checkpoint");
+                    report.resumed = true;
+                    (after, store.bootstrap_counts().await?)
+                }
+                None => {
+                    let cleared = store.clear_state().await?;
+                    store.start_bootstrap().await?;
+                    info!(keys = cleared, "bootstrap: cleared the old state; events wait until it is rebuilt");
+                    (None, HashMap::new())
+                }
+            };
+            let counted = source.clone();
+            let total = db.run(move |conn| counted.rows_after_count(conn, after)).await?;
+            let read = |after: Option<i64>| {
+                let (db, source) = (db.clone(), source.clone());
+                tokio::spawn(
+                    async move { db.run(move |conn| source.rows_after(conn, after, batching.chunk_rows)).await },
+                )
+            };
+            // The next chunk is read from the database while this one is written to Redis.
+            let mut next = read(after);
+            let mut since_checkpoint = 0;
+            loop {
+                let rows = next.await.map_err(|e| FlushError::Db(DbError::Task(e.to_string())))??;
+                let Some(last) = rows.last() else { break };
+                after = Some(last.id);
+                next = read(after);
+                let rows: Vec<(u64, u64, u8)> =
+                    rows.iter().map(|r| (r.id as u64, r.user_id as u64, r.state as u8)).collect();
+                store.write_states(&rows).await?;
+                for (_, user, state) in &rows {
+                    if *state == UNREAD {
+                        *counts.entry(*user).or_default() += 1;
+                    }
+                }
+                report.notifications += rows.len() as u64;
+                since_checkpoint += rows.len() as u64;
+                if since_checkpoint >= batching.checkpoint_rows {
+                    store.checkpoint_bootstrap(last.id, &counts).await?;
+                    since_checkpoint = 0;
+                }
+                progress(Progress { done: report.notifications, total, elapsed: started.elapsed() });
+            }
+            report.states_ms = started.elapsed().as_millis() as u64;
+            let counts: Vec<(u64, i64)> = counts.into_iter().collect();
+            report.users_written = counts.len() as u64;
+            db.run(move |conn| {
+                conn.transaction(|conn| queries::replace_all_counts(conn, &counts, MAX_FLUSH_CHUNK_USERS))
+            })
+            .await?;
+            store.finish_bootstrap().await?;
             Ok(report)
         })
         .await;
@@ -102,54 +176,15 @@ pub async fn bootstrap(
     report.duration_ms = started.elapsed().as_millis() as u64;
     info!(
         notifications = report.notifications,
-        users_with_unread = report.users_with_unread,
+        users_written = report.users_written,
+        resumed = report.resumed,
         duration_ms = report.duration_ms,
         "bootstrap done; events apply again"
     );
     Ok(report)
 }
 
-/// Step 2: the snapshot transaction, on a blocking thread; Redis writes go through the runtime.
-async fn rebuild(
-    store: &Store,
-    db: &Db,
-    source: &Source,
-    mut progress: impl FnMut(Progress) + Send + 'static,
-    started: Instant,
-) -> Result<BootstrapReport, FlushError> {
-    let (store, db, source) = (store.clone(), db.clone(), source.clone());
-    let handle = Handle::current();
-    tokio::task::spawn_blocking(move || -> Result<BootstrapReport, FlushError> {
-        let mut conn = db.get()?;
-        let backend = db.backend();
-        conn.transaction(|conn| {
-            if backend == Backend::Postgres {
-                diesel::sql_query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
-                    .execute(conn)
-                    .map_err(DbError::from)?;
-            }
-            Source::zero_stored_counts(conn)?;
-            let total = source.row_count(conn)?;
-            let mut report = BootstrapReport::default();
-            let mut after = None;
-            loop {
-                let rows = source.rows_after(conn, after, CHUNK_ROWS)?;
-                let Some(last) = rows.last() else { break };
-                after = Some(last.id);
-                let states: Vec<(u64, u8)> = rows.iter().map(|r| (r.id as u64, r.state as u8)).collect();
-                handle.block_on(store.write_states(&states)).map_err(FlushError::Store)?;
-                report.notifications += rows.len() as u64;
-                progress(Progress { done: report.notifications, total, elapsed: started.elapsed() });
-            }
-            report.users_with_unread = source.write_true_counts(conn)? as u64;
-            Ok(report)
-        })
-    })
-    .await
-    .map_err(|e| FlushError::Db(DbError::Task(e.to_string())))?
-}
-
-/// Progress output for people: a line redrawn in place on a terminal, a log line every few
+/// Progress output for people: a bar redrawn in place on a terminal, a log line every few
 /// seconds otherwise.
 pub fn progress_printer() -> impl FnMut(Progress) + Send + 'static {
     let terminal = std::io::stderr().is_terminal();
@@ -157,11 +192,11 @@ pub fn progress_printer() -> impl FnMut(Progress) + Send + 'static {
     move |p: Progress| {
         let percent = if p.total == 0 { 100.0 } else { p.done as f64 * 100.0 / p.total as f64 };
         if terminal {
-            let filled = (percent / 5.0) as usize;
+            let filled = ((percent / 5.0) as usize).min(20);
             eprint!(
                 "\r[{}{}] {percent:5.1}% {}/{} notifications, {:.0}/s, ETA {}s   ",
                 "#".repeat(filled),
-                " ".repeat(20 - filled.min(20)),
+                " ".repeat(20 - filled),
                 p.done,
                 p.total,
                 p.rate(),
@@ -190,7 +225,7 @@ pub async fn watch(store: Store, db: Db, flusher: Flusher, source: Source, inter
             Ok(true) => {}
             Ok(false) => {
                 warn!("the Redis state is missing (new deployment or Redis lost its data); bootstrapping");
-                match bootstrap(&store, &db, &flusher, &source, progress_printer()).await {
+                match bootstrap(&store, &db, &flusher, &source, Batching::default(), progress_printer()).await {
                     Ok(_) => continue,
                     Err(e) => warn!(error = %e, "bootstrap failed; trying again"),
                 }

@@ -83,10 +83,11 @@ impl Reconciler {
     /// Rebuilds the whole state and every stored count from the table (see [`crate::bootstrap`]).
     pub async fn bootstrap(
         &self,
-        progress: impl FnMut(crate::bootstrap::Progress) + Send + 'static,
+        batching: crate::bootstrap::Batching,
+        progress: impl FnMut(crate::bootstrap::Progress) + Send,
     ) -> Result<crate::bootstrap::BootstrapReport, ReconcileError> {
         let source = self.source.clone().ok_or(ReconcileError::NotConfigured)?;
-        crate::bootstrap::bootstrap(&self.store, &self.db, &self.flusher, &source, progress).await
+        crate::bootstrap::bootstrap(&self.store, &self.db, &self.flusher, &source, batching, progress).await
     }
 
     /// Rebuilds the state whenever it is found missing; runs until the process stops.
@@ -169,6 +170,11 @@ impl Reconciler {
         let outcome = self
             .flusher
             .exclusive(WhenBusy::Wait(LOCK_WAIT), async || {
+                // A lost state is the bootstrap's to rebuild; repairing a few users into it would
+                // be counted again by the bootstrap.
+                if !self.store.is_ready().await? {
+                    return Err(FlushError::Store(StoreError::StateMissing));
+                }
                 self.flusher.recover_open_batches().await?;
                 let repaired = self.repair(&source, users).await.map_err(reconcile_to_flush)?;
                 self.flusher.flush_locked(None).await?;

@@ -194,36 +194,23 @@ impl Source {
         Ok(diesel::sql_query(sql).load(conn)?)
     }
 
-    /// How many notifications the table holds.
-    pub fn row_count(&self, conn: &mut DbConnection) -> Result<u64, DbError> {
+    /// How many notifications have ids above `after` (for progress).
+    pub fn rows_after_count(&self, conn: &mut DbConnection, after: Option<i64>) -> Result<u64, DbError> {
         #[derive(QueryableByName)]
         struct Count {
             #[diesel(sql_type = BigInt)]
             n: i64,
         }
-        let rows: Vec<Count> =
-            diesel::sql_query(format!("SELECT CAST(COUNT(*) AS BIGINT) AS n FROM {}", self.table)).load(conn)?;
+        let floor = after.map(|a| format!(" WHERE {} > {a}", self.id)).unwrap_or_default();
+        let sql = format!("SELECT CAST(COUNT(*) AS BIGINT) AS n FROM {}{floor}", self.table);
+        let rows: Vec<Count> = diesel::sql_query(sql).load(conn)?;
         Ok(rows.first().map_or(0, |c| c.n as u64))
     }
 
-    /// Sets every stored count to zero (bootstrap's first write, which on SQLite also takes the
-    /// write lock, so the rest of its transaction reads one unchanging table).
+    /// Sets every stored count to zero (a bootstrap rebuilds them from the states it writes).
     pub fn zero_stored_counts(conn: &mut DbConnection) -> Result<usize, DbError> {
         Ok(diesel::sql_query("UPDATE countersink_usernotificationscount SET unread_count = 0 WHERE unread_count <> 0")
             .execute(conn)?)
-    }
-
-    /// Writes each user's true unread count, computed by the database in one statement.
-    pub fn write_true_counts(&self, conn: &mut DbConnection) -> Result<usize, DbError> {
-        let sql = format!(
-            "INSERT INTO countersink_usernotificationscount (user_id, unread_count) \
-             SELECT CAST({user} AS BIGINT), COUNT(*) FROM {table} WHERE ({state}) = 2 GROUP BY {user} \
-             ON CONFLICT (user_id) DO UPDATE SET unread_count = excluded.unread_count",
-            user = self.user,
-            table = self.table,
-            state = self.state_expression(),
-        );
-        Ok(diesel::sql_query(sql).execute(conn)?)
     }
 
     /// Up to `limit` user ids after `after`, in order: every user with a notification or a stored count.

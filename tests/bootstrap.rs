@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use common::{free_port, OwnRedis, TestEnv};
 use countersink::app::AppState;
+use countersink::bootstrap::Batching;
 use countersink::counts::unread_counts;
 use countersink::events::Event;
 use countersink::flush::WhenBusy;
@@ -41,8 +42,14 @@ async fn bootstrap_on_an_existing_table_gives_exact_counts_and_state() {
         let state = env.state();
         let reported = Arc::new(std::sync::Mutex::new(Vec::new()));
         let progress = reported.clone();
-        let report =
-            state.reconciler.bootstrap(move |p| progress.lock().unwrap().push((p.done, p.total))).await.unwrap();
+        let report = state
+            .reconciler
+            .bootstrap(
+                Batching { chunk_rows: 700, checkpoint_rows: 1_400 },
+                move |p: countersink::bootstrap::Progress| progress.lock().unwrap().push((p.done, p.total)),
+            )
+            .await
+            .unwrap();
         assert_eq!(report.notifications, 3_000);
         assert_eq!(reported.lock().unwrap().last(), Some(&(3_000, 3_000)), "progress reached the end");
         assert_eq!(env.stored_counts().await, env.true_counts().await, "{:?}", env.backend());
@@ -81,7 +88,7 @@ async fn events_are_refused_until_the_state_is_bootstrapped() {
     assert!(env.redis_keys().iter().all(|k| !k.contains(":state:")));
 
     env.core.source.source_table = Some("notifications_notification".into());
-    state.reconciler.bootstrap(|_| {}).await.unwrap();
+    state.reconciler.bootstrap(Batching::default(), |_| {}).await.unwrap();
     assert_eq!(state.store.apply(&[Event::save(1, 1, true, true)]).await.unwrap().changed, 1);
 }
 
@@ -109,7 +116,7 @@ async fn flushall_in_the_middle_of_a_stream_is_recovered_with_exact_counts() {
     env.add_notification_table().await;
     existing_notifications(&env, 500).await;
     let state = env.state();
-    state.reconciler.bootstrap(|_| {}).await.unwrap();
+    state.reconciler.bootstrap(Batching::default(), |_| {}).await.unwrap();
     // The sidecar's watcher, as `serve` runs it.
     let watcher = tokio::spawn(state.reconciler.clone().watch_for_lost_state(Duration::from_millis(50)));
     let flushing = Arc::new(AtomicBool::new(true));
@@ -171,5 +178,34 @@ async fn flushall_in_the_middle_of_a_stream_is_recovered_with_exact_counts() {
     let truth = env.true_counts().await;
     for read in reads {
         assert_eq!(read.unread_count, truth.get(&read.user_id).copied().unwrap_or(0));
+    }
+}
+
+#[tokio::test]
+async fn an_interrupted_bootstrap_resumes_after_its_last_chunk() {
+    for env in TestEnv::each_backend_with_source().await {
+        existing_notifications(&env, 2_000).await;
+        let state = env.state();
+        // The process dies after its second chunk: the future is dropped mid-way.
+        let (chunks_tx, mut chunks_rx) = tokio::sync::mpsc::unbounded_channel();
+        let interrupted = state.reconciler.bootstrap(Batching { chunk_rows: 300, checkpoint_rows: 600 }, move |p| {
+            let _ = chunks_tx.send(p.done);
+        });
+        tokio::select! {
+            _ = interrupted => panic!("the bootstrap should have been interrupted"),
+            _ = async { while chunks_rx.recv().await != Some(600) {} } => {}
+        }
+        // Its flush lock expires; events are still refused meanwhile.
+        let mut redis = env.redis();
+        let _: () = redis::Commands::del(&mut redis, env.key("flush_lock")).unwrap();
+        assert!(!state.store.is_ready().await.unwrap());
+        assert!(matches!(state.store.apply(&[Event::delete(1, 1)]).await, Err(StoreError::StateMissing)));
+
+        let resumed =
+            state.reconciler.bootstrap(Batching { chunk_rows: 300, checkpoint_rows: 600 }, |_| {}).await.unwrap();
+        assert!(resumed.resumed);
+        assert!(resumed.notifications <= 1_400, "{} rows read again", resumed.notifications);
+        assert_eq!(env.stored_counts().await, env.true_counts().await, "{:?}", env.backend());
+        assert!(state.store.is_ready().await.unwrap());
     }
 }

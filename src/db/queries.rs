@@ -69,6 +69,23 @@ pub fn add_deltas(conn: &mut DbConnection, deltas: &[(u64, i64)]) -> Result<usiz
     Ok(per_backend!(conn, c => upsert.execute(c)?))
 }
 
+/// Sets every stored count to the given absolute values, and every other user's to zero, in
+/// the caller's transaction (a bootstrap's final write; running it twice changes nothing).
+pub fn replace_all_counts(conn: &mut DbConnection, counts: &[(u64, i64)], chunk_users: usize) -> Result<(), DbError> {
+    diesel::update(counts::table.filter(counts::unread_count.ne(0))).set(counts::unread_count.eq(0)).execute(conn)?;
+    for chunk in counts.chunks(chunk_users) {
+        let rows: Vec<_> =
+            chunk.iter().map(|(user, n)| (counts::user_id.eq(*user as i64), counts::unread_count.eq(*n))).collect();
+        let upsert = diesel::insert_into(counts::table)
+            .values(&rows)
+            .on_conflict(counts::user_id)
+            .do_update()
+            .set(counts::unread_count.eq(excluded(counts::unread_count)));
+        per_backend!(conn, c => upsert.execute(c)?);
+    }
+    Ok(())
+}
+
 /// Stored counts of `users`, and which of `batch_ids` are committed, from one snapshot.
 ///
 /// Both must come from the same snapshot: a batch committing between two separate reads

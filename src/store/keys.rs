@@ -72,6 +72,16 @@ impl Keys {
         format!("{}:ready", self.tag)
     }
 
+    /// Where a bootstrap under way has got to (the last notification id written).
+    pub fn bootstrap_cursor(&self) -> String {
+        format!("{}:bootstrap_cursor", self.tag)
+    }
+
+    /// A bootstrap's checkpoint: every user's unread count up to the cursor, packed.
+    pub fn bootstrap_counts(&self) -> String {
+        format!("{}:bootstrap_counts", self.tag)
+    }
+
     /// Users waiting for a recount.
     pub fn recounts(&self) -> String {
         format!("{}:recounts", self.tag)

@@ -441,7 +441,108 @@ impl Store {
         Ok(conn.exists(self.keys.ready()).await?)
     }
 
-    /// Marks the state complete: events apply from now on.
+    /// Where an interrupted bootstrap stopped: `None` when none is under way, `Some(None)` when
+    /// one started and wrote no chunk yet, `Some(Some(id))` after the chunk ending at `id`.
+    pub async fn bootstrap_cursor(&self) -> Result<Option<Option<i64>>, StoreError> {
+        let mut conn = self.conn.clone();
+        let cursor: Option<String> = conn.get(self.keys.bootstrap_cursor()).await?;
+        match cursor.as_deref() {
+            None => Ok(None),
+            Some("") => Ok(Some(None)),
+            Some(id) => id
+                .parse()
+                .map(|id| Some(Some(id)))
+                .map_err(|_| StoreError::Unexpected(format!("bootstrap cursor {id:?} is not an id"))),
+        }
+    }
+
+    /// Records that a bootstrap has cleared the state and started reading.
+    pub async fn start_bootstrap(&self) -> Result<(), StoreError> {
+        let mut conn = self.conn.clone();
+        let _: () = conn.set(self.keys.bootstrap_cursor(), "").await?;
+        Ok(())
+    }
+
+    /// Writes the states of one chunk of notifications `(id, user, state)`: one `BITFIELD` per
+    /// shard, pipelined. Writing a state twice is harmless, so a resumed bootstrap may redo chunks.
+    pub async fn write_states(&self, rows: &[(u64, u64, u8)]) -> Result<(), StoreError> {
+        let mut by_shard: HashMap<u64, redis::Cmd> = HashMap::new();
+        for (id, _, state) in rows {
+            let (shard, index) = Keys::state_slot(*id);
+            let command = by_shard.entry(shard).or_insert_with(|| {
+                let mut command = redis::cmd("BITFIELD");
+                command.arg(self.keys.state(shard));
+                command
+            });
+            // A plain bit offset (2 bits per notification) spares formatting a `#index` per row.
+            command.arg("SET").arg("u2").arg(index * 2).arg(*state);
+        }
+        let mut pipeline = redis::pipe();
+        for command in by_shard.into_values() {
+            pipeline.add_command(command).ignore();
+        }
+        let mut conn = self.conn.clone();
+        let _: () = pipeline.query_async(&mut conn).await?;
+        Ok(())
+    }
+
+    /// Saves a bootstrap's progress: the unread count of every user so far and the last id read,
+    /// in one `MULTI`/`EXEC`, so a resumed bootstrap starts from a count that matches its cursor.
+    pub async fn checkpoint_bootstrap(&self, last_id: i64, counts: &HashMap<u64, i64>) -> Result<(), StoreError> {
+        let mut packed = Vec::with_capacity(counts.len() * 16);
+        for (user, count) in counts {
+            packed.extend_from_slice(&user.to_le_bytes());
+            packed.extend_from_slice(&count.to_le_bytes());
+        }
+        let mut transaction = redis::pipe();
+        transaction
+            .atomic()
+            .set(self.keys.bootstrap_counts(), packed)
+            .ignore()
+            .set(self.keys.bootstrap_cursor(), last_id)
+            .ignore();
+        let mut conn = self.conn.clone();
+        let _: () = transaction.query_async(&mut conn).await?;
+        Ok(())
+    }
+
+    /// The counts saved by the last checkpoint (empty when none was saved).
+    pub async fn bootstrap_counts(&self) -> Result<HashMap<u64, i64>, StoreError> {
+        let mut conn = self.conn.clone();
+        let packed: Option<Vec<u8>> = conn.get(self.keys.bootstrap_counts()).await?;
+        let packed = packed.unwrap_or_default();
+        if packed.len() % 16 != 0 {
+            return Err(StoreError::Unexpected("the bootstrap checkpoint is truncated".into()));
+        }
+        Ok(packed
+            .chunks_exact(16)
+            .map(|pair| {
+                let (user, count) = pair.split_at(8);
+                let user = u64::from_le_bytes(user.try_into().unwrap_or_default());
+                let count = i64::from_le_bytes(count.try_into().unwrap_or_default());
+                (user, count)
+            })
+            .collect())
+    }
+
+    /// Ends a bootstrap: drops the resume point and the checkpoint, and writes the marker, so
+    /// events apply again.
+    pub async fn finish_bootstrap(&self) -> Result<(), StoreError> {
+        let mut transaction = redis::pipe();
+        transaction
+            .atomic()
+            .del(self.keys.bootstrap_cursor())
+            .ignore()
+            .del(self.keys.bootstrap_counts())
+            .ignore()
+            .set(self.keys.ready(), chrono::Utc::now().to_rfc3339())
+            .ignore();
+        let mut conn = self.conn.clone();
+        let _: () = transaction.query_async(&mut conn).await?;
+        Ok(())
+    }
+
+    /// Marks the state complete without a bootstrap (tests, and stores that need none).
     pub async fn mark_ready(&self) -> Result<(), StoreError> {
         let mut conn = self.conn.clone();
         let _: () = conn.set(self.keys.ready(), chrono::Utc::now().to_rfc3339()).await?;
@@ -469,30 +570,15 @@ impl Store {
                 deleted += n;
             }
         }
-        let singles = [self.keys.pending(), self.keys.batches(), self.keys.reconciling()];
+        let singles = [
+            self.keys.pending(),
+            self.keys.batches(),
+            self.keys.reconciling(),
+            self.keys.bootstrap_cursor(),
+            self.keys.bootstrap_counts(),
+        ];
         let n: u64 = conn.unlink(&singles).await?;
         Ok(deleted + n)
-    }
-
-    /// Writes notification states as a bootstrap read them: one `BITFIELD` per shard, pipelined.
-    pub async fn write_states(&self, states: &[(u64, u8)]) -> Result<(), StoreError> {
-        let mut by_shard: HashMap<u64, redis::Cmd> = HashMap::new();
-        for (id, state) in states {
-            let (shard, index) = Keys::state_slot(*id);
-            let command = by_shard.entry(shard).or_insert_with(|| {
-                let mut command = redis::cmd("BITFIELD");
-                command.arg(self.keys.state(shard));
-                command
-            });
-            command.arg("SET").arg("u2").arg(format!("#{index}")).arg(*state);
-        }
-        let mut pipeline = redis::pipe();
-        for command in by_shard.into_values() {
-            pipeline.add_command(command).ignore();
-        }
-        let mut conn = self.conn.clone();
-        let _: () = pipeline.query_async(&mut conn).await?;
-        Ok(())
     }
 }
 

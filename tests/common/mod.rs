@@ -106,7 +106,7 @@ impl TestEnv {
             ..countersink::source::SourceConfig::default()
         };
         // With a source, events wait for a bootstrap; the table is empty, so this is instant.
-        self.state().reconciler.bootstrap(|_| {}).await.unwrap();
+        self.state().reconciler.bootstrap(countersink::bootstrap::Batching::default(), |_| {}).await.unwrap();
     }
 
     /// Runs one SQL statement on this test's database (the Django side writing behind our back).
