@@ -35,7 +35,7 @@ logger = logging.getLogger("countersink")
 class _Group:
     """Events recorded under one savepoint stack; committed if its marker runs."""
 
-    __slots__ = ("events", "committed")
+    __slots__ = ("committed", "events")
 
     def __init__(self, first: ev.Event) -> None:
         self.events: list[ev.Event] = [first]
@@ -48,7 +48,7 @@ class _Group:
 class _Transaction:
     """The events of the transaction open on one connection."""
 
-    __slots__ = ("alias", "connection", "groups", "current", "hooks", "sids", "generation", "flush_fn")
+    __slots__ = ("alias", "connection", "current", "flush_fn", "generation", "groups", "hooks", "sids")
 
     def __init__(self, alias: str, connection: Any) -> None:
         self.alias = alias

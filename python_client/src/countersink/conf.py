@@ -1,9 +1,9 @@
 """The ``COUNTERSINK`` settings dict, read lazily so ``override_settings`` works.
 
-Every value is looked up in ``settings.COUNTERSINK`` when it is used, falling back to
-:data:`DEFAULTS`. The one derived value, the resolved model mapping (:func:`mapping`), is
-cached for the hot path and dropped whenever ``COUNTERSINK`` changes (Django's
-``setting_changed`` signal, which ``override_settings`` sends).
+Nothing is read at import time. On first use, ``settings.COUNTERSINK`` is merged over
+:data:`DEFAULTS` and kept, with the resolved model mapping (:func:`mapping`), for the hot path
+inside ``save()``; both are dropped whenever ``COUNTERSINK`` changes (Django's
+``setting_changed`` signal, which ``override_settings`` sends), as Django REST framework does.
 """
 
 from __future__ import annotations
@@ -46,14 +46,17 @@ DEFAULTS: dict[str, Any] = {
     "CONNECT_TIMEOUT": 0.5,
     # Seconds to wait for the answer to POST /v1/events (background thread).
     "SEND_TIMEOUT": 2.0,
+    # Seconds the sender waits to gather more events into one request (0: send at once).
+    "SEND_LINGER": 0.005,
     # Seconds to wait for a count read (request thread); then the stored table answers.
     "READ_TIMEOUT": 0.5,
     # Seconds to wait for flush, reconcile and status (management commands).
     "ADMIN_TIMEOUT": 60.0,
-    # Transactions' batches waiting to be sent; beyond that, batches are dropped (and repaired).
-    "QUEUE_SIZE": 10_000,
-    # Retries of one request after the first attempt.
-    "MAX_RETRIES": 6,
+    # Events waiting to be sent (about 150 bytes each); a batch that does not fit is dropped
+    # and its users are recounted later.
+    "QUEUE_SIZE": 100_000,
+    # Retries of one request after the first attempt (8: up to about half a minute of outage).
+    "MAX_RETRIES": 8,
     # Seconds: the first backoff; each retry doubles it (full jitter), up to RETRY_BACKOFF_MAX.
     "RETRY_BACKOFF": 0.2,
     "RETRY_BACKOFF_MAX": 10.0,
@@ -70,11 +73,17 @@ def user_settings() -> Mapping[str, Any]:
     return value if isinstance(value, Mapping) else {}
 
 
+_values_cache: dict[str, Any] | None = None
+
+
 def get(key: str) -> Any:
     """One setting, with its default."""
-    if key not in DEFAULTS:
-        raise KeyError(f"unknown countersink setting {key!r}")
-    return user_settings().get(key, DEFAULTS[key])
+    global _values_cache
+    values = _values_cache
+    if values is None:
+        values = {**DEFAULTS, **{k: v for k, v in user_settings().items() if k in DEFAULTS}}
+        _values_cache = values
+    return values[key]
 
 
 class _Settings:
@@ -110,6 +119,10 @@ class _Settings:
     @property
     def SEND_TIMEOUT(self) -> float:
         return float(get("SEND_TIMEOUT"))
+
+    @property
+    def SEND_LINGER(self) -> float:
+        return float(get("SEND_LINGER"))
 
     @property
     def READ_TIMEOUT(self) -> float:
@@ -237,11 +250,12 @@ def resolve_mapping(values: Mapping[str, Any]) -> ModelMapping:
     )
 
 
-def _reset_mapping(*, setting: str, **kwargs: Any) -> None:
-    global _mapping_cache
+def _reset(*, setting: str, **kwargs: Any) -> None:
+    global _mapping_cache, _values_cache
     if setting == SETTING:
         with _mapping_lock:
+            _values_cache = None
             _mapping_cache = None
 
 
-setting_changed.connect(_reset_mapping, dispatch_uid="countersink.conf.reset_mapping")
+setting_changed.connect(_reset, dispatch_uid="countersink.conf.reset")

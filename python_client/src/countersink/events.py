@@ -20,6 +20,8 @@ RECOUNT = "recount"
 
 #: The sidecar accepts at most this many events per request.
 MAX_EVENTS_PER_REQUEST = 1000
+#: The largest id the sidecar accepts (a signed 64-bit primary key).
+MAX_ID = 2**63 - 1
 
 #: ``(kind, notification_id, user_id, unread, created, occurred_at as a unix time)``;
 #: ``notification_id`` is 0 and ``occurred_at`` 0.0 for a recount.

@@ -16,6 +16,8 @@ import time
 import uuid
 
 SECRET_PREFIX = "whsec_"
+#: The sidecar refuses shorter keys at start-up (Standard Webhooks suggests 24 to 64 bytes).
+MIN_KEY_BYTES = 16
 
 
 class InvalidSecret(ValueError):

@@ -164,11 +164,37 @@ class Transport:
         raise AssertionError("unreachable")  # pragma: no cover
 
 
+class _OneWrite:
+    """Sends the request line, headers and a bytes body in one write.
+
+    http.client writes the headers and the body separately: two wake-ups of the server per
+    request, which costs a loopback sidecar (and the CPU it shares with the app) measurably.
+    """
+
+    def _send_output(self, message_body: Any = None, encode_chunked: bool = False) -> None:
+        buffer: list[bytes] = self._buffer  # type: ignore[attr-defined]
+        if isinstance(message_body, bytes) and not encode_chunked:
+            buffer.extend((b"", b""))
+            message = b"\r\n".join(buffer) + message_body
+            del buffer[:]
+            self.send(message)  # type: ignore[attr-defined]
+            return
+        super()._send_output(message_body, encode_chunked)  # type: ignore[misc]
+
+
+class _HTTPConnection(_OneWrite, http.client.HTTPConnection):
+    pass
+
+
+class _HTTPSConnection(_OneWrite, http.client.HTTPSConnection):
+    pass
+
+
 def _new_connection(key: tuple[str, str, int], connect_timeout: float) -> http.client.HTTPConnection:
     scheme, host, port = key
     if scheme == "https":
-        return http.client.HTTPSConnection(host, port, timeout=connect_timeout)
-    return http.client.HTTPConnection(host, port, timeout=connect_timeout)
+        return _HTTPSConnection(host, port, timeout=connect_timeout)
+    return _HTTPConnection(host, port, timeout=connect_timeout)
 
 
 #: The process-wide transport.
