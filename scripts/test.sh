@@ -41,8 +41,9 @@ cargo clippy --all-targets --locked -- -D warnings
 say "rust tests"
 cargo test --locked --all-targets
 
-if [ -x python_client/run-tests.sh ]; then
-  say "python client tests"
-  cargo build --locked --bin countersink
-  COUNTERSINK_BIN="$PWD/target/debug/countersink" python_client/run-tests.sh
-fi
+say "API contract (schemathesis against the running service)"
+cargo build --locked --bin countersink
+scripts/schemathesis.sh 30
+
+say "python client tests"
+COUNTERSINK_BIN="$PWD/target/debug/countersink" python_client/run-tests.sh

@@ -42,6 +42,8 @@ pub enum Command {
     /// Recount users from the Notification table, repair any drift, print what was wrong, and
     /// exit (safe beside a running service). Needs --source-table.
     Reconcile(ReconcileArgs),
+    /// Print the OpenAPI 3.1 document of the HTTP API (as checked into docs/openapi.json).
+    Openapi,
     /// Rebuild the whole Redis state and every stored count from the Notification table, with
     /// progress, and exit. Events are answered 503 (senders retry) while it runs. Needs --source-table.
     Bootstrap,
@@ -65,6 +67,10 @@ pub struct ReconcileArgs {
 impl Cli {
     /// Validates the settings and runs the subcommand.
     pub async fn run(self) -> anyhow::Result<()> {
+        if let Command::Openapi = self.command {
+            println!("{}", http::openapi::document());
+            return Ok(());
+        }
         self.core.validate()?;
         match self.command {
             Command::Serve(serve) => run_serve(&self.core, *serve).await,
@@ -81,6 +87,7 @@ impl Cli {
                 );
                 Ok(())
             }
+            Command::Openapi => Ok(()),
             Command::Reconcile(args) => run_reconcile(&self.core, args).await,
             Command::Bootstrap => {
                 let state = AppState::new(&self.core, None)?;
@@ -124,7 +131,7 @@ async fn run_serve(core: &CoreConfig, serve: ServeConfig) -> anyhow::Result<()> 
     }
     if state.reconciler.is_configured() {
         state.reconciler.check_source().await.context("checking the Notification table (--source-*)")?;
-        tokio::spawn(recount_worker(state.clone()));
+        tokio::spawn(state.reconciler.clone().run_recount_worker(RECOUNT_INTERVAL));
         if serve.auto_bootstrap {
             tokio::spawn(state.reconciler.clone().watch_for_lost_state(LOST_STATE_CHECK));
         }
@@ -151,19 +158,8 @@ async fn run_serve(core: &CoreConfig, serve: ServeConfig) -> anyhow::Result<()> 
 /// How often `serve` checks that the Redis state is still there.
 const LOST_STATE_CHECK: Duration = Duration::from_secs(2);
 
-/// How often queued recounts (from `recount` events) are taken.
+/// How often queued recounts from other processes are looked for (this process's own start at once).
 const RECOUNT_INTERVAL: Duration = Duration::from_secs(1);
-
-/// Recounts the users that `recount` events asked for, coalesced, once a second.
-async fn recount_worker(state: AppState) {
-    loop {
-        tokio::time::sleep(RECOUNT_INTERVAL).await;
-        if let Err(e) = state.reconciler.run_queued_recounts().await {
-            // The taken users stay taken and are retried on the next round.
-            warn!(error = %e, "queued recounts failed; retrying");
-        }
-    }
-}
 
 async fn run_reconcile(core: &CoreConfig, args: ReconcileArgs) -> anyhow::Result<()> {
     let state = AppState::new(core, None)?;

@@ -45,7 +45,7 @@ impl ReadError {
 }
 
 /// One user's unread count and where it comes from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
 pub struct UnreadCount {
     /// The user.
     pub user_id: u64,

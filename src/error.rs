@@ -14,7 +14,6 @@
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use serde_json::json;
 use tracing::error;
 
 use crate::counts::ReadError;
@@ -23,6 +22,26 @@ use crate::events::EventError;
 use crate::flush::FlushError;
 use crate::reconcile::ReconcileError;
 use crate::store::StoreError;
+
+/// The body of every error response.
+#[derive(Debug, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
+pub struct ErrorBody {
+    /// What went wrong.
+    pub error: ErrorDetail,
+}
+
+/// What went wrong, for programs (`code`) and people (`message`).
+#[derive(Debug, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
+pub struct ErrorDetail {
+    /// A stable code: `invalid_event`, `malformed_json`, `invalid_batch`, `invalid_parameter`,
+    /// `unauthorized`, `payload_too_large`, `not_found`, `conflict`, `unavailable`, `overloaded`, ...
+    pub code: String,
+    /// What is wrong, for a person.
+    pub message: String,
+    /// The JSON path or parameter at fault, where there is one (`events[3].user_id`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub field: Option<String>,
+}
 
 /// Seconds a client should wait before retrying after a 503.
 const RETRY_AFTER_SECS: u32 = 1;
@@ -91,11 +110,8 @@ impl IntoResponse for AppError {
                 (StatusCode::INTERNAL_SERVER_ERROR, "internal", None)
             }
         };
-        let mut body = json!({ "code": code, "message": self.to_string() });
-        if let Some(field) = field {
-            body["field"] = json!(field);
-        }
-        let mut response = (status, Json(json!({ "error": body }))).into_response();
+        let body = ErrorBody { error: ErrorDetail { code: code.to_string(), message: self.to_string(), field } };
+        let mut response = (status, Json(body)).into_response();
         if status == StatusCode::SERVICE_UNAVAILABLE {
             response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECS));
         }

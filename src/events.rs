@@ -85,6 +85,58 @@ enum Parsed {
     Recount(u64),
 }
 
+/// One event as it travels, for the OpenAPI document. [`parse_batch`] is the parser (it gives
+/// better errors than serde would); a test checks that the two accept the same examples.
+#[derive(Debug, serde::Deserialize, utoipa::ToSchema)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum WireEvent {
+    /// Django's `post_save`.
+    PostSave {
+        /// The notification's primary key.
+        #[schema(minimum = 0, maximum = 9223372036854775807_i64)]
+        notification_id: u64,
+        /// The recipient.
+        #[schema(minimum = 0, maximum = 9223372036854775807_i64)]
+        user_id: u64,
+        /// Whether the notification is unread after this save.
+        unread: bool,
+        /// Django's `created` argument.
+        #[serde(default)]
+        created: bool,
+        /// When it happened (RFC 3339); informational.
+        #[serde(default)]
+        occurred_at: Option<DateTime<Utc>>,
+    },
+    /// Django's `post_delete`, or a soft delete.
+    PostDelete {
+        /// The notification's primary key.
+        #[schema(minimum = 0, maximum = 9223372036854775807_i64)]
+        notification_id: u64,
+        /// The recipient.
+        #[schema(minimum = 0, maximum = 9223372036854775807_i64)]
+        user_id: u64,
+        /// When it happened (RFC 3339); informational.
+        #[serde(default)]
+        occurred_at: Option<DateTime<Utc>>,
+    },
+    /// The user's notifications changed in bulk: recount them from the Notification table.
+    Recount {
+        /// The user to recount.
+        #[schema(minimum = 0, maximum = 9223372036854775807_i64)]
+        user_id: u64,
+    },
+}
+
+/// A request body of `POST /v1/events`: one event, or an array of 1 to 1,000.
+#[derive(Debug, serde::Deserialize, utoipa::ToSchema)]
+#[serde(untagged)]
+pub enum WireBatch {
+    /// One event.
+    One(WireEvent),
+    /// 1 to 1,000 events (`--max-batch-events`), applied atomically.
+    Many(Vec<WireEvent>),
+}
+
 /// Why a request body was rejected.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum EventError {
@@ -247,6 +299,29 @@ mod tests {
 
     fn parse(body: &str) -> Result<Vec<Event>, EventError> {
         parse_batch(body.as_bytes(), 1_000).map(|batch| batch.transitions)
+    }
+
+    #[test]
+    fn the_documented_wire_format_and_the_parser_agree() {
+        let accepted = [
+            r#"{"kind":"post_save","notification_id":1,"user_id":2,"unread":true}"#,
+            r#"{"kind":"post_save","notification_id":1,"user_id":2,"unread":false,"created":true,"occurred_at":"2026-11-22T10:00:00Z"}"#,
+            r#"[{"kind":"post_delete","notification_id":1,"user_id":2},{"kind":"recount","user_id":3}]"#,
+        ];
+        for body in accepted {
+            assert!(serde_json::from_str::<WireBatch>(body).is_ok(), "{body}");
+            assert!(parse_batch(body.as_bytes(), 1_000).is_ok(), "{body}");
+        }
+        let refused = [
+            r#"{"kind":"post_save","notification_id":1,"user_id":2}"#,
+            r#"{"kind":"post_save","notification_id":1,"user_id":2,"unread":true,"extra":1}"#,
+            r#"{"kind":"recount"}"#,
+            r#"{"kind":"post_update","notification_id":1,"user_id":2}"#,
+        ];
+        for body in refused {
+            assert!(serde_json::from_str::<WireBatch>(body).is_err(), "{body}");
+            assert!(parse_batch(body.as_bytes(), 1_000).is_err(), "{body}");
+        }
     }
 
     #[test]

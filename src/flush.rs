@@ -78,7 +78,7 @@ pub enum FlushStep {
 }
 
 /// What one batch did.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
 pub struct BatchReport {
     /// The batch id.
     pub batch_id: String,
@@ -93,7 +93,7 @@ pub struct BatchReport {
 }
 
 /// What a flush did.
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
 pub struct FlushReport {
     /// The batches applied (recovered ones first).
     pub batches: Vec<BatchReport>,

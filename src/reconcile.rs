@@ -53,7 +53,7 @@ pub enum ReconcileError {
 }
 
 /// What a reconcile found.
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
 pub struct ReconcileReport {
     /// Users recounted.
     pub users_checked: u64,
@@ -72,12 +72,13 @@ pub struct Reconciler {
     db: Db,
     flusher: Flusher,
     source: Option<Arc<Source>>,
+    recounts_queued: Arc<tokio::sync::Notify>,
 }
 
 impl Reconciler {
     /// A reconciler over `source`; without one, every reconcile answers [`ReconcileError::NotConfigured`].
     pub fn new(store: Store, db: Db, flusher: Flusher, source: Option<Source>) -> Self {
-        Self { store, db, flusher, source: source.map(Arc::new) }
+        Self { store, db, flusher, source: source.map(Arc::new), recounts_queued: Arc::new(tokio::sync::Notify::new()) }
     }
 
     /// Rebuilds the whole state and every stored count from the table (see [`crate::bootstrap`]).
@@ -150,6 +151,35 @@ impl Reconciler {
         report.duration_ms = started.elapsed().as_millis() as u64;
         log_report(&report);
         Ok(report)
+    }
+
+    /// Queues users for a recount (repeated asks coalesce) and wakes this process's worker.
+    pub async fn queue_recounts(&self, users: &[u64]) -> Result<(), ReconcileError> {
+        if users.is_empty() {
+            return Ok(());
+        }
+        if self.source.is_none() {
+            return Err(ReconcileError::NotConfigured);
+        }
+        self.store.queue_recounts(users).await?;
+        self.recounts_queued.notify_one();
+        Ok(())
+    }
+
+    /// Runs queued recounts until the process stops: at once when this process queued some,
+    /// and every `interval` for those queued by other processes.
+    pub async fn run_recount_worker(self, interval: Duration) {
+        loop {
+            tokio::select! {
+                _ = self.recounts_queued.notified() => {}
+                _ = tokio::time::sleep(interval) => {}
+            }
+            if let Err(e) = self.run_queued_recounts().await {
+                // The taken users stay taken and are retried on the next round.
+                warn!(error = %e, "queued recounts failed; retrying");
+                tokio::time::sleep(interval).await;
+            }
+        }
     }
 
     /// Recounts the users queued by `recount` events, if any. Users stay queued until their

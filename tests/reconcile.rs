@@ -101,7 +101,7 @@ async fn recount_events_are_coalesced_and_repair_through_the_reconcile_path() {
     env.sql("UPDATE notifications_notification SET unread = FALSE WHERE recipient_id = 42").await;
     state.store.queue_recounts(&[42, 42, 43]).await.unwrap();
     state.store.queue_recounts(&[42]).await.unwrap();
-    assert_eq!(state.store.recounts_waiting().await.unwrap(), 2);
+    assert_eq!(state.store.recounts_queued().await.unwrap(), (2, 0));
     let report = state.reconciler.run_queued_recounts().await.unwrap().unwrap();
     assert_eq!(report.users_checked, 2);
     assert_eq!(report.drift, vec![UserDrift { user_id: 42, stored: 5, actual: 0 }]);

@@ -21,7 +21,7 @@ macro_rules! per_backend {
 }
 
 /// A flush batch as recorded in the database.
-#[derive(Debug, Clone, PartialEq, Eq, Queryable, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Queryable, serde::Serialize, utoipa::ToSchema)]
 pub struct BatchRecord {
     /// The batch id.
     pub batch_id: String,
@@ -30,6 +30,7 @@ pub struct BatchRecord {
     /// The sum of its deltas.
     pub delta_sum: i64,
     /// When it was committed (UTC).
+    #[schema(value_type = String, example = "2026-11-22T23:55:04.111478")]
     pub applied_at: NaiveDateTime,
 }
 

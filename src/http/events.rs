@@ -3,17 +3,18 @@
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::HeaderMap;
 use axum::Json;
 use tracing::info;
 
 use crate::app::AppState;
 use crate::error::AppError;
-use crate::events::parse_batch;
+use crate::error::ErrorBody;
+use crate::events::{parse_batch, WireBatch};
 use crate::store::ApplyOutcome;
 
 /// What a request's events did.
-#[derive(Debug, serde::Serialize)]
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
 pub struct EventsResponse {
     /// Events in the request.
     pub received: u64,
@@ -30,15 +31,31 @@ pub struct EventsResponse {
 }
 
 /// Checks the signature, validates the whole batch, then applies it atomically, once per `webhook-id`.
+#[utoipa::path(
+    post,
+    path = "/v1/events",
+    tag = "events",
+    request_body(content = WireBatch, description = "One event, or an array of 1 to 1,000 (at most 1 MiB)."),
+    params(
+        ("webhook-id" = Option<String>, Header, description = "Unique per request, reused on retries: the idempotency key."),
+        ("webhook-timestamp" = Option<String>, Header, description = "Unix seconds, within 5 minutes of the server's clock."),
+        ("webhook-signature" = Option<String>, Header, description = "`v1,` + base64 HMAC-SHA256 of `{id}.{timestamp}.{body}`."),
+    ),
+    responses(
+        (status = 200, description = "Applied (or a replay of a request applied before)", body = EventsResponse),
+        (status = 400, description = "The batch is invalid; nothing was applied", body = ErrorBody),
+        (status = 401, description = "Missing, forged, stale or future-dated signature; nothing was applied", body = ErrorBody),
+        (status = 413, description = "The body is too large", body = ErrorBody),
+        (status = 503, description = "Redis unavailable, state being rebuilt, or overloaded: retry", body = ErrorBody),
+    ),
+    security((), ("webhook_signature" = []))
+)]
 pub async fn post_events(
     State(state): State<AppState>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<EventsResponse>, AppError> {
-    let body = body.map_err(|rejection| match rejection.status() {
-        StatusCode::PAYLOAD_TOO_LARGE => AppError::PayloadTooLarge { limit: state.limits.max_body_bytes },
-        _ => AppError::BadRequest { code: "unreadable_body", message: rejection.body_text(), field: None },
-    })?;
+    let body = super::read_body(body, state.limits.max_body_bytes)?;
     let webhook_id = state.auth.verify_webhook(&headers, &body)?;
     let batch = parse_batch(&body, state.limits.max_batch_events)?;
     if !batch.recounts.is_empty() && !state.reconciler.is_configured() {
@@ -49,7 +66,7 @@ pub async fn post_events(
         });
     }
     // Recounts first: asking twice is harmless, and a replayed request finds them queued already.
-    state.store.queue_recounts(&batch.recounts).await?;
+    state.reconciler.queue_recounts(&batch.recounts).await?;
     let idempotency = webhook_id.map(|id| (id, state.limits.idempotency_ttl));
     let applied = state.store.apply_once(&batch.transitions, idempotency).await?;
     let outcomes = applied.outcome;

@@ -6,13 +6,25 @@ use axum::extract::State;
 use axum::Json;
 
 use crate::app::AppState;
-use crate::error::AppError;
+use crate::error::{AppError, ErrorBody};
 use crate::flush::{FlushReport, WhenBusy};
 
 /// How long an HTTP flush waits for a running flush to finish before answering 409.
 const WAIT_FOR_RUNNING_FLUSH: Duration = Duration::from_secs(20);
 
 /// Runs a flush, waiting for one already running, so the caller's earlier events are written on return.
+#[utoipa::path(
+    post,
+    path = "/v1/flush",
+    tag = "admin",
+    responses(
+        (status = 200, description = "What was written", body = FlushReport),
+        (status = 401, description = "The admin token is missing or wrong", body = ErrorBody),
+        (status = 409, description = "Another flush ran for longer than 20 s", body = ErrorBody),
+        (status = 503, description = "Redis or the database unavailable: retry", body = ErrorBody),
+    ),
+    security(("admin_token" = []))
+)]
 pub async fn post_flush(State(state): State<AppState>) -> Result<Json<FlushReport>, AppError> {
     Ok(Json(state.flusher.flush(WhenBusy::Wait(WAIT_FOR_RUNNING_FLUSH)).await?))
 }

@@ -8,6 +8,7 @@
 //! | `POST /v1/flush`                         | `flush.rs`   |
 //! | `POST /v1/reconcile`                     | `reconcile.rs` |
 //! | `GET /v1/status`, `GET /healthz`         | `status.rs`  |
+//! | `GET /openapi.json`                      | `openapi.rs` |
 //!
 //! `auth.rs` holds the signature check and the bearer-token middleware: reads take the read
 //! token (when set), flush and status the admin token.
@@ -16,11 +17,13 @@ pub mod auth;
 mod counts;
 mod events;
 mod flush;
+pub mod openapi;
 mod reconcile;
 mod status;
 
 use std::time::Duration;
 
+use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -51,6 +54,7 @@ pub fn router(state: AppState) -> Router {
         .merge(reads)
         .merge(admin)
         .route("/healthz", get(status::get_healthz))
+        .route("/openapi.json", get(openapi::get_openapi))
         .fallback(|| async { AppError::NotFound })
         .layer(DefaultBodyLimit::max(max_body_bytes))
         .layer(middleware::from_fn(move |request: Request, next: Next| deadline(request, next, request_timeout)))
@@ -73,4 +77,15 @@ async fn deadline(request: Request, next: Next, limit: Duration) -> Response {
         Ok(response) => response,
         Err(_) => AppError::Unavailable { dependency: "the request deadline" }.into_response(),
     }
+}
+
+/// A request body, or the common error shape when it could not be read (413 past the limit).
+pub(crate) fn read_body(
+    body: Result<axum::body::Bytes, BytesRejection>,
+    limit: usize,
+) -> Result<axum::body::Bytes, AppError> {
+    body.map_err(|rejection| match rejection.status() {
+        axum::http::StatusCode::PAYLOAD_TOO_LARGE => AppError::PayloadTooLarge { limit },
+        _ => AppError::BadRequest { code: "unreadable_body", message: rejection.body_text(), field: None },
+    })
 }

@@ -1,24 +1,44 @@
 //! `POST /v1/reconcile`: recount users from the Notification table and report what was wrong.
 
 use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
 use axum::extract::State;
 use axum::Json;
 
 use crate::app::AppState;
-use crate::error::AppError;
+use crate::error::{AppError, ErrorBody};
 use crate::events::MAX_ID;
 use crate::reconcile::ReconcileReport;
 
 /// The request: `{"user_ids": [1, 2, 3]}`.
-#[derive(Debug, serde::Deserialize)]
+#[derive(Debug, serde::Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct ReconcileRequest {
-    user_ids: Vec<u64>,
+pub struct ReconcileRequest {
+    /// 1 to 1,000 user ids.
+    pub user_ids: Vec<u64>,
 }
 
 /// Recounts up to `--max-read-users` users now. A reconcile of every user is the CLI's
 /// `countersink reconcile --all` or the scheduled reconcile: it outlives any request.
-pub async fn post_reconcile(State(state): State<AppState>, body: Bytes) -> Result<Json<ReconcileReport>, AppError> {
+#[utoipa::path(
+    post,
+    path = "/v1/reconcile",
+    tag = "admin",
+    request_body = ReconcileRequest,
+    responses(
+        (status = 200, description = "Users checked, and each that was wrong", body = ReconcileReport),
+        (status = 400, description = "Bad user ids", body = ErrorBody),
+        (status = 401, description = "The admin token is missing or wrong", body = ErrorBody),
+        (status = 409, description = "No Notification table is configured", body = ErrorBody),
+        (status = 503, description = "Redis or the database unavailable, or the state is being rebuilt: retry", body = ErrorBody),
+    ),
+    security(("admin_token" = []))
+)]
+pub async fn post_reconcile(
+    State(state): State<AppState>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<ReconcileReport>, AppError> {
+    let body = super::read_body(body, state.limits.max_body_bytes)?;
     let request: ReconcileRequest = serde_json::from_slice(&body).map_err(|e| AppError::BadRequest {
         code: "invalid_body",
         message: format!("expected {{\"user_ids\": [1, 2, 3]}}: {e}"),

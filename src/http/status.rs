@@ -2,19 +2,26 @@
 
 use axum::extract::State;
 use axum::Json;
-use serde_json::{json, Value};
 
 use crate::app::AppState;
 use crate::db::queries::{self, BatchRecord};
-use crate::error::AppError;
+use crate::error::{AppError, ErrorBody};
+
+/// The answer of `/healthz`.
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct Health {
+    /// Always `ok`: the process answers.
+    pub status: &'static str,
+}
 
 /// The process is alive.
-pub async fn get_healthz() -> Json<Value> {
-    Json(json!({ "status": "ok" }))
+#[utoipa::path(get, path = "/healthz", tag = "health", responses((status = 200, body = Health)))]
+pub async fn get_healthz() -> Json<Health> {
+    Json(Health { status: "ok" })
 }
 
 /// The sidecar's state.
-#[derive(Debug, serde::Serialize)]
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
 pub struct Status {
     /// Users with a delta waiting for the next flush.
     pub pending_users: u64,
@@ -22,15 +29,28 @@ pub struct Status {
     pub open_batches: usize,
     /// Users waiting for a recount asked by `recount` events.
     pub recounts_waiting: u64,
+    /// Users being recounted right now.
+    pub recounts_running: u64,
     /// The last batch written to the database.
     pub last_flush: Option<BatchRecord>,
 }
 
 /// Pending users, open batches and the last flush.
+#[utoipa::path(
+    get,
+    path = "/v1/status",
+    tag = "admin",
+    responses(
+        (status = 200, body = Status),
+        (status = 401, description = "The admin token is missing or wrong", body = ErrorBody),
+        (status = 503, description = "Redis or the database unavailable: retry", body = ErrorBody),
+    ),
+    security(("admin_token" = []))
+)]
 pub async fn get_status(State(state): State<AppState>) -> Result<Json<Status>, AppError> {
     let pending_users = state.store.pending_users().await?;
     let open_batches = state.store.batch_ids().await?.len();
-    let recounts_waiting = state.store.recounts_waiting().await?;
+    let (recounts_waiting, recounts_running) = state.store.recounts_queued().await?;
     let last_flush = state.db.run(queries::last_batch).await?;
-    Ok(Json(Status { pending_users, open_batches, recounts_waiting, last_flush }))
+    Ok(Json(Status { pending_users, open_batches, recounts_waiting, recounts_running, last_flush }))
 }

@@ -47,7 +47,7 @@ impl StoreError {
 }
 
 /// What one request's events did.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
 pub struct ApplyOutcome {
     /// Events that changed a user's count.
     pub changed: u64,
@@ -335,7 +335,7 @@ pub struct UserTruth {
 }
 
 /// What a reconcile found for one user.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
 pub struct UserDrift {
     /// The user.
     pub user_id: u64,
@@ -424,10 +424,12 @@ impl Store {
         Ok(())
     }
 
-    /// Users waiting for a recount.
-    pub async fn recounts_waiting(&self) -> Result<u64, StoreError> {
+    /// Users waiting for a recount, and users taken by a worker and not yet done.
+    pub async fn recounts_queued(&self) -> Result<(u64, u64), StoreError> {
         let mut conn = self.conn.clone();
-        Ok(conn.scard(self.keys.recounts()).await?)
+        let (waiting, running): (u64, u64) =
+            redis::pipe().scard(self.keys.recounts()).scard(self.keys.recounts_taken()).query_async(&mut conn).await?;
+        Ok((waiting, running))
     }
 }
 
