@@ -107,8 +107,8 @@ pub async fn bootstrap(
     mut progress: impl FnMut(Progress) + Send,
 ) -> Result<BootstrapReport, ReconcileError> {
     let started = Instant::now();
-    let outcome = flusher
-        .exclusive(WhenBusy::Wait(LOCK_WAIT), async || {
+    let mut report = flusher
+        .exclusive(WhenBusy::Wait(LOCK_WAIT), async || -> Result<BootstrapReport, ReconcileError> {
             let mut report = BootstrapReport::default();
             let (mut after, mut counts) = match store.bootstrap_cursor().await? {
                 Some(after) => {
@@ -135,7 +135,7 @@ pub async fn bootstrap(
             let mut next = read(after);
             let mut since_checkpoint = 0;
             loop {
-                let rows = next.await.map_err(|e| FlushError::Db(DbError::Task(e.to_string())))??;
+                let rows = next.await.map_err(|e| DbError::Task(e.to_string()))??;
                 let Some(last) = rows.last() else { break };
                 after = Some(last.id);
                 next = read(after);
@@ -158,21 +158,17 @@ pub async fn bootstrap(
             report.states_ms = started.elapsed().as_millis() as u64;
             let counts: Vec<(u64, i64)> = counts.into_iter().collect();
             report.users_written = counts.len() as u64;
-            db.run(move |conn| {
-                conn.transaction(|conn| queries::replace_all_counts(conn, &counts, MAX_FLUSH_CHUNK_USERS))
-            })
-            .await?;
-            store.finish_bootstrap().await?;
+            let seq = db
+                .run(move |conn| {
+                    conn.transaction(|conn| queries::replace_all_counts(conn, &counts, MAX_FLUSH_CHUNK_USERS))?;
+                    queries::max_handoff_seq(conn)
+                })
+                .await?;
+            store.finish_bootstrap(seq).await?;
             Ok(report)
         })
-        .await;
-    let mut report = match outcome {
-        Ok(Ok(report)) => report,
-        Ok(Err(reason)) => unreachable!("a waiting lock is never skipped: {reason}"),
-        Err(FlushError::Db(e)) => return Err(ReconcileError::Db(e)),
-        Err(FlushError::Store(e)) => return Err(ReconcileError::Store(e)),
-        Err(e) => return Err(ReconcileError::Flush(e)),
-    };
+        .await?
+        .map_err(|reason| ReconcileError::Flush(FlushError::Skipped(reason)))?;
     report.duration_ms = started.elapsed().as_millis() as u64;
     info!(
         notifications = report.notifications,

@@ -74,6 +74,9 @@ pub enum AppError {
     /// Nothing at this path.
     #[error("no such endpoint")]
     NotFound,
+    /// The path exists, not with this method.
+    #[error("this endpoint does not take this method")]
+    MethodNotAllowed,
     /// Another operation holds what this one needs.
     #[error("{0}")]
     Conflict(String),
@@ -103,6 +106,7 @@ impl IntoResponse for AppError {
             AppError::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "unauthorized", None),
             AppError::Overloaded => (StatusCode::SERVICE_UNAVAILABLE, "overloaded", None),
             AppError::NotFound => (StatusCode::NOT_FOUND, "not_found", None),
+            AppError::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", None),
             AppError::Conflict(_) => (StatusCode::CONFLICT, "conflict", None),
             AppError::Unavailable { .. } => (StatusCode::SERVICE_UNAVAILABLE, "unavailable", None),
             AppError::Internal(cause) => {
@@ -160,7 +164,7 @@ impl From<FlushError> for AppError {
         match e {
             FlushError::Store(e) => e.into(),
             FlushError::Db(e) => e.into(),
-            FlushError::Busy => AppError::Conflict(FlushError::Busy.to_string()),
+            FlushError::Busy | FlushError::Skipped(_) => AppError::Conflict(e.to_string()),
             FlushError::Stopped(_) => AppError::Internal(e.into()),
         }
     }

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use chrono::Utc;
 use diesel::Connection;
 use tokio::runtime::Handle;
-use tracing::{info, instrument, warn};
+use tracing::{error, info, instrument, warn};
 
 use crate::db::{queries, Db, DbError};
 use crate::store::{Store, StoreError};
@@ -41,6 +41,9 @@ pub enum FlushError {
     /// Another flush held the lock for longer than this caller would wait.
     #[error("another flush is running; try again when it is done")]
     Busy,
+    /// The lock was taken and the caller chose not to wait (never with [`WhenBusy::Wait`]).
+    #[error("skipped: {0}")]
+    Skipped(&'static str),
     /// A test asked the flush to stop at a step, as if the process had died there.
     #[error("flush stopped after {0:?} on request")]
     Stopped(FlushStep),
@@ -52,7 +55,7 @@ impl FlushError {
         match self {
             FlushError::Store(e) => e.is_unavailable(),
             FlushError::Db(e) => e.is_unavailable(),
-            FlushError::Busy | FlushError::Stopped(_) => false,
+            FlushError::Busy | FlushError::Skipped(_) | FlushError::Stopped(_) => false,
         }
     }
 }
@@ -151,11 +154,11 @@ impl Flusher {
 
     /// Runs `work` holding both flush locks, so no flush runs beside it (reconcile needs this).
     /// `Err(reason)` when `when_busy` is [`WhenBusy::Skip`] and a flush is running.
-    pub async fn exclusive<T>(
+    pub async fn exclusive<T, E: From<FlushError>>(
         &self,
         when_busy: WhenBusy,
-        work: impl AsyncFnOnce() -> Result<T, FlushError>,
-    ) -> Result<Result<T, &'static str>, FlushError> {
+        work: impl AsyncFnOnce() -> Result<T, E>,
+    ) -> Result<Result<T, &'static str>, E> {
         let _local = match when_busy {
             WhenBusy::Skip => match self.local.try_lock() {
                 Ok(guard) => guard,
@@ -166,9 +169,12 @@ impl Flusher {
             }
         };
         let token = random_id();
-        if !self.acquire_lock(&token, when_busy).await? {
+        if !self.acquire_lock(&token, when_busy).await.map_err(E::from)? {
             return Ok(Err("another process holds the flush lock"));
         }
+        // Long work (a bootstrap of a big table) keeps the lock alive; a process that dies
+        // stops renewing it, and the lock expires for the next one.
+        let _renewal = AbortOnDrop(tokio::spawn(renew_lock(self.store.clone(), token.clone(), self.lock_ttl)));
         let result = work().await;
         if let Err(e) = self.store.release_flush_lock(&token).await {
             // The lock expires by itself; the next flush only waits longer.
@@ -196,13 +202,14 @@ impl Flusher {
 
     /// A flush, for a caller holding the locks ([`Flusher::exclusive`]).
     pub async fn flush_locked(&self, stop: Option<FlushStep>) -> Result<FlushReport, FlushError> {
+        self.check_redis_did_not_go_back().await?;
         let mut report = self.recover_open_batches().await?;
         let batch_id = random_id();
-        if self.store.handoff(&batch_id).await? {
+        if let Some(seq) = self.store.handoff(&batch_id).await? {
             if stop == Some(FlushStep::Handoff) {
                 return Err(FlushError::Stopped(FlushStep::Handoff));
             }
-            let batch = self.apply_and_drop(&batch_id, false, stop).await?;
+            let batch = self.apply_and_drop(&batch_id, seq, false, stop).await?;
             report.users_written += batch.users;
             report.batches.push(batch);
         }
@@ -211,13 +218,51 @@ impl Flusher {
         Ok(report)
     }
 
+    /// Notices a Redis that went back in time (restarted from an older snapshot, or a replica
+    /// that lagged): its hand-off sequence is below the highest one the database recorded, so its
+    /// pending deltas may already be stored. A Redis that lost everything is told apart by its
+    /// missing ready marker.
+    async fn check_redis_did_not_go_back(&self) -> Result<(), FlushError> {
+        let redis_seq = self.store.handoff_seq().await?;
+        let db_seq = self.db.run(queries::max_handoff_seq).await?;
+        if redis_seq >= db_seq {
+            return Ok(());
+        }
+        let rolled_back = self.store.has_ready_marker().await?;
+        if self.store.requires_bootstrap() {
+            if rolled_back {
+                error!(
+                    redis_seq,
+                    db_seq, "Redis went back in time (an older snapshot?); rebuilding from the Notification table"
+                );
+                self.store.drop_ready_marker().await?;
+            }
+            // The bootstrap rebuilds the state and the sequence; until then nothing is flushed.
+            return Err(FlushError::Store(StoreError::StateMissing));
+        }
+        if rolled_back {
+            // Without a Notification table nothing can be rebuilt: of two wrongs, dropping the
+            // restored pending deltas (already stored) beats adding them a second time.
+            error!(
+                redis_seq,
+                db_seq,
+                "Redis went back in time (an older snapshot?); its pending deltas were stored already and are dropped; \
+                 counts may drift: configure --source-table to rebuild and reconcile"
+            );
+        } else {
+            warn!(redis_seq, db_seq, "Redis lost its data; continuing from the recorded sequence");
+        }
+        self.store.resync_after_rollback(db_seq, rolled_back).await?;
+        Ok(())
+    }
+
     /// Step 2: applies and drops batches left by a process that stopped mid-flush, for a caller
     /// holding the locks. Afterwards no batch is open.
     pub async fn recover_open_batches(&self) -> Result<FlushReport, FlushError> {
         let mut report = FlushReport::default();
         for batch_id in self.store.batch_ids().await? {
             warn!(batch_id, "recovering a batch left by an interrupted flush");
-            let batch = self.apply_and_drop(&batch_id, true, None).await?;
+            let batch = self.apply_and_drop(&batch_id, 0, true, None).await?;
             report.users_written += if batch.already_applied { 0 } else { batch.users };
             report.batches.push(batch);
         }
@@ -227,10 +272,11 @@ impl Flusher {
     async fn apply_and_drop(
         &self,
         batch_id: &str,
+        seq: u64,
         recovered: bool,
         stop: Option<FlushStep>,
     ) -> Result<BatchReport, FlushError> {
-        let mut report = self.apply_batch(batch_id, stop).await?;
+        let mut report = self.apply_batch(batch_id, seq, stop).await?;
         report.recovered = recovered;
         if stop == Some(FlushStep::Commit) {
             return Err(FlushError::Stopped(FlushStep::Commit));
@@ -241,7 +287,7 @@ impl Flusher {
 
     /// Step 4: applies one batch in one transaction, unless it is already recorded.
     #[instrument(skip(self, stop))]
-    async fn apply_batch(&self, batch_id: &str, stop: Option<FlushStep>) -> Result<BatchReport, FlushError> {
+    async fn apply_batch(&self, batch_id: &str, seq: u64, stop: Option<FlushStep>) -> Result<BatchReport, FlushError> {
         let store = self.store.clone();
         let db = self.db.clone();
         let chunk_users = self.chunk_users;
@@ -259,7 +305,7 @@ impl Flusher {
                     recovered: false,
                     already_applied: false,
                 };
-                if !queries::claim_batch(conn, &batch_id, Utc::now().naive_utc())? {
+                if !queries::claim_batch(conn, &batch_id, seq, Utc::now().naive_utc())? {
                     report.already_applied = true;
                     return Ok(report);
                 }
@@ -292,6 +338,30 @@ impl Flusher {
 impl From<diesel::result::Error> for FlushError {
     fn from(e: diesel::result::Error) -> Self {
         FlushError::Db(DbError::Query(e))
+    }
+}
+
+/// Extends the flush lock every third of its time to live, until aborted.
+async fn renew_lock(store: Store, token: String, ttl: Duration) {
+    loop {
+        tokio::time::sleep(ttl / 3).await;
+        match store.extend_flush_lock(&token, ttl).await {
+            Ok(true) => {}
+            Ok(false) => {
+                error!("the flush lock expired under a running flush; another process may have taken it");
+                return;
+            }
+            Err(e) => warn!(error = %e, "could not extend the flush lock; trying again"),
+        }
+    }
+}
+
+/// Aborts a task when dropped, so the lock renewal ends with the work, however it ends.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

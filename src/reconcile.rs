@@ -190,6 +190,8 @@ impl Reconciler {
             return Ok(None);
         }
         let report = self.reconcile_users(&users).await?;
+        // Users whose fence expired go back in the queue before the taken set is dropped.
+        self.store.queue_recounts(&report.unfinished).await?;
         self.store.recounts_done().await?;
         Ok(Some(report))
     }
@@ -197,27 +199,21 @@ impl Reconciler {
     /// Reconciles one step of users under the flush lock, then flushes.
     async fn step(&self, users: &[u64], report: &mut ReconcileReport) -> Result<(), ReconcileError> {
         let source = self.source.clone().ok_or(ReconcileError::NotConfigured)?;
-        let outcome = self
+        let repaired = self
             .flusher
             .exclusive(WhenBusy::Wait(LOCK_WAIT), async || {
                 // A lost state is the bootstrap's to rebuild; repairing a few users into it would
                 // be counted again by the bootstrap.
                 if !self.store.is_ready().await? {
-                    return Err(FlushError::Store(StoreError::StateMissing));
+                    return Err(ReconcileError::Store(StoreError::StateMissing));
                 }
                 self.flusher.recover_open_batches().await?;
-                let repaired = self.repair(&source, users).await.map_err(reconcile_to_flush)?;
+                let repaired = self.repair(&source, users).await?;
                 self.flusher.flush_locked(None).await?;
                 Ok(repaired)
             })
-            .await;
-        let repaired = match outcome {
-            Ok(Ok(repaired)) => repaired,
-            Ok(Err(reason)) => unreachable!("a waiting lock is never skipped: {reason}"),
-            Err(FlushError::Db(e)) => return Err(ReconcileError::Db(e)),
-            Err(FlushError::Store(e)) => return Err(ReconcileError::Store(e)),
-            Err(e) => return Err(ReconcileError::Flush(e)),
-        };
+            .await?
+            .map_err(|reason| ReconcileError::Flush(FlushError::Skipped(reason)))?;
         report.users_checked += users.len() as u64;
         for (user_id, drift) in repaired {
             match drift {
@@ -258,16 +254,6 @@ impl Reconciler {
             })
             .collect();
         Ok(self.store.reconcile_finish(&truths, GRACE).await?)
-    }
-}
-
-/// Carries a reconcile failure through the flush lock's error type.
-fn reconcile_to_flush(e: ReconcileError) -> FlushError {
-    match e {
-        ReconcileError::Store(e) => FlushError::Store(e),
-        ReconcileError::Db(e) => FlushError::Db(e),
-        ReconcileError::Flush(e) => e,
-        ReconcileError::NotConfigured => FlushError::Db(DbError::Task(ReconcileError::NotConfigured.to_string())),
     }
 }
 

@@ -207,12 +207,6 @@ impl Source {
         Ok(rows.first().map_or(0, |c| c.n as u64))
     }
 
-    /// Sets every stored count to zero (a bootstrap rebuilds them from the states it writes).
-    pub fn zero_stored_counts(conn: &mut DbConnection) -> Result<usize, DbError> {
-        Ok(diesel::sql_query("UPDATE countersink_usernotificationscount SET unread_count = 0 WHERE unread_count <> 0")
-            .execute(conn)?)
-    }
-
     /// Up to `limit` user ids after `after`, in order: every user with a notification or a stored count.
     pub fn users_after(&self, conn: &mut DbConnection, after: Option<u64>, limit: usize) -> Result<Vec<u64>, DbError> {
         let floor = after.map(|a| a as i64).unwrap_or(-1);

@@ -75,6 +75,9 @@ async fn events_are_refused_until_the_state_is_bootstrapped() {
     let refused = state.store.apply(&[Event::save(1, 1, true, true)]).await.unwrap_err();
     assert!(matches!(refused, StoreError::StateMissing), "{refused}");
     assert!(refused.is_unavailable(), "answered 503 so the sender retries");
+    // Reads too: the pending deltas are gone, so stored + pending would be wrong.
+    let read = unread_counts(&state.store, &state.db, &[1]).await.unwrap_err();
+    assert!(read.is_unavailable(), "{read}");
     let app = countersink::http::router(state.clone());
     let response = tower::ServiceExt::oneshot(
         app,

@@ -194,3 +194,65 @@ async fn reads_during_flushes_neither_miss_nor_double_count_the_batch_in_flight(
         assert_eq!(last.users, last_round_users);
     }
 }
+
+/// A Redis restarted from an older snapshot brings back pending deltas that were flushed since.
+#[tokio::test]
+async fn a_redis_restored_from_an_older_snapshot_does_not_flush_twice() {
+    for with_source in [false, true] {
+        let mut env = TestEnv::postgres().await;
+        if with_source {
+            env.add_notification_table().await;
+            env.sql(
+                "INSERT INTO notifications_notification (id, recipient_id, unread, deleted) VALUES (1, 5, TRUE, FALSE)",
+            )
+            .await;
+        }
+        let state = env.state();
+        state.store.apply(&[Event::save(1, 5, true, true)]).await.unwrap();
+        state.flusher.flush(WAIT).await.unwrap();
+        // The "snapshot" is older than that flush: pending held user 5's delta, the sequence was 0.
+        let mut redis = env.redis();
+        let _: () = redis::Commands::zadd(&mut redis, env.key("pending"), "5", 1).unwrap();
+        let _: () = redis::Commands::set(&mut redis, env.key("handoff_seq"), 0).unwrap();
+        let _: () = redis::Commands::set(&mut redis, env.key("ready"), "restored").unwrap();
+
+        let outcome = state.flusher.flush(WAIT).await;
+        if with_source {
+            // Events and flushes wait for a rebuild from the table.
+            assert!(
+                matches!(outcome, Err(FlushError::Store(countersink::store::StoreError::StateMissing))),
+                "{outcome:?}"
+            );
+            state.reconciler.bootstrap(countersink::bootstrap::Batching::default(), |_| {}).await.unwrap();
+            state.flusher.flush(WAIT).await.unwrap();
+        } else {
+            outcome.unwrap();
+        }
+        assert_eq!(stored(&state).await, HashMap::from([(5, 1)]), "with source: {with_source}");
+        // Later flushes go on normally from the recorded sequence.
+        state.store.apply(&[Event::save(2, 5, true, true)]).await.unwrap();
+        state.flusher.flush(WAIT).await.unwrap();
+        assert_eq!(stored(&state).await, HashMap::from([(5, 2)]), "with source: {with_source}");
+    }
+}
+
+#[tokio::test]
+async fn the_flush_lock_is_renewed_while_long_work_holds_it() {
+    let mut env = TestEnv::sqlite().await;
+    env.core.flush_lock_ttl_secs = 1;
+    let (holder, other) = (env.state(), env.state());
+    let work = tokio::spawn(async move {
+        holder
+            .flusher
+            .exclusive(WAIT, async || -> Result<(), FlushError> {
+                tokio::time::sleep(Duration::from_millis(2_500)).await;
+                Ok(())
+            })
+            .await
+    });
+    tokio::time::sleep(Duration::from_millis(1_800)).await;
+    let report = other.flusher.flush(WhenBusy::Skip).await.unwrap();
+    assert!(report.skipped.is_some(), "the lock outlived its first second");
+    work.await.unwrap().unwrap().unwrap();
+    assert!(other.flusher.flush(WhenBusy::Skip).await.unwrap().skipped.is_none(), "released when done");
+}

@@ -4,6 +4,8 @@
 
 mod common;
 
+use std::time::Duration;
+
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use axum::Router;
@@ -184,4 +186,30 @@ async fn unreachable_database_is_503_and_keeps_the_pending_deltas() {
     let (_, body, _) = call(&app, "GET", "/v1/users/2/unread-count", Body::empty()).await;
     assert_eq!(body["unread_count"], 1);
     assert_eq!(body["stored"], 1);
+}
+
+#[tokio::test]
+async fn wrong_methods_get_the_common_error_shape() {
+    let env = TestEnv::sqlite().await;
+    let app = router(env.state());
+    for (method, uri) in [("GET", "/v1/events"), ("DELETE", "/v1/flush"), ("POST", "/v1/unread-counts")] {
+        let (status, body, _) = call(&app, method, uri, Body::empty()).await;
+        assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED, "{method} {uri}");
+        assert_eq!(body["error"]["code"], "method_not_allowed");
+    }
+}
+
+#[tokio::test]
+async fn a_flush_cut_short_by_the_request_deadline_still_finishes_and_frees_the_lock() {
+    let env = TestEnv::sqlite().await;
+    let state = env.state().with_limits(Limits { request_timeout: Duration::from_millis(1), ..Limits::default() });
+    state.store.apply(&[countersink::events::Event::save(1, 4, true, true)]).await.unwrap();
+    let app = router(state.clone());
+    let (status, _, _) = call(&app, "POST", "/v1/flush", Body::empty()).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    // The flush went on without the request, and released the lock when done.
+    let report = state.flusher.flush(countersink::flush::WhenBusy::Wait(Duration::from_secs(3))).await.unwrap();
+    assert!(report.skipped.is_none());
+    let count = countersink::counts::unread_counts(&state.store, &state.db, &[4]).await.unwrap()[0];
+    assert_eq!((count.stored, count.pending), (1, 0));
 }

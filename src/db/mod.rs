@@ -78,8 +78,14 @@ impl DbError {
     pub fn is_unavailable(&self) -> bool {
         match self {
             DbError::Unavailable(_) => true,
-            DbError::Query(diesel::result::Error::DatabaseError(kind, _)) => {
-                matches!(kind, diesel::result::DatabaseErrorKind::ClosedConnection)
+            DbError::Query(diesel::result::Error::DatabaseError(kind, info)) => {
+                use diesel::result::DatabaseErrorKind::{ClosedConnection, UnableToSendCommand};
+                // SQLite's busy timeout and PostgreSQL shutting down are passing states too.
+                let message = info.message();
+                matches!(kind, ClosedConnection | UnableToSendCommand)
+                    || message.contains("database is locked")
+                    || message.contains("terminating connection")
+                    || message.contains("the database system is shutting down")
             }
             _ => false,
         }

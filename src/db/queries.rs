@@ -32,15 +32,26 @@ pub struct BatchRecord {
     /// When it was committed (UTC).
     #[schema(value_type = String, example = "2026-11-22T23:55:04.111478")]
     pub applied_at: NaiveDateTime,
+    /// The Redis hand-off sequence number of the batch (0 for a batch recovered after a crash).
+    pub handoff_seq: i64,
 }
 
 /// Records `batch_id` as applied; `false` if it already was (then nothing else may be written).
 ///
 /// Written first in the flush transaction: a second flusher of the same batch waits on the
 /// primary key until the first commits, then finds it recorded.
-pub fn claim_batch(conn: &mut DbConnection, batch_id: &str, now: NaiveDateTime) -> Result<bool, DbError> {
+pub fn claim_batch(
+    conn: &mut DbConnection,
+    batch_id: &str,
+    handoff_seq: u64,
+    now: NaiveDateTime,
+) -> Result<bool, DbError> {
     let claim = diesel::insert_into(batches::table)
-        .values((batches::batch_id.eq(batch_id), batches::applied_at.eq(now)))
+        .values((
+            batches::batch_id.eq(batch_id),
+            batches::applied_at.eq(now),
+            batches::handoff_seq.eq(handoff_seq as i64),
+        ))
         .on_conflict_do_nothing();
     let inserted = per_backend!(conn, c => claim.execute(c)?);
     Ok(inserted == 1)
@@ -118,6 +129,12 @@ pub fn stored_counts(
         read(c)
     })?;
     Ok((stored.into_iter().map(|(u, n)| (u as u64, n)).collect(), committed.into_iter().collect()))
+}
+
+/// The highest hand-off sequence number recorded (0 when none is).
+pub fn max_handoff_seq(conn: &mut DbConnection) -> Result<u64, DbError> {
+    let max: Option<i64> = batches::table.select(diesel::dsl::max(batches::handoff_seq)).first(conn)?;
+    Ok(max.unwrap_or(0).max(0) as u64)
 }
 
 /// The most recent applied batch, if any.

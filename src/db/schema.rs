@@ -21,5 +21,7 @@ diesel::table! {
         delta_sum -> BigInt,
         /// When the batch was committed (UTC).
         applied_at -> Timestamp,
+        /// The Redis hand-off sequence number of the batch (0 when unknown: a recovered batch).
+        handoff_seq -> BigInt,
     }
 }

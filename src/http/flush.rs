@@ -26,5 +26,9 @@ const WAIT_FOR_RUNNING_FLUSH: Duration = Duration::from_secs(20);
     security(("admin_token" = []))
 )]
 pub async fn post_flush(State(state): State<AppState>) -> Result<Json<FlushReport>, AppError> {
-    Ok(Json(state.flusher.flush(WhenBusy::Wait(WAIT_FOR_RUNNING_FLUSH)).await?))
+    // Spawned: a client that hangs up or a request deadline must not cancel a flush half-way
+    // (it would keep the flush lock until the lock expires).
+    let flush = tokio::spawn(async move { state.flusher.flush(WhenBusy::Wait(WAIT_FOR_RUNNING_FLUSH)).await });
+    let report = flush.await.map_err(|e| AppError::Internal(e.into()))??;
+    Ok(Json(report))
 }

@@ -56,6 +56,7 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(status::get_healthz))
         .route("/openapi.json", get(openapi::get_openapi))
         .fallback(|| async { AppError::NotFound })
+        .method_not_allowed_fallback(|| async { AppError::MethodNotAllowed })
         .layer(DefaultBodyLimit::max(max_body_bytes))
         .layer(middleware::from_fn(move |request: Request, next: Next| deadline(request, next, request_timeout)))
         .layer(middleware::from_fn_with_state(state.clone(), shed_load))

@@ -51,5 +51,7 @@ pub async fn post_reconcile(
     if request.user_ids.iter().any(|id| *id > MAX_ID) {
         return Err(AppError::bad_parameter("user_ids", format!("user ids are integers from 0 to {MAX_ID}")));
     }
-    Ok(Json(state.reconciler.reconcile_users(&request.user_ids).await?))
+    // Spawned, like a flush: a dropped request must not cancel a reconcile holding the flush lock.
+    let reconcile = tokio::spawn(async move { state.reconciler.reconcile_users(&request.user_ids).await });
+    Ok(Json(reconcile.await.map_err(|e| AppError::Internal(e.into()))??))
 }

@@ -2,12 +2,12 @@
 --
 -- KEYS[1] pending, KEYS[2] the batch key, KEYS[3] the set of batch ids, KEYS[4] the hand-off sequence
 -- ARGV[1] the batch id
--- Returns 1 if a batch was handed off, 0 if nothing was pending.
+-- Returns the batch's hand-off sequence number, or 0 if nothing was pending.
 if redis.call('EXISTS', KEYS[1]) == 0 then
   return 0
 end
 redis.call('RENAME', KEYS[1], KEYS[2])
 redis.call('SADD', KEYS[3], ARGV[1])
--- Readers compare this before and after reading the database (a sequence lock).
-redis.call('INCR', KEYS[4])
-return 1
+-- Readers compare this before and after reading the database (a sequence lock); the flush
+-- records it with the batch, to notice a Redis that went back in time.
+return redis.call('INCR', KEYS[4])

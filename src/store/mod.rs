@@ -38,7 +38,19 @@ impl StoreError {
     pub fn is_unavailable(&self) -> bool {
         match self {
             StoreError::Redis(e) => {
-                e.is_io_error() || e.is_timeout() || e.is_connection_refusal() || e.is_connection_dropped()
+                use redis::{ErrorKind, ServerErrorKind};
+                // A Redis loading its data, failing over or read-only answers again soon.
+                let passing = matches!(
+                    e.kind(),
+                    ErrorKind::Server(
+                        ServerErrorKind::BusyLoading
+                            | ServerErrorKind::TryAgain
+                            | ServerErrorKind::MasterDown
+                            | ServerErrorKind::ReadOnly
+                            | ServerErrorKind::ClusterDown
+                    )
+                );
+                passing || e.is_io_error() || e.is_timeout() || e.is_connection_refusal() || e.is_connection_dropped()
             }
             StoreError::StateMissing => true,
             StoreError::Unexpected(_) => false,
@@ -107,6 +119,7 @@ struct Scripts {
     drop_batch: Script,
     read_pending: Script,
     release_lock: Script,
+    extend_lock: Script,
 }
 
 fn scripts() -> &'static Scripts {
@@ -120,6 +133,7 @@ fn scripts() -> &'static Scripts {
         drop_batch: Script::new(include_str!("drop_batch.lua")),
         read_pending: Script::new(include_str!("read_pending.lua")),
         release_lock: Script::new(include_str!("release_lock.lua")),
+        extend_lock: Script::new(include_str!("extend_lock.lua")),
     })
 }
 
@@ -213,12 +227,21 @@ impl Store {
             .key(self.keys.pending())
             .key(self.keys.batches())
             .key(self.keys.handoff_seq())
-            .arg(self.keys.batch(""));
+            .key(self.keys.ready())
+            .arg(self.keys.batch(""))
+            .arg(u8::from(self.requires_bootstrap));
         for user in user_ids {
             invocation.arg(*user);
         }
         let mut conn = self.conn.clone();
-        let (seq, batch_ids, rows): (u64, Vec<String>, Vec<Vec<String>>) = invocation.invoke_async(&mut conn).await?;
+        let reply: redis::Value = invocation.invoke_async(&mut conn).await?;
+        if let redis::Value::Array(items) = &reply {
+            if let [redis::Value::Int(-1)] = items[..] {
+                return Err(StoreError::StateMissing);
+            }
+        }
+        let (seq, batch_ids, rows): (u64, Vec<String>, Vec<Vec<String>>) =
+            redis::FromRedisValue::from_redis_value(reply).map_err(|e| StoreError::Unexpected(e.to_string()))?;
         let deltas = rows
             .iter()
             .map(|row| {
@@ -246,10 +269,11 @@ impl Store {
         Ok(conn.zcard(self.keys.pending()).await?)
     }
 
-    /// Renames the pending set to the batch `batch_id`; `false` if nothing was pending.
-    pub async fn handoff(&self, batch_id: &str) -> Result<bool, StoreError> {
+    /// Renames the pending set to the batch `batch_id` and returns the hand-off's sequence
+    /// number; `None` if nothing was pending.
+    pub async fn handoff(&self, batch_id: &str) -> Result<Option<u64>, StoreError> {
         let mut conn = self.conn.clone();
-        let handed_off: i64 = self
+        let seq: u64 = self
             .scripts
             .handoff
             .key(self.keys.pending())
@@ -259,7 +283,39 @@ impl Store {
             .arg(batch_id)
             .invoke_async(&mut conn)
             .await?;
-        Ok(handed_off == 1)
+        Ok((seq > 0).then_some(seq))
+    }
+
+    /// Whether the ready marker exists (whether or not this store requires it).
+    pub async fn has_ready_marker(&self) -> Result<bool, StoreError> {
+        let mut conn = self.conn.clone();
+        Ok(conn.exists(self.keys.ready()).await?)
+    }
+
+    /// Deletes the ready marker: with a Notification table, events wait for a bootstrap.
+    pub async fn drop_ready_marker(&self) -> Result<(), StoreError> {
+        let mut conn = self.conn.clone();
+        let _: i64 = conn.del(self.keys.ready()).await?;
+        Ok(())
+    }
+
+    /// Raises the hand-off sequence to at least `seq`, and deletes the pending deltas and open
+    /// batches if `discard_pending`: what a Redis that went back in time holds was flushed already.
+    pub async fn resync_after_rollback(&self, seq: u64, discard_pending: bool) -> Result<(), StoreError> {
+        let mut conn = self.conn.clone();
+        let mut transaction = redis::pipe();
+        transaction.atomic().set(self.keys.handoff_seq(), seq).ignore();
+        if discard_pending {
+            transaction.del(self.keys.pending()).ignore();
+        }
+        transaction.set(self.keys.ready(), chrono::Utc::now().to_rfc3339()).ignore();
+        let _: () = transaction.query_async(&mut conn).await?;
+        Ok(())
+    }
+
+    /// Whether this store refuses events until a bootstrap (a Notification table is configured).
+    pub fn requires_bootstrap(&self) -> bool {
+        self.requires_bootstrap
     }
 
     /// Batches handed off and not yet dropped: normally none between flushes; any found at the
@@ -313,6 +369,20 @@ impl Store {
             .query_async(&mut conn)
             .await?;
         Ok(set.is_some())
+    }
+
+    /// Extends the flush lock by `ttl` if `token` still holds it; `false` if it was lost.
+    pub async fn extend_flush_lock(&self, token: &str, ttl: Duration) -> Result<bool, StoreError> {
+        let mut conn = self.conn.clone();
+        let extended: i64 = self
+            .scripts
+            .extend_lock
+            .key(self.keys.flush_lock())
+            .arg(token)
+            .arg(ttl.as_millis() as u64)
+            .invoke_async(&mut conn)
+            .await?;
+        Ok(extended == 1)
     }
 
     /// Releases the flush lock if `token` still holds it.
@@ -527,12 +597,14 @@ impl Store {
             .collect())
     }
 
-    /// Ends a bootstrap: drops the resume point and the checkpoint, and writes the marker, so
-    /// events apply again.
-    pub async fn finish_bootstrap(&self) -> Result<(), StoreError> {
+    /// Ends a bootstrap: drops the resume point and the checkpoint, raises the hand-off sequence
+    /// to the highest the database recorded, and writes the marker, so events apply again.
+    pub async fn finish_bootstrap(&self, handoff_seq: u64) -> Result<(), StoreError> {
         let mut transaction = redis::pipe();
         transaction
             .atomic()
+            .set(self.keys.handoff_seq(), handoff_seq)
+            .ignore()
             .del(self.keys.bootstrap_cursor())
             .ignore()
             .del(self.keys.bootstrap_counts())
