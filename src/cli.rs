@@ -67,11 +67,10 @@ pub struct ReconcileArgs {
 impl Cli {
     /// Validates the settings and runs the subcommand.
     pub async fn run(self) -> anyhow::Result<()> {
-        if let Command::Openapi = self.command {
-            println!("{}", http::openapi::document());
-            return Ok(());
+        // The document needs no settings; everything else starts by checking them.
+        if !matches!(self.command, Command::Openapi) {
+            self.core.validate()?;
         }
-        self.core.validate()?;
         match self.command {
             Command::Serve(serve) => run_serve(&self.core, *serve).await,
             Command::Migrate => {
@@ -87,7 +86,10 @@ impl Cli {
                 );
                 Ok(())
             }
-            Command::Openapi => Ok(()),
+            Command::Openapi => {
+                println!("{}", http::openapi::document());
+                Ok(())
+            }
             Command::Reconcile(args) => run_reconcile(&self.core, args).await,
             Command::Bootstrap => {
                 let state = AppState::new(&self.core, None)?;
