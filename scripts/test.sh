@@ -45,5 +45,8 @@ say "API contract (schemathesis against the running service)"
 cargo build --locked --bin countersink
 scripts/schemathesis.sh 30
 
+say "fuzzing (a short run of every cargo-fuzz target; docs/fuzzing.md has the long run)"
+fuzz/run.sh 20
+
 say "python client tests"
 COUNTERSINK_BIN="$PWD/target/debug/countersink" python_client/run-tests.sh
