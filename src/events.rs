@@ -241,15 +241,7 @@ fn parse_event(object: &Map<String, Value>, index: Option<usize>) -> Result<Pars
     if kind == EventKind::PostDelete && created {
         return Err(field_error(index, Some("created"), "must not be true for post_delete"));
     }
-    let occurred_at = match object.get("occurred_at") {
-        None | Some(Value::Null) => None,
-        Some(Value::String(s)) => Some(
-            DateTime::parse_from_rfc3339(s)
-                .map_err(|_| field_error(index, Some("occurred_at"), "must be an RFC 3339 timestamp"))?
-                .with_timezone(&Utc),
-        ),
-        Some(_) => return Err(field_error(index, Some("occurred_at"), "must be an RFC 3339 timestamp string")),
-    };
+    let occurred_at = parse_occurred_at(object, index)?;
     Ok(Parsed::Transition(Event { kind, notification_id, user_id, unread, created, occurred_at }))
 }
 
@@ -257,7 +249,20 @@ fn parse_recount(object: &Map<String, Value>, index: Option<usize>) -> Result<Pa
     if let Some(unknown) = object.keys().find(|k| !["kind", "user_id", "occurred_at"].contains(&k.as_str())) {
         return Err(field_error(index, Some(unknown), "unknown field for recount (it takes user_id)"));
     }
+    parse_occurred_at(object, index)?;
     Ok(Parsed::Recount(parse_id(object, index, "user_id")?))
+}
+
+fn parse_occurred_at(object: &Map<String, Value>, index: Option<usize>) -> Result<Option<DateTime<Utc>>, EventError> {
+    match object.get("occurred_at") {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(
+            DateTime::parse_from_rfc3339(s)
+                .map_err(|_| field_error(index, Some("occurred_at"), "must be an RFC 3339 timestamp"))?
+                .with_timezone(&Utc),
+        )),
+        Some(_) => Err(field_error(index, Some("occurred_at"), "must be an RFC 3339 timestamp string")),
+    }
 }
 
 fn parse_id(object: &Map<String, Value>, index: Option<usize>, name: &'static str) -> Result<u64, EventError> {
@@ -333,6 +338,9 @@ mod tests {
         assert_eq!(extra.unwrap_err().field(), Some("events[0].notification_id"));
         let missing = parse_batch(br#"{"kind":"recount"}"#, 10);
         assert_eq!(missing.unwrap_err().field(), Some("user_id"));
+        // Found by the parse_events fuzzer: a recount's occurred_at is validated like any other.
+        let bad_time = parse_batch(br#"{"kind":"recount","user_id":7,"occurred_at":42}"#, 10);
+        assert_eq!(bad_time.unwrap_err().field(), Some("occurred_at"));
     }
 
     #[test]
