@@ -32,7 +32,7 @@ use crate::db::{queries, Db, DbError};
 use crate::flush::{FlushError, Flusher, WhenBusy};
 use crate::reconcile::ReconcileError;
 use crate::source::Source;
-use crate::store::Store;
+use crate::store::{state, Store};
 
 /// How a bootstrap reads the table.
 #[derive(Debug, Clone, Copy)]
@@ -48,8 +48,6 @@ impl Default for Batching {
         Batching { chunk_rows: 20_000, checkpoint_rows: 1_000_000 }
     }
 }
-/// The state code of an unread notification (see `transition.lua`).
-const UNREAD: u8 = 2;
 /// How long a bootstrap waits for a running flush.
 const LOCK_WAIT: Duration = Duration::from_secs(120);
 /// How often progress is logged when not on a terminal.
@@ -143,7 +141,7 @@ pub async fn bootstrap(
                     rows.iter().map(|r| (r.id as u64, r.user_id as u64, r.state as u8)).collect();
                 store.write_states(&rows).await?;
                 for (_, user, state) in &rows {
-                    if *state == UNREAD {
+                    if *state == state::UNREAD {
                         *counts.entry(*user).or_default() += 1;
                     }
                 }

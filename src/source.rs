@@ -130,11 +130,12 @@ fn quote_identifier(name: &str, allow_schema: bool) -> Result<String, String> {
 }
 
 impl Source {
-    /// The expression giving a row's state: 3 deleted, 2 unread, 1 read.
+    /// The expression giving a row's state (see [`crate::store::state`]).
     fn state_expression(&self) -> String {
-        let deleted = self.deleted.as_ref().map(|d| format!("WHEN {d} THEN 3 ")).unwrap_or_default();
+        use crate::store::state::{DELETED, READ, UNREAD};
+        let deleted = self.deleted.as_ref().map(|d| format!("WHEN {d} THEN {DELETED} ")).unwrap_or_default();
         let unread = if self.unread_when { self.unread.clone() } else { format!("NOT {}", self.unread) };
-        format!("CASE {deleted}WHEN {unread} THEN 2 ELSE 1 END")
+        format!("CASE {deleted}WHEN {unread} THEN {UNREAD} ELSE {READ} END")
     }
 
     fn select_rows(&self) -> String {

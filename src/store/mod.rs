@@ -14,6 +14,16 @@ use tracing::instrument;
 use crate::events::{Event, EventKind};
 pub use keys::{Keys, SHARD_BITS};
 
+/// The 2-bit states of a notification, as `transition.lua` defines them (0 is unseen).
+pub mod state {
+    /// Seen, read.
+    pub const READ: u8 = 1;
+    /// Seen, unread: counts for its recipient.
+    pub const UNREAD: u8 = 2;
+    /// Deleted: final.
+    pub const DELETED: u8 = 3;
+}
+
 /// How long one Redis command may take before the request fails over to 503.
 const REDIS_RESPONSE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long connecting may take; short, so an outage is answered quickly.
@@ -613,13 +623,6 @@ impl Store {
             .ignore();
         let mut conn = self.conn.clone();
         let _: () = transaction.query_async(&mut conn).await?;
-        Ok(())
-    }
-
-    /// Marks the state complete without a bootstrap (tests, and stores that need none).
-    pub async fn mark_ready(&self) -> Result<(), StoreError> {
-        let mut conn = self.conn.clone();
-        let _: () = conn.set(self.keys.ready(), chrono::Utc::now().to_rfc3339()).await?;
         Ok(())
     }
 

@@ -48,13 +48,10 @@ while i <= #ARGV do
       redis.call('SADD', reconciled_key, slot)
       if redis.call('BITFIELD', where[1], 'GET', 'u2', where[2])[1] == UNREAD then actual = actual + 1 end
     end
-    if redis.call('EXISTS', reconciled_key) == 1 then
-      redis.call('PEXPIRE', reconciled_key, tonumber(ARGV[3]))
-    else
-      -- No notification at all: an empty picture still guards against in-flight deletes.
-      redis.call('SADD', reconciled_key, '')
-      redis.call('PEXPIRE', reconciled_key, tonumber(ARGV[3]))
-    end
+    -- The empty member keeps the set alive for a user with no notification at all: an empty
+    -- picture still guards against in-flight deletes.
+    redis.call('SADD', reconciled_key, '')
+    redis.call('PEXPIRE', reconciled_key, tonumber(ARGV[3]))
     local before = stored + tonumber(redis.call('ZSCORE', KEYS[1], user) or '0')
     if actual - stored == 0 then
       redis.call('ZREM', KEYS[1], user)
