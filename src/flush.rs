@@ -20,6 +20,7 @@ use diesel::Connection;
 use tokio::runtime::Handle;
 use tracing::{error, info, instrument, warn};
 
+use crate::crash_point;
 use crate::db::{queries, Db, DbError};
 use crate::store::{Store, StoreError};
 
@@ -209,6 +210,7 @@ impl Flusher {
             if stop == Some(FlushStep::Handoff) {
                 return Err(FlushError::Stopped(FlushStep::Handoff));
             }
+            crash_point::reach(crash_point::FLUSH_AFTER_HANDOFF);
             let batch = self.apply_and_drop(&batch_id, seq, false, stop).await?;
             report.users_written += batch.users;
             report.batches.push(batch);
@@ -281,6 +283,7 @@ impl Flusher {
         if stop == Some(FlushStep::Commit) {
             return Err(FlushError::Stopped(FlushStep::Commit));
         }
+        crash_point::reach(crash_point::FLUSH_AFTER_COMMIT);
         self.store.drop_batch(batch_id).await?;
         Ok(report)
     }
@@ -321,6 +324,7 @@ impl Flusher {
                     if stop == Some(FlushStep::FirstChunk) {
                         return Err(FlushError::Stopped(FlushStep::FirstChunk));
                     }
+                    crash_point::reach(crash_point::FLUSH_MID_WRITE);
                     if chunk.len() < chunk_users {
                         break;
                     }

@@ -23,6 +23,7 @@
 //! | [`app`]       | the shared state handed to handlers and jobs                              |
 //! | [`http`]      | the axum router, one file per endpoint group, request authentication      |
 //! | [`webhook`]   | the Standard Webhooks signature scheme                                    |
+//! | [`crash_point`] | named steps where the crash tests SIGKILL the process (tests only)      |
 //!
 //! `docs/design.md` describes the Redis key layout, the state machine and the flush protocol.
 
@@ -31,6 +32,7 @@ pub mod bootstrap;
 pub mod cli;
 pub mod config;
 pub mod counts;
+pub mod crash_point;
 pub mod db;
 pub mod error;
 pub mod events;

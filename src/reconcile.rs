@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 
 use tracing::{info, instrument, warn};
 
+use crate::crash_point;
 use crate::db::{queries, Db, DbError};
 use crate::flush::{FlushError, Flusher, WhenBusy};
 use crate::source::Source;
@@ -209,6 +210,7 @@ impl Reconciler {
                 }
                 self.flusher.recover_open_batches().await?;
                 let repaired = self.repair(&source, users).await?;
+                crash_point::reach(crash_point::RECONCILE_AFTER_REPAIR);
                 self.flusher.flush_locked(None).await?;
                 Ok(repaired)
             })
@@ -232,6 +234,7 @@ impl Reconciler {
         users: &[u64],
     ) -> Result<Vec<(u64, Option<UserDrift>)>, ReconcileError> {
         self.store.reconcile_begin(users, FENCE).await?;
+        crash_point::reach(crash_point::RECONCILE_AFTER_FENCE);
         let (source, wanted) = (source.clone(), users.to_vec());
         let (rows, stored) = self
             .db
@@ -241,6 +244,7 @@ impl Reconciler {
                 Ok((rows, stored))
             })
             .await?;
+        crash_point::reach(crash_point::RECONCILE_AFTER_RECOUNT);
         let mut by_user: HashMap<u64, Vec<(u64, u8)>> = HashMap::new();
         for row in rows {
             by_user.entry(row.user_id as u64).or_default().push((row.id as u64, row.state as u8));

@@ -7,13 +7,12 @@
 mod common;
 
 use std::collections::HashMap;
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::sidecar::{Sidecar, SidecarOptions, ADMIN_TOKEN};
 use common::TestEnv;
-use countersink::webhook::WebhookSecret;
 use diesel::prelude::*;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -23,48 +22,6 @@ const USERS: u64 = 1_000;
 const BASE_EVENTS: usize = 100_000;
 const LANES: usize = 8;
 const MAX_BATCH: usize = 100;
-const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
-const ADMIN_TOKEN: &str = "end-to-end-admin-token";
-
-/// The sidecar binary, stopped when dropped.
-struct Sidecar {
-    child: Child,
-    base: String,
-}
-
-impl Sidecar {
-    async fn start(env: &TestEnv) -> Sidecar {
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let child = Command::new(env!("CARGO_BIN_EXE_countersink"))
-            .args(["--redis-url", &env.core.redis_url])
-            .args(["--redis-prefix", &env.core.redis_prefix])
-            .args(["--database-url", &env.core.database_url])
-            .args(["--flush-chunk-users", "300"])
-            .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--flush-cron", "*/1 * * * * *"])
-            .env("COUNTERSINK_LOG", "warn")
-            .env("COUNTERSINK_WEBHOOK_SECRET", SECRET)
-            .env("COUNTERSINK_ADMIN_TOKEN", ADMIN_TOKEN)
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap();
-        let sidecar = Sidecar { child, base: format!("http://127.0.0.1:{port}") };
-        let client = reqwest::Client::new();
-        for _ in 0..200 {
-            if client.get(format!("{}/healthz", sidecar.base)).send().await.is_ok() {
-                return sidecar;
-            }
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
-        panic!("the sidecar did not answer /healthz");
-    }
-}
-
-impl Drop for Sidecar {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 #[derive(Clone, Copy, PartialEq)]
 enum State {
@@ -159,24 +116,12 @@ fn build_stream(rng: &mut StdRng) -> (Vec<Vec<Request>>, Truth) {
     (requests, truth)
 }
 
-/// Posts events signed as the Django package signs them, each request with an id of its own.
-async fn post_events(client: &reqwest::Client, base: &str, events: &[Value]) -> Value {
-    let body = serde_json::to_vec(events).unwrap();
-    let id = format!("msg_{:032x}", rand::random::<u128>());
-    let timestamp = chrono::Utc::now().timestamp();
-    let secret: WebhookSecret = SECRET.parse().unwrap();
-    let response = client
-        .post(format!("{base}/v1/events"))
-        .header("content-type", "application/json")
-        .header("webhook-id", &id)
-        .header("webhook-timestamp", timestamp.to_string())
-        .header("webhook-signature", secret.sign(&id, timestamp, &body))
-        .body(body)
-        .send()
-        .await
-        .unwrap();
-    assert!(response.status().is_success(), "{}", response.status());
-    response.json().await.unwrap()
+/// Posts events signed as the Django package signs them; they must be accepted.
+async fn post_events(sidecar: &Sidecar, events: &[Value]) {
+    match sidecar.post_events(events).await {
+        Some((200, _)) => {}
+        other => panic!("events not accepted: {other:?}"),
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -190,7 +135,7 @@ async fn random_stream_with_retries_and_races_ends_with_exact_stored_counts() {
     assert!(total >= BASE_EVENTS);
 
     let env = TestEnv::postgres().await;
-    let sidecar = Sidecar::start(&env).await;
+    let sidecar = Arc::new(Sidecar::start(&env, SidecarOptions::default()).await);
     let client = reqwest::Client::new();
 
     // On-demand flushes beside the scheduled one.
@@ -210,14 +155,14 @@ async fn random_stream_with_retries_and_races_ends_with_exact_stored_counts() {
     };
     let mut senders = Vec::new();
     for requests in lanes {
-        let (client, base) = (client.clone(), sidecar.base.clone());
+        let sidecar = sidecar.clone();
         senders.push(tokio::spawn(async move {
             for request in requests {
                 if request.race_last {
                     let duplicate = vec![request.events[request.events.len() - 1].clone()];
-                    tokio::join!(post_events(&client, &base, &request.events), post_events(&client, &base, &duplicate));
+                    tokio::join!(post_events(&sidecar, &request.events), post_events(&sidecar, &duplicate));
                 } else {
-                    post_events(&client, &base, &request.events).await;
+                    post_events(&sidecar, &request.events).await;
                 }
             }
         }));

@@ -2,6 +2,9 @@
 //! SQLite file), against the real services, and removes them when it ends.
 #![allow(dead_code, clippy::unwrap_used)]
 
+pub mod sidecar;
+pub mod world;
+
 use std::time::Duration;
 
 use countersink::app::AppState;

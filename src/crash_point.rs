@@ -1,0 +1,47 @@
+//! Named points where the crash tests kill the process.
+//!
+//! Built only with the `failpoints` feature, which the test suite turns on (a dev-dependency of
+//! the crate on itself); a normal build compiles [`reach`] to nothing. With the feature, a process
+//! started with `COUNTERSINK_CRASH_POINT=<name>` announces on stderr that it reached `<name>`
+//! and then stops there for good, so the test can SIGKILL it at exactly that step
+//! (`tests/crash.rs`).
+
+/// Stops the process at `point` for the crash tests; does nothing in a normal build.
+pub fn reach(point: &str) {
+    #[cfg(feature = "failpoints")]
+    if std::env::var("COUNTERSINK_CRASH_POINT").is_ok_and(|wanted| wanted == point) {
+        eprintln!("{REACHED} {point}");
+        // Stop this thread, whatever else runs: the test's SIGKILL is the only way out.
+        loop {
+            std::thread::sleep(std::time::Duration::from_secs(3600));
+        }
+    }
+    #[cfg(not(feature = "failpoints"))]
+    let _ = point;
+}
+
+/// The line a process prints on stderr when it reaches its crash point.
+pub const REACHED: &str = "countersink: reached crash point";
+
+/// Every crash point, in the order a flush and a reconcile reach them.
+pub const ALL: &[&str] = &[
+    FLUSH_AFTER_HANDOFF,
+    FLUSH_MID_WRITE,
+    FLUSH_AFTER_COMMIT,
+    RECONCILE_AFTER_FENCE,
+    RECONCILE_AFTER_RECOUNT,
+    RECONCILE_AFTER_REPAIR,
+];
+
+/// The pending set became a batch; nothing is written yet.
+pub const FLUSH_AFTER_HANDOFF: &str = "flush-after-handoff";
+/// Inside the transaction, after the first chunk of rows was written.
+pub const FLUSH_MID_WRITE: &str = "flush-mid-write";
+/// The transaction committed; the batch is still in Redis.
+pub const FLUSH_AFTER_COMMIT: &str = "flush-after-commit";
+/// A reconcile fenced its users; nothing was read yet.
+pub const RECONCILE_AFTER_FENCE: &str = "reconcile-after-fence";
+/// A reconcile read the Notification table; Redis is not repaired yet.
+pub const RECONCILE_AFTER_RECOUNT: &str = "reconcile-after-recount";
+/// A reconcile repaired Redis; its flush has not run.
+pub const RECONCILE_AFTER_REPAIR: &str = "reconcile-after-repair";

@@ -1,0 +1,224 @@
+//! The real sidecar binary for end-to-end tests: started on a free port over a test's prefix and
+//! database, fed signed events the way the Django package sends them, and killed with SIGKILL
+//! (a crash) or dropped (stopped).
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use countersink::webhook::WebhookSecret;
+use serde_json::Value;
+
+use super::TestEnv;
+
+/// The signing secret every test sidecar uses.
+pub const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+/// The admin token every test sidecar uses.
+pub const ADMIN_TOKEN: &str = "end-to-end-admin-token";
+
+/// How a sidecar is started.
+#[derive(Debug, Clone)]
+pub struct SidecarOptions {
+    /// `--flush-cron` (`off` for none).
+    pub flush_cron: String,
+    /// A crash point to stop at (`COUNTERSINK_CRASH_POINT`, see src/crash_point.rs).
+    pub crash_point: Option<&'static str>,
+    /// Flags added after `serve`.
+    pub serve_args: Vec<String>,
+}
+
+impl Default for SidecarOptions {
+    fn default() -> Self {
+        SidecarOptions { flush_cron: "*/1 * * * * *".into(), crash_point: None, serve_args: Vec::new() }
+    }
+}
+
+/// A running sidecar process, killed when dropped.
+pub struct Sidecar {
+    child: Child,
+    /// `http://127.0.0.1:PORT`.
+    pub base: String,
+    stderr: Arc<Mutex<Vec<String>>>,
+    client: reqwest::Client,
+}
+
+impl Sidecar {
+    /// Starts the binary over `env` (its source mapping included) and waits until it answers.
+    pub async fn start(env: &TestEnv, options: SidecarOptions) -> Sidecar {
+        let port = super::free_port();
+        let mut command = Command::new(env!("CARGO_BIN_EXE_countersink"));
+        command
+            .args(["--redis-url", &env.core.redis_url])
+            .args(["--redis-prefix", &env.core.redis_prefix])
+            .args(["--database-url", &env.core.database_url])
+            .args(["--flush-chunk-users", "300"]);
+        let source = &env.core.source;
+        if let Some(table) = &source.source_table {
+            command.args(["--source-table", table]);
+        }
+        if let Some(column) = &source.source_deleted_column {
+            command.args(["--source-deleted-column", column]);
+        }
+        command
+            .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--flush-cron", &options.flush_cron])
+            .args(&options.serve_args)
+            .env("COUNTERSINK_LOG", "warn")
+            .env("COUNTERSINK_WEBHOOK_SECRET", SECRET)
+            .env("COUNTERSINK_ADMIN_TOKEN", ADMIN_TOKEN)
+            .env_remove("COUNTERSINK_CRASH_POINT")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        if let Some(point) = options.crash_point {
+            command.env("COUNTERSINK_CRASH_POINT", point);
+        }
+        let mut child = command.spawn().unwrap();
+        let stderr = Arc::new(Mutex::new(Vec::new()));
+        let pipe = child.stderr.take().unwrap();
+        let lines = stderr.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                lines.lock().unwrap().push(line);
+            }
+        });
+        let sidecar =
+            Sidecar { child, base: format!("http://127.0.0.1:{port}"), stderr, client: reqwest::Client::new() };
+        for _ in 0..400 {
+            if sidecar.client.get(format!("{}/healthz", sidecar.base)).send().await.is_ok() {
+                return sidecar;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        panic!("the sidecar did not answer /healthz; stderr:\n{}", sidecar.stderr_text());
+    }
+
+    /// Everything the process wrote to stderr so far.
+    pub fn stderr_text(&self) -> String {
+        self.stderr.lock().unwrap().join("\n")
+    }
+
+    /// Waits until the process announces that it stopped at its crash point.
+    pub async fn reached_crash_point(&self, limit: Duration) -> bool {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if self.stderr.lock().unwrap().iter().any(|line| line.starts_with(countersink::crash_point::REACHED)) {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        false
+    }
+
+    /// SIGKILL: the process dies wherever it is, with no clean-up of any kind.
+    pub fn kill(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+
+    /// Whether the process is still running.
+    pub fn is_running(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+
+    /// The process id (for signals other than SIGKILL).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Waits for the process to exit by itself, up to `limit`; its exit code.
+    pub async fn wait_for_exit(&mut self, limit: Duration) -> Option<i32> {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status.code();
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        None
+    }
+
+    /// Posts signed events; the response status and body. Connection failures are `None`.
+    pub async fn post_events(&self, events: &[Value]) -> Option<(u16, Value)> {
+        let body = serde_json::to_vec(events).unwrap();
+        let id = format!("msg_{:032x}", rand::random::<u128>());
+        let timestamp = chrono::Utc::now().timestamp();
+        let secret: WebhookSecret = SECRET.parse().unwrap();
+        let response = self
+            .client
+            .post(format!("{}/v1/events", self.base))
+            .header("content-type", "application/json")
+            .header("webhook-id", &id)
+            .header("webhook-timestamp", timestamp.to_string())
+            .header("webhook-signature", secret.sign(&id, timestamp, &body))
+            .timeout(Duration::from_secs(10))
+            .body(body)
+            .send()
+            .await
+            .ok()?;
+        let status = response.status().as_u16();
+        Some((status, response.json().await.unwrap_or(Value::Null)))
+    }
+
+    /// Posts signed events, retrying like the Django package until they are accepted.
+    pub async fn post_events_until_accepted(&self, events: &[Value]) {
+        for _ in 0..400 {
+            match self.post_events(events).await {
+                Some((200, _)) => return,
+                Some((status, body)) if status != 503 => panic!("events refused: {status} {body}"),
+                _ => tokio::time::sleep(Duration::from_millis(25)).await,
+            }
+        }
+        panic!("events were not accepted within 10 s; stderr:\n{}", self.stderr_text());
+    }
+
+    /// `POST` to an admin endpoint; status and body, `None` if the connection failed.
+    pub async fn admin_post(&self, path: &str, body: Value, limit: Duration) -> Option<(u16, Value)> {
+        let response = self
+            .client
+            .post(format!("{}{path}", self.base))
+            .bearer_auth(ADMIN_TOKEN)
+            .json(&body)
+            .timeout(limit)
+            .send()
+            .await
+            .ok()?;
+        let status = response.status().as_u16();
+        Some((status, response.json().await.unwrap_or(Value::Null)))
+    }
+
+    /// Flushes now and asserts it worked.
+    pub async fn flush(&self) -> Value {
+        match self.admin_post("/v1/flush", Value::Null, Duration::from_secs(60)).await {
+            Some((200, report)) => report,
+            other => panic!("flush failed: {other:?}; stderr:\n{}", self.stderr_text()),
+        }
+    }
+
+    /// The real-time counts the read API gives for `users`, as `(user, unread_count)`.
+    pub async fn read_counts(&self, users: &[u64]) -> Vec<(u64, i64)> {
+        let mut counts = Vec::new();
+        for chunk in users.chunks(500) {
+            let ids = chunk.iter().map(u64::to_string).collect::<Vec<_>>().join(",");
+            let read: Value = self
+                .client
+                .get(format!("{}/v1/unread-counts?user_ids={ids}", self.base))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            let entries = read["counts"].as_array().unwrap_or_else(|| panic!("unexpected read answer {read}"));
+            counts
+                .extend(entries.iter().map(|e| (e["user_id"].as_u64().unwrap(), e["unread_count"].as_i64().unwrap())));
+        }
+        counts
+    }
+}
+
+impl Drop for Sidecar {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
