@@ -87,6 +87,7 @@ impl AppState {
             db.clone(),
             core.flush_chunk_users,
             Duration::from_secs(core.flush_lock_ttl_secs),
+            Duration::from_secs(core.flush_timeout_secs),
         );
         let reconciler = Reconciler::new(store.clone(), db.clone(), flusher.clone(), source);
         let limits = serve.map(Limits::from).unwrap_or_default();

@@ -52,6 +52,11 @@ pub struct CoreConfig {
     #[arg(long, global = true, env = "COUNTERSINK_FLUSH_LOCK_TTL_SECS", default_value_t = 300)]
     pub flush_lock_ttl_secs: u64,
 
+    /// Seconds a flush may spend writing one batch before it is rolled back (a slow or locked
+    /// database); the batch stays in Redis and the next flush applies it.
+    #[arg(long, global = true, env = "COUNTERSINK_FLUSH_TIMEOUT_SECS", default_value_t = 120)]
+    pub flush_timeout_secs: u64,
+
     /// Where the Notification table is, for reconcile and recounts.
     #[command(flatten)]
     pub source: SourceConfig,
@@ -208,6 +213,13 @@ impl CoreConfig {
             ));
         }
         self.source.resolve()?;
+        if self.flush_timeout_secs == 0 {
+            return Err(ConfigError::new(
+                "--flush-timeout-secs",
+                "COUNTERSINK_FLUSH_TIMEOUT_SECS",
+                "must be at least 1",
+            ));
+        }
         if self.flush_lock_ttl_secs < 10 {
             return Err(ConfigError::new(
                 "--flush-lock-ttl-secs",

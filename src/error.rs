@@ -165,6 +165,7 @@ impl From<FlushError> for AppError {
             FlushError::Store(e) => e.into(),
             FlushError::Db(e) => e.into(),
             FlushError::Busy | FlushError::Skipped(_) => AppError::Conflict(e.to_string()),
+            FlushError::TimedOut(_) => AppError::Unavailable { dependency: "database (the flush timed out)" },
             FlushError::Stopped(_) => AppError::Internal(e.into()),
         }
     }

@@ -45,6 +45,10 @@ pub enum FlushError {
     /// The lock was taken and the caller chose not to wait (never with [`WhenBusy::Wait`]).
     #[error("skipped: {0}")]
     Skipped(&'static str),
+    /// Writing a batch took longer than `--flush-timeout-secs`; the transaction rolled back and
+    /// the batch stays in Redis for the next flush.
+    #[error("writing the batch took longer than {0:?} (--flush-timeout-secs); rolled back, the next flush applies it")]
+    TimedOut(Duration),
     /// A test asked the flush to stop at a step, as if the process had died there.
     #[error("flush stopped after {0:?} on request")]
     Stopped(FlushStep),
@@ -56,6 +60,7 @@ impl FlushError {
         match self {
             FlushError::Store(e) => e.is_unavailable(),
             FlushError::Db(e) => e.is_unavailable(),
+            FlushError::TimedOut(_) => true,
             FlushError::Busy | FlushError::Skipped(_) | FlushError::Stopped(_) => false,
         }
     }
@@ -116,13 +121,15 @@ pub struct Flusher {
     db: Db,
     chunk_users: usize,
     lock_ttl: Duration,
+    timeout: Duration,
     local: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl Flusher {
-    /// A flusher writing `chunk_users` users per upsert, holding the cross-process lock at most `lock_ttl`.
-    pub fn new(store: Store, db: Db, chunk_users: usize, lock_ttl: Duration) -> Self {
-        Self { store, db, chunk_users, lock_ttl, local: Arc::new(tokio::sync::Mutex::new(())) }
+    /// A flusher writing `chunk_users` users per upsert, holding the cross-process lock at most
+    /// `lock_ttl` between renewals, and rolling a batch back that takes longer than `timeout`.
+    pub fn new(store: Store, db: Db, chunk_users: usize, lock_ttl: Duration, timeout: Duration) -> Self {
+        Self { store, db, chunk_users, lock_ttl, timeout, local: Arc::new(tokio::sync::Mutex::new(())) }
     }
 
     /// Runs one complete flush.
@@ -293,14 +300,15 @@ impl Flusher {
     async fn apply_batch(&self, batch_id: &str, seq: u64, stop: Option<FlushStep>) -> Result<BatchReport, FlushError> {
         let store = self.store.clone();
         let db = self.db.clone();
-        let chunk_users = self.chunk_users;
+        let (chunk_users, timeout) = (self.chunk_users, self.timeout);
+        let deadline = Instant::now() + timeout;
         let batch_id = batch_id.to_string();
         let handle = Handle::current();
         // The transaction is synchronous (diesel); Redis reads inside it run on the runtime
         // through `handle.block_on`, which is allowed on a blocking-pool thread.
         tokio::task::spawn_blocking(move || -> Result<BatchReport, FlushError> {
             let mut conn = db.get()?;
-            conn.transaction(|conn| {
+            let written = conn.transaction(|conn| {
                 let mut report = BatchReport {
                     batch_id: batch_id.clone(),
                     users: 0,
@@ -308,6 +316,7 @@ impl Flusher {
                     recovered: false,
                     already_applied: false,
                 };
+                queries::limit_statement_time(conn, deadline.saturating_duration_since(Instant::now()))?;
                 if !queries::claim_batch(conn, &batch_id, seq, Utc::now().naive_utc())? {
                     report.already_applied = true;
                     return Ok(report);
@@ -318,6 +327,11 @@ impl Flusher {
                     if chunk.is_empty() {
                         break;
                     }
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        return Err(FlushError::TimedOut(timeout));
+                    }
+                    queries::limit_statement_time(conn, left)?;
                     queries::add_deltas(conn, &chunk)?;
                     report.users += chunk.len() as u64;
                     report.delta_sum += chunk.iter().map(|(_, delta)| delta).sum::<i64>();
@@ -332,7 +346,12 @@ impl Flusher {
                 }
                 queries::complete_batch(conn, &batch_id, report.users as i64, report.delta_sum)?;
                 Ok(report)
-            })
+            });
+            match written {
+                // The database cancelled a statement at the deadline (PostgreSQL's statement_timeout).
+                Err(FlushError::Db(_)) if Instant::now() >= deadline => Err(FlushError::TimedOut(timeout)),
+                other => other,
+            }
         })
         .await
         .map_err(|e| FlushError::Db(DbError::Task(e.to_string())))?

@@ -40,12 +40,13 @@ async fn crash_repeatedly_at(point: &'static str) {
     println!("{point}: seed {seed} (set COUNTERSINK_CRASH_SEED to replay)");
     let env = TestEnv::postgres_with_source().await;
     let mut world = World::new(seed, USERS, 1);
+    let site = env.state();
     // No scheduled flush: the test decides when each flush or reconcile runs.
     let crashing = SidecarOptions { flush_cron: "off".into(), crash_point: Some(point), ..SidecarOptions::default() };
     let mut sidecar = Sidecar::start(&env, crashing.clone()).await;
     for round in 0..rounds() {
         for _ in 0..4 {
-            let events = world.write(&env, OPERATIONS_PER_ROUND / 4).await;
+            let events = world.write(&site.db, OPERATIONS_PER_ROUND / 4).await;
             sidecar.post_events_until_accepted(&events).await;
         }
         assert_reads_exact(&sidecar, &world, &format!("{point} round {round}, before the crash")).await;

@@ -1,6 +1,7 @@
 //! Outages of real dependencies: a Redis server of the test's own that is killed and
-//! restarted, and a PostgreSQL connection cut by a TCP proxy. The service answers 503 while a
-//! dependency is gone and recovers by itself, without a restart.
+//! restarted, a PostgreSQL connection cut by a TCP proxy, a database too slow for a flush.
+//! The service answers 503 while a dependency is gone and recovers by itself, without a
+//! restart. `tests/soak.rs` runs these faults over and over under load.
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -8,13 +9,12 @@ mod common;
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use common::proxy::Proxy;
 use common::{free_port, OwnRedis, TestEnv};
 use countersink::app::AppState;
 use countersink::counts::unread_counts;
 use countersink::events::Event;
 use countersink::flush::WhenBusy;
-use tokio::net::{TcpListener, TcpStream};
-use tokio::task::JoinSet;
 
 const WAIT: WhenBusy = WhenBusy::Wait(Duration::from_secs(10));
 
@@ -54,42 +54,13 @@ async fn redis_outage_is_answered_503_and_recovers_without_a_restart() {
     assert_eq!(unread_counts(&state.store, &state.db, &[9]).await.unwrap()[0].unread_count, 1);
 }
 
-/// Forwards a local port to PostgreSQL; `cut` drops every connection and stops listening.
-struct Proxy {
-    address: SocketAddr,
-    tasks: JoinSet<()>,
-}
-
-impl Proxy {
-    async fn start(address: SocketAddr) -> Proxy {
-        let listener = TcpListener::bind(address).await.unwrap();
-        let mut tasks = JoinSet::new();
-        tasks.spawn(async move {
-            let mut connections = JoinSet::new();
-            while let Ok((mut client, _)) = listener.accept().await {
-                connections.spawn(async move {
-                    if let Ok(mut server) = TcpStream::connect("127.0.0.1:5432").await {
-                        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
-                    }
-                });
-            }
-        });
-        Proxy { address, tasks }
-    }
-
-    fn cut(&mut self) {
-        // Aborting the accept loop drops its JoinSet, which aborts every forwarded connection.
-        self.tasks.abort_all();
-    }
-}
-
 #[tokio::test]
 async fn database_outage_during_a_flush_keeps_the_deltas_for_the_next_flush() {
     let env = TestEnv::postgres().await;
     let address: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let mut proxy = Proxy::start(address).await;
     let mut core = env.core.clone();
-    core.database_url = env.core.database_url.replace("127.0.0.1:5432", &proxy.address.to_string());
+    core.database_url = proxy.url_through(&env.core.database_url);
     core.db_timeout_secs = 1;
     let state = AppState::new(&core, None).unwrap();
 
@@ -107,4 +78,64 @@ async fn database_outage_during_a_flush_keeps_the_deltas_for_the_next_flush() {
     assert_eq!(report.users_written, 1, "{report:?}");
     let count = unread_counts(&state.store, &state.db, &[3]).await.unwrap()[0];
     assert_eq!((count.stored, count.pending), (3, 0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_database_times_the_flush_out_without_overlap_and_reads_still_answer() {
+    let env = TestEnv::postgres().await;
+    let mut core = env.core.clone();
+    core.flush_timeout_secs = 2;
+    let state = AppState::new(&core, None).unwrap();
+    let other_process = AppState::new(&core, None).unwrap();
+    state.store.apply(&[Event::save(1, 5, true, true), Event::save(2, 6, true, true)]).await.unwrap();
+    state.flusher.flush(WAIT).await.unwrap();
+    state.store.apply(&[Event::save(3, 5, true, true), Event::save(4, 7, true, true)]).await.unwrap();
+
+    // Another session locks the count table against writes (readers pass), as a long
+    // migration or a stuck transaction would, and holds it for 4 s.
+    let url = env.core.database_url.clone();
+    let (locked_tx, locked_rx) = std::sync::mpsc::channel();
+    let locker = std::thread::spawn(move || {
+        use diesel::{Connection, RunQueryDsl};
+        let mut conn = diesel::PgConnection::establish(&url).unwrap();
+        conn.transaction::<_, diesel::result::Error, _>(|conn| {
+            diesel::sql_query("LOCK TABLE countersink_usernotificationscount IN EXCLUSIVE MODE").execute(conn)?;
+            locked_tx.send(()).unwrap();
+            std::thread::sleep(Duration::from_secs(4));
+            Ok(())
+        })
+        .unwrap();
+    });
+    locked_rx.recv().unwrap();
+
+    let started = std::time::Instant::now();
+    let slow = tokio::spawn({
+        let state = state.clone();
+        async move { state.flusher.flush(WAIT).await }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // No second flush runs beside it, in this process or another.
+    let here = state.flusher.flush(WhenBusy::Skip).await.unwrap();
+    assert!(here.skipped.is_some(), "{here:?}");
+    let there = other_process.flusher.flush(WhenBusy::Skip).await.unwrap();
+    assert!(there.skipped.is_some(), "{there:?}");
+    // Reads answer at once, counting the batch being written.
+    let read_started = std::time::Instant::now();
+    let counts = unread_counts(&state.store, &state.db, &[5, 6, 7]).await.unwrap();
+    assert!(read_started.elapsed() < Duration::from_millis(500), "a read waited {:?}", read_started.elapsed());
+    assert_eq!(counts.iter().map(|c| c.unread_count).collect::<Vec<_>>(), [2, 1, 1]);
+
+    let failed = slow.await.unwrap().unwrap_err();
+    assert!(matches!(failed, countersink::flush::FlushError::TimedOut(_)), "{failed}");
+    assert!(failed.is_unavailable());
+    let took = started.elapsed();
+    assert!(took >= Duration::from_secs(2) && took < Duration::from_secs(3), "the flush ended after {took:?}");
+    assert_eq!(unread_counts(&state.store, &state.db, &[5, 7]).await.unwrap()[0].unread_count, 2);
+
+    locker.join().unwrap();
+    let report = state.flusher.flush(WAIT).await.unwrap();
+    assert!(report.batches.iter().any(|b| b.recovered && !b.already_applied), "{report:?}");
+    let counts = unread_counts(&state.store, &state.db, &[5, 6, 7]).await.unwrap();
+    let stored_pending: Vec<(i64, i64)> = counts.iter().map(|c| (c.stored, c.pending)).collect();
+    assert_eq!(stored_pending, [(2, 0), (1, 0), (1, 0)]);
 }

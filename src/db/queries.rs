@@ -131,6 +131,22 @@ pub fn stored_counts(
     Ok((stored.into_iter().map(|(u, n)| (u as u64, n)).collect(), committed.into_iter().collect()))
 }
 
+/// Bounds each following statement of the current transaction to `limit`, so a flush against a
+/// slow or locked database ends at its deadline instead of holding its lock for as long as the
+/// database takes. PostgreSQL cancels the statement; SQLite, in-process, waits at most its
+/// busy timeout, and the flush checks its deadline between statements.
+pub fn limit_statement_time(conn: &mut DbConnection, limit: std::time::Duration) -> Result<(), DbError> {
+    match conn {
+        DbConnection::Pg(c) => {
+            // At least 1 ms: PostgreSQL reads 0 as "no limit".
+            let ms = limit.as_millis().clamp(1, i32::MAX as u128);
+            diesel::sql_query(format!("SET LOCAL statement_timeout = {ms}")).execute(c)?;
+        }
+        DbConnection::Sqlite(_) => {}
+    }
+    Ok(())
+}
+
 /// The highest hand-off sequence number recorded (0 when none is).
 pub fn max_handoff_seq(conn: &mut DbConnection) -> Result<u64, DbError> {
     let max: Option<i64> = batches::table.select(diesel::dsl::max(batches::handoff_seq)).first(conn)?;

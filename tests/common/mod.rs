@@ -2,6 +2,7 @@
 //! SQLite file), against the real services, and removes them when it ends.
 #![allow(dead_code, clippy::unwrap_used)]
 
+pub mod proxy;
 pub mod sidecar;
 pub mod world;
 
@@ -205,6 +206,7 @@ pub fn core_config(prefix: &str, database_url: &str) -> CoreConfig {
         db_timeout_secs: 5,
         flush_chunk_users: 100,
         flush_lock_ttl_secs: 30,
+        flush_timeout_secs: 30,
         source: countersink::source::SourceConfig::default(),
         log_format: countersink::config::LogFormat::Text,
     }

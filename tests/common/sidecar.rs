@@ -26,11 +26,24 @@ pub struct SidecarOptions {
     pub crash_point: Option<&'static str>,
     /// Flags added after `serve`.
     pub serve_args: Vec<String>,
+    /// The port to listen on (a free one if `None`); a restart can keep its predecessor's.
+    pub port: Option<u16>,
+    /// Redis and database URLs other than the test's (a test-owned server, a proxy).
+    pub redis_url: Option<String>,
+    /// See `redis_url`.
+    pub database_url: Option<String>,
 }
 
 impl Default for SidecarOptions {
     fn default() -> Self {
-        SidecarOptions { flush_cron: "*/1 * * * * *".into(), crash_point: None, serve_args: Vec::new() }
+        SidecarOptions {
+            flush_cron: "*/1 * * * * *".into(),
+            crash_point: None,
+            serve_args: Vec::new(),
+            port: None,
+            redis_url: None,
+            database_url: None,
+        }
     }
 }
 
@@ -46,12 +59,12 @@ pub struct Sidecar {
 impl Sidecar {
     /// Starts the binary over `env` (its source mapping included) and waits until it answers.
     pub async fn start(env: &TestEnv, options: SidecarOptions) -> Sidecar {
-        let port = super::free_port();
+        let port = options.port.unwrap_or_else(super::free_port);
         let mut command = Command::new(env!("CARGO_BIN_EXE_countersink"));
         command
-            .args(["--redis-url", &env.core.redis_url])
+            .args(["--redis-url", options.redis_url.as_ref().unwrap_or(&env.core.redis_url)])
             .args(["--redis-prefix", &env.core.redis_prefix])
-            .args(["--database-url", &env.core.database_url])
+            .args(["--database-url", options.database_url.as_ref().unwrap_or(&env.core.database_url)])
             .args(["--flush-chunk-users", "300"]);
         let source = &env.core.source;
         if let Some(table) = &source.source_table {
@@ -139,36 +152,14 @@ impl Sidecar {
 
     /// Posts signed events; the response status and body. Connection failures are `None`.
     pub async fn post_events(&self, events: &[Value]) -> Option<(u16, Value)> {
-        let body = serde_json::to_vec(events).unwrap();
-        let id = format!("msg_{:032x}", rand::random::<u128>());
-        let timestamp = chrono::Utc::now().timestamp();
-        let secret: WebhookSecret = SECRET.parse().unwrap();
-        let response = self
-            .client
-            .post(format!("{}/v1/events", self.base))
-            .header("content-type", "application/json")
-            .header("webhook-id", &id)
-            .header("webhook-timestamp", timestamp.to_string())
-            .header("webhook-signature", secret.sign(&id, timestamp, &body))
-            .timeout(Duration::from_secs(10))
-            .body(body)
-            .send()
-            .await
-            .ok()?;
-        let status = response.status().as_u16();
-        Some((status, response.json().await.unwrap_or(Value::Null)))
+        post_signed(&self.client, &self.base, &new_webhook_id(), events).await
     }
 
     /// Posts signed events, retrying like the Django package until they are accepted.
     pub async fn post_events_until_accepted(&self, events: &[Value]) {
-        for _ in 0..400 {
-            match self.post_events(events).await {
-                Some((200, _)) => return,
-                Some((status, body)) if status != 503 => panic!("events refused: {status} {body}"),
-                _ => tokio::time::sleep(Duration::from_millis(25)).await,
-            }
+        if !post_until_accepted(&self.client, &self.base, events, Duration::from_secs(10)).await {
+            panic!("events were not accepted within 10 s; stderr:\n{}", self.stderr_text());
         }
-        panic!("events were not accepted within 10 s; stderr:\n{}", self.stderr_text());
     }
 
     /// `POST` to an admin endpoint; status and body, `None` if the connection failed.
@@ -214,6 +205,52 @@ impl Sidecar {
         }
         counts
     }
+}
+
+/// A fresh `webhook-id`.
+pub fn new_webhook_id() -> String {
+    format!("msg_{:032x}", rand::random::<u128>())
+}
+
+/// Posts `events` to the sidecar at `base`, signed as the Django package signs them; the status
+/// and body, or `None` if no answer came (refused, reset, timed out).
+pub async fn post_signed(
+    client: &reqwest::Client,
+    base: &str,
+    webhook_id: &str,
+    events: &[Value],
+) -> Option<(u16, Value)> {
+    let body = serde_json::to_vec(events).unwrap();
+    let timestamp = chrono::Utc::now().timestamp();
+    let secret: WebhookSecret = SECRET.parse().unwrap();
+    let response = client
+        .post(format!("{base}/v1/events"))
+        .header("content-type", "application/json")
+        .header("webhook-id", webhook_id)
+        .header("webhook-timestamp", timestamp.to_string())
+        .header("webhook-signature", secret.sign(webhook_id, timestamp, &body))
+        .timeout(Duration::from_secs(10))
+        .body(body)
+        .send()
+        .await
+        .ok()?;
+    let status = response.status().as_u16();
+    Some((status, response.json().await.unwrap_or(Value::Null)))
+}
+
+/// Sends one request, retrying it (same `webhook-id`, as the Django package does) on 503 and on
+/// no answer, for up to `limit`; whether it was accepted. Any other refusal panics.
+pub async fn post_until_accepted(client: &reqwest::Client, base: &str, events: &[Value], limit: Duration) -> bool {
+    let webhook_id = new_webhook_id();
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        match post_signed(client, base, &webhook_id, events).await {
+            Some((200, _)) => return true,
+            Some((status, body)) if status != 503 => panic!("events refused: {status} {body}"),
+            _ => tokio::time::sleep(Duration::from_millis(25)).await,
+        }
+    }
+    false
 }
 
 impl Drop for Sidecar {

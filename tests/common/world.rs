@@ -1,5 +1,5 @@
-//! A stand-in for a Django site: random notification writes to the PostgreSQL Notification
-//! table, each followed by the event its signal handler would send, with retries and races.
+//! A stand-in for a Django site: random notification writes to the Notification table
+//! (PostgreSQL's: the writes are upserts in its dialect), each followed by the event its signal handler would send, with retries and races.
 //! The table is the truth the tests compare the counts against.
 
 use std::collections::HashMap;
@@ -8,7 +8,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
 
-use super::TestEnv;
+use countersink::db::Db;
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum State {
@@ -27,6 +27,8 @@ pub struct World {
     live: Vec<u64>,
     /// Creation events held back, to be sent again long after newer events (late retries).
     late: Vec<Value>,
+    /// Notifications whose creation was retried after they were hard-deleted.
+    retried_after_delete: std::collections::HashSet<u64>,
 }
 
 impl World {
@@ -39,13 +41,14 @@ impl World {
             notifications: HashMap::new(),
             live: Vec::new(),
             late: Vec::new(),
+            retried_after_delete: Default::default(),
         }
     }
 
     /// Performs `n` random operations: writes them to the table in one statement (as committed
     /// transactions would leave it), and returns the events their on-commit hooks send, in
     /// order, with immediate duplicates, a few late creation retries and doubled mark-as-reads.
-    pub async fn write(&mut self, env: &TestEnv, n: usize) -> Vec<Value> {
+    pub async fn write(&mut self, db: &Db, n: usize) -> Vec<Value> {
         let mut events = Vec::new();
         let mut touched = Vec::new();
         for _ in 0..n {
@@ -57,9 +60,15 @@ impl World {
             events.push(event);
         }
         if self.late.len() > 10 && self.rng.random_bool(0.3) {
+            for event in &self.late {
+                let id = event["notification_id"].as_u64().unwrap();
+                if self.notifications[&id].1 == State::HardDeleted {
+                    self.retried_after_delete.insert(id);
+                }
+            }
             events.append(&mut self.late);
         }
-        self.save(env, &touched).await;
+        self.save(db, &touched).await;
         events
     }
 
@@ -97,7 +106,7 @@ impl World {
     }
 
     /// Writes the current state of `ids` to the table: one upsert, one delete.
-    async fn save(&self, env: &TestEnv, ids: &[u64]) {
+    async fn save(&self, db: &Db, ids: &[u64]) {
         let mut rows = Vec::new();
         let mut gone = Vec::new();
         let mut seen = std::collections::HashSet::new();
@@ -110,16 +119,41 @@ impl World {
             }
         }
         if !rows.is_empty() {
-            env.sql(&format!(
-                "INSERT INTO notifications_notification (id, recipient_id, unread, deleted) VALUES {} \
-                 ON CONFLICT (id) DO UPDATE SET unread = EXCLUDED.unread, deleted = EXCLUDED.deleted",
-                rows.join(",")
-            ))
+            execute(
+                db,
+                format!(
+                    "INSERT INTO notifications_notification (id, recipient_id, unread, deleted) VALUES {} \
+                     ON CONFLICT (id) DO UPDATE SET unread = EXCLUDED.unread, deleted = EXCLUDED.deleted",
+                    rows.join(",")
+                ),
+            )
             .await;
         }
         if !gone.is_empty() {
-            env.sql(&format!("DELETE FROM notifications_notification WHERE id IN ({})", gone.join(","))).await;
+            execute(db, format!("DELETE FROM notifications_notification WHERE id IN ({})", gone.join(","))).await;
         }
+    }
+
+    /// What this site did to `user`'s notifications, for a failure message.
+    pub fn describe(&self, user: u64) -> String {
+        let mut lines: Vec<String> = self
+            .notifications
+            .iter()
+            .filter(|(_, (owner, _))| *owner == user)
+            .map(|(id, (_, state))| {
+                let state = match state {
+                    State::Read => "read",
+                    State::Unread => "unread",
+                    State::SoftDeleted => "soft-deleted",
+                    State::HardDeleted => "hard-deleted",
+                };
+                let retried =
+                    if self.retried_after_delete.contains(id) { ", creation retried after delete" } else { "" };
+                format!("  notification {id}: {state}{retried}")
+            })
+            .collect();
+        lines.sort();
+        lines.join("\n")
     }
 
     /// Every user id the site has.
@@ -142,6 +176,10 @@ impl World {
         }
         counts
     }
+}
+
+async fn execute(db: &Db, statement: String) {
+    db.run(move |conn| Ok(diesel::RunQueryDsl::execute(diesel::sql_query(statement), conn)?)).await.unwrap();
 }
 
 /// Users whose count in `got` differs from `want` (absent means 0), as `(user, got, want)`.

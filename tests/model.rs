@@ -1,0 +1,329 @@
+//! Model-based property test of the whole pipeline: random sequences of what a Django site does
+//! (create, mark read and unread, soft and hard delete, duplicated and late deliveries, two
+//! requests marking the same notification read at once, a lost signal) interleaved with flushes
+//! (some racing an event) and reconciles, run against the real Redis and database, and compared
+//! after every step with a reference model: the Notification table itself.
+//!
+//! Invariant: every user's real-time count equals the table's count of their unread, undeleted
+//! notifications, except users whose signal was lost since their last reconcile; after a final
+//! flush and reconcile, every stored count equals the table's.
+//!
+//! Cases run against one database and Redis prefix per backend, each case on ids of its own.
+//! `COUNTERSINK_MODEL_CASES` sets the cases per backend (default 1000); failures shrink to a
+//! minimal sequence, printed with the seed-independent operations.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use common::TestEnv;
+use countersink::app::AppState;
+use countersink::counts::unread_counts;
+use countersink::events::Event;
+use countersink::flush::WhenBusy;
+use proptest::prelude::*;
+use proptest::test_runner::{Config, TestError, TestRunner};
+
+/// Users and notifications per case: few, so sequences revisit them often.
+const USERS: u64 = 3;
+const NOTIFICATIONS: u64 = 8;
+
+#[derive(Debug, Clone)]
+enum Op {
+    Create {
+        n: u64,
+        unread: bool,
+    },
+    Mark {
+        n: u64,
+        unread: bool,
+    },
+    SoftDelete {
+        n: u64,
+    },
+    HardDelete {
+        n: u64,
+    },
+    /// The last request delivered again (a sender's retry, with the same `webhook-id`).
+    Redeliver,
+    /// A notification's creation event delivered again, after whatever came since.
+    LateCreateRetry {
+        n: u64,
+    },
+    /// Two requests mark the same notification read at the same moment.
+    RacedMarkRead {
+        n: u64,
+    },
+    /// The table changes but the signal never reaches the sidecar.
+    LostSignal {
+        n: u64,
+        unread: bool,
+    },
+    Flush,
+    /// A flush racing an event of the same user.
+    FlushRacingMark {
+        n: u64,
+        unread: bool,
+    },
+    Reconcile {
+        users: Vec<u64>,
+    },
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    let n = 0..NOTIFICATIONS;
+    prop_oneof![
+        4 => (n.clone(), any::<bool>()).prop_map(|(n, unread)| Op::Create { n, unread }),
+        5 => (n.clone(), any::<bool>()).prop_map(|(n, unread)| Op::Mark { n, unread }),
+        1 => n.clone().prop_map(|n| Op::SoftDelete { n }),
+        1 => n.clone().prop_map(|n| Op::HardDelete { n }),
+        1 => Just(Op::Redeliver),
+        1 => n.clone().prop_map(|n| Op::LateCreateRetry { n }),
+        2 => n.clone().prop_map(|n| Op::RacedMarkRead { n }),
+        1 => (n.clone(), any::<bool>()).prop_map(|(n, unread)| Op::LostSignal { n, unread }),
+        2 => Just(Op::Flush),
+        1 => (n, any::<bool>()).prop_map(|(n, unread)| Op::FlushRacingMark { n, unread }),
+        1 => proptest::collection::vec(0..USERS, 1..=3).prop_map(|users| Op::Reconcile { users }),
+    ]
+}
+
+/// A notification's row in the table, as the model holds it.
+#[derive(Debug, Clone, Copy)]
+struct Row {
+    user: u64,
+    unread: bool,
+    soft_deleted: bool,
+}
+
+/// The reference model: the Notification table, and what the sidecar was told.
+#[derive(Default)]
+struct Model {
+    rows: HashMap<u64, Row>,
+    /// Hard-deleted notifications never come back (primary keys are not reused).
+    hard_deleted: HashSet<u64>,
+    creations: HashMap<u64, Event>,
+    /// The last request sent: its `webhook-id` and event.
+    last_delivery: Option<(String, Event)>,
+    /// Users whose count may be off until their next reconcile (a signal was lost).
+    drifted: HashSet<u64>,
+}
+
+impl Model {
+    fn unread(&self, user: u64) -> i64 {
+        self.rows.values().filter(|r| r.user == user && r.unread && !r.soft_deleted).count() as i64
+    }
+
+    /// A live (created, not deleted) notification's row.
+    fn live(&self, n: u64) -> Option<Row> {
+        self.rows.get(&n).copied().filter(|row| !row.soft_deleted)
+    }
+}
+
+/// One case's id space: its own users and notifications, so cases share a database.
+struct Ids {
+    base: u64,
+}
+
+impl Ids {
+    fn notification(&self, n: u64) -> u64 {
+        self.base * NOTIFICATIONS + n + 1
+    }
+    fn user_of(&self, n: u64) -> u64 {
+        self.user(n % USERS)
+    }
+    fn user(&self, u: u64) -> u64 {
+        self.base * USERS + u + 1
+    }
+    fn users(&self) -> Vec<u64> {
+        (0..USERS).map(|u| self.user(u)).collect()
+    }
+}
+
+async fn sql(state: &AppState, statement: String) {
+    state.db.run(move |conn| Ok(diesel::RunQueryDsl::execute(diesel::sql_query(statement), conn)?)).await.unwrap();
+}
+
+/// How long the sidecar remembers a request's `webhook-id` in these tests.
+const IDEMPOTENCY_TTL: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// Delivers one event in a request of its own, as the Django package sends it.
+async fn apply(state: &AppState, event: &Event) {
+    deliver(state, &format!("msg_{:032x}", rand::random::<u128>()), event).await;
+}
+
+async fn deliver(state: &AppState, webhook_id: &str, event: &Event) {
+    state.store.apply_once(std::slice::from_ref(event), Some((webhook_id, IDEMPOTENCY_TTL))).await.unwrap();
+}
+
+impl Model {
+    /// Sends `event` in a new request, remembered for [`Op::Redeliver`].
+    async fn send(&mut self, state: &AppState, event: Event) {
+        let webhook_id = format!("msg_{:032x}", rand::random::<u128>());
+        deliver(state, &webhook_id, &event).await;
+        self.last_delivery = Some((webhook_id, event));
+    }
+}
+
+/// Runs one case; `Err` names the first step where the sidecar and the model disagree.
+async fn run_case(state: &AppState, ids: &Ids, ops: &[Op]) -> Result<(), String> {
+    let mut model = Model::default();
+    for (step, op) in ops.iter().enumerate() {
+        match *op {
+            Op::Create { n, unread } => {
+                if model.rows.contains_key(&n) || model.hard_deleted.contains(&n) {
+                    continue;
+                }
+                let (id, user) = (ids.notification(n), ids.user_of(n));
+                sql(state, format!("INSERT INTO notifications_notification VALUES ({id}, {user}, {unread}, FALSE)"))
+                    .await;
+                model.rows.insert(n, Row { user, unread, soft_deleted: false });
+                let event = Event::save(id, user, unread, true);
+                model.creations.insert(n, event.clone());
+                model.send(state, event).await;
+            }
+            Op::Mark { n, unread } | Op::LostSignal { n, unread } => {
+                let Some(row) = model.live(n) else { continue };
+                let id = ids.notification(n);
+                sql(state, format!("UPDATE notifications_notification SET unread = {unread} WHERE id = {id}")).await;
+                model.rows.insert(n, Row { unread, ..row });
+                if matches!(op, Op::LostSignal { .. }) {
+                    model.drifted.insert(row.user);
+                } else {
+                    model.send(state, Event::save(id, row.user, unread, false)).await;
+                }
+            }
+            Op::SoftDelete { n } => {
+                let Some(row) = model.live(n) else { continue };
+                let id = ids.notification(n);
+                sql(state, format!("UPDATE notifications_notification SET deleted = TRUE WHERE id = {id}")).await;
+                model.rows.insert(n, Row { soft_deleted: true, ..row });
+                model.send(state, Event::delete(id, row.user)).await;
+            }
+            Op::HardDelete { n } => {
+                let Some(row) = model.rows.remove(&n) else { continue };
+                let id = ids.notification(n);
+                sql(state, format!("DELETE FROM notifications_notification WHERE id = {id}")).await;
+                model.hard_deleted.insert(n);
+                model.send(state, Event::delete(id, row.user)).await;
+            }
+            Op::Redeliver => {
+                if let Some((webhook_id, event)) = &model.last_delivery {
+                    deliver(state, webhook_id, event).await;
+                }
+            }
+            Op::LateCreateRetry { n } => {
+                if let Some(event) = model.creations.get(&n) {
+                    apply(state, event).await;
+                }
+            }
+            Op::RacedMarkRead { n } => {
+                let Some(row) = model.live(n) else { continue };
+                let id = ids.notification(n);
+                sql(state, format!("UPDATE notifications_notification SET unread = FALSE WHERE id = {id}")).await;
+                model.rows.insert(n, Row { unread: false, ..row });
+                let event = Event::save(id, row.user, false, false);
+                // Two requests (two clicks), so two webhook ids.
+                tokio::join!(apply(state, &event), apply(state, &event));
+            }
+            Op::Flush => {
+                state.flusher.flush(WhenBusy::Wait(std::time::Duration::from_secs(10))).await.unwrap();
+            }
+            Op::FlushRacingMark { n, unread } => {
+                let Some(row) = model.live(n) else { continue };
+                let id = ids.notification(n);
+                sql(state, format!("UPDATE notifications_notification SET unread = {unread} WHERE id = {id}")).await;
+                model.rows.insert(n, Row { unread, ..row });
+                let event = Event::save(id, row.user, unread, false);
+                let (flushed, ()) = tokio::join!(
+                    state.flusher.flush(WhenBusy::Wait(std::time::Duration::from_secs(10))),
+                    apply(state, &event)
+                );
+                flushed.unwrap();
+            }
+            Op::Reconcile { ref users } => {
+                let users: Vec<u64> = users.iter().map(|u| ids.user(*u)).collect();
+                state.reconciler.reconcile_users(&users).await.unwrap();
+                for user in &users {
+                    model.drifted.remove(user);
+                }
+            }
+        }
+        check_reads(state, ids, &model).await.map_err(|e| format!("after step {step} ({op:?}): {e}"))?;
+    }
+    // The end of the day: flush, reconcile everyone, and the table holds the truth.
+    state.reconciler.reconcile_users(&ids.users()).await.unwrap();
+    state.flusher.flush(WhenBusy::Wait(std::time::Duration::from_secs(10))).await.unwrap();
+    model.drifted.clear();
+    check_reads(state, ids, &model).await.map_err(|e| format!("after the final reconcile: {e}"))?;
+    let (stored, _) = state
+        .db
+        .run({
+            let users = ids.users();
+            move |conn| Ok(countersink::db::queries::stored_counts(conn, &users, &[])?)
+        })
+        .await
+        .unwrap();
+    for user in ids.users() {
+        let (got, want) = (stored.get(&user).copied().unwrap_or(0), model.unread(user));
+        if got != want {
+            return Err(format!("user {user}: stored {got}, the table says {want}"));
+        }
+    }
+    Ok(())
+}
+
+async fn check_reads(state: &AppState, ids: &Ids, model: &Model) -> Result<(), String> {
+    let counts = unread_counts(&state.store, &state.db, &ids.users()).await.unwrap();
+    for count in counts {
+        if model.drifted.contains(&count.user_id) {
+            continue;
+        }
+        let want = model.unread(count.user_id);
+        if count.unread_count != want {
+            return Err(format!("user {}: read {}, the table says {want}", count.user_id, count.unread_count));
+        }
+    }
+    Ok(())
+}
+
+fn cases() -> u32 {
+    std::env::var("COUNTERSINK_MODEL_CASES").ok().and_then(|s| s.parse().ok()).unwrap_or(1000)
+}
+
+/// Runs the property over `env`; panics with the minimal failing sequence.
+fn check_model(runtime: &tokio::runtime::Runtime, env: &TestEnv) {
+    let state = {
+        let _entered = runtime.enter();
+        env.state()
+    };
+    let next_case = AtomicU64::new(0);
+    let config = Config { cases: cases(), max_shrink_iters: 4096, failure_persistence: None, ..Config::default() };
+    let mut runner = TestRunner::new(config);
+    let result = runner.run(&proptest::collection::vec(op(), 1..40), |ops| {
+        let ids = Ids { base: next_case.fetch_add(1, Ordering::Relaxed) };
+        runtime.block_on(run_case(&state, &ids, &ops)).map_err(TestCaseError::fail)
+    });
+    match result {
+        Ok(()) => println!("{} cases passed", cases()),
+        Err(TestError::Fail(reason, ops)) => panic!("{reason}\nminimal failing sequence: {ops:#?}"),
+        Err(e) => panic!("{e}"),
+    }
+}
+
+#[test]
+fn the_pipeline_matches_the_model_on_postgres() {
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let env = runtime.block_on(TestEnv::postgres_with_source());
+    check_model(&runtime, &env);
+    runtime.block_on(async move { drop(env) });
+}
+
+#[test]
+fn the_pipeline_matches_the_model_on_sqlite() {
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let env = runtime.block_on(TestEnv::sqlite_with_source());
+    check_model(&runtime, &env);
+    runtime.block_on(async move { drop(env) });
+}

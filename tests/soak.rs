@@ -1,0 +1,177 @@
+//! The soak test: steady load from several "Django workers" for a bounded time while faults hit
+//! the service in turn (the sidecar SIGKILLed, SIGKILLed in the middle of a flush, its Redis
+//! killed and restarted empty, its database connection cut), then a final flush and a count of
+//! the users whose stored count differs from the Notification table. It must print 0.
+//!
+//! `COUNTERSINK_SOAK_SECS` sets the load time (default 30; docs/testing.md has a longer run's
+//! result), `COUNTERSINK_SOAK_SEED` replays a run's load:
+//!
+//! ```text
+//! COUNTERSINK_SOAK_SECS=600 cargo test --release --test soak -- --nocapture
+//! ```
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::proxy::Proxy;
+use common::sidecar::{post_until_accepted, Sidecar, SidecarOptions, ADMIN_TOKEN};
+use common::world::{wrong_users, World};
+use common::{free_port, OwnRedis, TestEnv};
+
+const USERS: u64 = 2_000;
+const WORKERS: u64 = 4;
+const OPERATIONS_PER_REQUEST: usize = 40;
+/// Time between faults.
+const FAULT_EVERY: Duration = Duration::from_secs(3);
+
+#[derive(Debug, Clone, Copy)]
+enum Fault {
+    KillSidecar,
+    KillSidecarDuringFlush,
+    LoseRedis,
+    CutDatabase,
+}
+
+const FAULTS: [Fault; 4] = [Fault::KillSidecar, Fault::LoseRedis, Fault::KillSidecarDuringFlush, Fault::CutDatabase];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn steady_load_with_periodic_faults_ends_with_zero_wrong_users() {
+    let secs: u64 = std::env::var("COUNTERSINK_SOAK_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(30);
+    let seed: u64 =
+        std::env::var("COUNTERSINK_SOAK_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(rand::random);
+    println!("soak: {secs} s of load, seed {seed} (COUNTERSINK_SOAK_SEED replays it)");
+
+    let env = Arc::new(TestEnv::postgres_with_source().await);
+    let redis_port = free_port();
+    let mut redis = OwnRedis::start(redis_port);
+    let proxy_address: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let mut proxy = Proxy::start(proxy_address).await;
+    let options = SidecarOptions {
+        port: Some(free_port()),
+        redis_url: Some(redis.url()),
+        database_url: Some(proxy.url_through(&env.core.database_url)),
+        // A SIGKILLed flusher's lock expires after 10 s (the shortest allowed).
+        serve_args: vec!["--flush-lock-ttl-secs".into(), "10".into(), "--db-timeout-secs".into(), "2".into()],
+        ..SidecarOptions::default()
+    };
+    let mut sidecar = Sidecar::start(&env, options.clone()).await;
+    let base = sidecar.base.clone();
+
+    // The workers: each writes the table and sends what its signals would, retrying on 503
+    // and on no answer as the Django package does, until told to stop.
+    let stop = Arc::new(AtomicBool::new(false));
+    let events_sent = Arc::new(AtomicU64::new(0));
+    let mut workers = Vec::new();
+    for worker in 0..WORKERS {
+        let (env, stop, events_sent, base) = (env.clone(), stop.clone(), events_sent.clone(), base.clone());
+        workers.push(tokio::spawn(async move {
+            let site = env.state();
+            let client = reqwest::Client::new();
+            let mut world = World::new(seed.wrapping_add(worker), USERS, 1 + worker * 1_000_000_000);
+            while !stop.load(Ordering::Relaxed) {
+                let events = world.write(&site.db, OPERATIONS_PER_REQUEST).await;
+                assert!(
+                    post_until_accepted(&client, &base, &events, Duration::from_secs(120)).await,
+                    "worker {worker}: events not accepted within 120 s"
+                );
+                events_sent.fetch_add(events.len() as u64, Ordering::Relaxed);
+            }
+            world
+        }));
+    }
+
+    let started = Instant::now();
+    let mut faults = Vec::new();
+    while started.elapsed() < Duration::from_secs(secs) {
+        tokio::time::sleep(FAULT_EVERY).await;
+        let fault = FAULTS[faults.len() % FAULTS.len()];
+        match fault {
+            Fault::KillSidecar => {
+                sidecar.kill();
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                sidecar = Sidecar::start(&env, options.clone()).await;
+            }
+            Fault::KillSidecarDuringFlush => {
+                let flush = tokio::spawn(admin_flush(base.clone()));
+                tokio::time::sleep(Duration::from_millis(rand::random_range(0..40))).await;
+                sidecar.kill();
+                let _ = flush.await;
+                sidecar = Sidecar::start(&env, options.clone()).await;
+            }
+            Fault::LoseRedis => {
+                // No persistence: a restarted Redis is empty, and the sidecar rebuilds from the table.
+                redis.kill();
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                redis = OwnRedis::start(redis_port);
+            }
+            Fault::CutDatabase => {
+                proxy.cut();
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                proxy = Proxy::start(proxy_address).await;
+            }
+        }
+        println!("soak: {:>5.1} s  {fault:?}", started.elapsed().as_secs_f64());
+        faults.push(fault);
+    }
+    stop.store(true, Ordering::Relaxed);
+    let mut worlds = Vec::new();
+    for worker in workers {
+        worlds.push(worker.await.unwrap());
+    }
+
+    // Everything sent was accepted; one flush (after any lock a killed flusher left expires).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let report = loop {
+        match admin_flush(base.clone()).await {
+            Some((200, report)) => break report,
+            other => {
+                assert!(
+                    Instant::now() < deadline,
+                    "the final flush kept failing: {other:?}\n{}",
+                    sidecar.stderr_text()
+                );
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    };
+    let truth = env.true_counts().await;
+    let stored = env.stored_counts().await;
+    let users: Vec<u64> = (1..=USERS).collect();
+    let wrong = wrong_users(&users, &stored, &truth);
+    println!(
+        "soak: {secs} s, {} events from {WORKERS} workers, {} faults, final flush {report}",
+        events_sent.load(Ordering::Relaxed),
+        faults.len()
+    );
+    println!(
+        "soak: {} users checked, {} unread in all; wrong users: {}",
+        users.len(),
+        truth.values().sum::<i64>(),
+        wrong.len()
+    );
+    for (user, stored, truth) in wrong.iter().take(5) {
+        println!("soak: user {user}: stored {stored}, true {truth}");
+        for world in &worlds {
+            println!("{}", world.describe(*user));
+        }
+    }
+    assert!(wrong.is_empty(), "seed {seed}: e.g. (user, stored, true) {:?}", &wrong[..wrong.len().min(5)]);
+    assert!(faults.len() as u64 >= secs / FAULT_EVERY.as_secs() / 2, "too few faults were injected");
+}
+
+async fn admin_flush(base: String) -> Option<(u16, serde_json::Value)> {
+    let response = reqwest::Client::new()
+        .post(format!("{base}/v1/flush"))
+        .bearer_auth(ADMIN_TOKEN)
+        .timeout(Duration::from_secs(30))
+        .send()
+        .await
+        .ok()?;
+    let status = response.status().as_u16();
+    Some((status, response.json().await.unwrap_or_default()))
+}
