@@ -66,6 +66,7 @@ async fn run(database_url: &str, redis_url: &str, prefix: &str, rows: u64, users
         db_timeout_secs: 30,
         flush_chunk_users: 5_000,
         flush_lock_ttl_secs: 600,
+        flush_timeout_secs: 600,
         source: SourceConfig { source_table: Some("notifications_notification".into()), ..SourceConfig::default() },
         log_format: LogFormat::Text,
     };

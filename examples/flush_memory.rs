@@ -37,6 +37,7 @@ async fn main() -> anyhow::Result<()> {
         db_timeout_secs: 10,
         flush_chunk_users: 5_000,
         flush_lock_ttl_secs: 600,
+        flush_timeout_secs: 600,
         source: countersink::source::SourceConfig::default(),
         log_format: LogFormat::Text,
     };

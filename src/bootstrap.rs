@@ -162,7 +162,7 @@ pub async fn bootstrap(
                     queries::max_handoff_seq(conn)
                 })
                 .await?;
-            store.finish_bootstrap(seq).await?;
+            store.finish_bootstrap(seq, after.map(|id| id as u64)).await?;
             Ok(report)
         })
         .await?

@@ -261,7 +261,7 @@ async fn run_case(state: &AppState, ids: &Ids, ops: &[Op]) -> Result<(), String>
         .db
         .run({
             let users = ids.users();
-            move |conn| Ok(countersink::db::queries::stored_counts(conn, &users, &[])?)
+            move |conn| countersink::db::queries::stored_counts(conn, &users, &[])
         })
         .await
         .unwrap();

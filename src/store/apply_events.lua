@@ -5,12 +5,16 @@
 -- KEYS[2]   the idempotency key of this request (its webhook-id)
 -- KEYS[3]   the users being reconciled (member = user id, score = fence deadline in ms)
 -- KEYS[4]   the marker a bootstrap writes when the state is complete
--- KEYS[5..] state shard bitmaps, 2 bits per notification
+-- KEYS[5]   what the last bootstrap read: "shard index ms", the highest notification slot it
+--           read (-1 -1 for none) and when it finished (unix ms)
+-- KEYS[6]   the users waiting for a recount
+-- KEYS[7..] state shard bitmaps, 2 bits per notification
 -- ARGV[1]   seconds to remember the idempotency key; 0 when the request has none
 -- ARGV[2]   the prefix of journal keys (journal key = prefix .. user id)
 -- ARGV[3]   the prefix of reconciled-set keys (set key = prefix .. user id)
 -- ARGV[4]   1 if the state must be bootstrapped (the marker must exist), else 0
--- ARGV[5..] 4 values per event: op, key index (into KEYS), index in shard, user id
+-- ARGV[5..] 5 values per event: op, key index (into KEYS), index in shard, user id, and when
+--           it occurred (unix ms, 0 if the sender did not say)
 --
 -- Returns {changed, recorded, duplicate, stale, after_delete, replayed}: events that changed a
 -- count, that changed only the state, that repeated the current state, that were stale
@@ -68,15 +72,40 @@ local function held_by_table(user, key, pos, old)
   return false
 end
 
+-- A bootstrap rebuilds the state from the table, which no longer holds the notifications
+-- hard-deleted before it: their state is unseen, not deleted. An event that would count such an
+-- unseen notification is suspect if the bootstrap should have seen it: it is at or below the
+-- highest notification the bootstrap read, or it occurred before the bootstrap finished. It is a
+-- late retry of a deleted notification or a row committed out of order; only the table can tell
+-- which, so the event changes nothing here and queues a recount of its user instead.
+local rebuilt_shard, rebuilt_index, rebuilt_at = -1, -1, -1
+if ARGV[4] == '1' then
+  local rebuilt = redis.call('GET', KEYS[5])
+  if rebuilt then
+    local shard, index, at = string.match(rebuilt, '^(-?%d+) (-?%d+) (%d+)$')
+    rebuilt_shard, rebuilt_index, rebuilt_at = tonumber(shard), tonumber(index), tonumber(at)
+  end
+end
+local function should_have_been_rebuilt(key, index, occurred_ms)
+  local shard = tonumber(string.match(key, ':(%d+)$'))
+  return shard < rebuilt_shard or (shard == rebuilt_shard and index <= rebuilt_index)
+    or (occurred_ms > 0 and occurred_ms < rebuilt_at)
+end
+
 local outcomes = {duplicate = 0, stale = 0, after_delete = 0}
 local changed, recorded = 0, 0
 local deltas, users = {}, {}
 
-for i = 5, #ARGV, 4 do
+for i = 5, #ARGV, 5 do
   local op, key, pos, user = ARGV[i], KEYS[tonumber(ARGV[i + 1])], '#' .. ARGV[i + 2], ARGV[i + 3]
   journal(user, op .. ' ' .. key .. ' ' .. pos)
   local old = redis.call('BITFIELD', key, 'GET', 'u2', pos)[1]
   local new, why = transition(old, op)
+  if not why and old == UNSEEN and new == UNREAD
+    and should_have_been_rebuilt(key, tonumber(ARGV[i + 2]), tonumber(ARGV[i + 4])) then
+    redis.call('SADD', KEYS[6], user)
+    why = 'stale'
+  end
   if not why and not held_by_table(user, key, pos, old) then
     -- The reconcile counted it as gone: record that, and count nothing.
     redis.call('BITFIELD', key, 'SET', 'u2', pos, DELETED)

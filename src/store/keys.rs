@@ -92,6 +92,12 @@ impl Keys {
         format!("{}:recounts_taken", self.tag)
     }
 
+    /// What the last bootstrap read: `"shard index finished_ms"`, the highest notification slot
+    /// it read (`-1 -1` for none) and when it finished.
+    pub fn rebuilt(&self) -> String {
+        format!("{}:rebuilt", self.tag)
+    }
+
     /// The cross-process flush lock.
     pub fn flush_lock(&self) -> String {
         format!("{}:flush_lock", self.tag)

@@ -200,20 +200,23 @@ impl Store {
             .key(self.keys.webhook(key_id))
             .key(self.keys.reconciling())
             .key(self.keys.ready())
+            .key(self.keys.rebuilt())
+            .key(self.keys.recounts())
             .arg(ttl.as_secs())
             .arg(self.keys.journal(""))
             .arg(self.keys.reconciled(""))
             .arg(u8::from(self.requires_bootstrap));
-        // KEYS[1..4] are taken; each distinct shard gets the next key index.
+        // KEYS[1..6] are taken; each distinct shard gets the next key index.
         let mut shard_index: HashMap<u64, usize> = HashMap::new();
         for event in events {
             let (shard, index_in_shard) = Keys::state_slot(event.notification_id);
-            let next = shard_index.len() + 5;
+            let next = shard_index.len() + 7;
             let key_index = *shard_index.entry(shard).or_insert_with(|| {
                 invocation.key(self.keys.state(shard));
                 next
             });
-            invocation.arg(op_code(event)).arg(key_index).arg(index_in_shard).arg(event.user_id);
+            let occurred_ms = event.occurred_at.map_or(0, |at| at.timestamp_millis().max(0));
+            invocation.arg(op_code(event)).arg(key_index).arg(index_in_shard).arg(event.user_id).arg(occurred_ms);
         }
         let mut conn = self.conn.clone();
         let counts: Vec<i64> = invocation.invoke_async(&mut conn).await?;
@@ -608,11 +611,18 @@ impl Store {
     }
 
     /// Ends a bootstrap: drops the resume point and the checkpoint, raises the hand-off sequence
-    /// to the highest the database recorded, and writes the marker, so events apply again.
-    pub async fn finish_bootstrap(&self, handoff_seq: u64) -> Result<(), StoreError> {
+    /// to the highest the database recorded, remembers the highest notification it read (see
+    /// `apply_events.lua`), and writes the marker, so events apply again.
+    pub async fn finish_bootstrap(&self, handoff_seq: u64, highest_read: Option<u64>) -> Result<(), StoreError> {
         let mut transaction = redis::pipe();
+        transaction.atomic();
+        let slot = match highest_read.map(Keys::state_slot) {
+            Some((shard, index)) => format!("{shard} {index}"),
+            None => "-1 -1".to_string(),
+        };
+        let finished_ms = chrono::Utc::now().timestamp_millis();
+        transaction.set(self.keys.rebuilt(), format!("{slot} {finished_ms}")).ignore();
         transaction
-            .atomic()
             .set(self.keys.handoff_seq(), handoff_seq)
             .ignore()
             .del(self.keys.bootstrap_cursor())
