@@ -214,7 +214,8 @@ async fn shut_down(mut parts: ShutDown<'_>, timeout_secs: u64) -> anyhow::Result
         }
         Err(e) => {
             error!(error = %e, "final flush failed; the pending deltas stay in Redis for the next flush");
-            Err(anyhow::Error::new(e).context("the final flush at shutdown failed (nothing is lost: the deltas stay in Redis)"))
+            Err(anyhow::Error::new(e)
+                .context("the final flush at shutdown failed (nothing is lost: the deltas stay in Redis)"))
         }
     }
 }

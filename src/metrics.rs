@@ -156,8 +156,16 @@ impl Metrics {
         );
         registry.register("flush_duration_seconds", "Duration of successful flushes", m.flush_duration.clone());
         registry.register("flush_rows", "Rows upserted into the count table by flushes", m.flush_rows.clone());
-        registry.register("flush_batches", "Batches applied by flushes (recovered ones included)", m.flush_batches.clone());
-        registry.register("flush_failures", "Flushes that failed (their deltas stay in Redis)", m.flush_failures.clone());
+        registry.register(
+            "flush_batches",
+            "Batches applied by flushes (recovered ones included)",
+            m.flush_batches.clone(),
+        );
+        registry.register(
+            "flush_failures",
+            "Flushes that failed (their deltas stay in Redis)",
+            m.flush_failures.clone(),
+        );
         registry.register(
             "last_flush_success_timestamp_seconds",
             "Unix time of the last successful flush by this process (0: none yet)",
@@ -173,14 +181,10 @@ impl Metrics {
             "Users a reconcile found with a wrong count (and repaired); should stay at zero",
             m.reconcile_drift_users.clone(),
         );
-        registry.register(
-            "dependency_errors",
-            "Failed Redis commands and database calls",
-            m.dependency_errors.clone(),
-        );
+        registry.register("dependency_errors", "Failed Redis commands and database calls", m.dependency_errors.clone());
         // Both series exist from the start, so an alert on their rate has something to compare.
         for dependency in [Dependency::Redis, Dependency::Database] {
-            m.dependency_errors.get_or_create(&DependencyLabel { dependency: dependency.label() });
+            m.dependency_errors.get_or_create(&DependencyLabel { dependency: dependency.label() }).inc_by(0);
         }
         Metrics { registry, ..metrics }
     }

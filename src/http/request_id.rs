@@ -22,9 +22,7 @@ pub struct RequestId(pub String);
 /// Whether a client's id can go into logs and headers as it is: printable ASCII without spaces
 /// or quotes, so it cannot forge log fields or lines.
 fn is_sane(id: &str) -> bool {
-    !id.is_empty()
-        && id.len() <= MAX_LEN
-        && id.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.:/+=@".contains(&b))
+    !id.is_empty() && id.len() <= MAX_LEN && id.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.:/+=@".contains(&b))
 }
 
 /// A new id: 128 random bits in hex.

@@ -97,11 +97,8 @@ pub struct ReadyCheck {
     )
 )]
 pub async fn get_readyz(State(state): State<AppState>) -> (StatusCode, Json<Readiness>) {
-    let (redis, database, migrations) = tokio::join!(
-        timed(state.store.ping()),
-        timed(state.db.ping()),
-        timed(state.db.pending_migrations())
-    );
+    let (redis, database, migrations) =
+        tokio::join!(timed(state.store.ping()), timed(state.db.ping()), timed(state.db.pending_migrations()));
     let mut checks = vec![check("redis", redis), check("database", database.map(|_| ()))];
     checks.push(match migrations {
         Ok(pending) if pending.is_empty() => ReadyCheck { name: "migrations", ok: true, error: None },
