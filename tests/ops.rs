@@ -32,13 +32,23 @@ struct Sidecar {
 impl Sidecar {
     /// Starts `serve` with the scheduled flush off, so only the test flushes.
     async fn start(env: &TestEnv, redis_url: &str, extra: &[&str]) -> Sidecar {
+        Self::start_logging(env, redis_url, extra, None).await
+    }
+
+    /// The same, writing info-level JSON logs to `log` when given.
+    async fn start_logging(env: &TestEnv, redis_url: &str, extra: &[&str], log: Option<&std::path::Path>) -> Sidecar {
         let port = free_port();
-        let child = Command::new(env!("CARGO_BIN_EXE_countersink"))
+        let mut command = Command::new(env!("CARGO_BIN_EXE_countersink"));
+        command.env("COUNTERSINK_LOG", "warn");
+        if let Some(log) = log {
+            command.env("COUNTERSINK_LOG", "info").env("COUNTERSINK_LOG_FORMAT", "json");
+            command.stderr(std::fs::File::create(log).unwrap());
+        }
+        let child = command
             .args(["--redis-url", redis_url, "--redis-prefix", &env.core.redis_prefix])
             .args(["--database-url", &env.core.database_url])
             .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--flush-cron", "off"])
             .args(extra)
-            .env("COUNTERSINK_LOG", "warn")
             .env("COUNTERSINK_WEBHOOK_SECRET", SECRET)
             .env("COUNTERSINK_ADMIN_TOKEN", ADMIN_TOKEN)
             .env("COUNTERSINK_READ_TOKEN", READ_TOKEN)
@@ -154,12 +164,26 @@ async fn metrics_count_events_duplicates_rejections_and_flushes() {
 }
 
 #[tokio::test]
-async fn a_sane_request_id_is_echoed_and_others_are_replaced() {
+async fn a_sane_request_id_is_echoed_and_logged_and_others_are_replaced() {
     let env = TestEnv::sqlite().await;
-    let sidecar = Sidecar::start(&env, &env.core.redis_url, &[]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("serve.log");
+    let sidecar = Sidecar::start_logging(&env, &env.core.redis_url, &[], Some(&log)).await;
     let client = reqwest::Client::new();
-    let response = client.get(sidecar.url("/healthz")).header("x-request-id", "django-7f3a:42").send().await.unwrap();
+    let event = json!({"kind": "post_save", "notification_id": 1, "user_id": 1, "unread": true, "created": true});
+    let request = signed_events(&client, sidecar.url("/v1/events"), &event).header("x-request-id", "django-7f3a:42");
+    let response = request.send().await.unwrap();
+    assert_eq!(response.status(), 200);
     assert_eq!(response.headers()["x-request-id"], "django-7f3a:42");
+    // The handler's own log line carries the id, through the request's span.
+    let logged = common::eventually(Duration::from_secs(5), || {
+        std::fs::read_to_string(&log).unwrap().lines().any(|line| {
+            let line: Value = serde_json::from_str(line).unwrap_or_default();
+            line["fields"]["message"] == "events applied" && line["span"]["request_id"] == "django-7f3a:42"
+        })
+    })
+    .await;
+    assert!(logged, "{}", std::fs::read_to_string(&log).unwrap());
     for insane in ["has space", "quote\"d", &"x".repeat(200)] {
         let response = client.get(sidecar.url("/nowhere")).header("x-request-id", insane).send().await.unwrap();
         assert_eq!(response.status(), 404);
