@@ -181,23 +181,30 @@ struct ShutDown<'a> {
 }
 
 /// Stops accepting, lets requests in flight finish (until the deadline), stops the schedule,
-/// waits for a running flush and flushes what is pending, then drops its handles on the pools (their connections close as the process exits). A failed
-/// final flush loses nothing (the deltas stay in Redis) but makes the exit code non-zero.
+/// waits for a running flush and flushes what is pending, then drops its handles on the pools
+/// (their connections close as the process exits). A failed final flush loses nothing (the
+/// deltas stay in Redis) but makes the exit code non-zero.
 async fn shut_down(mut parts: ShutDown<'_>, timeout_secs: u64) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(timeout_secs);
     info!(timeout_secs, "shutting down: new connections are refused; waiting for requests in flight");
     // The receiver lives in the server task: it is gone only if that task ended already.
     let _ = parts.stop.send(true);
     match tokio::time::timeout_at(deadline.into(), &mut parts.server).await {
-        Ok(result) => result.context("the HTTP server task")?.context("serving HTTP")?,
+        Ok(Ok(Ok(()))) => info!("requests done; stopping the schedule"),
+        // Whatever went wrong with serving, the final flush is still worth running.
+        Ok(Ok(Err(e))) => error!(error = %e, "the HTTP server failed while stopping"),
+        Ok(Err(e)) => error!(error = %e, "the HTTP server task failed while stopping"),
         Err(_) => {
-            warn!(timeout_secs, "requests still in flight at the shutdown deadline are cut off");
+            // Each request is atomic: it applies all of its events or none, and what it applies
+            // after the final flush stays pending in Redis for the next start.
+            warn!(timeout_secs, "requests still in flight at the shutdown deadline are not waited for");
             parts.server.abort();
         }
     }
-    info!("requests done; stopping the schedule");
     if let Some(scheduler) = parts.scheduler {
-        scheduler.shutdown().await?;
+        if let Err(e) = scheduler.shutdown().await {
+            warn!(error = %e, "could not stop the scheduler; flushing anyway");
+        }
     }
     // Waits for a flush (or a reconcile step) running in this process or another, then flushes.
     let wait = deadline.saturating_duration_since(Instant::now()).max(MIN_FINAL_FLUSH_WAIT);

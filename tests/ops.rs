@@ -299,3 +299,20 @@ async fn sigterm_finishes_the_request_in_flight_refuses_new_ones_and_flushes() {
     assert_eq!(env.stored_counts().await, HashMap::from([(20, 1), (21, 1), (22, 1)]));
     assert_eq!(env.state().store.pending_users().await.unwrap(), 0);
 }
+
+#[tokio::test]
+async fn a_request_slower_than_the_shutdown_deadline_does_not_hold_the_exit() {
+    let env = TestEnv::sqlite().await;
+    let mut sidecar = Sidecar::start(&env, &env.core.redis_url, &["--shutdown-timeout-secs", "1"]).await;
+    // Headers promising a body that never comes.
+    let mut stuck = tokio::net::TcpStream::connect(("127.0.0.1", sidecar.port)).await.unwrap();
+    stuck.write_all(b"POST /v1/events HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-length: 100\r\n\r\n{").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let started = std::time::Instant::now();
+    sidecar.terminate();
+    let exited = common::eventually(Duration::from_secs(10), || matches!(sidecar.child.try_wait(), Ok(Some(_)))).await;
+    assert!(exited, "still running 10 s after SIGTERM");
+    let status = sidecar.child.wait().unwrap();
+    assert!(status.success(), "exit status {status}");
+    assert!(started.elapsed() >= Duration::from_millis(900), "it did not wait for the request in flight");
+}
