@@ -1,6 +1,7 @@
 //! Operability, against the real binary (metrics are per process): Prometheus counters that
-//! move with the events, request ids, readiness, and a graceful shutdown that finishes the
-//! request in flight, refuses new connections and flushes before exiting 0.
+//! move with the events, request ids in headers and logs, readiness, and a graceful shutdown
+//! that finishes the request in flight, refuses new connections, flushes and exits 0, and that
+//! stops waiting for a request at its deadline.
 #![allow(clippy::unwrap_used)]
 
 mod common;
