@@ -1,15 +1,16 @@
 //! The command line: `countersink serve | migrate | flush`.
 
-use std::time::Duration;
+use std::future::IntoFuture;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use tokio::net::TcpListener;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::app::AppState;
 use crate::config::{CoreConfig, LogFormat, ServeConfig};
-use crate::flush::WhenBusy;
+use crate::flush::{Flusher, WhenBusy};
 use crate::schedule::Schedules;
 use crate::{bootstrap, http, schedule};
 
@@ -131,11 +132,12 @@ async fn run_serve(core: &CoreConfig, serve: ServeConfig) -> anyhow::Result<()> 
     if let Err(e) = state.store.ping().await {
         warn!(error = %e, "redis is not reachable yet; events will be answered 503 until it is");
     }
+    let mut workers = Vec::new();
     if state.reconciler.is_configured() {
         state.reconciler.check_source().await.context("checking the Notification table (--source-*)")?;
-        tokio::spawn(state.reconciler.clone().run_recount_worker(RECOUNT_INTERVAL));
+        workers.push(tokio::spawn(state.reconciler.clone().run_recount_worker(RECOUNT_INTERVAL)));
         if serve.auto_bootstrap {
-            tokio::spawn(state.reconciler.clone().watch_for_lost_state(LOST_STATE_CHECK));
+            workers.push(tokio::spawn(state.reconciler.clone().watch_for_lost_state(LOST_STATE_CHECK)));
         }
     } else if serve.reconcile_cron != schedule::CRON_OFF {
         anyhow::bail!("--reconcile-cron (COUNTERSINK_RECONCILE_CRON) needs --source-table (COUNTERSINK_SOURCE_TABLE)");
@@ -146,16 +148,88 @@ async fn run_serve(core: &CoreConfig, serve: ServeConfig) -> anyhow::Result<()> 
         reconcile_rate: serve.reconcile_rate,
     };
     let mut scheduler = schedule::start(&schedules, state.flusher.clone(), state.reconciler.clone()).await?;
+    let flusher = state.flusher.clone();
     let router = http::router(state);
     let listener = TcpListener::bind(serve.listen).await.with_context(|| format!("binding {}", serve.listen))?;
     info!(address = %listener.local_addr()?, "listening");
-    axum::serve(listener, router).with_graceful_shutdown(shutdown_signal()).await?;
-    if let Some(scheduler) = scheduler.as_mut() {
-        scheduler.shutdown().await?;
+    let (stop, mut stopping) = tokio::sync::watch::channel(false);
+    let mut server = tokio::spawn(
+        axum::serve(listener, router)
+            .with_graceful_shutdown(async move {
+                let _ = stopping.changed().await;
+            })
+            .into_future(),
+    );
+    tokio::select! {
+        result = &mut server => {
+            result.context("the HTTP server task")?.context("serving HTTP")?;
+            anyhow::bail!("the HTTP server stopped by itself");
+        }
+        () = shutdown_signal() => {}
     }
-    info!("stopped");
-    Ok(())
+    shut_down(ShutDown { stop, server, scheduler: scheduler.as_mut(), flusher, workers }, serve.shutdown_timeout_secs)
+        .await
 }
+
+/// What a graceful shutdown stops, in order.
+struct ShutDown<'a> {
+    stop: tokio::sync::watch::Sender<bool>,
+    server: tokio::task::JoinHandle<std::io::Result<()>>,
+    scheduler: Option<&'a mut tokio_cron_scheduler::JobScheduler>,
+    flusher: Flusher,
+    workers: Vec<tokio::task::JoinHandle<()>>,
+}
+
+/// Stops accepting, lets requests in flight finish (until the deadline), stops the schedule,
+/// waits for a running flush and flushes what is pending, then drops its handles on the pools
+/// (their connections close as the process exits). A failed final flush loses nothing (the
+/// deltas stay in Redis) but makes the exit code non-zero.
+async fn shut_down(mut parts: ShutDown<'_>, timeout_secs: u64) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(timeout_secs);
+    info!(timeout_secs, "shutting down: new connections are refused; waiting for requests in flight");
+    // The receiver lives in the server task: it is gone only if that task ended already.
+    let _ = parts.stop.send(true);
+    match tokio::time::timeout_at(deadline.into(), &mut parts.server).await {
+        Ok(Ok(Ok(()))) => info!("requests done; stopping the schedule"),
+        // Whatever went wrong with serving, the final flush is still worth running.
+        Ok(Ok(Err(e))) => error!(error = %e, "the HTTP server failed while stopping"),
+        Ok(Err(e)) => error!(error = %e, "the HTTP server task failed while stopping"),
+        Err(_) => {
+            // Each request is atomic: it applies all of its events or none, and what it applies
+            // after the final flush stays pending in Redis for the next start.
+            warn!(timeout_secs, "requests still in flight at the shutdown deadline are not waited for");
+            parts.server.abort();
+        }
+    }
+    if let Some(scheduler) = parts.scheduler {
+        if let Err(e) = scheduler.shutdown().await {
+            warn!(error = %e, "could not stop the scheduler; flushing anyway");
+        }
+    }
+    // Waits for a flush (or a reconcile step) running in this process or another, then flushes.
+    let wait = deadline.saturating_duration_since(Instant::now()).max(MIN_FINAL_FLUSH_WAIT);
+    info!(wait_secs = wait.as_secs(), "final flush: waiting for a running flush, then flushing what is pending");
+    let flushed = parts.flusher.flush(WhenBusy::Wait(wait)).await;
+    for worker in &parts.workers {
+        worker.abort();
+    }
+    drop(parts.flusher);
+    match flushed {
+        Ok(report) => {
+            info!(users_written = report.users_written, "final flush done; stopped");
+            Ok(())
+        }
+        Err(e) => {
+            error!(error = %e, "final flush failed; the pending deltas stay in Redis for the next flush");
+            Err(anyhow::Error::new(e)
+                .context("the final flush at shutdown failed (nothing is lost: the deltas stay in Redis)"))
+        }
+    }
+}
+
+/// The least a final flush waits for a running one, even past the shutdown deadline: a flush
+/// takes seconds at most, and skipping the final flush only delays the stored counts.
+const MIN_FINAL_FLUSH_WAIT: Duration = Duration::from_secs(2);
 
 /// How often `serve` checks that the Redis state is still there.
 const LOST_STATE_CHECK: Duration = Duration::from_secs(2);
@@ -214,7 +288,6 @@ async fn shutdown_signal() {
         _ = ctrl_c => {},
         _ = terminate => {},
     }
-    info!("shutting down");
 }
 
 #[cfg(test)]

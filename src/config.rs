@@ -159,6 +159,12 @@ pub struct ServeConfig {
     /// Seconds a request may take before it is answered 503.
     #[arg(long, env = "COUNTERSINK_REQUEST_TIMEOUT_SECS", default_value_t = 30)]
     pub request_timeout_secs: u64,
+
+    /// Seconds to wait on SIGTERM or SIGINT: first for requests in flight (new connections are
+    /// refused at once), then for a running flush; the final flush then runs to its end. Give
+    /// the process manager's stop timeout more than this (systemd: TimeoutStopSec).
+    #[arg(long, env = "COUNTERSINK_SHUTDOWN_TIMEOUT_SECS", default_value_t = 20)]
+    pub shutdown_timeout_secs: u64,
 }
 
 /// A setting that failed validation; the message names the flag and the variable.
@@ -261,6 +267,13 @@ impl ServeConfig {
                 "--idempotency-ttl-secs",
                 "COUNTERSINK_IDEMPOTENCY_TTL_SECS",
                 "must be at least 60 seconds, longer than the sender's retries take",
+            ));
+        }
+        if self.shutdown_timeout_secs == 0 {
+            return Err(ConfigError::new(
+                "--shutdown-timeout-secs",
+                "COUNTERSINK_SHUTDOWN_TIMEOUT_SECS",
+                "must be at least 1",
             ));
         }
         if self.request_timeout_secs == 0 {

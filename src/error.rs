@@ -43,6 +43,10 @@ pub struct ErrorDetail {
     pub field: Option<String>,
 }
 
+/// The `code` of an error response, kept on the response for the metrics middleware.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ErrorCode(pub &'static str);
+
 /// Seconds a client should wait before retrying after a 503.
 const RETRY_AFTER_SECS: u32 = 1;
 
@@ -116,6 +120,7 @@ impl IntoResponse for AppError {
         };
         let body = ErrorBody { error: ErrorDetail { code: code.to_string(), message: self.to_string(), field } };
         let mut response = (status, Json(body)).into_response();
+        response.extensions_mut().insert(ErrorCode(code));
         if status == StatusCode::SERVICE_UNAVAILABLE {
             response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECS));
         }

@@ -22,6 +22,7 @@ use tracing::{error, info, instrument, warn};
 
 use crate::crash_point;
 use crate::db::{queries, Db, DbError};
+use crate::metrics;
 use crate::store::{Store, StoreError};
 
 /// How long batch records are kept. Records only need to outlive the batch keys they guard,
@@ -146,10 +147,16 @@ impl Flusher {
 
     async fn run(&self, when_busy: WhenBusy, stop: Option<FlushStep>) -> Result<FlushReport, FlushError> {
         let started = Instant::now();
-        let mut report = match self.exclusive(when_busy, async || self.flush_locked(stop).await).await? {
+        let outcome = self.exclusive(when_busy, async || self.flush_locked(stop).await).await.inspect_err(|e| {
+            if !matches!(e, FlushError::Skipped(_)) {
+                metrics::flush_failed();
+            }
+        });
+        let mut report = match outcome? {
             Ok(report) => report,
             Err(reason) => return Ok(skipped(reason, started)),
         };
+        metrics::flush_succeeded(&report, started.elapsed());
         report.duration_ms = started.elapsed().as_millis() as u64;
         info!(
             batches = report.batches.len(),
@@ -308,7 +315,7 @@ impl Flusher {
         // through `handle.block_on`, which is allowed on a blocking-pool thread.
         tokio::task::spawn_blocking(move || -> Result<BatchReport, FlushError> {
             let mut conn = db.get()?;
-            let written = conn.transaction(|conn| {
+            let applied = conn.transaction(|conn| {
                 let mut report = BatchReport {
                     batch_id: batch_id.clone(),
                     users: 0,
@@ -347,9 +354,14 @@ impl Flusher {
                 queries::complete_batch(conn, &batch_id, report.users as i64, report.delta_sum)?;
                 Ok(report)
             });
-            match written {
+            match applied {
                 // The database cancelled a statement at the deadline (PostgreSQL's statement_timeout).
                 Err(FlushError::Db(_)) if Instant::now() >= deadline => Err(FlushError::TimedOut(timeout)),
+                Err(FlushError::Db(DbError::Query(e))) => {
+                    // Pool and Redis failures are counted where they happen; a failed statement here.
+                    metrics::dependency_error(metrics::Dependency::Database);
+                    Err(FlushError::Db(DbError::Query(e)))
+                }
                 other => other,
             }
         })

@@ -23,6 +23,7 @@
 //! | [`app`]       | the shared state handed to handlers and jobs                              |
 //! | [`http`]      | the axum router, one file per endpoint group, request authentication      |
 //! | [`webhook`]   | the Standard Webhooks signature scheme                                    |
+//! | [`metrics`]   | the Prometheus registry and the name of every metric                      |
 //! | [`crash_point`] | named steps where the crash tests SIGKILL the process (tests only)      |
 //!
 //! `docs/design.md` describes the Redis key layout, the state machine and the flush protocol.
@@ -38,6 +39,7 @@ pub mod error;
 pub mod events;
 pub mod flush;
 pub mod http;
+pub mod metrics;
 pub mod reconcile;
 pub mod schedule;
 pub mod source;

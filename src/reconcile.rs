@@ -262,6 +262,7 @@ impl Reconciler {
 }
 
 fn log_report(report: &ReconcileReport) {
+    crate::metrics::reconcile_finished(report);
     if report.drift.is_empty() {
         info!(users_checked = report.users_checked, duration_ms = report.duration_ms, "reconcile found no drift");
     } else {

@@ -13,7 +13,9 @@ pub use connection::DbConnection;
 use std::time::Duration;
 
 use diesel::connection::SimpleConnection;
+use diesel::migration::MigrationSource;
 use diesel::r2d2::{ConnectionManager, CustomizeConnection, Pool, PooledConnection};
+use diesel::RunQueryDsl;
 use diesel_migrations::{embed_migrations, EmbeddedMigrations, MigrationHarness};
 
 const PG_MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations/postgres");
@@ -49,6 +51,15 @@ impl Backend {
             Err(format!("unknown scheme in {url:?}; use postgres://, postgresql:// or sqlite://"))
         }
     }
+}
+
+/// The versions of a backend's embedded migrations.
+fn versions<DB: diesel::backend::Backend>(source: &EmbeddedMigrations) -> Result<Vec<String>, DbError>
+where
+    EmbeddedMigrations: MigrationSource<DB>,
+{
+    let migrations = MigrationSource::<DB>::migrations(source).map_err(|e| DbError::Migration(e.to_string()))?;
+    Ok(migrations.iter().map(|m| m.name().version().to_string()).collect())
 }
 
 /// The path (or `file:` URI) SQLite opens for a `sqlite://` URL.
@@ -144,17 +155,60 @@ impl Db {
         F: FnOnce(&mut DbConnection) -> Result<T, DbError> + Send + 'static,
     {
         let pool = self.pool.clone();
-        tokio::task::spawn_blocking(move || {
+        let result = tokio::task::spawn_blocking(move || {
             let mut conn = pool.get().map_err(|e| DbError::Unavailable(e.to_string()))?;
             f(&mut conn)
         })
         .await
-        .map_err(|e| DbError::Task(e.to_string()))?
+        .map_err(|e| DbError::Task(e.to_string()))
+        .and_then(|result| result);
+        if result.is_err() {
+            crate::metrics::dependency_error(crate::metrics::Dependency::Database);
+        }
+        result
     }
 
     /// A pooled connection for code already on a blocking thread.
     pub fn get(&self) -> Result<PooledConnection<ConnectionManager<DbConnection>>, DbError> {
-        self.pool.get().map_err(|e| DbError::Unavailable(e.to_string()))
+        self.pool.get().map_err(|e| {
+            crate::metrics::dependency_error(crate::metrics::Dependency::Database);
+            DbError::Unavailable(e.to_string())
+        })
+    }
+
+    /// Answers whether the database takes a query.
+    pub async fn ping(&self) -> Result<(), DbError> {
+        self.run(|conn| Ok(diesel::sql_query("SELECT 1").execute(conn).map(|_| ())?)).await
+    }
+
+    /// The embedded migrations not applied yet (their versions), without side effects: diesel's
+    /// own check would create its bookkeeping table. A database never migrated has them all pending.
+    pub async fn pending_migrations(&self) -> Result<Vec<String>, DbError> {
+        #[derive(diesel::QueryableByName)]
+        struct Applied {
+            #[diesel(sql_type = diesel::sql_types::Text)]
+            version: String,
+        }
+        self.run(|conn| {
+            let embedded: Vec<String> = match conn {
+                DbConnection::Pg(_) => versions::<diesel::pg::Pg>(&PG_MIGRATIONS)?,
+                DbConnection::Sqlite(_) => versions::<diesel::sqlite::Sqlite>(&SQLITE_MIGRATIONS)?,
+            };
+            let applied: Vec<Applied> =
+                match diesel::sql_query("SELECT version FROM __diesel_schema_migrations").load(conn) {
+                    Ok(rows) => rows,
+                    // No bookkeeping table: nothing was ever applied.
+                    Err(diesel::result::Error::DatabaseError(_, info))
+                        if info.message().contains("does not exist") || info.message().contains("no such table") =>
+                    {
+                        Vec::new()
+                    }
+                    Err(e) => return Err(e.into()),
+                };
+            let applied: std::collections::HashSet<String> = applied.into_iter().map(|a| a.version).collect();
+            Ok(embedded.into_iter().filter(|v| !applied.contains(v)).collect())
+        })
+        .await
     }
 
     /// Applies the migrations not yet applied; returns their names.

@@ -11,6 +11,7 @@ use crate::app::AppState;
 use crate::error::AppError;
 use crate::error::ErrorBody;
 use crate::events::{parse_batch, WireBatch};
+use crate::metrics;
 use crate::store::ApplyOutcome;
 
 /// What a request's events did.
@@ -58,6 +59,7 @@ pub async fn post_events(
     let body = super::read_body(body, state.limits.max_body_bytes)?;
     let webhook_id = state.auth.verify_webhook(&headers, &body)?;
     let batch = parse_batch(&body, state.limits.max_batch_events)?;
+    metrics::events_received(batch.len());
     if !batch.recounts.is_empty() && !state.reconciler.is_configured() {
         return Err(AppError::BadRequest {
             code: "recount_not_configured",
@@ -67,8 +69,10 @@ pub async fn post_events(
     }
     // Recounts first: asking twice is harmless, and a replayed request finds them queued already.
     state.reconciler.queue_recounts(&batch.recounts).await?;
+    metrics::recounts_queued(batch.recounts.len());
     let idempotency = webhook_id.map(|id| (id, state.limits.idempotency_ttl));
     let applied = state.store.apply_once(&batch.transitions, idempotency).await?;
+    metrics::events_applied(&applied);
     let outcomes = applied.outcome;
     info!(
         received = batch.len(),

@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use axum::extract::State;
 use axum::Json;
+use tracing::Instrument;
 
 use crate::app::AppState;
 use crate::error::{AppError, ErrorBody};
@@ -28,7 +29,10 @@ const WAIT_FOR_RUNNING_FLUSH: Duration = Duration::from_secs(20);
 pub async fn post_flush(State(state): State<AppState>) -> Result<Json<FlushReport>, AppError> {
     // Spawned: a client that hangs up or a request deadline must not cancel a flush half-way
     // (it would keep the flush lock until the lock expires).
-    let flush = tokio::spawn(async move { state.flusher.flush(WhenBusy::Wait(WAIT_FOR_RUNNING_FLUSH)).await });
+    // In the request's span, so its log lines carry the request id.
+    let flush = tokio::spawn(
+        async move { state.flusher.flush(WhenBusy::Wait(WAIT_FOR_RUNNING_FLUSH)).await }.in_current_span(),
+    );
     let report = flush.await.map_err(|e| AppError::Internal(e.into()))??;
     Ok(Json(report))
 }

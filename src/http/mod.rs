@@ -8,17 +8,22 @@
 //! | `POST /v1/flush`                         | `flush.rs`   |
 //! | `POST /v1/reconcile`                     | `reconcile.rs` |
 //! | `GET /v1/status`, `GET /healthz`         | `status.rs`  |
+//! | `GET /readyz`                            | `status.rs`  |
+//! | `GET /metrics` (read token, if set)      | `metrics.rs` |
 //! | `GET /openapi.json`                      | `openapi.rs` |
 //!
 //! `auth.rs` holds the signature check and the bearer-token middleware: reads take the read
-//! token (when set), flush and status the admin token.
+//! token (when set), flush and status the admin token. `request_id.rs` gives every request an
+//! id for its log lines; `metrics.rs` also times every request.
 
 pub mod auth;
 mod counts;
 mod events;
 mod flush;
+mod metrics;
 pub mod openapi;
 mod reconcile;
+pub mod request_id;
 mod status;
 
 use std::time::Duration;
@@ -43,6 +48,7 @@ pub fn router(state: AppState) -> Router {
     let reads = Router::new()
         .route("/v1/users/{user_id}/unread-count", get(counts::get_unread_count))
         .route("/v1/unread-counts", get(counts::get_unread_counts))
+        .route("/metrics", get(metrics::get_metrics))
         .route_layer(middleware::from_fn_with_state(state.clone(), auth::require_read));
     let admin = Router::new()
         .route("/v1/flush", post(flush::post_flush))
@@ -54,13 +60,16 @@ pub fn router(state: AppState) -> Router {
         .merge(reads)
         .merge(admin)
         .route("/healthz", get(status::get_healthz))
+        .route("/readyz", get(status::get_readyz))
         .route("/openapi.json", get(openapi::get_openapi))
         .fallback(|| async { AppError::NotFound })
         .method_not_allowed_fallback(|| async { AppError::MethodNotAllowed })
         .layer(DefaultBodyLimit::max(max_body_bytes))
         .layer(middleware::from_fn(move |request: Request, next: Next| deadline(request, next, request_timeout)))
         .layer(middleware::from_fn_with_state(state.clone(), shed_load))
-        .layer(TraceLayer::new_for_http())
+        .layer(middleware::from_fn(metrics::record))
+        .layer(TraceLayer::new_for_http().make_span_with(request_id::span))
+        .layer(middleware::from_fn(request_id::assign))
         .with_state(state)
 }
 

@@ -20,6 +20,8 @@ use utoipa::{Modify, OpenApi};
         super::reconcile::post_reconcile,
         super::status::get_status,
         super::status::get_healthz,
+        super::status::get_readyz,
+        super::metrics::get_metrics,
     ),
     modifiers(&SecuritySchemes)
 )]

@@ -4,6 +4,7 @@ use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::State;
 use axum::Json;
+use tracing::Instrument;
 
 use crate::app::AppState;
 use crate::error::{AppError, ErrorBody};
@@ -52,6 +53,8 @@ pub async fn post_reconcile(
         return Err(AppError::bad_parameter("user_ids", format!("user ids are integers from 0 to {MAX_ID}")));
     }
     // Spawned, like a flush: a dropped request must not cancel a reconcile holding the flush lock.
-    let reconcile = tokio::spawn(async move { state.reconciler.reconcile_users(&request.user_ids).await });
+    // In the request's span, so its log lines carry the request id.
+    let reconcile =
+        tokio::spawn(async move { state.reconciler.reconcile_users(&request.user_ids).await }.in_current_span());
     Ok(Json(reconcile.await.map_err(|e| AppError::Internal(e.into()))??))
 }

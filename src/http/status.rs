@@ -1,7 +1,13 @@
-//! `GET /healthz` (the process answers) and `GET /v1/status` (what is pending, the last flush).
+//! `GET /healthz` (the process answers), `GET /readyz` (its dependencies answer) and
+//! `GET /v1/status` (what is pending, the last flush).
+
+use std::future::Future;
+use std::time::Duration;
 
 use axum::extract::State;
+use axum::http::StatusCode;
 use axum::Json;
+use tracing::warn;
 
 use crate::app::AppState;
 use crate::db::queries::{self, BatchRecord};
@@ -53,4 +59,76 @@ pub async fn get_status(State(state): State<AppState>) -> Result<Json<Status>, A
     let (recounts_waiting, recounts_running) = state.store.recounts_queued().await?;
     let last_flush = state.db.run(queries::last_batch).await?;
     Ok(Json(Status { pending_users, open_batches, recounts_waiting, recounts_running, last_flush }))
+}
+
+/// How long each readiness check may take: a probe must answer fast, and a dependency that
+/// needs longer is not ready.
+const READY_CHECK_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The answer of `/readyz`.
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct Readiness {
+    /// `ready` when every check passed, else `not_ready`.
+    pub status: &'static str,
+    /// Each check: `redis`, `database`, `migrations`.
+    pub checks: Vec<ReadyCheck>,
+}
+
+/// One readiness check.
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct ReadyCheck {
+    /// What was checked.
+    pub name: &'static str,
+    /// Whether it passed.
+    pub ok: bool,
+    /// Why not, when it failed (the cause is in the log).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// Ready to serve: Redis and the database answer and every migration is applied. Read-only.
+#[utoipa::path(
+    get,
+    path = "/readyz",
+    tag = "health",
+    responses(
+        (status = 200, description = "Every check passed", body = Readiness),
+        (status = 503, description = "A check failed; the body says which", body = Readiness),
+    )
+)]
+pub async fn get_readyz(State(state): State<AppState>) -> (StatusCode, Json<Readiness>) {
+    let (redis, database, migrations) =
+        tokio::join!(timed(state.store.ping()), timed(state.db.ping()), timed(state.db.pending_migrations()));
+    let mut checks = vec![check("redis", redis), check("database", database.map(|_| ()))];
+    checks.push(match migrations {
+        Ok(pending) if pending.is_empty() => ReadyCheck { name: "migrations", ok: true, error: None },
+        Ok(pending) => ReadyCheck {
+            name: "migrations",
+            ok: false,
+            error: Some(format!("not applied: {} (run `countersink migrate`)", pending.join(", "))),
+        },
+        Err(e) => check("migrations", Err(e)),
+    });
+    let ready = checks.iter().all(|c| c.ok);
+    let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    (status, Json(Readiness { status: if ready { "ready" } else { "not_ready" }, checks }))
+}
+
+/// A check's result, or "timed out" after [`READY_CHECK_TIMEOUT`].
+async fn timed<T, E: std::fmt::Display>(check: impl Future<Output = Result<T, E>>) -> Result<T, String> {
+    match tokio::time::timeout(READY_CHECK_TIMEOUT, check).await {
+        Ok(result) => result.map_err(|e| e.to_string()),
+        Err(_) => Err(format!("no answer within {} s", READY_CHECK_TIMEOUT.as_secs())),
+    }
+}
+
+fn check(name: &'static str, result: Result<(), String>) -> ReadyCheck {
+    match result {
+        Ok(()) => ReadyCheck { name, ok: true, error: None },
+        Err(cause) => {
+            // The cause may name hosts: logged, not answered on an open endpoint.
+            warn!(check = name, error = %cause, "readiness check failed");
+            ReadyCheck { name, ok: false, error: Some("unavailable".to_string()) }
+        }
+    }
 }

@@ -34,13 +34,21 @@ const REDIS_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 pub enum StoreError {
     /// Redis answered with an error or could not be reached.
     #[error("redis: {0}")]
-    Redis(#[from] redis::RedisError),
+    Redis(#[source] redis::RedisError),
     /// The state is missing (Redis lost its data) and must be bootstrapped before events apply.
     #[error("the Redis state is missing; it is being rebuilt from the Notification table")]
     StateMissing,
     /// Redis answered something the scripts never return: a bug or a foreign key clash.
     #[error("unexpected reply from redis: {0}")]
     Unexpected(String),
+}
+
+impl From<redis::RedisError> for StoreError {
+    /// Every Redis failure passes here, so this is where it is counted.
+    fn from(e: redis::RedisError) -> Self {
+        crate::metrics::dependency_error(crate::metrics::Dependency::Redis);
+        StoreError::Redis(e)
+    }
 }
 
 impl StoreError {

@@ -1,0 +1,277 @@
+//! Prometheus metrics: the one registry of the process, and every metric's name.
+//!
+//! The registry is process-wide (like Prometheus's own clients): errors are counted where they
+//! happen (a Redis reply, a database call) without handing a registry through every layer.
+//! Names are prefixed `countersink_` and carry their unit (`_seconds`, `_total`); counters get
+//! their `_total` suffix from the encoder. `docs/deployment.md` lists them with what to alert on.
+//!
+//! | metric | type | labels |
+//! |---|---|---|
+//! | `countersink_events_received_total` | counter | |
+//! | `countersink_events_applied_total` | counter | `outcome`: `changed`, `recorded`, `recount_queued` |
+//! | `countersink_events_duplicate_total` | counter | `reason`: `duplicate`, `stale`, `after_delete`, `replayed` |
+//! | `countersink_event_requests_rejected_total` | counter | `reason`: the error code answered |
+//! | `countersink_http_request_duration_seconds` | histogram | `method`, `route`, `status` |
+//! | `countersink_pending_users` | gauge | |
+//! | `countersink_flush_duration_seconds` | histogram | |
+//! | `countersink_flush_rows_total`, `countersink_flush_batches_total`, `countersink_flush_failures_total` | counter | |
+//! | `countersink_last_flush_success_timestamp_seconds` | gauge | |
+//! | `countersink_reconcile_users_checked_total`, `countersink_reconcile_drift_users_total` | counter | |
+//! | `countersink_dependency_errors_total` | counter | `dependency`: `redis`, `database` |
+
+use std::sync::atomic::AtomicU64;
+use std::sync::LazyLock;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+use crate::flush::FlushReport;
+use crate::reconcile::ReconcileReport;
+use crate::store::{Applied, ApplyOutcome};
+
+/// The content type of [`encode`]'s output (OpenMetrics text, which Prometheus scrapes).
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// A dependency whose failures are counted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dependency {
+    /// Redis.
+    Redis,
+    /// The SQL database.
+    Database,
+}
+
+impl Dependency {
+    fn label(self) -> &'static str {
+        match self {
+            Dependency::Redis => "redis",
+            Dependency::Database => "database",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabel {
+    outcome: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabel {
+    reason: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DependencyLabel {
+    dependency: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    method: String,
+    route: String,
+    status: u16,
+}
+
+/// Request latencies from 1 ms to about 33 s (the request deadline is 30 s by default).
+fn request_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.001, 2.0, 16))
+}
+
+struct Metrics {
+    registry: Registry,
+    events_received: Counter,
+    events_applied: Family<OutcomeLabel, Counter>,
+    events_duplicate: Family<ReasonLabel, Counter>,
+    event_requests_rejected: Family<ReasonLabel, Counter>,
+    request_duration: Family<RequestLabels, Histogram, fn() -> Histogram>,
+    pending_users: Gauge,
+    flush_duration: Histogram,
+    flush_rows: Counter,
+    flush_batches: Counter,
+    flush_failures: Counter,
+    last_flush_success: Gauge<f64, AtomicU64>,
+    reconcile_users_checked: Counter,
+    reconcile_drift_users: Counter,
+    dependency_errors: Family<DependencyLabel, Counter>,
+}
+
+static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
+
+impl Metrics {
+    fn new() -> Self {
+        let mut registry = Registry::with_prefix("countersink");
+        let metrics = Metrics {
+            events_received: Counter::default(),
+            events_applied: Family::default(),
+            events_duplicate: Family::default(),
+            event_requests_rejected: Family::default(),
+            request_duration: Family::new_with_constructor(request_histogram as fn() -> Histogram),
+            pending_users: Gauge::default(),
+            // Flushes take milliseconds to tens of seconds (a million users: about 10 s).
+            flush_duration: Histogram::new(exponential_buckets(0.005, 2.0, 14)),
+            flush_rows: Counter::default(),
+            flush_batches: Counter::default(),
+            flush_failures: Counter::default(),
+            last_flush_success: Gauge::default(),
+            reconcile_users_checked: Counter::default(),
+            reconcile_drift_users: Counter::default(),
+            dependency_errors: Family::default(),
+            registry: Registry::default(),
+        };
+        let m = &metrics;
+        registry.register(
+            "events_received",
+            "Events in requests that passed validation (replays included)",
+            m.events_received.clone(),
+        );
+        registry.register(
+            "events_applied",
+            "Events that changed the state: changed a count, recorded a state only, or queued a recount",
+            m.events_applied.clone(),
+        );
+        registry.register(
+            "events_duplicate",
+            "Events that changed nothing because they were applied already (or superseded by a delete)",
+            m.events_duplicate.clone(),
+        );
+        registry.register(
+            "event_requests_rejected",
+            "POST /v1/events requests answered with an error, by error code; nothing of them was applied",
+            m.event_requests_rejected.clone(),
+        );
+        registry.register(
+            "http_request_duration_seconds",
+            "HTTP request latency by route, method and status",
+            m.request_duration.clone(),
+        );
+        registry.register(
+            "pending_users",
+            "Users with a delta waiting for the next flush (read from Redis at each scrape)",
+            m.pending_users.clone(),
+        );
+        registry.register("flush_duration_seconds", "Duration of successful flushes", m.flush_duration.clone());
+        registry.register("flush_rows", "Rows upserted into the count table by flushes", m.flush_rows.clone());
+        registry.register(
+            "flush_batches",
+            "Batches applied by flushes (recovered ones included)",
+            m.flush_batches.clone(),
+        );
+        registry.register(
+            "flush_failures",
+            "Flushes that failed (their deltas stay in Redis)",
+            m.flush_failures.clone(),
+        );
+        registry.register(
+            "last_flush_success_timestamp_seconds",
+            "Unix time of the last successful flush by this process (0: none yet)",
+            m.last_flush_success.clone(),
+        );
+        registry.register(
+            "reconcile_users_checked",
+            "Users recounted from the Notification table",
+            m.reconcile_users_checked.clone(),
+        );
+        registry.register(
+            "reconcile_drift_users",
+            "Users a reconcile found with a wrong count (and repaired); should stay at zero",
+            m.reconcile_drift_users.clone(),
+        );
+        registry.register("dependency_errors", "Failed Redis commands and database calls", m.dependency_errors.clone());
+        // Both series exist from the start, so an alert on their rate has something to compare.
+        for dependency in [Dependency::Redis, Dependency::Database] {
+            m.dependency_errors.get_or_create(&DependencyLabel { dependency: dependency.label() }).inc_by(0);
+        }
+        Metrics { registry, ..metrics }
+    }
+}
+
+/// Counts the events of a request that passed validation.
+pub fn events_received(events: usize) {
+    METRICS.events_received.inc_by(events as u64);
+}
+
+/// Counts `recount` events whose users were queued.
+pub fn recounts_queued(users: usize) {
+    if users > 0 {
+        METRICS.events_applied.get_or_create(&OutcomeLabel { outcome: "recount_queued" }).inc_by(users as u64);
+    }
+}
+
+/// Counts what applying a request's transitions did (a replay: all of them as `replayed`).
+pub fn events_applied(applied: &Applied) {
+    let m = &*METRICS;
+    let applied_with = |outcome: &'static str, n: u64| {
+        if n > 0 {
+            m.events_applied.get_or_create(&OutcomeLabel { outcome }).inc_by(n);
+        }
+    };
+    let duplicate_for = |reason: &'static str, n: u64| {
+        if n > 0 {
+            m.events_duplicate.get_or_create(&ReasonLabel { reason }).inc_by(n);
+        }
+    };
+    let ApplyOutcome { changed, recorded, duplicate, stale, after_delete } = applied.outcome;
+    if applied.replayed {
+        duplicate_for("replayed", changed + recorded + duplicate + stale + after_delete);
+        return;
+    }
+    applied_with("changed", changed);
+    applied_with("recorded", recorded);
+    duplicate_for("duplicate", duplicate);
+    duplicate_for("stale", stale);
+    duplicate_for("after_delete", after_delete);
+}
+
+/// Counts a rejected `POST /v1/events` request by its error code.
+pub fn event_request_rejected(reason: &'static str) {
+    METRICS.event_requests_rejected.get_or_create(&ReasonLabel { reason }).inc();
+}
+
+/// Records one HTTP request's latency.
+pub fn request_finished(method: &str, route: &str, status: u16, elapsed: Duration) {
+    let labels = RequestLabels { method: method.to_string(), route: route.to_string(), status };
+    METRICS.request_duration.get_or_create(&labels).observe(elapsed.as_secs_f64());
+}
+
+/// Sets the number of users with a pending delta.
+pub fn set_pending_users(users: u64) {
+    METRICS.pending_users.set(i64::try_from(users).unwrap_or(i64::MAX));
+}
+
+/// Records a successful flush.
+pub fn flush_succeeded(report: &FlushReport, elapsed: Duration) {
+    let m = &*METRICS;
+    m.flush_duration.observe(elapsed.as_secs_f64());
+    m.flush_rows.inc_by(report.users_written);
+    m.flush_batches.inc_by(report.batches.len() as u64);
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+    m.last_flush_success.set(now.as_secs_f64());
+}
+
+/// Records a failed flush.
+pub fn flush_failed() {
+    METRICS.flush_failures.inc();
+}
+
+/// Records what a reconcile found.
+pub fn reconcile_finished(report: &ReconcileReport) {
+    METRICS.reconcile_users_checked.inc_by(report.users_checked);
+    METRICS.reconcile_drift_users.inc_by(report.drift.len() as u64);
+}
+
+/// Counts one failed Redis command or database call.
+pub fn dependency_error(dependency: Dependency) {
+    METRICS.dependency_errors.get_or_create(&DependencyLabel { dependency: dependency.label() }).inc();
+}
+
+/// Every metric in the OpenMetrics text format.
+pub fn encode() -> Result<String, std::fmt::Error> {
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &METRICS.registry)?;
+    Ok(text)
+}
