@@ -146,10 +146,16 @@ async fn run_serve(core: &CoreConfig, serve: ServeConfig) -> anyhow::Result<()> 
         reconcile_rate: serve.reconcile_rate,
     };
     let mut scheduler = schedule::start(&schedules, state.flusher.clone(), state.reconciler.clone()).await?;
+    let live = state.live.clone();
     let router = http::router(state);
     let listener = TcpListener::bind(serve.listen).await.with_context(|| format!("binding {}", serve.listen))?;
     info!(address = %listener.local_addr()?, "listening");
-    axum::serve(listener, router).with_graceful_shutdown(shutdown_signal()).await?;
+    // Open live streams would hold graceful shutdown up for ever: end them when it starts.
+    let shutdown = async move {
+        shutdown_signal().await;
+        live.close();
+    };
+    axum::serve(listener, router).with_graceful_shutdown(shutdown).await?;
     if let Some(scheduler) = scheduler.as_mut() {
         scheduler.shutdown().await?;
     }

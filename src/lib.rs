@@ -22,6 +22,7 @@
 //! | [`schedule`]  | the only module that knows tokio-cron-scheduler                           |
 //! | [`app`]       | the shared state handed to handlers and jobs                              |
 //! | [`http`]      | the axum router, one file per endpoint group, request authentication      |
+//! | [`live`]      | live counts: the pub/sub subscriber and fan-out behind the SSE stream     |
 //! | [`webhook`]   | the Standard Webhooks signature scheme                                    |
 //!
 //! `docs/design.md` describes the Redis key layout, the state machine and the flush protocol.
@@ -36,6 +37,7 @@ pub mod error;
 pub mod events;
 pub mod flush;
 pub mod http;
+pub mod live;
 pub mod reconcile;
 pub mod schedule;
 pub mod source;
