@@ -7,6 +7,7 @@ use crate::config::{CoreConfig, ServeConfig};
 use crate::db::Db;
 use crate::flush::Flusher;
 use crate::http::auth::Auth;
+use crate::live::Live;
 use crate::reconcile::Reconciler;
 use crate::store::Store;
 
@@ -27,6 +28,10 @@ pub struct AppState {
     pub auth: Arc<Auth>,
     /// Permits for requests in flight (`--max-concurrent-requests`).
     pub in_flight: Arc<tokio::sync::Semaphore>,
+    /// Live counts: the pub/sub fan-out behind the SSE streams.
+    pub live: Live,
+    /// Permits for open live streams (`--max-live-streams`); a stream holds one until it ends.
+    pub live_streams: Arc<tokio::sync::Semaphore>,
 }
 
 /// Request limits, from [`ServeConfig`].
@@ -44,6 +49,8 @@ pub struct Limits {
     pub idempotency_ttl: Duration,
     /// Most requests in flight.
     pub max_concurrent_requests: usize,
+    /// Most live streams open at once.
+    pub max_live_streams: usize,
 }
 
 impl From<&ServeConfig> for Limits {
@@ -55,6 +62,7 @@ impl From<&ServeConfig> for Limits {
             request_timeout: Duration::from_secs(serve.request_timeout_secs),
             idempotency_ttl: Duration::from_secs(serve.idempotency_ttl_secs),
             max_concurrent_requests: serve.max_concurrent_requests,
+            max_live_streams: serve.max_live_streams,
         }
     }
 }
@@ -69,6 +77,7 @@ impl Default for Limits {
             request_timeout: Duration::from_secs(30),
             idempotency_ttl: Duration::from_secs(86_400),
             max_concurrent_requests: 256,
+            max_live_streams: 1_000,
         }
     }
 }
@@ -90,6 +99,7 @@ impl AppState {
             Duration::from_secs(core.flush_timeout_secs),
         );
         let reconciler = Reconciler::new(store.clone(), db.clone(), flusher.clone(), source);
+        let live = Live::new(&core.redis_url, store.clone(), db.clone())?;
         let limits = serve.map(Limits::from).unwrap_or_default();
         let auth = match serve {
             Some(serve) => Auth::from_config(serve)?,
@@ -101,6 +111,8 @@ impl AppState {
             flusher,
             reconciler,
             in_flight: Arc::new(tokio::sync::Semaphore::new(limits.max_concurrent_requests)),
+            live,
+            live_streams: Arc::new(tokio::sync::Semaphore::new(limits.max_live_streams)),
             limits: Arc::new(limits),
             auth: Arc::new(auth),
         })
@@ -109,6 +121,7 @@ impl AppState {
     /// The same state with other limits (tests).
     pub fn with_limits(mut self, limits: Limits) -> Self {
         self.in_flight = Arc::new(tokio::sync::Semaphore::new(limits.max_concurrent_requests));
+        self.live_streams = Arc::new(tokio::sync::Semaphore::new(limits.max_live_streams));
         self.limits = Arc::new(limits);
         self
     }

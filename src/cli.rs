@@ -149,6 +149,7 @@ async fn run_serve(core: &CoreConfig, serve: ServeConfig) -> anyhow::Result<()> 
     };
     let mut scheduler = schedule::start(&schedules, state.flusher.clone(), state.reconciler.clone()).await?;
     let flusher = state.flusher.clone();
+    let live = state.live.clone();
     let router = http::router(state);
     let listener = TcpListener::bind(serve.listen).await.with_context(|| format!("binding {}", serve.listen))?;
     info!(address = %listener.local_addr()?, "listening");
@@ -165,7 +166,10 @@ async fn run_serve(core: &CoreConfig, serve: ServeConfig) -> anyhow::Result<()> 
             result.context("the HTTP server task")?.context("serving HTTP")?;
             anyhow::bail!("the HTTP server stopped by itself");
         }
-        () = shutdown_signal() => {}
+        () = shutdown_signal() => {
+            // Open live streams would hold the server's graceful stop up for ever: end them first.
+            live.close();
+        }
     }
     shut_down(ShutDown { stop, server, scheduler: scheduler.as_mut(), flusher, workers }, serve.shutdown_timeout_secs)
         .await

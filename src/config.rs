@@ -121,6 +121,11 @@ pub struct ServeConfig {
     #[arg(long, env = "COUNTERSINK_MAX_CONCURRENT_REQUESTS", default_value_t = 256)]
     pub max_concurrent_requests: usize,
 
+    /// Most live-count streams (`GET /v1/users/{id}/unread-count/stream`) open at once; more are
+    /// answered 503. Each holds a connection and a little memory, not a request slot.
+    #[arg(long, env = "COUNTERSINK_MAX_LIVE_STREAMS", default_value_t = 1_000)]
+    pub max_live_streams: usize,
+
     /// Accepted webhook signing secrets (`whsec_…`, space-separated while rotating). Prefer the
     /// environment variable or the file: command lines are visible to other users of the machine.
     #[arg(long, env = "COUNTERSINK_WEBHOOK_SECRET", hide_env_values = true)]
@@ -261,6 +266,9 @@ impl ServeConfig {
                 "COUNTERSINK_MAX_CONCURRENT_REQUESTS",
                 "must be at least 1",
             ));
+        }
+        if self.max_live_streams == 0 {
+            return Err(ConfigError::new("--max-live-streams", "COUNTERSINK_MAX_LIVE_STREAMS", "must be at least 1"));
         }
         if self.idempotency_ttl_secs < 60 {
             return Err(ConfigError::new(

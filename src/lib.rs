@@ -22,6 +22,7 @@
 //! | [`schedule`]  | the only module that knows tokio-cron-scheduler                           |
 //! | [`app`]       | the shared state handed to handlers and jobs                              |
 //! | [`http`]      | the axum router, one file per endpoint group, request authentication      |
+//! | [`live`]      | live counts: the pub/sub subscriber and fan-out behind the SSE stream     |
 //! | [`webhook`]   | the Standard Webhooks signature scheme                                    |
 //! | [`metrics`]   | the Prometheus registry and the name of every metric                      |
 //! | [`crash_point`] | named steps where the crash tests SIGKILL the process (tests only)      |
@@ -39,6 +40,7 @@ pub mod error;
 pub mod events;
 pub mod flush;
 pub mod http;
+pub mod live;
 pub mod metrics;
 pub mod reconcile;
 pub mod schedule;

@@ -64,6 +64,15 @@ impl WebhookSecret {
         format!("v1,{}", BASE64.encode(self.mac(id, timestamp, body).finalize().into_bytes()))
     }
 
+    /// A key for another purpose, derived from this secret as HMAC-SHA256(secret, `label`), so
+    /// one shared secret serves several schemes and a signature of one is never valid in another.
+    pub fn derive_key(&self, label: &str) -> [u8; 32] {
+        // HMAC accepts keys of any length; new_from_slice cannot fail for it.
+        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&self.0).unwrap_or_else(|_| unreachable!());
+        mac.update(label.as_bytes());
+        mac.finalize().into_bytes().into()
+    }
+
     fn mac(&self, id: &str, timestamp: i64, body: &[u8]) -> Hmac<Sha256> {
         // HMAC accepts keys of any length; new_from_slice cannot fail for it.
         let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&self.0).unwrap_or_else(|_| unreachable!());

@@ -11,7 +11,14 @@ fn checked_in_openapi_document_matches_the_code() {
     );
     let document: serde_json::Value = serde_json::from_str(&generated).unwrap();
     assert_eq!(document["openapi"], "3.1.0");
-    for path in ["/v1/events", "/v1/users/{user_id}/unread-count", "/v1/unread-counts", "/v1/flush", "/v1/reconcile"] {
+    for path in [
+        "/v1/events",
+        "/v1/users/{user_id}/unread-count",
+        "/v1/unread-counts",
+        "/v1/flush",
+        "/v1/reconcile",
+        "/v1/users/{user_id}/unread-count/stream",
+    ] {
         assert!(document["paths"].get(path).is_some(), "{path} is documented");
     }
 }

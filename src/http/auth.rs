@@ -14,6 +14,7 @@ use subtle::ConstantTimeEq;
 use crate::app::AppState;
 use crate::config::{ConfigError, ServeConfig};
 use crate::error::AppError;
+use crate::live::token::{self, TokenError};
 use crate::webhook::{self, SignedHeaders, WebhookSecret};
 
 /// Tokens shorter than this are refused at start-up.
@@ -147,6 +148,36 @@ impl Auth {
         } else {
             Err(AppError::Unauthorized("the bearer token is not accepted here".into()))
         }
+    }
+}
+
+impl Auth {
+    /// Checks a live stream's credentials, at time `now` (Unix seconds): the read (or admin) token
+    /// in `Authorization` when one is configured and sent (a server-side proxy), else a stream
+    /// token for `user_id` (a browser; see [`crate::live::token`]). Open only when the sidecar has
+    /// neither a webhook secret nor a read token, like reads.
+    pub fn check_stream(
+        &self,
+        headers: &HeaderMap,
+        token: Option<&str>,
+        user_id: u64,
+        now: i64,
+    ) -> Result<(), AppError> {
+        let bearer_configured = self.read_token.is_some() || self.admin_token.is_some();
+        if bearer_configured && headers.contains_key(header::AUTHORIZATION) {
+            return self.check_bearer(headers, &[&self.read_token, &self.admin_token]);
+        }
+        if self.webhook_secrets.is_empty() && self.read_token.is_none() {
+            return Ok(());
+        }
+        let unauthorized = |e: TokenError| AppError::Unauthorized(e.to_string());
+        let token = token.ok_or(TokenError::Missing).map_err(unauthorized)?;
+        if self.webhook_secrets.is_empty() {
+            return Err(AppError::Unauthorized(
+                "stream tokens need a webhook secret on the sidecar; send Authorization: Bearer <read token>".into(),
+            ));
+        }
+        token::verify(&self.webhook_secrets, user_id, token, now).map_err(unauthorized)
     }
 }
 

@@ -76,7 +76,7 @@ pub async fn get_unread_counts(
     Ok(Json(UnreadCounts { counts }))
 }
 
-fn parse_user_id(raw: &str, field: &str) -> Result<u64, AppError> {
+pub(crate) fn parse_user_id(raw: &str, field: &str) -> Result<u64, AppError> {
     raw.parse::<u64>().ok().filter(|id| *id <= MAX_ID).ok_or_else(|| {
         AppError::bad_parameter(field, format!("{raw:?} is not a user id (an integer from 0 to {MAX_ID})"))
     })

@@ -5,6 +5,7 @@
 //! | `POST /v1/events` (signed)               | `events.rs`  |
 //! | `GET /v1/users/{user_id}/unread-count`   | `counts.rs`  |
 //! | `GET /v1/unread-counts?user_ids=1,2`     | `counts.rs`  |
+//! | `GET /v1/users/{user_id}/unread-count/stream` (SSE) | `live.rs` |
 //! | `POST /v1/flush`                         | `flush.rs`   |
 //! | `POST /v1/reconcile`                     | `reconcile.rs` |
 //! | `GET /v1/status`, `GET /healthz`         | `status.rs`  |
@@ -20,6 +21,7 @@ pub mod auth;
 mod counts;
 mod events;
 mod flush;
+mod live;
 mod metrics;
 pub mod openapi;
 mod reconcile;
@@ -50,6 +52,9 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/unread-counts", get(counts::get_unread_counts))
         .route("/metrics", get(metrics::get_metrics))
         .route_layer(middleware::from_fn_with_state(state.clone(), auth::require_read));
+    // Live streams check their own credentials (a stream token in the query, or the read token).
+    // The deadline below only bounds the time to the response head, never the streamed body.
+    let live = Router::new().route("/v1/users/{user_id}/unread-count/stream", get(live::get_stream));
     let admin = Router::new()
         .route("/v1/flush", post(flush::post_flush))
         .route("/v1/reconcile", post(reconcile::post_reconcile))
@@ -58,6 +63,7 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .merge(events)
         .merge(reads)
+        .merge(live)
         .merge(admin)
         .route("/healthz", get(status::get_healthz))
         .route("/readyz", get(status::get_readyz))

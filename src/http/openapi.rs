@@ -16,6 +16,7 @@ use utoipa::{Modify, OpenApi};
         super::events::post_events,
         super::counts::get_unread_count,
         super::counts::get_unread_counts,
+        super::live::get_stream,
         super::flush::post_flush,
         super::reconcile::post_reconcile,
         super::status::get_status,
@@ -39,6 +40,11 @@ impl Modify for SecuritySchemes {
         components.add_security_scheme("webhook_signature", SecurityScheme::ApiKey(ApiKey::Header(signature)));
         components.add_security_scheme("admin_token", SecurityScheme::Http(Http::new(HttpAuthScheme::Bearer)));
         components.add_security_scheme("read_token", SecurityScheme::Http(Http::new(HttpAuthScheme::Bearer)));
+        let stream = ApiKeyValue::with_description(
+            "token",
+            "A per-user stream token minted by the Django side with the webhook secret; see the README",
+        );
+        components.add_security_scheme("stream_token", SecurityScheme::ApiKey(ApiKey::Query(stream)));
     }
 }
 

@@ -13,7 +13,8 @@
 -- ARGV[2]   the prefix of journal keys (journal key = prefix .. user id)
 -- ARGV[3]   the prefix of reconciled-set keys (set key = prefix .. user id)
 -- ARGV[4]   1 if the state must be bootstrapped (the marker must exist), else 0
--- ARGV[5..] 5 values per event: op, key index (into KEYS), index in shard, user id, and when
+-- ARGV[5]   the pub/sub channel told which users' counts changed (comma-separated ids)
+-- ARGV[6..] 5 values per event: op, key index (into KEYS), index in shard, user id, and when
 --           it occurred (unix ms, 0 if the sender did not say)
 --
 -- Returns {changed, recorded, duplicate, stale, after_delete, replayed}: events that changed a
@@ -96,7 +97,7 @@ local outcomes = {duplicate = 0, stale = 0, after_delete = 0}
 local changed, recorded = 0, 0
 local deltas, users = {}, {}
 
-for i = 5, #ARGV, 5 do
+for i = 6, #ARGV, 5 do
   local op, key, pos, user = ARGV[i], KEYS[tonumber(ARGV[i + 1])], '#' .. ARGV[i + 2], ARGV[i + 3]
   journal(user, op .. ' ' .. key .. ' ' .. pos)
   local old = redis.call('BITFIELD', key, 'GET', 'u2', pos)[1]
@@ -129,14 +130,20 @@ for i = 5, #ARGV, 5 do
   end
 end
 
+local moved = {}
 for _, user in ipairs(users) do
   local delta = deltas[user]
   if delta ~= 0 then
+    moved[#moved + 1] = user
     -- A user whose pending delta returns to zero leaves the set: nothing to flush.
     if tonumber(redis.call('ZINCRBY', KEYS[1], delta, user)) == 0 then
       redis.call('ZREM', KEYS[1], user)
     end
   end
+end
+-- Live streams: one message per request naming the users whose count moved (not per user).
+if #moved > 0 then
+  redis.call('PUBLISH', ARGV[5], table.concat(moved, ','))
 end
 
 local result = {changed, recorded, outcomes.duplicate, outcomes.stale, outcomes.after_delete}

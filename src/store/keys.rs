@@ -103,6 +103,12 @@ impl Keys {
         format!("{}:flush_lock", self.tag)
     }
 
+    /// The pub/sub channel on which the scripts name users whose visible count changed
+    /// (payload: comma-separated user ids, or `*` for every user); see [`crate::live`].
+    pub fn live_channel(&self) -> String {
+        format!("{}:live", self.tag)
+    }
+
     /// A `SCAN` pattern under this deployment's tag, e.g. `state:*`.
     pub fn pattern(&self, glob: &str) -> String {
         format!("{}:{glob}", self.tag)

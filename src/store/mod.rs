@@ -24,6 +24,9 @@ pub mod state {
     pub const DELETED: u8 = 3;
 }
 
+/// The payload on [`Keys::live_channel`] that means "every user's count may have changed".
+pub const ALL_USERS: &str = "*";
+
 /// How long one Redis command may take before the request fails over to 503.
 const REDIS_RESPONSE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long connecting may take; short, so an outage is answered quickly.
@@ -213,7 +216,8 @@ impl Store {
             .arg(ttl.as_secs())
             .arg(self.keys.journal(""))
             .arg(self.keys.reconciled(""))
-            .arg(u8::from(self.requires_bootstrap));
+            .arg(u8::from(self.requires_bootstrap))
+            .arg(self.keys.live_channel());
         // KEYS[1..6] are taken; each distinct shard gets the next key index.
         let mut shard_index: HashMap<u64, usize> = HashMap::new();
         for event in events {
@@ -327,7 +331,8 @@ impl Store {
         let mut transaction = redis::pipe();
         transaction.atomic().set(self.keys.handoff_seq(), seq).ignore();
         if discard_pending {
-            transaction.del(self.keys.pending()).ignore();
+            // Every count may have moved: live streams re-read all their users.
+            transaction.del(self.keys.pending()).ignore().publish(self.keys.live_channel(), ALL_USERS).ignore();
         }
         transaction.set(self.keys.ready(), chrono::Utc::now().to_rfc3339()).ignore();
         let _: () = transaction.query_async(&mut conn).await?;
@@ -465,7 +470,8 @@ impl Store {
             .key(self.keys.reconciling())
             .arg(self.keys.journal(""))
             .arg(self.keys.reconciled(""))
-            .arg(grace.as_millis() as u64);
+            .arg(grace.as_millis() as u64)
+            .arg(self.keys.live_channel());
         for truth in truths {
             invocation.arg(truth.user_id).arg(truth.stored).arg(truth.notifications.len());
             for (id, state) in &truth.notifications {
@@ -638,6 +644,9 @@ impl Store {
             .del(self.keys.bootstrap_counts())
             .ignore()
             .set(self.keys.ready(), chrono::Utc::now().to_rfc3339())
+            .ignore()
+            // Every stored count was rewritten: live streams re-read all their users.
+            .publish(self.keys.live_channel(), ALL_USERS)
             .ignore();
         let mut conn = self.conn.clone();
         let _: () = transaction.query_async(&mut conn).await?;

@@ -5,12 +5,14 @@
 -- KEYS[1] pending, KEYS[2] the users being reconciled
 -- ARGV[1] the prefix of journal keys, ARGV[2] the prefix of reconciled-set keys,
 -- ARGV[3] how long the reconciled set is kept (ms)
--- ARGV[4..] per user: user id, stored count, n, then n triples (state key, index in shard, state)
+-- ARGV[4] the pub/sub channel told which users' counts changed (comma-separated ids)
+-- ARGV[5..] per user: user id, stored count, n, then n triples (state key, index in shard, state)
 -- Returns per user {user id, stored + pending before, true count}, or {user id, -1, -1} when the
 -- fence expired (the reconcile took too long; try that user again).
 local now = now_ms()
 local results = {}
-local i = 4
+local i = 5
+local moved = {}
 while i <= #ARGV do
   local user, stored, n = ARGV[i], tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])
   local rows_at = i + 3
@@ -58,9 +60,13 @@ while i <= #ARGV do
     else
       redis.call('ZADD', KEYS[1], actual - stored, user)
     end
+    if actual ~= before then moved[#moved + 1] = user end
     redis.call('DEL', journal_key)
     redis.call('ZREM', KEYS[2], user)
     results[#results + 1] = {user, before, actual}
   end
+end
+if #moved > 0 then
+  redis.call('PUBLISH', ARGV[4], table.concat(moved, ','))
 end
 return results

@@ -78,8 +78,7 @@ impl World {
             self.next_id += 1;
             self.live.push(id);
             self.notifications.insert(id, (user, if unread { State::Unread } else { State::Read }));
-            let event =
-                json!({"kind": "post_save", "notification_id": id, "user_id": user, "unread": unread, "created": true, "occurred_at": now()});
+            let event = json!({"kind": "post_save", "notification_id": id, "user_id": user, "unread": unread, "created": true, "occurred_at": now()});
             if self.rng.random_bool(0.05) {
                 self.late.push(event.clone());
             }
@@ -89,14 +88,22 @@ impl World {
         let id = self.live[slot];
         let user = self.notifications[&id].0;
         let (state, event) = match self.rng.random_range(0..20) {
-            0..=9 => {
-                (State::Read, json!({"kind": "post_save", "notification_id": id, "user_id": user, "unread": false, "occurred_at": now()}))
-            }
-            10..=16 => {
-                (State::Unread, json!({"kind": "post_save", "notification_id": id, "user_id": user, "unread": true, "occurred_at": now()}))
-            }
-            17..=18 => (State::SoftDeleted, json!({"kind": "post_delete", "notification_id": id, "user_id": user, "occurred_at": now()})),
-            _ => (State::HardDeleted, json!({"kind": "post_delete", "notification_id": id, "user_id": user, "occurred_at": now()})),
+            0..=9 => (
+                State::Read,
+                json!({"kind": "post_save", "notification_id": id, "user_id": user, "unread": false, "occurred_at": now()}),
+            ),
+            10..=16 => (
+                State::Unread,
+                json!({"kind": "post_save", "notification_id": id, "user_id": user, "unread": true, "occurred_at": now()}),
+            ),
+            17..=18 => (
+                State::SoftDeleted,
+                json!({"kind": "post_delete", "notification_id": id, "user_id": user, "occurred_at": now()}),
+            ),
+            _ => (
+                State::HardDeleted,
+                json!({"kind": "post_delete", "notification_id": id, "user_id": user, "occurred_at": now()}),
+            ),
         };
         if matches!(state, State::SoftDeleted | State::HardDeleted) {
             self.live.swap_remove(slot);

@@ -18,7 +18,9 @@ A map of the package, one owner per concept:
 | ``api``               | the sidecar's read and admin endpoints                                |
 | ``reconcile``         | reconcile in chunks; which users "all" means                          |
 | ``models``            | ``UserNotificationsCount``, the unmanaged count table                 |
-| ``templatetags``      | ``{% unread_count %}`` and ``{% unread_badge %}``                     |
+| ``templatetags``      | ``{% unread_count %}``, ``{% unread_badge %}``, ``{% live_unread_badge %}`` |
+| ``live``              | stream tokens and URLs for the live badge (``static/countersink/live.js``) |
+| ``views``, ``urls``   | ``countersink-stream-url``: a fresh stream URL for the logged-in user  |
 | ``management``        | ``countersink_flush``, ``countersink_reconcile``, ``countersink_status`` |
 """
 

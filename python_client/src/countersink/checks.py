@@ -14,6 +14,7 @@
 | countersink.E010 | ``SOFT_DELETE_FIELD`` is not a boolean or date/time field          |
 | countersink.E011 | a timeout, size or retry setting is out of range                  |
 | countersink.E012 | a token is not a string                                            |
+| countersink.E013 | ``STREAM_URL`` is not an http(s) URL                               |
 | countersink.W001 | ``ADMIN_TOKEN`` is not set                                         |
 | countersink.W002 | ``RECIPIENT_FIELD`` does not point at ``AUTH_USER_MODEL``          |
 """
@@ -47,7 +48,11 @@ _NUMBERS: dict[str, tuple[float, bool]] = {
     "RETRY_BACKOFF_MAX": (0, False),
     "SHUTDOWN_TIMEOUT": (0, False),
     "READ_FAILURE_COOLDOWN": (0, False),
+    "STREAM_TOKEN_TTL": (60, True),
 }
+
+#: The longest-lived stream token the sidecar accepts, in seconds.
+MAX_STREAM_TOKEN_TTL = 86_400
 
 
 def _error(id_: int, msg: str, hint: str) -> checks.Error:
@@ -126,6 +131,19 @@ def _check_connection(values: dict[str, Any]) -> list[checks.CheckMessage]:
                     "Use the same 'whsec_...' value the sidecar was started with (24 to 64 random bytes).",
                 )
             )
+    stream_url = values.get("STREAM_URL")
+    stream_parts = urlsplit(stream_url) if isinstance(stream_url, str) else None
+    if stream_url is not None and (
+        stream_parts is None or stream_parts.scheme not in ("http", "https") or not stream_parts.hostname
+    ):
+        errors.append(
+            _error(
+                13,
+                f"{SETTING}['STREAM_URL'] must be an http:// or https:// URL, got {stream_url!r}.",
+                "Use the address browsers reach the sidecar at (or a path of your site proxied to it), "
+                "or remove it to use SIDECAR_URL.",
+            )
+        )
     for key in ("ADMIN_TOKEN", "READ_TOKEN"):
         token = values.get(key)
         if token is not None and not isinstance(token, str):
@@ -156,6 +174,15 @@ def _check_numbers(values: dict[str, Any]) -> list[checks.CheckMessage]:
                     f"Remove it to use the default ({DEFAULTS[key]!r}).",
                 )
             )
+    ttl = values.get("STREAM_TOKEN_TTL", DEFAULTS["STREAM_TOKEN_TTL"])
+    if isinstance(ttl, int) and ttl > MAX_STREAM_TOKEN_TTL:
+        errors.append(
+            _error(
+                11,
+                f"{SETTING}['STREAM_TOKEN_TTL'] must be at most {MAX_STREAM_TOKEN_TTL}, got {ttl!r}.",
+                "The sidecar refuses stream tokens that claim to live longer than a day.",
+            )
+        )
     return errors
 
 

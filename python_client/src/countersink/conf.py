@@ -64,6 +64,12 @@ DEFAULTS: dict[str, Any] = {
     "SHUTDOWN_TIMEOUT": 2.0,
     # Seconds reads skip the sidecar (and use the stored table) after it failed; 0 disables.
     "READ_FAILURE_COOLDOWN": 2.0,
+    # Where browsers reach the live-count stream: the sidecar, or a path of your site proxied to
+    # it. None: SIDECAR_URL.
+    "STREAM_URL": None,
+    # Seconds a stream token minted for a page stays valid (60 to 86400). An open stream outlives
+    # it; a reconnect after it needs a fresh token (live.js asks the stream-url view for one).
+    "STREAM_TOKEN_TTL": 3600,
 }
 
 
@@ -155,6 +161,15 @@ class _Settings:
     @property
     def READ_FAILURE_COOLDOWN(self) -> float:
         return float(get("READ_FAILURE_COOLDOWN"))
+
+    @property
+    def STREAM_URL(self) -> str:
+        value = get("STREAM_URL")
+        return str(value).rstrip("/") if value else self.SIDECAR_URL
+
+    @property
+    def STREAM_TOKEN_TTL(self) -> int:
+        return int(get("STREAM_TOKEN_TTL"))
 
 
 #: Lazy, typed access to the settings.
