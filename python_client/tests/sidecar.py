@@ -143,11 +143,15 @@ class Sidecar:
         except (OSError, urllib.error.URLError, ValueError):
             return False
 
-    def stop(self) -> None:
-        """Stops the process (SIGTERM, then SIGKILL after 10 s)."""
+    def stop(self, crash: bool = False) -> None:
+        """Stops the process: SIGTERM (its graceful shutdown flushes what is pending), then
+        SIGKILL after 10 s; or SIGKILL at once with ``crash``, leaving pending deltas in Redis."""
         if self.process is not None:
             if self.process.poll() is None:
-                self.process.terminate()
+                if crash:
+                    self.process.kill()
+                else:
+                    self.process.terminate()
                 try:
                     self.process.wait(timeout=10)
                 except subprocess.TimeoutExpired:

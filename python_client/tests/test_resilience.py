@@ -187,7 +187,7 @@ def test_reads_fall_back_to_the_stored_table_when_the_sidecar_is_down(
     notify(user, 1)  # pending, not flushed
     settle()
     assert countersink.unread_count(user) == 3
-    live_sidecar.stop()
+    live_sidecar.stop(crash=True)  # a crash: the pending +1 is not flushed
     with caplog.at_level(logging.WARNING, logger="countersink"):
         assert countersink.unread_count(user) == stored(user.pk) == 2
         assert countersink.unread_counts([user]) == {user.pk: 2}
