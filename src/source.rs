@@ -1,8 +1,7 @@
 //! The Notification table: the truth that reconcile reads. Configuration names the table and
 //! its columns; identifiers are validated (letters, digits, `_`, an optional `schema.` prefix)
 //! and quoted, so configuration cannot inject SQL. The SQL is written when a query runs, for the
-//! connection's backend: MySQL quotes identifiers with backticks (double quotes are strings
-//! there) and casts to `SIGNED` (it has no `CAST(... AS BIGINT)`).
+//! connection's backend ([`Dialect`]): how identifiers are quoted, how integers are cast.
 
 use clap::Args;
 use diesel::sql_types::{BigInt, Integer};
@@ -77,31 +76,37 @@ impl std::fmt::Display for Identifier {
 /// The SQL that differs between backends in the queries built here.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Dialect {
-    /// PostgreSQL and SQLite: `"quoted"` identifiers, `CAST(x AS BIGINT)`.
-    Standard,
-    /// MySQL and MariaDB: `` `quoted` `` identifiers, `CAST(x AS SIGNED)` (a 64-bit integer).
+    /// PostgreSQL: `"quoted"` identifiers, `CAST(x AS BIGINT)`.
+    Postgres,
+    /// SQLite: `` `quoted` `` identifiers, because a double-quoted name that matches no column is
+    /// read as a string there (a misspelt column would pass the check and count nothing as
+    /// unread); `CAST(x AS BIGINT)`.
+    Sqlite,
+    /// MySQL and MariaDB: `` `quoted` `` identifiers (double quotes are strings), and
+    /// `CAST(x AS SIGNED)`, its 64-bit integer (it has no `CAST(x AS BIGINT)`).
     Mysql,
 }
 
 impl Dialect {
     fn of(conn: &DbConnection) -> Dialect {
         match conn {
+            DbConnection::Pg(_) => Dialect::Postgres,
+            DbConnection::Sqlite(_) => Dialect::Sqlite,
             DbConnection::Mysql(_) => Dialect::Mysql,
-            DbConnection::Pg(_) | DbConnection::Sqlite(_) => Dialect::Standard,
         }
     }
 
     fn quote(self, name: &Identifier) -> String {
         let mark = match self {
-            Dialect::Standard => '"',
-            Dialect::Mysql => '`',
+            Dialect::Postgres => '"',
+            Dialect::Sqlite | Dialect::Mysql => '`',
         };
         name.0.iter().map(|part| format!("{mark}{part}{mark}")).collect::<Vec<_>>().join(".")
     }
 
     fn bigint(self, expression: &str) -> String {
         match self {
-            Dialect::Standard => format!("CAST({expression} AS BIGINT)"),
+            Dialect::Postgres | Dialect::Sqlite => format!("CAST({expression} AS BIGINT)"),
             Dialect::Mysql => format!("CAST({expression} AS SIGNED)"),
         }
     }
@@ -283,11 +288,12 @@ mod tests {
     #[test]
     fn identifiers_are_quoted_per_backend_and_injection_is_refused() {
         let table = identifier("notifications_notification", true);
-        assert_eq!(table.as_ref().map(|t| Dialect::Standard.quote(t)), Ok("\"notifications_notification\"".into()));
+        assert_eq!(table.as_ref().map(|t| Dialect::Postgres.quote(t)), Ok("\"notifications_notification\"".into()));
         assert_eq!(table.as_ref().map(|t| Dialect::Mysql.quote(t)), Ok("`notifications_notification`".into()));
         let qualified = identifier("app.notification", true);
-        assert_eq!(qualified.as_ref().map(|t| Dialect::Standard.quote(t)), Ok("\"app\".\"notification\"".into()));
+        assert_eq!(qualified.as_ref().map(|t| Dialect::Postgres.quote(t)), Ok("\"app\".\"notification\"".into()));
         assert_eq!(qualified.as_ref().map(|t| Dialect::Mysql.quote(t)), Ok("`app`.`notification`".into()));
+        assert_eq!(qualified.as_ref().map(|t| Dialect::Sqlite.quote(t)), Ok("`app`.`notification`".into()));
         for bad in ["", "a.b.c", "1abc", "n; DROP TABLE x", "n\"x", "n`x", "a b", "unread--"] {
             assert!(identifier(bad, true).is_err(), "{bad}");
         }
@@ -297,7 +303,7 @@ mod tests {
     #[test]
     fn state_follows_polarity_and_soft_delete() {
         let mut config = SourceConfig { source_table: Some("n".into()), ..SourceConfig::default() };
-        let source = config.resolve().ok().flatten().map(|s| s.state_expression(Dialect::Standard));
+        let source = config.resolve().ok().flatten().map(|s| s.state_expression(Dialect::Postgres));
         assert_eq!(source.as_deref(), Some("CASE WHEN \"unread\" THEN 2 ELSE 1 END"));
         config.source_unread_column = "is_read".into();
         config.source_unread_when = false;

@@ -48,7 +48,7 @@ pub struct TestEnv {
     pub core: CoreConfig,
     name: String,
     schema: Option<String>,
-    mysql_database: Option<String>,
+    _mysql_database: Option<MysqlDatabase>,
     _sqlite_dir: Option<tempfile::TempDir>,
 }
 
@@ -67,11 +67,9 @@ impl TestEnv {
 
     /// A fresh MySQL database and Redis prefix, migrated.
     pub async fn mysql() -> TestEnv {
-        let name = unique_name();
-        let mut admin = MysqlConnection::establish(&mysql_url()).unwrap();
-        diesel::sql_query(format!("CREATE DATABASE {name} CHARACTER SET utf8mb4")).execute(&mut admin).unwrap();
-        let mut env = Self::unmigrated(name.clone(), mysql_url_for(&name), None);
-        env.mysql_database = Some(name);
+        let database = MysqlDatabase::create();
+        let mut env = Self::unmigrated(database.name.clone(), database.url.clone(), None);
+        env._mysql_database = Some(database);
         env.migrate().await
     }
 
@@ -91,7 +89,7 @@ impl TestEnv {
     /// An environment on `url`; created before the migrations run, so Drop cleans up after a
     /// failed migration too.
     fn unmigrated(name: String, url: String, dir: Option<tempfile::TempDir>) -> TestEnv {
-        TestEnv { core: core_config(&name, &url), name, schema: None, mysql_database: None, _sqlite_dir: dir }
+        TestEnv { core: core_config(&name, &url), name, schema: None, _mysql_database: None, _sqlite_dir: dir }
     }
 
     async fn migrate(self) -> TestEnv {
@@ -267,10 +265,30 @@ impl Drop for TestEnv {
                 let _ = diesel::sql_query(format!("DROP SCHEMA {schema} CASCADE")).execute(&mut admin);
             }
         }
-        if let Some(database) = &self.mysql_database {
-            if let Ok(mut admin) = MysqlConnection::establish(&mysql_url()) {
-                let _ = diesel::sql_query(format!("DROP DATABASE IF EXISTS {database}")).execute(&mut admin);
-            }
+    }
+}
+
+/// An empty MySQL database of a test's own, dropped when the test ends.
+pub struct MysqlDatabase {
+    /// Its URL.
+    pub url: String,
+    name: String,
+}
+
+impl MysqlDatabase {
+    /// Creates one on the server of [`mysql_url`].
+    pub fn create() -> MysqlDatabase {
+        let name = unique_name();
+        let mut admin = MysqlConnection::establish(&mysql_url()).unwrap();
+        diesel::sql_query(format!("CREATE DATABASE {name} CHARACTER SET utf8mb4")).execute(&mut admin).unwrap();
+        MysqlDatabase { url: mysql_url_for(&name), name }
+    }
+}
+
+impl Drop for MysqlDatabase {
+    fn drop(&mut self) {
+        if let Ok(mut admin) = MysqlConnection::establish(&mysql_url()) {
+            let _ = diesel::sql_query(format!("DROP DATABASE IF EXISTS {}", self.name)).execute(&mut admin);
         }
     }
 }
