@@ -1,7 +1,7 @@
 //! The Notification table: the truth that reconcile reads. Configuration names the table and
 //! its columns; identifiers are validated (letters, digits, `_`, an optional `schema.` prefix)
 //! and quoted, so configuration cannot inject SQL. The SQL is written when a query runs, for the
-//! connection's backend ([`Dialect`]): how identifiers are quoted, how integers are cast.
+//! connection's backend (`Dialect`): how identifiers are quoted, how integers are cast.
 
 use clap::Args;
 use diesel::sql_types::{BigInt, Integer};
