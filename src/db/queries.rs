@@ -152,8 +152,11 @@ pub fn stored_counts(
     if let DbConnection::Mysql(_) = conn {
         // MySQL: REPEATABLE READ (InnoDB's default, but a server may be set to READ COMMITTED)
         // reads one snapshot from the first read on. Set before BEGIN: it applies to the next
-        // transaction, and may not be changed inside one.
-        diesel::sql_query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY").execute(conn)?;
+        // transaction, and may not be changed inside one. Sent as plain text, not prepared.
+        diesel::connection::SimpleConnection::batch_execute(
+            conn,
+            "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY",
+        )?;
     }
     let (stored, committed) = conn.transaction(|c| {
         if let DbConnection::Pg(_) = c {
