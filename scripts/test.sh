@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Runs every test: formatting and lints, the Rust tests against the real Redis and PostgreSQL,
+# Runs every test: formatting and lints, the Rust tests against the real Redis, PostgreSQL and MariaDB,
 # and the Django package's tests against the real sidecar binary.
 # Installs what a fresh machine lacks and starts a local service that is down.
 set -euo pipefail
@@ -8,9 +8,13 @@ cd "$(dirname "$0")/.."
 say() { printf '\n== %s\n' "$*"; }
 
 say "system packages"
-# pq-sys links libpq; the outage tests run a redis-server of their own.
+# pq-sys links libpq; mysqlclient-sys links MariaDB's client library, found with pkg-config;
+# the outage tests run a redis-server of their own.
 missing=()
 dpkg -s libpq-dev >/dev/null 2>&1 || missing+=(libpq-dev)
+dpkg -s libmariadb-dev >/dev/null 2>&1 || missing+=(libmariadb-dev)
+command -v pkg-config >/dev/null 2>&1 || missing+=(pkg-config)
+[ -x /usr/sbin/mariadbd ] || missing+=(mariadb-server)
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "installing: ${missing[*]}"
@@ -27,12 +31,19 @@ if ! pg_isready -q -h 127.0.0.1 -p 5432; then
   echo "starting postgresql"
   pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql)" main start
 fi
-for _ in $(seq 1 50); do
-  redis-cli -h 127.0.0.1 ping >/dev/null 2>&1 && pg_isready -q -h 127.0.0.1 -p 5432 && break
+mariadb_up() { mariadb-admin --protocol=tcp -h 127.0.0.1 -P 3306 -u root ping >/dev/null 2>&1; }
+if ! mariadb_up; then
+  echo "starting mariadb"
+  start-stop-daemon --start --oknodo --background --exec /usr/sbin/mariadbd
+fi
+for _ in $(seq 1 100); do
+  redis-cli -h 127.0.0.1 ping >/dev/null 2>&1 && pg_isready -q -h 127.0.0.1 -p 5432 && mariadb_up && break
   sleep 0.2
 done
 redis-cli -h 127.0.0.1 ping >/dev/null || { echo "redis is not answering on 127.0.0.1:6379"; exit 1; }
 pg_isready -h 127.0.0.1 -p 5432 || { echo "postgresql is not answering on 127.0.0.1:5432"; exit 1; }
+mariadb_up || { echo "mariadb is not answering on 127.0.0.1:3306 (root, no password)"; exit 1; }
+mariadb --protocol=tcp -h 127.0.0.1 -P 3306 -u root -e "CREATE DATABASE IF NOT EXISTS test"
 
 say "format and lints"
 cargo fmt --check

@@ -9,14 +9,18 @@ use std::time::Duration;
 
 use clap::{Args, ValueEnum};
 
-use crate::db::Backend;
+use crate::db::{Backend, MAX_BINDS};
 use crate::source::SourceConfig;
 
-/// The most users a flush writes in one `INSERT ... ON CONFLICT` statement.
+/// The most users a flush writes in one upsert statement.
 ///
-/// Each row binds two parameters; SQLite allows 32,766 binds per statement and PostgreSQL
-/// 65,535, so 16,383 rows is the largest chunk both backends accept.
-pub const MAX_FLUSH_CHUNK_USERS: usize = 16_383;
+/// Each row binds two parameters; SQLite allows 32,766 binds per statement, PostgreSQL and
+/// MySQL 65,535, so 16,383 rows is the largest chunk every backend accepts.
+pub const MAX_FLUSH_CHUNK_USERS: usize = MAX_BINDS / 2;
+
+/// The most users one read (`--max-read-users`) may ask for: the stored counts are read with
+/// one bind per user (and one per open batch), well under every backend's bind limit.
+pub const MAX_READ_USERS: usize = 10_000;
 
 /// Settings every subcommand needs: where Redis and the database are.
 #[derive(Debug, Clone, Args)]
@@ -31,7 +35,8 @@ pub struct CoreConfig {
     pub redis_prefix: String,
 
     /// Database URL. The scheme picks the backend: `postgres://` / `postgresql://` for PostgreSQL,
-    /// `sqlite://PATH` (or a bare file path) for SQLite, the embedded default.
+    /// `mysql://` / `mariadb://` for MySQL or MariaDB, `sqlite://PATH` (or a bare file path) for
+    /// SQLite, the embedded default.
     #[arg(long, global = true, env = "COUNTERSINK_DATABASE_URL", default_value = "sqlite://countersink.sqlite3")]
     pub database_url: String,
 
@@ -43,7 +48,8 @@ pub struct CoreConfig {
     #[arg(long, global = true, env = "COUNTERSINK_DB_TIMEOUT_SECS", default_value_t = 5)]
     pub db_timeout_secs: u64,
 
-    /// Users written per upsert statement during a flush (at most 16383, the bind limit of SQLite).
+    /// Users written per upsert statement during a flush (at most 16383: two binds each, within
+    /// SQLite's limit of 32766 per statement).
     #[arg(long, global = true, env = "COUNTERSINK_FLUSH_CHUNK_USERS", default_value_t = 5_000)]
     pub flush_chunk_users: usize,
 
@@ -113,7 +119,7 @@ pub struct ServeConfig {
     #[arg(long, env = "COUNTERSINK_MAX_BATCH_EVENTS", default_value_t = 1_000)]
     pub max_batch_events: usize,
 
-    /// Most users in one bulk read.
+    /// Most users in one bulk read (at most 10000: the stored counts are read with one bind each).
     #[arg(long, env = "COUNTERSINK_MAX_READ_USERS", default_value_t = 1_000)]
     pub max_read_users: usize,
 
@@ -257,8 +263,12 @@ impl ServeConfig {
         if self.max_batch_events == 0 {
             return Err(ConfigError::new("--max-batch-events", "COUNTERSINK_MAX_BATCH_EVENTS", "must be at least 1"));
         }
-        if self.max_read_users == 0 {
-            return Err(ConfigError::new("--max-read-users", "COUNTERSINK_MAX_READ_USERS", "must be at least 1"));
+        if self.max_read_users == 0 || self.max_read_users > MAX_READ_USERS {
+            return Err(ConfigError::new(
+                "--max-read-users",
+                "COUNTERSINK_MAX_READ_USERS",
+                format!("must be from 1 to {MAX_READ_USERS}"),
+            ));
         }
         if self.max_concurrent_requests == 0 {
             return Err(ConfigError::new(

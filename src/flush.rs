@@ -354,6 +354,9 @@ impl Flusher {
                 queries::complete_batch(conn, &batch_id, report.users as i64, report.delta_sum)?;
                 Ok(report)
             });
+            if let Err(e) = queries::end_statement_time_limit(&mut conn) {
+                warn!(error = %e, "could not lift the flush's lock-wait limit on its connection");
+            }
             match applied {
                 // The database cancelled a statement at the deadline (PostgreSQL's statement_timeout).
                 Err(FlushError::Db(_)) if Instant::now() >= deadline => Err(FlushError::TimedOut(timeout)),

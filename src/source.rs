@@ -1,6 +1,7 @@
 //! The Notification table: the truth that reconcile reads. Configuration names the table and
 //! its columns; identifiers are validated (letters, digits, `_`, an optional `schema.` prefix)
-//! and quoted, so configuration cannot inject SQL.
+//! and quoted, so configuration cannot inject SQL. The SQL is written when a query runs, for the
+//! connection's backend (`Dialect`): how identifiers are quoted, how integers are cast.
 
 use clap::Args;
 use diesel::sql_types::{BigInt, Integer};
@@ -53,12 +54,62 @@ impl Default for SourceConfig {
 /// A validated mapping of the Notification table, ready to build queries.
 #[derive(Debug, Clone)]
 pub struct Source {
-    table: String,
-    id: String,
-    user: String,
-    unread: String,
+    table: Identifier,
+    id: Identifier,
+    user: Identifier,
+    unread: Identifier,
     unread_when: bool,
-    deleted: Option<String>,
+    deleted: Option<Identifier>,
+}
+
+/// A checked identifier: one part, or `schema.table`. Each part is letters, digits and `_`, so
+/// quoting it needs no escaping.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Identifier(Vec<String>);
+
+impl std::fmt::Display for Identifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0.join("."))
+    }
+}
+
+/// The SQL that differs between backends in the queries built here.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Dialect {
+    /// PostgreSQL: `"quoted"` identifiers, `CAST(x AS BIGINT)`.
+    Postgres,
+    /// SQLite: `` `quoted` `` identifiers, because a double-quoted name that matches no column is
+    /// read as a string there (a misspelt column would pass the check and count nothing as
+    /// unread); `CAST(x AS BIGINT)`.
+    Sqlite,
+    /// MySQL and MariaDB: `` `quoted` `` identifiers (double quotes are strings), and
+    /// `CAST(x AS SIGNED)`, its 64-bit integer (it has no `CAST(x AS BIGINT)`).
+    Mysql,
+}
+
+impl Dialect {
+    fn of(conn: &DbConnection) -> Dialect {
+        match conn {
+            DbConnection::Pg(_) => Dialect::Postgres,
+            DbConnection::Sqlite(_) => Dialect::Sqlite,
+            DbConnection::Mysql(_) => Dialect::Mysql,
+        }
+    }
+
+    fn quote(self, name: &Identifier) -> String {
+        let mark = match self {
+            Dialect::Postgres => '"',
+            Dialect::Sqlite | Dialect::Mysql => '`',
+        };
+        name.0.iter().map(|part| format!("{mark}{part}{mark}")).collect::<Vec<_>>().join(".")
+    }
+
+    fn bigint(self, expression: &str) -> String {
+        match self {
+            Dialect::Postgres | Dialect::Sqlite => format!("CAST({expression} AS BIGINT)"),
+            Dialect::Mysql => format!("CAST({expression} AS SIGNED)"),
+        }
+    }
 }
 
 /// One notification as the table holds it, in the state-machine's terms.
@@ -92,10 +143,9 @@ impl SourceConfig {
     /// The validated mapping, or `None` when no table is configured.
     pub fn resolve(&self) -> Result<Option<Source>, ConfigError> {
         let Some(table) = &self.source_table else { return Ok(None) };
-        let table = quote_identifier(table, true)
-            .map_err(|p| ConfigError::new("--source-table", "COUNTERSINK_SOURCE_TABLE", p))?;
-        let column =
-            |value: &str, flag, env| quote_identifier(value, false).map_err(|p| ConfigError::new(flag, env, p));
+        let table =
+            identifier(table, true).map_err(|p| ConfigError::new("--source-table", "COUNTERSINK_SOURCE_TABLE", p))?;
+        let column = |value: &str, flag, env| identifier(value, false).map_err(|p| ConfigError::new(flag, env, p));
         Ok(Some(Source {
             table,
             id: column(&self.source_id_column, "--source-id-column", "COUNTERSINK_SOURCE_ID_COLUMN")?,
@@ -111,8 +161,8 @@ impl SourceConfig {
     }
 }
 
-/// Checks an identifier and returns it double-quoted (`"schema"."table"` where allowed).
-fn quote_identifier(name: &str, allow_schema: bool) -> Result<String, String> {
+/// Checks an identifier (`schema.table` where allowed).
+fn identifier(name: &str, allow_schema: bool) -> Result<Identifier, String> {
     let parts: Vec<&str> = name.split('.').collect();
     let valid_part = |p: &str| {
         !p.is_empty()
@@ -126,48 +176,51 @@ fn quote_identifier(name: &str, allow_schema: bool) -> Result<String, String> {
             if allow_schema { "; optionally schema.table" } else { "" }
         ));
     }
-    Ok(parts.iter().map(|p| format!("\"{p}\"")).collect::<Vec<_>>().join("."))
+    Ok(Identifier(parts.iter().map(|p| p.to_string()).collect()))
 }
 
 impl Source {
     /// The expression giving a row's state (see [`crate::store::state`]).
-    fn state_expression(&self) -> String {
+    fn state_expression(&self, dialect: Dialect) -> String {
         use crate::store::state::{DELETED, READ, UNREAD};
-        let deleted = self.deleted.as_ref().map(|d| format!("WHEN {d} THEN {DELETED} ")).unwrap_or_default();
-        let unread = if self.unread_when { self.unread.clone() } else { format!("NOT {}", self.unread) };
+        let deleted =
+            self.deleted.as_ref().map(|d| format!("WHEN {} THEN {DELETED} ", dialect.quote(d))).unwrap_or_default();
+        let unread = dialect.quote(&self.unread);
+        let unread = if self.unread_when { unread } else { format!("NOT {unread}") };
         format!("CASE {deleted}WHEN {unread} THEN {UNREAD} ELSE {READ} END")
     }
 
-    fn select_rows(&self) -> String {
+    fn select_rows(&self, dialect: Dialect) -> String {
         format!(
-            "SELECT CAST({id} AS BIGINT) AS id, CAST({user} AS BIGINT) AS user_id, {state} AS state FROM {table}",
-            id = self.id,
-            user = self.user,
-            state = self.state_expression(),
-            table = self.table,
+            "SELECT {id} AS id, {user} AS user_id, {state} AS state FROM {table}",
+            id = dialect.bigint(&dialect.quote(&self.id)),
+            user = dialect.bigint(&dialect.quote(&self.user)),
+            state = self.state_expression(dialect),
+            table = dialect.quote(&self.table),
         )
     }
 
     /// Fails with a message naming the missing table or column.
     pub fn check(&self, conn: &mut DbConnection) -> Result<(), String> {
-        let probe = |conn: &mut DbConnection, what: &str| -> Result<(), String> {
-            diesel::sql_query(format!("SELECT 1 AS one FROM {} WHERE 1 = 0", self.table))
-                .load::<Probe>(conn)
-                .map(|_| ())
-                .map_err(|e| format!("{what}: {e}"))
-        };
-        probe(conn, &format!("the source table {} cannot be read", self.table))?;
+        let dialect = Dialect::of(conn);
+        let table = dialect.quote(&self.table);
+        diesel::sql_query(format!("SELECT 1 AS one FROM {table} WHERE 1 = 0"))
+            .load::<Probe>(conn)
+            .map_err(|e| format!("the source table {} cannot be read: {e}", self.table))?;
         let mut columns = vec![("--source-id-column", &self.id), ("--source-user-column", &self.user)];
         columns.push(("--source-unread-column", &self.unread));
         if let Some(deleted) = &self.deleted {
             columns.push(("--source-deleted-column", deleted));
         }
         for (flag, column) in columns {
-            diesel::sql_query(format!("SELECT 1 AS one FROM {} WHERE 1 = 0 AND {column} IS NULL", self.table))
-                .load::<Probe>(conn)
-                .map_err(|e| format!("column {column} ({flag}) is not in {}: {e}", self.table))?;
+            diesel::sql_query(format!(
+                "SELECT 1 AS one FROM {table} WHERE 1 = 0 AND {} IS NULL",
+                dialect.quote(column)
+            ))
+            .load::<Probe>(conn)
+            .map_err(|e| format!("column {column} ({flag}) is not in {}: {e}", self.table))?;
         }
-        diesel::sql_query(format!("{} WHERE 1 = 0", self.select_rows()))
+        diesel::sql_query(format!("{} WHERE 1 = 0", self.select_rows(dialect)))
             .load::<SourceRow>(conn)
             .map_err(|e| format!("the columns of {} cannot be read as id, user and read state: {e}", self.table))?;
         Ok(())
@@ -178,8 +231,9 @@ impl Source {
         if users.is_empty() {
             return Ok(Vec::new());
         }
+        let dialect = Dialect::of(conn);
         let list = users.iter().map(u64::to_string).collect::<Vec<_>>().join(",");
-        let sql = format!("{} WHERE {} IN ({list})", self.select_rows(), self.user);
+        let sql = format!("{} WHERE {} IN ({list})", self.select_rows(dialect), dialect.quote(&self.user));
         Ok(diesel::sql_query(sql).load(conn)?)
     }
 
@@ -190,8 +244,10 @@ impl Source {
         after: Option<i64>,
         limit: usize,
     ) -> Result<Vec<SourceRow>, DbError> {
-        let floor = after.map(|a| format!(" WHERE {} > {a}", self.id)).unwrap_or_default();
-        let sql = format!("{}{floor} ORDER BY {} LIMIT {limit}", self.select_rows(), self.id);
+        let dialect = Dialect::of(conn);
+        let id = dialect.quote(&self.id);
+        let floor = after.map(|a| format!(" WHERE {id} > {a}")).unwrap_or_default();
+        let sql = format!("{}{floor} ORDER BY {id} LIMIT {limit}", self.select_rows(dialect));
         Ok(diesel::sql_query(sql).load(conn)?)
     }
 
@@ -202,21 +258,23 @@ impl Source {
             #[diesel(sql_type = BigInt)]
             n: i64,
         }
-        let floor = after.map(|a| format!(" WHERE {} > {a}", self.id)).unwrap_or_default();
-        let sql = format!("SELECT CAST(COUNT(*) AS BIGINT) AS n FROM {}{floor}", self.table);
+        let dialect = Dialect::of(conn);
+        let floor = after.map(|a| format!(" WHERE {} > {a}", dialect.quote(&self.id))).unwrap_or_default();
+        let sql = format!("SELECT {} AS n FROM {}{floor}", dialect.bigint("COUNT(*)"), dialect.quote(&self.table));
         let rows: Vec<Count> = diesel::sql_query(sql).load(conn)?;
         Ok(rows.first().map_or(0, |c| c.n as u64))
     }
 
     /// Up to `limit` user ids after `after`, in order: every user with a notification or a stored count.
     pub fn users_after(&self, conn: &mut DbConnection, after: Option<u64>, limit: usize) -> Result<Vec<u64>, DbError> {
+        let dialect = Dialect::of(conn);
         let floor = after.map(|a| a as i64).unwrap_or(-1);
         let sql = format!(
-            "SELECT user_id FROM (SELECT CAST({user} AS BIGINT) AS user_id FROM {table} \
+            "SELECT user_id FROM (SELECT {user} AS user_id FROM {table} \
              UNION SELECT user_id FROM countersink_usernotificationscount) AS users \
              WHERE user_id > {floor} ORDER BY user_id LIMIT {limit}",
-            user = self.user,
-            table = self.table,
+            user = dialect.bigint(&dialect.quote(&self.user)),
+            table = dialect.quote(&self.table),
         );
         let rows: Vec<UserRow> = diesel::sql_query(sql).load(conn)?;
         Ok(rows.into_iter().map(|r| r.user_id as u64).collect())
@@ -228,24 +286,29 @@ mod tests {
     use super::*;
 
     #[test]
-    fn identifiers_are_quoted_and_injection_is_refused() {
-        assert_eq!(quote_identifier("notifications_notification", true), Ok("\"notifications_notification\"".into()));
-        assert_eq!(quote_identifier("app.notification", true), Ok("\"app\".\"notification\"".into()));
-        for bad in ["", "a.b.c", "1abc", "n; DROP TABLE x", "n\"x", "a b", "unread--"] {
-            assert!(quote_identifier(bad, true).is_err(), "{bad}");
+    fn identifiers_are_quoted_per_backend_and_injection_is_refused() {
+        let table = identifier("notifications_notification", true);
+        assert_eq!(table.as_ref().map(|t| Dialect::Postgres.quote(t)), Ok("\"notifications_notification\"".into()));
+        assert_eq!(table.as_ref().map(|t| Dialect::Mysql.quote(t)), Ok("`notifications_notification`".into()));
+        let qualified = identifier("app.notification", true);
+        assert_eq!(qualified.as_ref().map(|t| Dialect::Postgres.quote(t)), Ok("\"app\".\"notification\"".into()));
+        assert_eq!(qualified.as_ref().map(|t| Dialect::Mysql.quote(t)), Ok("`app`.`notification`".into()));
+        assert_eq!(qualified.as_ref().map(|t| Dialect::Sqlite.quote(t)), Ok("`app`.`notification`".into()));
+        for bad in ["", "a.b.c", "1abc", "n; DROP TABLE x", "n\"x", "n`x", "a b", "unread--"] {
+            assert!(identifier(bad, true).is_err(), "{bad}");
         }
-        assert!(quote_identifier("app.notification", false).is_err());
+        assert!(identifier("app.notification", false).is_err());
     }
 
     #[test]
     fn state_follows_polarity_and_soft_delete() {
         let mut config = SourceConfig { source_table: Some("n".into()), ..SourceConfig::default() };
-        let source = config.resolve().ok().flatten().map(|s| s.state_expression());
+        let source = config.resolve().ok().flatten().map(|s| s.state_expression(Dialect::Postgres));
         assert_eq!(source.as_deref(), Some("CASE WHEN \"unread\" THEN 2 ELSE 1 END"));
         config.source_unread_column = "is_read".into();
         config.source_unread_when = false;
         config.source_deleted_column = Some("deleted".into());
-        let source = config.resolve().ok().flatten().map(|s| s.state_expression());
-        assert_eq!(source.as_deref(), Some("CASE WHEN \"deleted\" THEN 3 WHEN NOT \"is_read\" THEN 2 ELSE 1 END"));
+        let source = config.resolve().ok().flatten().map(|s| s.state_expression(Dialect::Mysql));
+        assert_eq!(source.as_deref(), Some("CASE WHEN `deleted` THEN 3 WHEN NOT `is_read` THEN 2 ELSE 1 END"));
     }
 }

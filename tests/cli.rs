@@ -5,7 +5,7 @@ mod common;
 
 use std::process::{Command, Output};
 
-use common::TestEnv;
+use common::{MysqlDatabase, TestEnv};
 use countersink::counts::unread_counts;
 use countersink::events::Event;
 
@@ -50,16 +50,34 @@ async fn fresh_sqlite_database_is_migrated_by_the_migrate_command() {
 }
 
 #[tokio::test]
+async fn fresh_mysql_database_is_migrated_by_the_migrate_command() {
+    let env = TestEnv::sqlite().await;
+    let database = MysqlDatabase::create();
+    let output = countersink(&env, &["--database-url", &database.url, "migrate"]);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(String::from_utf8_lossy(&output.stdout).starts_with("applied: "));
+    // The tables are there, with the latest migration's column.
+    let db = countersink::db::Db::connect(&database.url, 1, std::time::Duration::from_secs(5)).unwrap();
+    assert_eq!(db.run(countersink::db::queries::max_handoff_seq).await.unwrap(), 0);
+    // The mariadb:// scheme names the same backend; everything is applied already.
+    let mariadb = database.url.replacen("mysql://", "mariadb://", 1);
+    let again = countersink(&env, &["--database-url", &mariadb, "migrate"]);
+    assert!(again.status.success(), "{}", String::from_utf8_lossy(&again.stderr));
+    assert_eq!(String::from_utf8_lossy(&again.stdout).trim(), "no migrations to apply");
+}
+
+#[tokio::test]
 async fn invalid_settings_stop_start_up_naming_the_variable() {
     let env = TestEnv::sqlite().await;
-    let cases: [(&[&str], &str); 7] = [
+    let cases: [(&[&str], &str); 8] = [
         (&["serve"], "COUNTERSINK_WEBHOOK_SECRET"),
         (&["serve", "--webhook-secret", "not-a-whsec-secret"], "COUNTERSINK_WEBHOOK_SECRET"),
-        (&["--database-url", "mysql://root@localhost/db", "migrate"], "COUNTERSINK_DATABASE_URL"),
+        (&["--database-url", "sqlite://", "migrate"], "COUNTERSINK_DATABASE_URL"),
         (&["--database-url", "http://example", "migrate"], "COUNTERSINK_DATABASE_URL"),
         (&["--redis-url", "localhost:6379", "flush"], "COUNTERSINK_REDIS_URL"),
         (&["--flush-chunk-users", "20000", "flush"], "COUNTERSINK_FLUSH_CHUNK_USERS"),
         (&["serve", "--flush-cron", "every minute"], "COUNTERSINK_FLUSH_CRON"),
+        (&["serve", "--insecure-no-auth", "--max-read-users", "20000"], "COUNTERSINK_MAX_READ_USERS"),
     ];
     for (args, variable) in cases {
         let output = countersink(&env, args);

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use common::TestEnv;
 use countersink::app::AppState;
+use countersink::config::MAX_FLUSH_CHUNK_USERS;
 use countersink::counts::unread_counts;
 use countersink::db::queries;
 use countersink::events::Event;
@@ -70,6 +71,27 @@ async fn flush_writes_every_pending_delta_once_and_empties_the_pending_set() {
         state.store.apply(&[Event::save(1, 1, false, false)]).await.unwrap();
         state.flusher.flush(WAIT).await.unwrap();
         assert_eq!(stored(&state).await[&1], per_user[0] as i64 - 1);
+    }
+}
+
+/// One upsert statement carries at most 65,535 binds on PostgreSQL and MySQL (32,767 users at two
+/// binds each) and 32,766 on SQLite: a flush of more users than that is split into statements
+/// of at most `MAX_FLUSH_CHUNK_USERS`, and the largest chunk is accepted by every backend.
+#[tokio::test]
+async fn a_flush_of_more_users_than_one_statement_can_carry_is_chunked() {
+    let users = 65_535 / 2 + 1;
+    for mut env in TestEnv::each_backend().await {
+        env.core.flush_chunk_users = MAX_FLUSH_CHUNK_USERS;
+        let state = env.state();
+        // Users 1..=users get a pending delta of 1, every tenth of 2, written straight into the
+        // pending set (events would only take longer to put the same deltas there).
+        let per_user: Vec<u64> = (0..users).map(|i| 1 + u64::from(i % 10 == 0)).collect();
+        let pending: Vec<(u64, u64)> = per_user.iter().enumerate().map(|(i, n)| (*n, i as u64 + 1)).collect();
+        let _: () = redis::Commands::zadd_multiple(&mut env.redis(), env.key("pending"), &pending).unwrap();
+        let report = state.flusher.flush(WAIT).await.unwrap();
+        assert_eq!(report.users_written, users as u64, "{:?}", env.backend());
+        assert_eq!(report.batches[0].delta_sum, per_user.iter().sum::<u64>() as i64);
+        assert_eq!(stored(&state).await, expected(&per_user), "{:?}", env.backend());
     }
 }
 

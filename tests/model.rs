@@ -8,9 +8,9 @@
 //! notifications, except users whose signal was lost since their last reconcile; after a final
 //! flush and reconcile, every stored count equals the table's.
 //!
-//! Cases run against one database and Redis prefix per backend, each case on ids of its own.
-//! `COUNTERSINK_MODEL_CASES` sets the cases per backend (default 1000); failures shrink to a
-//! minimal sequence, printed with the seed-independent operations.
+//! Cases run on PostgreSQL, MySQL/MariaDB and SQLite, against one database and Redis prefix per
+//! backend, each case on ids of its own. `COUNTERSINK_MODEL_CASES` sets the cases per backend
+//! (default 700). A failure shrinks to a minimal sequence of operations, printed in full.
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -289,7 +289,7 @@ async fn check_reads(state: &AppState, ids: &Ids, model: &Model) -> Result<(), S
 }
 
 fn cases() -> u32 {
-    std::env::var("COUNTERSINK_MODEL_CASES").ok().and_then(|s| s.parse().ok()).unwrap_or(1000)
+    std::env::var("COUNTERSINK_MODEL_CASES").ok().and_then(|s| s.parse().ok()).unwrap_or(700)
 }
 
 /// Runs the property over `env`; panics with the minimal failing sequence.
@@ -324,6 +324,14 @@ fn the_pipeline_matches_the_model_on_postgres() {
 fn the_pipeline_matches_the_model_on_sqlite() {
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     let env = runtime.block_on(TestEnv::sqlite_with_source());
+    check_model(&runtime, &env);
+    runtime.block_on(async move { drop(env) });
+}
+
+#[test]
+fn the_pipeline_matches_the_model_on_mysql() {
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let env = runtime.block_on(TestEnv::mysql_with_source());
     check_model(&runtime, &env);
     runtime.block_on(async move { drop(env) });
 }

@@ -1,6 +1,6 @@
 //! Outages of real dependencies: a Redis server of the test's own that is killed and
-//! restarted, a PostgreSQL connection cut by a TCP proxy, a database too slow for a flush.
-//! The service answers 503 while a dependency is gone and recovers by itself, without a
+//! restarted, a PostgreSQL or MySQL connection cut by a TCP proxy, a database too slow for a
+//! flush. The service answers 503 while a dependency is gone and recovers by itself, without a
 //! restart. `tests/soak.rs` runs these faults over and over under load.
 #![allow(clippy::unwrap_used)]
 
@@ -56,28 +56,29 @@ async fn redis_outage_is_answered_503_and_recovers_without_a_restart() {
 
 #[tokio::test]
 async fn database_outage_during_a_flush_keeps_the_deltas_for_the_next_flush() {
-    let env = TestEnv::postgres().await;
-    let address: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let mut proxy = Proxy::start(address).await;
-    let mut core = env.core.clone();
-    core.database_url = proxy.url_through(&env.core.database_url);
-    core.db_timeout_secs = 1;
-    let state = AppState::new(&core, None).unwrap();
+    for (env, server) in [(TestEnv::postgres().await, "127.0.0.1:5432"), (TestEnv::mysql().await, "127.0.0.1:3306")] {
+        let address: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let mut proxy = Proxy::start(address, server).await;
+        let mut core = env.core.clone();
+        core.database_url = proxy.url_through(&env.core.database_url);
+        core.db_timeout_secs = 1;
+        let state = AppState::new(&core, None).unwrap();
 
-    state.store.apply(&[Event::save(1, 3, true, true), Event::save(2, 3, true, true)]).await.unwrap();
-    state.flusher.flush(WAIT).await.unwrap();
-    state.store.apply(&[Event::save(3, 3, true, true)]).await.unwrap();
+        state.store.apply(&[Event::save(1, 3, true, true), Event::save(2, 3, true, true)]).await.unwrap();
+        state.flusher.flush(WAIT).await.unwrap();
+        state.store.apply(&[Event::save(3, 3, true, true)]).await.unwrap();
 
-    proxy.cut();
-    let failed = state.flusher.flush(WAIT).await.unwrap_err();
-    assert!(failed.is_unavailable(), "{failed}");
-    assert!(unread_counts(&state.store, &state.db, &[3]).await.unwrap_err().is_unavailable());
+        proxy.cut();
+        let failed = state.flusher.flush(WAIT).await.unwrap_err();
+        assert!(failed.is_unavailable(), "{failed} on {server}");
+        assert!(unread_counts(&state.store, &state.db, &[3]).await.unwrap_err().is_unavailable());
 
-    let _proxy = Proxy::start(address).await;
-    let report = state.flusher.flush(WAIT).await.unwrap();
-    assert_eq!(report.users_written, 1, "{report:?}");
-    let count = unread_counts(&state.store, &state.db, &[3]).await.unwrap()[0];
-    assert_eq!((count.stored, count.pending), (3, 0));
+        let _proxy = Proxy::start(address, server).await;
+        let report = state.flusher.flush(WAIT).await.unwrap();
+        assert_eq!(report.users_written, 1, "{report:?} on {server}");
+        let count = unread_counts(&state.store, &state.db, &[3]).await.unwrap()[0];
+        assert_eq!((count.stored, count.pending), (3, 0), "on {server}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -75,19 +75,20 @@ async fn dropped_events_and_raw_sql_are_repaired_and_reported() {
 
 #[tokio::test]
 async fn reconcile_all_walks_every_user_including_those_with_only_a_stored_count() {
-    let env = TestEnv::postgres_with_source().await;
-    let state = env.state();
-    for id in 1..=30u64 {
-        create(&env, &state, id, id % 7, id % 2 == 0, id % 5 == 0).await;
+    for env in TestEnv::each_backend_with_source().await {
+        let state = env.state();
+        for id in 1..=30u64 {
+            create(&env, &state, id, id % 7, id % 2 == 0, id % 5 == 0).await;
+        }
+        // A user whose notifications are all gone, but whose stored count is not.
+        env.sql("INSERT INTO countersink_usernotificationscount (user_id, unread_count) VALUES (99, 3)").await;
+        let mut steps = 0;
+        let report = state.reconciler.reconcile_all(0, |_| steps += 1).await.unwrap();
+        assert_eq!(report.users_checked, 8, "users 0 to 6 and 99 on {:?}", env.backend());
+        assert!(steps >= 1);
+        assert!(report.drift.iter().any(|d| d.user_id == 99 && d.stored == 3 && d.actual == 0));
+        assert_eq!(env.stored_counts().await, env.true_counts().await);
     }
-    // A user whose notifications are all gone, but whose stored count is not.
-    env.sql("INSERT INTO countersink_usernotificationscount (user_id, unread_count) VALUES (99, 3)").await;
-    let mut steps = 0;
-    let report = state.reconciler.reconcile_all(0, |_| steps += 1).await.unwrap();
-    assert_eq!(report.users_checked, 8, "users 0 to 6 and 99");
-    assert!(steps >= 1);
-    assert!(report.drift.iter().any(|d| d.user_id == 99 && d.stored == 3 && d.actual == 0));
-    assert_eq!(env.stored_counts().await, env.true_counts().await);
 }
 
 #[tokio::test]
@@ -111,37 +112,39 @@ async fn recount_events_are_coalesced_and_repair_through_the_reconcile_path() {
 
 #[tokio::test]
 async fn a_wrong_mapping_names_the_missing_table_or_column() {
-    let mut env = TestEnv::postgres_with_source().await;
-    env.core.source.source_unread_column = "is_read".into();
-    let error = env.state().reconciler.check_source().await.unwrap_err().to_string();
-    assert!(error.contains("\"is_read\"") && error.contains("--source-unread-column"), "{error}");
-    env.core.source.source_table = Some("notifications_missing".into());
-    let error = env.state().reconciler.check_source().await.unwrap_err().to_string();
-    assert!(error.contains("notifications_missing"), "{error}");
-    env.core.source.source_table = Some("x; DROP TABLE y".into());
-    assert!(env.core.validate().unwrap_err().to_string().contains("COUNTERSINK_SOURCE_TABLE"));
+    for mut env in TestEnv::each_backend_with_source().await {
+        env.core.source.source_unread_column = "is_read".into();
+        let error = env.state().reconciler.check_source().await.unwrap_err().to_string();
+        assert!(error.contains("is_read") && error.contains("--source-unread-column"), "{error}");
+        env.core.source.source_table = Some("notifications_missing".into());
+        let error = env.state().reconciler.check_source().await.unwrap_err().to_string();
+        assert!(error.contains("notifications_missing"), "{error}");
+        env.core.source.source_table = Some("x; DROP TABLE y".into());
+        assert!(env.core.validate().unwrap_err().to_string().contains("COUNTERSINK_SOURCE_TABLE"));
+    }
 }
 
 #[tokio::test]
 async fn either_polarity_and_soft_delete_are_read_from_the_table() {
-    let mut env = TestEnv::postgres_with_source().await;
-    env.sql("CREATE TABLE inbox (pk BIGINT PRIMARY KEY, owner BIGINT, is_read BOOLEAN, removed BOOLEAN)").await;
-    env.sql(
-        "INSERT INTO inbox VALUES (1, 5, FALSE, FALSE), (2, 5, TRUE, FALSE), (3, 5, FALSE, TRUE), (4, 5, FALSE, NULL)",
-    )
-    .await;
-    env.core.source = countersink::source::SourceConfig {
-        source_table: Some("inbox".into()),
-        source_id_column: "pk".into(),
-        source_user_column: "owner".into(),
-        source_unread_column: "is_read".into(),
-        source_unread_when: false,
-        source_deleted_column: Some("removed".into()),
-    };
-    let state = env.state();
-    state.reconciler.check_source().await.unwrap();
-    let report = state.reconciler.reconcile_users(&[5]).await.unwrap();
-    assert_eq!(report.drift, vec![UserDrift { user_id: 5, stored: 0, actual: 2 }]);
+    for mut env in TestEnv::each_backend_with_source().await {
+        env.sql("CREATE TABLE inbox (pk BIGINT PRIMARY KEY, owner BIGINT, is_read BOOLEAN, removed BOOLEAN)").await;
+        env.sql(
+            "INSERT INTO inbox VALUES (1, 5, FALSE, FALSE), (2, 5, TRUE, FALSE), (3, 5, FALSE, TRUE), (4, 5, FALSE, NULL)",
+        )
+        .await;
+        env.core.source = countersink::source::SourceConfig {
+            source_table: Some("inbox".into()),
+            source_id_column: "pk".into(),
+            source_user_column: "owner".into(),
+            source_unread_column: "is_read".into(),
+            source_unread_when: false,
+            source_deleted_column: Some("removed".into()),
+        };
+        let state = env.state();
+        state.reconciler.check_source().await.unwrap();
+        let report = state.reconciler.reconcile_users(&[5]).await.unwrap();
+        assert_eq!(report.drift, vec![UserDrift { user_id: 5, stored: 0, actual: 2 }], "{:?}", env.backend());
+    }
 }
 
 /// The reconcile's two windows, stepped by hand: an event that lands between the read of the

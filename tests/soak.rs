@@ -50,7 +50,7 @@ async fn steady_load_with_periodic_faults_ends_with_zero_wrong_users() {
     let redis_port = free_port();
     let mut redis = OwnRedis::start(redis_port);
     let proxy_address: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let mut proxy = Proxy::start(proxy_address).await;
+    let mut proxy = Proxy::start(proxy_address, "127.0.0.1:5432").await;
     let options = SidecarOptions {
         port: Some(free_port()),
         redis_url: Some(redis.url()),
@@ -112,7 +112,7 @@ async fn steady_load_with_periodic_faults_ends_with_zero_wrong_users() {
             Fault::CutDatabase => {
                 proxy.cut();
                 tokio::time::sleep(Duration::from_secs(2)).await;
-                proxy = Proxy::start(proxy_address).await;
+                proxy = Proxy::start(proxy_address, "127.0.0.1:5432").await;
             }
         }
         println!("soak: {:>5.1} s  {fault:?}", started.elapsed().as_secs_f64());

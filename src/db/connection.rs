@@ -2,6 +2,7 @@
 // diesel's MultiConnection derive generates public items without docs.
 #![allow(missing_docs)]
 
+use diesel::mysql::MysqlConnection;
 use diesel::pg::PgConnection;
 use diesel::sqlite::SqliteConnection;
 
@@ -12,4 +13,6 @@ pub enum DbConnection {
     Pg(PgConnection),
     /// SQLite, the embedded default.
     Sqlite(SqliteConnection),
+    /// MySQL or MariaDB.
+    Mysql(MysqlConnection),
 }

@@ -3,6 +3,10 @@
 //! diesel is synchronous, so every database call runs on tokio's blocking pool through
 //! [`Db::run`]. The backend is picked from the URL's scheme, never by trial (SQLite would accept
 //! any string as a file name). Backend-specific SQL lives in `match` arms labelled by backend.
+//!
+//! Bind limits: a statement may carry at most 65,535 parameters on PostgreSQL and MySQL, and
+//! 32,766 on the bundled SQLite; [`MAX_BINDS`] is the smallest, and every statement that grows
+//! with its input is chunked below it.
 
 mod connection;
 pub mod queries;
@@ -20,6 +24,11 @@ use diesel_migrations::{embed_migrations, EmbeddedMigrations, MigrationHarness};
 
 const PG_MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations/postgres");
 const SQLITE_MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations/sqlite");
+const MYSQL_MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations/mysql");
+
+/// The most bind parameters one statement may carry on every backend: SQLite's limit in the
+/// bundled build (`SQLITE_MAX_VARIABLE_NUMBER` = 32,766); PostgreSQL and MySQL allow 65,535.
+pub const MAX_BINDS: usize = 32_766;
 
 /// How long SQLite waits for another writer before failing: a flush may hold the write lock
 /// for a second or two.
@@ -32,6 +41,8 @@ pub enum Backend {
     Postgres,
     /// SQLite.
     Sqlite,
+    /// MySQL or MariaDB.
+    Mysql,
 }
 
 impl Backend {
@@ -40,7 +51,7 @@ impl Backend {
         if url.starts_with("postgres://") || url.starts_with("postgresql://") {
             Ok(Backend::Postgres)
         } else if url.starts_with("mysql://") || url.starts_with("mariadb://") {
-            Err("MySQL/MariaDB is not supported yet; use postgres:// or sqlite://".to_string())
+            Ok(Backend::Mysql)
         } else if url.starts_with("sqlite://") || url.starts_with("file:") || !url.contains("://") {
             if sqlite_path(url).is_empty() {
                 Err("the SQLite URL names no file; use sqlite://PATH".to_string())
@@ -48,7 +59,7 @@ impl Backend {
                 Ok(Backend::Sqlite)
             }
         } else {
-            Err(format!("unknown scheme in {url:?}; use postgres://, postgresql:// or sqlite://"))
+            Err(format!("unknown scheme in {url:?}; use postgres://, postgresql://, mysql://, mariadb:// or sqlite://"))
         }
     }
 }
@@ -60,6 +71,14 @@ where
 {
     let migrations = MigrationSource::<DB>::migrations(source).map_err(|e| DbError::Migration(e.to_string()))?;
     Ok(migrations.iter().map(|m| m.name().version().to_string()).collect())
+}
+
+/// The URL diesel's MySQL client accepts: it knows only the `mysql://` scheme.
+fn mysql_url(url: &str) -> String {
+    match url.strip_prefix("mariadb://") {
+        Some(rest) => format!("mysql://{rest}"),
+        None => url.to_string(),
+    }
 }
 
 /// The path (or `file:` URI) SQLite opens for a `sqlite://` URL.
@@ -90,13 +109,20 @@ impl DbError {
         match self {
             DbError::Unavailable(_) => true,
             DbError::Query(diesel::result::Error::DatabaseError(kind, info)) => {
-                use diesel::result::DatabaseErrorKind::{ClosedConnection, UnableToSendCommand};
-                // SQLite's busy timeout and PostgreSQL shutting down are passing states too.
+                use diesel::result::DatabaseErrorKind::{ClosedConnection, SerializationFailure, UnableToSendCommand};
+                // SQLite's busy timeout, PostgreSQL shutting down, a MySQL server that went away
+                // or restarts, and lock waits or deadlocks are passing states too.
                 let message = info.message();
-                matches!(kind, ClosedConnection | UnableToSendCommand)
+                matches!(kind, ClosedConnection | UnableToSendCommand | SerializationFailure)
                     || message.contains("database is locked")
                     || message.contains("terminating connection")
                     || message.contains("the database system is shutting down")
+                    || message.contains("server has gone away")
+                    || message.contains("Server has gone away")
+                    || message.contains("Lost connection to")
+                    || message.contains("Can't connect to")
+                    || message.contains("shutdown in progress")
+                    || message.contains("Lock wait timeout exceeded")
             }
             _ => false,
         }
@@ -131,8 +157,9 @@ impl Db {
     pub fn connect(url: &str, pool_size: u32, timeout: Duration) -> Result<Db, DbError> {
         let backend = Backend::from_url(url).map_err(DbError::Unavailable)?;
         let url = match backend {
-            Backend::Postgres => url,
-            Backend::Sqlite => sqlite_path(url),
+            Backend::Postgres => url.to_string(),
+            Backend::Sqlite => sqlite_path(url).to_string(),
+            Backend::Mysql => mysql_url(url),
         };
         let pool = Pool::builder()
             .max_size(pool_size)
@@ -193,13 +220,16 @@ impl Db {
             let embedded: Vec<String> = match conn {
                 DbConnection::Pg(_) => versions::<diesel::pg::Pg>(&PG_MIGRATIONS)?,
                 DbConnection::Sqlite(_) => versions::<diesel::sqlite::Sqlite>(&SQLITE_MIGRATIONS)?,
+                DbConnection::Mysql(_) => versions::<diesel::mysql::Mysql>(&MYSQL_MIGRATIONS)?,
             };
             let applied: Vec<Applied> =
                 match diesel::sql_query("SELECT version FROM __diesel_schema_migrations").load(conn) {
                     Ok(rows) => rows,
                     // No bookkeeping table: nothing was ever applied.
                     Err(diesel::result::Error::DatabaseError(_, info))
-                        if info.message().contains("does not exist") || info.message().contains("no such table") =>
+                        if ["does not exist", "doesn't exist", "no such table"]
+                            .iter()
+                            .any(|missing| info.message().contains(missing)) =>
                     {
                         Vec::new()
                     }
@@ -217,6 +247,9 @@ impl Db {
             let applied = match conn {
                 DbConnection::Pg(c) => c.run_pending_migrations(PG_MIGRATIONS),
                 DbConnection::Sqlite(c) => c.run_pending_migrations(SQLITE_MIGRATIONS),
+                // MySQL commits each DDL statement by itself, so its migrations are not
+                // transactional: each is one statement, or written to be run again (IF NOT EXISTS).
+                DbConnection::Mysql(c) => c.run_pending_migrations(MYSQL_MIGRATIONS),
             }
             .map_err(|e| DbError::Migration(e.to_string()))?;
             Ok(applied.iter().map(|v| v.to_string()).collect())

@@ -3,6 +3,7 @@
 use std::collections::{HashMap, HashSet};
 
 use chrono::NaiveDateTime;
+use diesel::dsl::DuplicatedKeys;
 use diesel::prelude::*;
 use diesel::upsert::excluded;
 
@@ -10,14 +11,23 @@ use super::schema::{countersink_flush_batches as batches, countersink_usernotifi
 use super::{DbConnection, DbError};
 
 /// Runs `$body` with `$c` bound to the concrete connection, for statements that diesel's
-/// MultiConnection cannot express (upserts): the same query builder, compiled per backend.
+/// MultiConnection cannot express (upserts): the same query builder, compiled for PostgreSQL and
+/// SQLite (`ON CONFLICT ... DO UPDATE`, `excluded`), and `$mysql` for MySQL, whose
+/// `ON DUPLICATE KEY UPDATE` names neither a conflict target nor `excluded`.
 macro_rules! per_backend {
-    ($conn:expr, $c:ident => $body:expr) => {
+    ($conn:expr, $c:ident => $body:expr, mysql: $m:ident => $mysql:expr) => {
         match $conn {
             DbConnection::Pg($c) => $body,
             DbConnection::Sqlite($c) => $body,
+            DbConnection::Mysql($m) => $mysql,
         }
     };
+}
+
+/// MySQL's name for the value a row of `INSERT ... ON DUPLICATE KEY UPDATE` tried to insert
+/// (`excluded.unread_count` elsewhere). `VALUES()` is what MariaDB knows; MySQL 8 still accepts it.
+fn mysql_inserted_count() -> diesel::expression::SqlLiteral<diesel::sql_types::BigInt> {
+    diesel::dsl::sql("VALUES(unread_count)")
 }
 
 /// A flush batch as recorded in the database.
@@ -46,14 +56,21 @@ pub fn claim_batch(
     handoff_seq: u64,
     now: NaiveDateTime,
 ) -> Result<bool, DbError> {
-    let claim = diesel::insert_into(batches::table)
-        .values((
-            batches::batch_id.eq(batch_id),
-            batches::applied_at.eq(now),
-            batches::handoff_seq.eq(handoff_seq as i64),
-        ))
-        .on_conflict_do_nothing();
-    let inserted = per_backend!(conn, c => claim.execute(c)?);
+    let claim = diesel::insert_into(batches::table).values((
+        batches::batch_id.eq(batch_id),
+        batches::applied_at.eq(now),
+        batches::handoff_seq.eq(handoff_seq as i64),
+    ));
+    let inserted = per_backend!(conn, c => claim.on_conflict_do_nothing().execute(c)?, mysql: c => {
+        // diesel connects with CLIENT_FOUND_ROWS, under which `ON DUPLICATE KEY UPDATE` reports
+        // a duplicate as one row, like an insert. A plain INSERT tells them apart: MySQL fails
+        // only that statement on a duplicate key, and the transaction goes on.
+        match claim.execute(c) {
+            Ok(rows) => rows,
+            Err(diesel::result::Error::DatabaseError(diesel::result::DatabaseErrorKind::UniqueViolation, _)) => 0,
+            Err(e) => return Err(e.into()),
+        }
+    });
     Ok(inserted == 1)
 }
 
@@ -68,17 +85,24 @@ pub fn complete_batch(conn: &mut DbConnection, batch_id: &str, users: i64, delta
 /// Adds each delta to its user's stored count, inserting users seen for the first time.
 ///
 /// The caller keeps a chunk within the backends' bind limit ([`crate::config::MAX_FLUSH_CHUNK_USERS`]).
-pub fn add_deltas(conn: &mut DbConnection, deltas: &[(u64, i64)]) -> Result<usize, DbError> {
+pub fn add_deltas(conn: &mut DbConnection, deltas: &[(u64, i64)]) -> Result<(), DbError> {
     let rows: Vec<_> = deltas
         .iter()
         .map(|(user, delta)| (counts::user_id.eq(*user as i64), counts::unread_count.eq(*delta)))
         .collect();
-    let upsert = diesel::insert_into(counts::table)
-        .values(&rows)
+    let insert = diesel::insert_into(counts::table).values(&rows);
+    // The affected-row count is not returned: MySQL reports 2 for each updated row.
+    per_backend!(conn, c => insert
         .on_conflict(counts::user_id)
         .do_update()
-        .set(counts::unread_count.eq(counts::unread_count + excluded(counts::unread_count)));
-    Ok(per_backend!(conn, c => upsert.execute(c)?))
+        .set(counts::unread_count.eq(counts::unread_count + excluded(counts::unread_count)))
+        .execute(c)?,
+    mysql: c => insert
+        .on_conflict(DuplicatedKeys)
+        .do_update()
+        .set(counts::unread_count.eq(counts::unread_count + mysql_inserted_count()))
+        .execute(c)?);
+    Ok(())
 }
 
 /// Sets every stored count to the given absolute values, and every other user's to zero, in
@@ -88,12 +112,17 @@ pub fn replace_all_counts(conn: &mut DbConnection, counts: &[(u64, i64)], chunk_
     for chunk in counts.chunks(chunk_users) {
         let rows: Vec<_> =
             chunk.iter().map(|(user, n)| (counts::user_id.eq(*user as i64), counts::unread_count.eq(*n))).collect();
-        let upsert = diesel::insert_into(counts::table)
-            .values(&rows)
+        let insert = diesel::insert_into(counts::table).values(&rows);
+        per_backend!(conn, c => insert
             .on_conflict(counts::user_id)
             .do_update()
-            .set(counts::unread_count.eq(excluded(counts::unread_count)));
-        per_backend!(conn, c => upsert.execute(c)?);
+            .set(counts::unread_count.eq(excluded(counts::unread_count)))
+            .execute(c)?,
+        mysql: c => insert
+            .on_conflict(DuplicatedKeys)
+            .do_update()
+            .set(counts::unread_count.eq(mysql_inserted_count()))
+            .execute(c)?);
     }
     Ok(())
 }
@@ -120,6 +149,15 @@ pub fn stored_counts(
         };
         Ok((stored, committed))
     };
+    if let DbConnection::Mysql(_) = conn {
+        // MySQL: REPEATABLE READ (InnoDB's default, but a server may be set to READ COMMITTED)
+        // reads one snapshot from the first read on. Set before BEGIN: it applies to the next
+        // transaction, and may not be changed inside one. Sent as plain text, not prepared.
+        diesel::connection::SimpleConnection::batch_execute(
+            conn,
+            "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY",
+        )?;
+    }
     let (stored, committed) = conn.transaction(|c| {
         if let DbConnection::Pg(_) = c {
             // PostgreSQL: READ COMMITTED gives each statement its own snapshot; ask for one.
@@ -134,7 +172,8 @@ pub fn stored_counts(
 /// Bounds each following statement of the current transaction to `limit`, so a flush against a
 /// slow or locked database ends at its deadline instead of holding its lock for as long as the
 /// database takes. PostgreSQL cancels the statement; SQLite, in-process, waits at most its
-/// busy timeout, and the flush checks its deadline between statements.
+/// busy timeout, and the flush checks its deadline between statements. MySQL bounds waits for
+/// row locks, in whole seconds, for the session: [`end_statement_time_limit`] lifts it.
 pub fn limit_statement_time(conn: &mut DbConnection, limit: std::time::Duration) -> Result<(), DbError> {
     match conn {
         DbConnection::Pg(c) => {
@@ -143,6 +182,19 @@ pub fn limit_statement_time(conn: &mut DbConnection, limit: std::time::Duration)
             diesel::sql_query(format!("SET LOCAL statement_timeout = {ms}")).execute(c)?;
         }
         DbConnection::Sqlite(_) => {}
+        DbConnection::Mysql(c) => {
+            let secs = limit.as_secs().max(1);
+            diesel::sql_query(format!("SET SESSION innodb_lock_wait_timeout = {secs}")).execute(c)?;
+        }
+    }
+    Ok(())
+}
+
+/// Lifts what [`limit_statement_time`] set for the session (MySQL), so the pooled connection's
+/// next user waits as long as the server's default. PostgreSQL's limit ended with the transaction.
+pub fn end_statement_time_limit(conn: &mut DbConnection) -> Result<(), DbError> {
+    if let DbConnection::Mysql(c) = conn {
+        diesel::sql_query("SET SESSION innodb_lock_wait_timeout = DEFAULT").execute(c)?;
     }
     Ok(())
 }

@@ -1,5 +1,5 @@
 //! Test isolation: each test gets its own Redis key prefix and its own PostgreSQL schema (or
-//! SQLite file), against the real services, and removes them when it ends.
+//! MySQL database, or SQLite file), against the real services, and removes them when it ends.
 #![allow(dead_code, clippy::unwrap_used)]
 
 pub mod proxy;
@@ -11,11 +11,29 @@ use std::time::Duration;
 use countersink::app::AppState;
 use countersink::config::CoreConfig;
 use countersink::db::Backend;
-use diesel::{Connection, PgConnection, RunQueryDsl};
+use diesel::{Connection, MysqlConnection, PgConnection, RunQueryDsl};
 
 /// The PostgreSQL server tests use; each test works in a schema of its own there.
 pub fn postgres_url() -> String {
     std::env::var("COUNTERSINK_TEST_POSTGRES_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
+}
+
+/// The MySQL (or MariaDB) server tests use; each test works in a database of its own there.
+pub fn mysql_url() -> String {
+    std::env::var("COUNTERSINK_TEST_MYSQL_URL").unwrap_or_else(|_| "mysql://root@127.0.0.1:3306/test".into())
+}
+
+/// `mysql_url()` with its database replaced by `database` (the test's own).
+fn mysql_url_for(database: &str) -> String {
+    let url = mysql_url();
+    let (base, query) = url.split_once('?').map_or((url.as_str(), ""), |(base, query)| (base, query));
+    let host_start = base.find("://").map_or(0, |i| i + 3);
+    let server = base[host_start..].find('/').map_or(base, |i| &base[..host_start + i]);
+    if query.is_empty() {
+        format!("{server}/{database}")
+    } else {
+        format!("{server}/{database}?{query}")
+    }
 }
 
 /// The Redis server tests use; each test works under a key prefix of its own there.
@@ -34,6 +52,7 @@ pub struct TestEnv {
     pub core: CoreConfig,
     name: String,
     schema: Option<String>,
+    _mysql_database: Option<MysqlDatabase>,
     _sqlite_dir: Option<tempfile::TempDir>,
 }
 
@@ -45,7 +64,17 @@ impl TestEnv {
         diesel::sql_query(format!("CREATE SCHEMA {name}")).execute(&mut admin).unwrap();
         // libpq's `options` puts every pooled connection in the test's schema.
         let url = format!("{}?options=-csearch_path%3D{name}", postgres_url());
-        Self::migrated(name.clone(), url, Some(name), None).await
+        let mut env = Self::unmigrated(name.clone(), url, None);
+        env.schema = Some(name);
+        env.migrate().await
+    }
+
+    /// A fresh MySQL database and Redis prefix, migrated.
+    pub async fn mysql() -> TestEnv {
+        let database = MysqlDatabase::create();
+        let mut env = Self::unmigrated(database.name.clone(), database.url.clone(), None);
+        env._mysql_database = Some(database);
+        env.migrate().await
     }
 
     /// A fresh SQLite file and Redis prefix, migrated.
@@ -53,21 +82,26 @@ impl TestEnv {
         let name = unique_name();
         let dir = tempfile::tempdir().unwrap();
         let url = format!("sqlite://{}", dir.path().join("counts.sqlite3").display());
-        Self::migrated(name, url, None, Some(dir)).await
+        Self::unmigrated(name, url, Some(dir)).migrate().await
     }
 
-    /// Both backends, for tests that must hold on each.
+    /// Every backend, for tests that must hold on each.
     pub async fn each_backend() -> Vec<TestEnv> {
-        vec![Self::postgres().await, Self::sqlite().await]
+        vec![Self::postgres().await, Self::sqlite().await, Self::mysql().await]
     }
 
-    async fn migrated(name: String, url: String, schema: Option<String>, dir: Option<tempfile::TempDir>) -> TestEnv {
-        let env = TestEnv { core: core_config(&name, &url), name, schema, _sqlite_dir: dir };
-        env.state().db.migrate().await.unwrap();
-        env
+    /// An environment on `url`; created before the migrations run, so Drop cleans up after a
+    /// failed migration too.
+    fn unmigrated(name: String, url: String, dir: Option<tempfile::TempDir>) -> TestEnv {
+        TestEnv { core: core_config(&name, &url), name, schema: None, _mysql_database: None, _sqlite_dir: dir }
     }
 
-    /// Both backends with a Notification table `notifications_notification(id, recipient_id,
+    async fn migrate(self) -> TestEnv {
+        self.state().db.migrate().await.unwrap();
+        self
+    }
+
+    /// Every backend with a Notification table `notifications_notification(id, recipient_id,
     /// unread, deleted)` configured as the reconcile source.
     pub async fn each_backend_with_source() -> Vec<TestEnv> {
         let mut envs = Self::each_backend().await;
@@ -80,6 +114,13 @@ impl TestEnv {
     /// A PostgreSQL schema with the Notification table configured as the source.
     pub async fn postgres_with_source() -> TestEnv {
         let mut env = Self::postgres().await;
+        env.add_notification_table().await;
+        env
+    }
+
+    /// A MySQL database with the Notification table configured as the source.
+    pub async fn mysql_with_source() -> TestEnv {
+        let mut env = Self::mysql().await;
         env.add_notification_table().await;
         env
     }
@@ -101,6 +142,10 @@ impl TestEnv {
             Backend::Sqlite => {
                 "CREATE TABLE notifications_notification (id INTEGER PRIMARY KEY AUTOINCREMENT, recipient_id BIGINT NOT NULL, \
                  unread BOOLEAN NOT NULL, deleted BOOLEAN NOT NULL DEFAULT FALSE)"
+            }
+            Backend::Mysql => {
+                "CREATE TABLE notifications_notification (id BIGINT AUTO_INCREMENT PRIMARY KEY, recipient_id BIGINT NOT NULL, \
+                 unread BOOLEAN NOT NULL, deleted BOOLEAN NOT NULL DEFAULT FALSE) ENGINE = InnoDB"
             }
         };
         self.sql(ddl).await;
@@ -133,7 +178,7 @@ impl TestEnv {
             .db
             .run(|conn| {
                 Ok(diesel::sql_query(
-                    "SELECT CAST(recipient_id AS BIGINT) AS user_id, CAST(COUNT(*) AS BIGINT) AS unread \
+                    "SELECT recipient_id AS user_id, COUNT(*) AS unread \
                      FROM notifications_notification WHERE unread AND NOT deleted GROUP BY recipient_id",
                 )
                 .load(conn)?)
@@ -224,6 +269,31 @@ impl Drop for TestEnv {
             if let Ok(mut admin) = PgConnection::establish(&postgres_url()) {
                 let _ = diesel::sql_query(format!("DROP SCHEMA {schema} CASCADE")).execute(&mut admin);
             }
+        }
+    }
+}
+
+/// An empty MySQL database of a test's own, dropped when the test ends.
+pub struct MysqlDatabase {
+    /// Its URL.
+    pub url: String,
+    name: String,
+}
+
+impl MysqlDatabase {
+    /// Creates one on the server of [`mysql_url`].
+    pub fn create() -> MysqlDatabase {
+        let name = unique_name();
+        let mut admin = MysqlConnection::establish(&mysql_url()).unwrap();
+        diesel::sql_query(format!("CREATE DATABASE {name} CHARACTER SET utf8mb4")).execute(&mut admin).unwrap();
+        MysqlDatabase { url: mysql_url_for(&name), name }
+    }
+}
+
+impl Drop for MysqlDatabase {
+    fn drop(&mut self) {
+        if let Ok(mut admin) = MysqlConnection::establish(&mysql_url()) {
+            let _ = diesel::sql_query(format!("DROP DATABASE IF EXISTS {}", self.name)).execute(&mut admin);
         }
     }
 }

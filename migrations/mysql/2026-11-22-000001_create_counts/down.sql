@@ -1,0 +1,2 @@
+DROP TABLE countersink_flush_batches;
+DROP TABLE countersink_usernotificationscount;

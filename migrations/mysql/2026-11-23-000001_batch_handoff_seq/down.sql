@@ -1,0 +1,1 @@
+ALTER TABLE countersink_flush_batches DROP COLUMN handoff_seq;
