@@ -82,7 +82,7 @@ def main(results_path: str, png_path: str) -> None:
     ax.set_yticks(list(y), names)
     ax.set_xscale("log")
     ax.set_xlabel("ms (log scale)")
-    ax.set_title(f"4. Reads (count: 5,000 unread of {r['count_table_rows']:,} rows)")
+    ax.set_title(f"4. Reads (5,000 unread of {r['count_table_rows']:,})")
     ax.invert_yaxis()
     ax.legend(fontsize=8)
 

@@ -249,6 +249,28 @@ fn markdown(args: &Args, r: &Results) -> anyhow::Result<String> {
         }
         writeln!(s)?;
     }
+    writeln!(
+        s,
+        "\nThe same as CPU time per request (µs; a 100-event request is one request). Unlike the rates, \
+         these hold when other work shares the machine.\n"
+    )?;
+    write!(s, "| scenario |")?;
+    for label in &labels {
+        write!(s, " {label} |")?;
+    }
+    write!(s, " all |\n|---|")?;
+    for _ in &labels {
+        write!(s, "---|")?;
+    }
+    writeln!(s, "---|")?;
+    for l in &r.loads {
+        write!(s, "| {} |", l.label)?;
+        let per_request = |percent: f64| percent / 100.0 / l.measured.requests_per_s.max(1.0) * 1e6;
+        for label in &labels {
+            write!(s, " {:.0} |", per_request(l.cpu.get(*label).copied().unwrap_or(0.0)))?;
+        }
+        writeln!(s, " {:.0} |", per_request(l.cpu.values().sum()))?;
+    }
     for p in &r.profiles {
         writeln!(
             s,
