@@ -363,7 +363,8 @@ pub async fn run(args: &Args) -> anyhow::Result<Results> {
     }
 
     // 2. The per-event SQL peer, then its rows written (its backends report on exit).
-    let peer_before = rows_written(&env, &name, "peer_counts")?;
+    // Settled: the connection that filled the table reports its rows as it exits.
+    let peer_before = settled_rows(&env, &name, "peer_counts").await?;
     let peer_events = Arc::new(AtomicU64::new(0));
     for (id, label, hot) in [
         ("peer_spread", "SQL peer (UPDATE per event), spread users", None),
