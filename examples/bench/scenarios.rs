@@ -175,6 +175,7 @@ impl Env {
             db_timeout_secs: 30,
             flush_chunk_users: 5_000,
             flush_lock_ttl_secs: 600,
+            flush_timeout_secs: 600,
             source: countersink::source::SourceConfig::default(),
             log_format: LogFormat::Text,
         }
