@@ -130,7 +130,7 @@ pub fn replace_all_counts(conn: &mut DbConnection, counts: &[(u64, i64)], chunk_
 /// Stored counts of `users`, and which of `batch_ids` are committed, from one snapshot.
 ///
 /// Both must come from the same snapshot: a batch committing between two separate reads
-/// would otherwise be missed or counted twice.
+/// would otherwise be missed or counted twice. Without batches it is a single statement.
 pub fn stored_counts(
     conn: &mut DbConnection,
     users: &[u64],
@@ -149,6 +149,12 @@ pub fn stored_counts(
         };
         Ok((stored, committed))
     };
+    if batch_ids.is_empty() {
+        // The usual case, no flush under way: one statement sees one snapshot by itself, so the
+        // transaction (three more round trips) is only needed when batches must be read too.
+        let (stored, _) = read(conn)?;
+        return Ok((stored.into_iter().map(|(u, n)| (u as u64, n)).collect(), HashSet::new()));
+    }
     if let DbConnection::Mysql(_) = conn {
         // MySQL: REPEATABLE READ (InnoDB's default, but a server may be set to READ COMMITTED)
         // reads one snapshot from the first read on. Set before BEGIN: it applies to the next
