@@ -3,8 +3,10 @@
 //! Built only with the `failpoints` feature, which the test suite turns on (a dev-dependency of
 //! the crate on itself); a normal build compiles [`reach`] to nothing. With the feature, a process
 //! started with `COUNTERSINK_CRASH_POINT=<name>` announces on stderr that it reached `<name>`
-//! and then stops there for good, so the test can SIGKILL it at exactly that step
-//! (`tests/crash.rs`).
+//! and then blocks the thread that reached it for good (the rest of the process runs on), so the
+//! test can SIGKILL it with that step half done (`tests/crash.rs`). Cargo turns the feature on for
+//! every build that includes tests or examples (`--all-targets`); `cargo build --bin` and
+//! `cargo install` leave it off, and without `COUNTERSINK_CRASH_POINT` it does nothing.
 
 /// Stops the process at `point` for the crash tests; does nothing in a normal build.
 pub fn reach(point: &str) {

@@ -219,28 +219,61 @@ async fn an_interrupted_bootstrap_resumes_after_its_last_chunk() {
 async fn a_late_creation_retry_of_a_notification_deleted_before_redis_was_lost_counts_nothing() {
     for env in TestEnv::each_backend_with_source().await {
         let state = env.state();
+        let recount_queued = |user: u64| -> bool {
+            redis::cmd("SISMEMBER").arg(env.key("recounts")).arg(user).query(&mut env.redis()).unwrap()
+        };
+        // Notifications 5 and 7 of user 9; 6 of user 8 stays, so the rebuild reads up to id 6.
         env.sql(
-            "INSERT INTO notifications_notification (id, recipient_id, unread, deleted) VALUES (5, 9, TRUE, FALSE)",
+            "INSERT INTO notifications_notification (id, recipient_id, unread, deleted) \
+             VALUES (5, 9, TRUE, FALSE), (6, 8, TRUE, FALSE), (7, 9, TRUE, FALSE)",
         )
         .await;
-        let mut creation = Event::save(5, 9, true, true);
-        creation.occurred_at = Some(chrono::Utc::now());
-        state.store.apply(std::slice::from_ref(&creation)).await.unwrap();
-        env.sql("DELETE FROM notifications_notification WHERE id = 5").await;
-        state.store.apply(&[Event::delete(5, 9)]).await.unwrap();
+        let stamped = |id| Event { occurred_at: Some(chrono::Utc::now()), ..Event::save(id, 9, true, true) };
+        let (five, seven) = (Event::save(5, 9, true, true), stamped(7));
+        state.store.apply(&[five.clone(), Event::save(6, 8, true, true), seven.clone()]).await.unwrap();
+        env.sql("DELETE FROM notifications_notification WHERE id IN (5, 7)").await;
+        state.store.apply(&[Event::delete(5, 9), Event::delete(7, 9)]).await.unwrap();
         state.flusher.flush(WAIT).await.unwrap();
 
-        // Redis loses everything; the rebuild cannot know notification 5 ever existed.
+        // Redis loses everything; the rebuild cannot know notifications 5 and 7 ever existed.
         let keys = env.redis_keys();
         redis::cmd("DEL").arg(keys).exec(&mut env.redis()).unwrap();
         state.reconciler.bootstrap(Batching::default(), |_| {}).await.unwrap();
 
-        // The sender's retry of the creation arrives late, after the rebuild.
-        let outcome = state.store.apply(std::slice::from_ref(&creation)).await.unwrap();
-        assert_eq!(outcome.changed, 0, "{:?}: a deleted notification came back", env.backend());
-        state.reconciler.run_queued_recounts().await.unwrap();
+        // The senders' retries of the creations arrive late, after the rebuild: 5 is below the
+        // highest id the rebuild read (unstamped), 7 above it but stamped before the rebuild.
+        for late in [&five, &seven] {
+            let outcome = state.store.apply(std::slice::from_ref(late)).await.unwrap();
+            assert_eq!(outcome.changed, 0, "{:?}: notification {} came back", env.backend(), late.notification_id);
+            assert!(recount_queued(9), "{:?}: no recount queued for {}", env.backend(), late.notification_id);
+            state.reconciler.run_queued_recounts().await.unwrap();
+        }
         state.flusher.flush(WAIT).await.unwrap();
         assert_eq!(unread_counts(&state.store, &state.db, &[9]).await.unwrap()[0].unread_count, 0);
         assert_eq!(env.stored_counts().await.get(&9), None);
+
+        // A row committed out of id order, which the rebuild could not see either, is counted
+        // once its recount ran.
+        env.sql(
+            "INSERT INTO notifications_notification (id, recipient_id, unread, deleted) VALUES (4, 9, TRUE, FALSE)",
+        )
+        .await;
+        let outcome = state.store.apply(&[Event::save(4, 9, true, true)]).await.unwrap();
+        assert_eq!(outcome.changed, 0);
+        assert!(recount_queued(9));
+        state.reconciler.run_queued_recounts().await.unwrap();
+        assert_eq!(
+            unread_counts(&state.store, &state.db, &[9]).await.unwrap()[0].unread_count,
+            1,
+            "{:?}",
+            env.backend()
+        );
+        // New notifications after the rebuild count at once, as ever.
+        env.sql(
+            "INSERT INTO notifications_notification (id, recipient_id, unread, deleted) VALUES (8, 9, TRUE, FALSE)",
+        )
+        .await;
+        assert_eq!(state.store.apply(&[stamped(8)]).await.unwrap().changed, 1);
+        assert_eq!(unread_counts(&state.store, &state.db, &[9]).await.unwrap()[0].unread_count, 2);
     }
 }

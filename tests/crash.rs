@@ -1,7 +1,7 @@
 //! Crash injection: the real binary is killed with SIGKILL at every step of a flush and of a
 //! reconcile (src/crash_point.rs), round after round, and restarted over the same Redis and
-//! database. A restarted process also stops at the same point while it recovers what the last
-//! one left, so recoveries are crashed too. Reads must be exact before each crash and right after
+//! database. After every other kill a clean process recovers what the dead one left; otherwise
+//! the restarted process stops at the same point while it recovers, so recoveries die too. Reads must be exact before each crash and right after
 //! each restart; at the end a clean process flushes, a full reconcile finds no drift, and every
 //! stored count equals the Notification table.
 //!
@@ -42,7 +42,8 @@ async fn crash_repeatedly_at(point: &'static str) {
     let mut world = World::new(seed, USERS, 1);
     let site = env.state();
     // No scheduled flush: the test decides when each flush or reconcile runs.
-    let crashing = SidecarOptions { flush_cron: "off".into(), crash_point: Some(point), ..SidecarOptions::default() };
+    let clean = SidecarOptions { flush_cron: "off".into(), ..SidecarOptions::default() };
+    let crashing = SidecarOptions { crash_point: Some(point), ..clean.clone() };
     let mut sidecar = Sidecar::start(&env, crashing.clone()).await;
     for round in 0..rounds() {
         for _ in 0..4 {
@@ -77,13 +78,21 @@ async fn crash_repeatedly_at(point: &'static str) {
         // A dead process stops renewing the flush lock; expire it now instead of in 10 s.
         redis::cmd("DEL").arg(env.key("flush_lock")).exec(&mut env.redis()).unwrap();
 
+        if round % 2 == 1 {
+            // Every other time a clean process recovers what the dead one left, so the next
+            // round kills a fresh flush or reconcile, not the same recovery again.
+            let clean = Sidecar::start(&env, clean.clone()).await;
+            assert_reads_exact(&clean, &world, &format!("{point} round {round}, after the crash")).await;
+            clean.flush().await;
+            assert_reads_exact(&clean, &world, &format!("{point} round {round}, after the recovery")).await;
+        }
         sidecar = Sidecar::start(&env, crashing.clone()).await;
         assert_reads_exact(&sidecar, &world, &format!("{point} round {round}, right after the restart")).await;
     }
     drop(sidecar);
     redis::cmd("DEL").arg(env.key("flush_lock")).exec(&mut env.redis()).unwrap();
 
-    let sidecar = Sidecar::start(&env, SidecarOptions { flush_cron: "off".into(), ..SidecarOptions::default() }).await;
+    let sidecar = Sidecar::start(&env, clean).await;
     sidecar.flush().await;
     let want = world.expected_counts();
     assert_eq!(env.true_counts().await, want, "the site's own record disagrees with its table");

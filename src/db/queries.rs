@@ -178,18 +178,21 @@ pub fn stored_counts(
 /// Bounds each following statement of the current transaction to `limit`, so a flush against a
 /// slow or locked database ends at its deadline instead of holding its lock for as long as the
 /// database takes. PostgreSQL cancels the statement; SQLite, in-process, waits at most its
-/// busy timeout, and the flush checks its deadline between statements. MySQL bounds waits for
-/// row locks, in whole seconds, for the session: [`end_statement_time_limit`] lifts it.
+/// busy timeout, and the flush checks its deadline between statements. MySQL bounds only waits
+/// for row locks (`innodb_lock_wait_timeout`), in whole seconds, for the session:
+/// [`end_statement_time_limit`] lifts it.
 pub fn limit_statement_time(conn: &mut DbConnection, limit: std::time::Duration) -> Result<(), DbError> {
     match conn {
         DbConnection::Pg(c) => {
-            // At least 1 ms: PostgreSQL reads 0 as "no limit".
-            let ms = limit.as_millis().clamp(1, i32::MAX as u128);
+            // Rounded up, so the cancel comes at the deadline, not before; at least 1 ms:
+            // PostgreSQL reads 0 as "no limit".
+            let ms = limit.as_micros().div_ceil(1000).clamp(1, i32::MAX as u128);
             diesel::sql_query(format!("SET LOCAL statement_timeout = {ms}")).execute(c)?;
         }
         DbConnection::Sqlite(_) => {}
         DbConnection::Mysql(c) => {
-            let secs = limit.as_secs().max(1);
+            // Whole seconds, rounded up, so the wait ends at the deadline, not before.
+            let secs = limit.as_millis().div_ceil(1000).max(1);
             diesel::sql_query(format!("SET SESSION innodb_lock_wait_timeout = {secs}")).execute(c)?;
         }
     }

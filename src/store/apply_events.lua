@@ -74,11 +74,12 @@ local function held_by_table(user, key, pos, old)
 end
 
 -- A bootstrap rebuilds the state from the table, which no longer holds the notifications
--- hard-deleted before it: their state is unseen, not deleted. An event that would count such an
--- unseen notification is suspect if the bootstrap should have seen it: it is at or below the
--- highest notification the bootstrap read, or it occurred before the bootstrap finished. It is a
--- late retry of a deleted notification or a row committed out of order; only the table can tell
--- which, so the event changes nothing here and queues a recount of its user instead.
+-- hard-deleted before it: their state is unseen, not deleted. An event that would make such an
+-- unseen notification read or unread is suspect if the bootstrap should have seen it: it is at or
+-- below the highest notification the bootstrap read, or it occurred (sender's clock) before the
+-- bootstrap finished (Redis's clock). It is a late retry of a deleted notification or a row
+-- committed out of order; only the table can tell which, so the event changes nothing here and
+-- queues a recount of its user instead.
 local rebuilt_shard, rebuilt_index, rebuilt_at = -1, -1, -1
 if ARGV[4] == '1' then
   local rebuilt = redis.call('GET', KEYS[5])
@@ -102,7 +103,7 @@ for i = 6, #ARGV, 5 do
   journal(user, op .. ' ' .. key .. ' ' .. pos)
   local old = redis.call('BITFIELD', key, 'GET', 'u2', pos)[1]
   local new, why = transition(old, op)
-  if not why and old == UNSEEN and new == UNREAD
+  if not why and old == UNSEEN and new ~= DELETED
     and should_have_been_rebuilt(key, tonumber(ARGV[i + 2]), tonumber(ARGV[i + 4])) then
     redis.call('SADD', KEYS[6], user)
     why = 'stale'

@@ -634,7 +634,10 @@ impl Store {
             Some((shard, index)) => format!("{shard} {index}"),
             None => "-1 -1".to_string(),
         };
-        let finished_ms = chrono::Utc::now().timestamp_millis();
+        // Redis's clock, the one the event script reads `occurred_at` against, whichever host
+        // runs the bootstrap.
+        let (secs, micros): (i64, i64) = redis::cmd("TIME").query_async(&mut self.conn.clone()).await?;
+        let finished_ms = secs * 1000 + micros / 1000;
         transaction.set(self.keys.rebuilt(), format!("{slot} {finished_ms}")).ignore();
         transaction
             .set(self.keys.handoff_seq(), handoff_seq)

@@ -97,7 +97,8 @@ impl Sidecar {
         let sidecar =
             Sidecar { child, base: format!("http://127.0.0.1:{port}"), stderr, client: reqwest::Client::new() };
         for _ in 0..400 {
-            if sidecar.client.get(format!("{}/healthz", sidecar.base)).send().await.is_ok() {
+            let health = sidecar.client.get(format!("{}/healthz", sidecar.base)).send().await;
+            if health.is_ok_and(|response| response.status().is_success()) {
                 return sidecar;
             }
             tokio::time::sleep(Duration::from_millis(25)).await;
