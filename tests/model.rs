@@ -1,8 +1,10 @@
 //! Model-based property test of the whole pipeline: random sequences of what a Django site does
 //! (create, mark read and unread, soft and hard delete, duplicated and late deliveries, two
 //! requests marking the same notification read at once, a lost signal) interleaved with flushes
-//! (some racing an event) and reconciles, run against the real Redis and database, and compared
-//! after every step with a reference model: the Notification table itself.
+//! (some racing an event), reconciles and the loss of Redis (rebuilt from the table), run against
+//! the real Redis and database, and compared after every step with a reference model: the
+//! Notification table itself. Queued recounts run before each comparison, as `serve`'s worker
+//! runs them within a second.
 //!
 //! Invariant: every user's real-time count equals the table's count of their unread, undeleted
 //! notifications, except users whose signal was lost since their last reconcile; after a final
@@ -20,6 +22,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use common::TestEnv;
 use countersink::app::AppState;
+use countersink::bootstrap::Batching;
 use countersink::counts::unread_counts;
 use countersink::events::Event;
 use countersink::flush::WhenBusy;
@@ -70,6 +73,8 @@ enum Op {
     Reconcile {
         users: Vec<u64>,
     },
+    /// Redis loses everything and the state is rebuilt from the table.
+    LoseRedis,
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -86,6 +91,7 @@ fn op() -> impl Strategy<Value = Op> {
         2 => Just(Op::Flush),
         1 => (n, any::<bool>()).prop_map(|(n, unread)| Op::FlushRacingMark { n, unread }),
         1 => proptest::collection::vec(0..USERS, 1..=3).prop_map(|users| Op::Reconcile { users }),
+        1 => Just(Op::LoseRedis),
     ]
 }
 
@@ -153,6 +159,11 @@ async fn apply(state: &AppState, event: &Event) {
     deliver(state, &format!("msg_{:032x}", rand::random::<u128>()), event).await;
 }
 
+/// An event stamped with the moment it happened, as the Django package stamps every event.
+fn stamped(event: Event) -> Event {
+    Event { occurred_at: Some(chrono::Utc::now()), ..event }
+}
+
 async fn deliver(state: &AppState, webhook_id: &str, event: &Event) {
     state.store.apply_once(std::slice::from_ref(event), Some((webhook_id, IDEMPOTENCY_TTL))).await.unwrap();
 }
@@ -167,7 +178,7 @@ impl Model {
 }
 
 /// Runs one case; `Err` names the first step where the sidecar and the model disagree.
-async fn run_case(state: &AppState, ids: &Ids, ops: &[Op]) -> Result<(), String> {
+async fn run_case(env: &TestEnv, state: &AppState, ids: &Ids, ops: &[Op]) -> Result<(), String> {
     let mut model = Model::default();
     for (step, op) in ops.iter().enumerate() {
         match *op {
@@ -179,7 +190,7 @@ async fn run_case(state: &AppState, ids: &Ids, ops: &[Op]) -> Result<(), String>
                 sql(state, format!("INSERT INTO notifications_notification VALUES ({id}, {user}, {unread}, FALSE)"))
                     .await;
                 model.rows.insert(n, Row { user, unread, soft_deleted: false });
-                let event = Event::save(id, user, unread, true);
+                let event = stamped(Event::save(id, user, unread, true));
                 model.creations.insert(n, event.clone());
                 model.send(state, event).await;
             }
@@ -191,7 +202,7 @@ async fn run_case(state: &AppState, ids: &Ids, ops: &[Op]) -> Result<(), String>
                 if matches!(op, Op::LostSignal { .. }) {
                     model.drifted.insert(row.user);
                 } else {
-                    model.send(state, Event::save(id, row.user, unread, false)).await;
+                    model.send(state, stamped(Event::save(id, row.user, unread, false))).await;
                 }
             }
             Op::SoftDelete { n } => {
@@ -199,14 +210,14 @@ async fn run_case(state: &AppState, ids: &Ids, ops: &[Op]) -> Result<(), String>
                 let id = ids.notification(n);
                 sql(state, format!("UPDATE notifications_notification SET deleted = TRUE WHERE id = {id}")).await;
                 model.rows.insert(n, Row { soft_deleted: true, ..row });
-                model.send(state, Event::delete(id, row.user)).await;
+                model.send(state, stamped(Event::delete(id, row.user))).await;
             }
             Op::HardDelete { n } => {
                 let Some(row) = model.rows.remove(&n) else { continue };
                 let id = ids.notification(n);
                 sql(state, format!("DELETE FROM notifications_notification WHERE id = {id}")).await;
                 model.hard_deleted.insert(n);
-                model.send(state, Event::delete(id, row.user)).await;
+                model.send(state, stamped(Event::delete(id, row.user))).await;
             }
             Op::Redeliver => {
                 if let Some((webhook_id, event)) = &model.last_delivery {
@@ -223,7 +234,7 @@ async fn run_case(state: &AppState, ids: &Ids, ops: &[Op]) -> Result<(), String>
                 let id = ids.notification(n);
                 sql(state, format!("UPDATE notifications_notification SET unread = FALSE WHERE id = {id}")).await;
                 model.rows.insert(n, Row { unread: false, ..row });
-                let event = Event::save(id, row.user, false, false);
+                let event = stamped(Event::save(id, row.user, false, false));
                 // Two requests (two clicks), so two webhook ids.
                 tokio::join!(apply(state, &event), apply(state, &event));
             }
@@ -235,12 +246,21 @@ async fn run_case(state: &AppState, ids: &Ids, ops: &[Op]) -> Result<(), String>
                 let id = ids.notification(n);
                 sql(state, format!("UPDATE notifications_notification SET unread = {unread} WHERE id = {id}")).await;
                 model.rows.insert(n, Row { unread, ..row });
-                let event = Event::save(id, row.user, unread, false);
+                let event = stamped(Event::save(id, row.user, unread, false));
                 let (flushed, ()) = tokio::join!(
                     state.flusher.flush(WhenBusy::Wait(std::time::Duration::from_secs(10))),
                     apply(state, &event)
                 );
                 flushed.unwrap();
+            }
+            Op::LoseRedis => {
+                let keys = env.redis_keys();
+                redis::cmd("DEL").arg(keys).exec(&mut env.redis()).unwrap();
+                state.reconciler.bootstrap(Batching::default(), |_| {}).await.unwrap();
+                // The rebuild read the table; requests sent before the loss are taken as done
+                // (a retry of one after the loss and after a newer lost signal is out of scope).
+                model.drifted.clear();
+                model.last_delivery = None;
             }
             Op::Reconcile { ref users } => {
                 let users: Vec<u64> = users.iter().map(|u| ids.user(*u)).collect();
@@ -250,6 +270,8 @@ async fn run_case(state: &AppState, ids: &Ids, ops: &[Op]) -> Result<(), String>
                 }
             }
         }
+        // Events a rebuild could not judge queue a recount; serve's worker runs it within a second.
+        state.reconciler.run_queued_recounts().await.unwrap();
         check_reads(state, ids, &model).await.map_err(|e| format!("after step {step} ({op:?}): {e}"))?;
     }
     // The end of the day: flush, reconcile everyone, and the table holds the truth.
@@ -303,7 +325,7 @@ fn check_model(runtime: &tokio::runtime::Runtime, env: &TestEnv) {
     let mut runner = TestRunner::new(config);
     let result = runner.run(&proptest::collection::vec(op(), 1..40), |ops| {
         let ids = Ids { base: next_case.fetch_add(1, Ordering::Relaxed) };
-        runtime.block_on(run_case(&state, &ids, &ops)).map_err(TestCaseError::fail)
+        runtime.block_on(run_case(env, &state, &ids, &ops)).map_err(TestCaseError::fail)
     });
     match result {
         Ok(()) => println!("{} cases passed", cases()),
