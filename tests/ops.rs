@@ -36,13 +36,16 @@ impl Sidecar {
         Self::start_logging(env, redis_url, extra, None).await
     }
 
-    /// The same, writing info-level JSON logs to `log` when given.
+    /// The same, writing JSON logs to `log` when given: info, and debug for the events handler
+    /// (its per-request line).
     async fn start_logging(env: &TestEnv, redis_url: &str, extra: &[&str], log: Option<&std::path::Path>) -> Sidecar {
         let port = free_port();
         let mut command = Command::new(env!("CARGO_BIN_EXE_countersink"));
         command.env("COUNTERSINK_LOG", "warn");
         if let Some(log) = log {
-            command.env("COUNTERSINK_LOG", "info").env("COUNTERSINK_LOG_FORMAT", "json");
+            command
+                .env("COUNTERSINK_LOG", "info,countersink::http::events=debug")
+                .env("COUNTERSINK_LOG_FORMAT", "json");
             command.stderr(std::fs::File::create(log).unwrap());
         }
         let child = command

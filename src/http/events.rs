@@ -5,7 +5,7 @@ use axum::extract::rejection::BytesRejection;
 use axum::extract::State;
 use axum::http::HeaderMap;
 use axum::Json;
-use tracing::info;
+use tracing::debug;
 
 use crate::app::AppState;
 use crate::error::AppError;
@@ -74,7 +74,9 @@ pub async fn post_events(
     let applied = state.store.apply_once(&batch.transitions, idempotency).await?;
     metrics::events_applied(&applied);
     let outcomes = applied.outcome;
-    info!(
+    // Per request, so at debug: /metrics counts them; at 10,000 requests/s an info line each
+    // costs more CPU than the rest of the handler.
+    debug!(
         received = batch.len(),
         recounts = batch.recounts.len(),
         changed = outcomes.changed,

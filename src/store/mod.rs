@@ -198,7 +198,7 @@ impl Store {
     /// Applies a batch unless a request with the same idempotency key (its `webhook-id`) was
     /// applied within `ttl`; then answers with that first delivery's outcome. The check, the
     /// transitions and remembering the key are one atomic script.
-    #[instrument(skip_all, fields(events = events.len()))]
+    #[instrument(level = "debug", skip_all, fields(events = events.len()))]
     pub async fn apply_once(
         &self,
         events: &[Event],
