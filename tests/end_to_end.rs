@@ -200,16 +200,8 @@ async fn random_stream_with_retries_and_races_ends_with_exact_stored_counts() {
     );
 
     // The read API agrees, with nothing left pending.
-    let ids = (1..=USERS).map(|u| u.to_string()).collect::<Vec<_>>().join(",");
-    let read: Value = client
-        .get(format!("{}/v1/unread-counts?user_ids={ids}", sidecar.base))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    for entry in read["counts"].as_array().unwrap() {
+    let users: Vec<u64> = (1..=USERS).collect();
+    for entry in sidecar.read_entries(&users).await {
         let user = entry["user_id"].as_i64().unwrap();
         assert_eq!(entry["unread_count"].as_i64(), Some(want.get(&user).copied().unwrap_or(0)), "user {user}");
         assert_eq!(entry["pending"], 0);

@@ -188,7 +188,13 @@ impl Sidecar {
 
     /// The real-time counts the read API gives for `users`, as `(user, unread_count)`.
     pub async fn read_counts(&self, users: &[u64]) -> Vec<(u64, i64)> {
-        let mut counts = Vec::new();
+        let entries = self.read_entries(users).await;
+        entries.iter().map(|e| (e["user_id"].as_u64().unwrap(), e["unread_count"].as_i64().unwrap())).collect()
+    }
+
+    /// What the read API answers for `users`: one `{user_id, unread_count, stored, pending}` each.
+    pub async fn read_entries(&self, users: &[u64]) -> Vec<Value> {
+        let mut entries = Vec::new();
         for chunk in users.chunks(500) {
             let ids = chunk.iter().map(u64::to_string).collect::<Vec<_>>().join(",");
             let read: Value = self
@@ -200,11 +206,10 @@ impl Sidecar {
                 .json()
                 .await
                 .unwrap();
-            let entries = read["counts"].as_array().unwrap_or_else(|| panic!("unexpected read answer {read}"));
-            counts
-                .extend(entries.iter().map(|e| (e["user_id"].as_u64().unwrap(), e["unread_count"].as_i64().unwrap())));
+            let counts = read["counts"].as_array().unwrap_or_else(|| panic!("unexpected read answer {read}"));
+            entries.extend(counts.iter().cloned());
         }
-        counts
+        entries
     }
 }
 
