@@ -51,7 +51,7 @@ def main(results_path: str, png_path: str) -> None:
     x = range(len(sizes))
     for offset, key, label in [
         (-0.27, "flush_users_per_s", "sidecar flush"),
-        (0.0, "raw_upsert_users_per_s", "raw upsert (same statement)"),
+        (0.0, "raw_upsert_users_per_s", "raw upsert (multi-row VALUES)"),
         (0.27, "raw_unnest_users_per_s", "raw unnest upsert"),
     ]:
         vals = [f[key] for f in r["flushes"]]

@@ -181,7 +181,7 @@ fn markdown(args: &Args, r: &Results) -> anyhow::Result<String> {
         r.peer_rows.events,
     )?;
 
-    writeln!(s, "### 3. Flush\n\n| dirty users | sidecar flush users/s | raw upsert (same statement) users/s | raw `unnest` upsert users/s |\n|---|---|---|---|")?;
+    writeln!(s, "### 3. Flush\n\n| dirty users | sidecar flush users/s | raw upsert (multi-row VALUES) users/s | raw `unnest` upsert users/s |\n|---|---|---|---|")?;
     for f in &r.flushes {
         writeln!(
             s,
