@@ -49,7 +49,9 @@ pub async fn assign(mut request: Request, next: Next) -> Response {
 /// The tracing span of a request, with its id (used by the trace layer).
 pub fn span<B>(request: &axum::http::Request<B>) -> Span {
     let id = request.extensions().get::<RequestId>().map_or("", |id| id.0.as_str());
-    tracing::info_span!("request", method = %request.method(), uri = %request.uri(), request_id = %id)
+    // The path only: a query string can hold a credential (the live stream's `?token=`), and
+    // secrets never reach the logs.
+    tracing::info_span!("request", method = %request.method(), path = %request.uri().path(), request_id = %id)
 }
 
 #[cfg(test)]
