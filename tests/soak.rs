@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::proxy::Proxy;
-use common::sidecar::{post_until_accepted, Sidecar, SidecarOptions, ADMIN_TOKEN};
+use common::sidecar::{admin_post, post_until_accepted, Sidecar, SidecarOptions};
 use common::world::{wrong_users, World};
 use common::{free_port, OwnRedis, TestEnv};
 
@@ -178,13 +178,5 @@ async fn steady_load_with_periodic_faults_ends_with_zero_wrong_users() {
 }
 
 async fn admin_flush(base: String) -> Option<(u16, serde_json::Value)> {
-    let response = reqwest::Client::new()
-        .post(format!("{base}/v1/flush"))
-        .bearer_auth(ADMIN_TOKEN)
-        .timeout(Duration::from_secs(30))
-        .send()
-        .await
-        .ok()?;
-    let status = response.status().as_u16();
-    Some((status, response.json().await.unwrap_or_default()))
+    admin_post(&reqwest::Client::new(), &base, "/v1/flush", serde_json::Value::Null, Duration::from_secs(30)).await
 }

@@ -129,28 +129,6 @@ impl Sidecar {
         self.child.wait().unwrap();
     }
 
-    /// Whether the process is still running.
-    pub fn is_running(&mut self) -> bool {
-        self.child.try_wait().unwrap().is_none()
-    }
-
-    /// The process id (for signals other than SIGKILL).
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// Waits for the process to exit by itself, up to `limit`; its exit code.
-    pub async fn wait_for_exit(&mut self, limit: Duration) -> Option<i32> {
-        let deadline = Instant::now() + limit;
-        while Instant::now() < deadline {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status.code();
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        None
-    }
-
     /// Posts signed events; the response status and body. Connection failures are `None`.
     pub async fn post_events(&self, events: &[Value]) -> Option<(u16, Value)> {
         post_signed(&self.client, &self.base, &new_webhook_id(), events).await
@@ -165,17 +143,7 @@ impl Sidecar {
 
     /// `POST` to an admin endpoint; status and body, `None` if the connection failed.
     pub async fn admin_post(&self, path: &str, body: Value, limit: Duration) -> Option<(u16, Value)> {
-        let response = self
-            .client
-            .post(format!("{}{path}", self.base))
-            .bearer_auth(ADMIN_TOKEN)
-            .json(&body)
-            .timeout(limit)
-            .send()
-            .await
-            .ok()?;
-        let status = response.status().as_u16();
-        Some((status, response.json().await.unwrap_or(Value::Null)))
+        admin_post(&self.client, &self.base, path, body, limit).await
     }
 
     /// Flushes now and asserts it worked.
@@ -211,6 +179,20 @@ impl Sidecar {
         }
         entries
     }
+}
+
+/// `POST` with the admin token to the sidecar at `base`; status and body, `None` if no answer came.
+pub async fn admin_post(
+    client: &reqwest::Client,
+    base: &str,
+    path: &str,
+    body: Value,
+    limit: Duration,
+) -> Option<(u16, Value)> {
+    let response =
+        client.post(format!("{base}{path}")).bearer_auth(ADMIN_TOKEN).json(&body).timeout(limit).send().await.ok()?;
+    let status = response.status().as_u16();
+    Some((status, response.json().await.unwrap_or(Value::Null)))
 }
 
 /// A fresh `webhook-id`.
