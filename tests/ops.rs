@@ -326,3 +326,27 @@ async fn a_request_slower_than_the_shutdown_deadline_does_not_hold_the_exit() {
     assert!(status.success(), "exit status {status}");
     assert!(started.elapsed() >= Duration::from_millis(900), "it did not wait for the request in flight");
 }
+
+#[tokio::test]
+async fn readyz_reports_an_unmigrated_postgres_or_mysql_database() {
+    use diesel::{Connection, RunQueryDsl};
+    let env = TestEnv::sqlite().await;
+    let name = format!("cstest_fresh_{:016x}", rand::random::<u64>());
+    let mut pg = diesel::PgConnection::establish(&common::postgres_url()).unwrap();
+    diesel::sql_query(format!("CREATE SCHEMA {name}")).execute(&mut pg).unwrap();
+    let mut mysql = diesel::MysqlConnection::establish(&common::mysql_url()).unwrap();
+    diesel::sql_query(format!("CREATE DATABASE {name}")).execute(&mut mysql).unwrap();
+    let urls = [
+        format!("{}?options=-csearch_path%3D{name}", common::postgres_url()),
+        format!("{}/{name}", common::mysql_url().rsplit_once('/').unwrap().0),
+    ];
+    for url in urls {
+        let mut fresh = env.core.clone();
+        fresh.database_url = url.clone();
+        let (status, body) = readyz(AppState::new(&fresh, None).unwrap()).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{url}: {body}");
+        assert_eq!(failing_checks(&body), ["migrations"], "{url}: {body}");
+    }
+    diesel::sql_query(format!("DROP SCHEMA {name} CASCADE")).execute(&mut pg).unwrap();
+    diesel::sql_query(format!("DROP DATABASE {name}")).execute(&mut mysql).unwrap();
+}
