@@ -1,23 +1,33 @@
-//! Real-time reads: stored count + pending delta + deltas in batches not yet committed.
+//! Real-time reads: every user's `stored + pending` count, held in Redis.
 //!
-//! Redis and the database change at different moments during a flush, so a naive read can
-//! see a batch twice (already stored, still in Redis) or not at all. A read therefore:
+//! The scripts that change a user's pending delta change the count Redis holds for that user in
+//! the same step (`apply_events.lua`, `reconcile_finish.lua`), and a flush moves deltas from
+//! pending to stored without changing the sum, so a read is one Redis round trip and SQL is not
+//! on the read path.
 //!
-//! 1. takes, in one script, the users' pending deltas, every open batch's deltas for them and
-//!    the hand-off sequence number;
-//! 2. reads stored counts and which of those batches are committed, in one database snapshot;
-//! 3. reads the hand-off sequence again. If a hand-off happened in between, the pending deltas
-//!    of step 1 may have been committed by step 2: the read starts over (a sequence lock).
+//! A user whose count is not held yet (never read, or counts cleared by a rebuild) is *loaded*:
 //!
-//! Open batches count only if not committed. Hand-offs happen once per flush, so retries are rare.
+//! 1. one script takes every open batch's delta for the user, the hand-off sequence and the
+//!    ready marker;
+//! 2. one database snapshot gives the stored count and which of those batches are committed;
+//!    `base` = stored + the deltas of batches not committed: everything outside the pending set;
+//! 3. one script installs `base + the pending delta at that instant`, unless the hand-off
+//!    sequence or the marker moved since step 1 (a new batch, a rebuild or a rollback resync
+//!    would make `base` wrong): then the load starts over (at most 5 times, then 503).
+//!
+//! Events that land between the steps change only the pending delta (a count not held is left
+//! alone), which step 3 reads as it is then; a batch committing between steps 1 and 3 moves a
+//! delta from an uncommitted batch to the stored count, and `base` holds it either way.
+
+use std::collections::HashMap;
 
 use tracing::warn;
 
 use crate::db::{queries, Db, DbError};
 use crate::store::{Store, StoreError};
 
-/// Attempts before a read gives up; each retry means a flush handed off during the read.
-const MAX_READ_ATTEMPTS: usize = 5;
+/// Attempts before a load gives up; each retry means a flush handed off during the load.
+const MAX_LOAD_ATTEMPTS: usize = 5;
 
 /// A read failure.
 #[derive(Debug, thiserror::Error)]
@@ -28,7 +38,7 @@ pub enum ReadError {
     /// The database failed.
     #[error(transparent)]
     Db(#[from] DbError),
-    /// Flushes kept handing off during the read.
+    /// Flushes kept handing off while a count was loaded.
     #[error("the count kept changing during the read; try again")]
     Contended,
 }
@@ -44,34 +54,42 @@ impl ReadError {
     }
 }
 
-/// One user's unread count and where it comes from.
+/// One user's real-time unread count.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
 pub struct UnreadCount {
     /// The user.
     pub user_id: u64,
-    /// What the user should see: `stored + pending`.
+    /// What the user should see: the stored count plus every delta not yet flushed.
     pub unread_count: i64,
-    /// In the count table.
-    pub stored: i64,
-    /// In Redis, not yet flushed (including batches being flushed right now).
-    pub pending: i64,
 }
 
-/// Reads the real-time unread counts of `user_ids`, in the same order.
+/// Reads the real-time unread counts of `user_ids`, in the same order: one Redis round trip when
+/// every count is held, a load (above) for those that are not.
 pub async fn unread_counts(store: &Store, db: &Db, user_ids: &[u64]) -> Result<Vec<UnreadCount>, ReadError> {
-    for attempt in 1..=MAX_READ_ATTEMPTS {
-        let snapshot = store.pending_snapshot(user_ids).await?;
+    let held = store.held_counts(user_ids).await?;
+    let cold: Vec<u64> = user_ids.iter().zip(&held).filter(|(_, count)| count.is_none()).map(|(u, _)| *u).collect();
+    let loaded = if cold.is_empty() { HashMap::new() } else { load(store, db, &cold).await? };
+    Ok(user_ids
+        .iter()
+        .zip(held)
+        .map(|(user_id, count)| UnreadCount {
+            user_id: *user_id,
+            unread_count: count.or_else(|| loaded.get(user_id).copied()).unwrap_or(0),
+        })
+        .collect())
+}
+
+/// Steps 1 to 3 for `user_ids` (distinct or not): their counts, now held.
+async fn load(store: &Store, db: &Db, user_ids: &[u64]) -> Result<HashMap<u64, i64>, ReadError> {
+    for attempt in 1..=MAX_LOAD_ATTEMPTS {
+        let snapshot = store.batches_snapshot(user_ids).await?;
         let users = user_ids.to_vec();
         let batch_ids = snapshot.batch_ids.clone();
         let (stored, committed) = db.run(move |conn| queries::stored_counts(conn, &users, &batch_ids)).await?;
-        if store.handoff_seq().await? != snapshot.handoff_seq {
-            warn!(attempt, "a flush handed off during a read; reading again");
-            continue;
-        }
-        let counts = user_ids
+        let bases: Vec<(u64, i64)> = user_ids
             .iter()
             .zip(&snapshot.deltas)
-            .map(|(user_id, (pending, in_batches))| {
+            .map(|(user, in_batches)| {
                 let uncommitted: i64 = snapshot
                     .batch_ids
                     .iter()
@@ -79,12 +97,13 @@ pub async fn unread_counts(store: &Store, db: &Db, user_ids: &[u64]) -> Result<V
                     .filter(|(id, _)| !committed.contains(*id))
                     .map(|(_, delta)| delta)
                     .sum();
-                let stored = stored.get(user_id).copied().unwrap_or(0);
-                let pending = pending + uncommitted;
-                UnreadCount { user_id: *user_id, unread_count: stored + pending, stored, pending }
+                (*user, stored.get(user).copied().unwrap_or(0) + uncommitted)
             })
             .collect();
-        return Ok(counts);
+        match store.install_counts(&snapshot, &bases).await? {
+            Some(counts) => return Ok(user_ids.iter().copied().zip(counts).collect()),
+            None => warn!(attempt, "a flush handed off while a count was loaded; loading again"),
+        }
     }
     Err(ReadError::Contended)
 }

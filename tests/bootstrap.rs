@@ -277,3 +277,20 @@ async fn a_late_creation_retry_of_a_notification_deleted_before_redis_was_lost_c
         assert_eq!(unread_counts(&state.store, &state.db, &[9]).await.unwrap()[0].unread_count, 2);
     }
 }
+
+/// A first read that took its base from the table before a rebuild rewrote the stored counts
+/// must not install that base afterwards (the rebuild may leave the hand-off sequence as it was).
+#[tokio::test]
+async fn a_count_loaded_across_a_rebuild_is_loaded_again() {
+    let env = TestEnv::postgres_with_source().await;
+    env.sql("INSERT INTO notifications_notification (id, recipient_id, unread, deleted) VALUES (1, 5, TRUE, FALSE)")
+        .await;
+    let state = env.state();
+    let snapshot = state.store.batches_snapshot(&[5]).await.unwrap();
+    let (stored, _) = state.db.run(|conn| countersink::db::queries::stored_counts(conn, &[5], &[])).await.unwrap();
+    assert_eq!(stored.get(&5), None, "the table's count before the rebuild");
+
+    state.reconciler.bootstrap(Batching::default(), |_| {}).await.unwrap();
+    assert_eq!(state.store.install_counts(&snapshot, &[(5, 0)]).await.unwrap(), None);
+    assert_eq!(unread_counts(&state.store, &state.db, &[5]).await.unwrap()[0].unread_count, 1);
+}

@@ -36,7 +36,8 @@ async fn migrate_is_idempotent_and_flush_prints_what_it_wrote() {
     let report: serde_json::Value = serde_json::from_slice(&flush.stdout).unwrap();
     assert_eq!(report["users_written"], 2);
     let counts = unread_counts(&state.store, &state.db, &[8, 9]).await.unwrap();
-    assert!(counts.iter().all(|c| c.stored == 1 && c.pending == 0), "{counts:?}");
+    assert!(counts.iter().all(|c| c.unread_count == 1), "{counts:?}");
+    assert_eq!(env.stored_counts().await, std::collections::HashMap::from([(8, 1), (9, 1)]));
 }
 
 #[tokio::test]

@@ -199,12 +199,11 @@ async fn random_stream_with_retries_and_races_ends_with_exact_stored_counts() {
         &wrong[..wrong.len().min(5)]
     );
 
-    // The read API agrees, with nothing left pending.
+    // The read API agrees.
     let users: Vec<u64> = (1..=USERS).collect();
     for entry in sidecar.read_entries(&users).await {
         let user = entry["user_id"].as_i64().unwrap();
         assert_eq!(entry["unread_count"].as_i64(), Some(want.get(&user).copied().unwrap_or(0)), "user {user}");
-        assert_eq!(entry["pending"], 0);
     }
     println!("{total} events, {} users checked", USERS);
 }

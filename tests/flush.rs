@@ -185,14 +185,19 @@ async fn reads_during_flushes_neither_miss_nor_double_count_the_batch_in_flight(
                 *total += n;
             }
             // Readers check every user while a flush moves the deltas from Redis to the database.
+            // Two read the counts Redis holds; one drops them before each read, so every read of
+            // it loads them from the database and the batches in flight.
             let want: Vec<i64> = per_user.iter().map(|n| *n as i64).collect();
             let done = Arc::new(AtomicBool::new(false));
             let mut readers = Vec::new();
-            for _ in 0..3 {
+            for cold in [false, false, true] {
                 let (reader, users, want, done) = (env.state(), users.clone(), want.clone(), done.clone());
                 readers.push(tokio::spawn(async move {
                     let mut reads = 0;
                     while !done.load(Ordering::Relaxed) || reads == 0 {
+                        if cold {
+                            reader.store.clear_held_counts().await.unwrap();
+                        }
                         let got: Vec<i64> = unread_counts(&reader.store, &reader.db, &users)
                             .await
                             .unwrap()
@@ -207,6 +212,7 @@ async fn reads_during_flushes_neither_miss_nor_double_count_the_batch_in_flight(
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
             state.flusher.flush(WAIT).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(5)).await;
             done.store(true, Ordering::Relaxed);
             for reader in readers {
                 assert!(reader.await.unwrap() > 0);

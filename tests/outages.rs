@@ -6,6 +6,7 @@
 
 mod common;
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -76,9 +77,33 @@ async fn database_outage_during_a_flush_keeps_the_deltas_for_the_next_flush() {
         let _proxy = Proxy::start(address, server).await;
         let report = state.flusher.flush(WAIT).await.unwrap();
         assert_eq!(report.users_written, 1, "{report:?} on {server}");
-        let count = unread_counts(&state.store, &state.db, &[3]).await.unwrap()[0];
-        assert_eq!((count.stored, count.pending), (3, 0), "on {server}");
+        assert_eq!(unread_counts(&state.store, &state.db, &[3]).await.unwrap()[0].unread_count, 3, "on {server}");
+        assert_eq!(env.stored_counts().await.get(&3), Some(&3), "on {server}");
     }
+}
+
+/// A read is one Redis lookup once a user's count is held: the database is not on the read path.
+#[tokio::test]
+async fn held_counts_answer_and_stay_exact_while_the_database_is_down() {
+    let env = TestEnv::postgres().await;
+    let address: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let mut proxy = Proxy::start(address, "127.0.0.1:5432").await;
+    let mut core = env.core.clone();
+    core.database_url = proxy.url_through(&env.core.database_url);
+    core.db_timeout_secs = 1;
+    let state = AppState::new(&core, None).unwrap();
+    state.store.apply(&[Event::save(1, 4, true, true), Event::save(2, 5, true, true)]).await.unwrap();
+    state.flusher.flush(WAIT).await.unwrap();
+    // The first read loads user 4's count from the table and Redis; user 5 is never read.
+    assert_eq!(unread_counts(&state.store, &state.db, &[4]).await.unwrap()[0].unread_count, 1);
+
+    proxy.cut();
+    state.store.apply(&[Event::save(3, 4, true, true), Event::save(1, 4, false, false)]).await.unwrap();
+    state.store.apply(&[Event::save(4, 4, true, true)]).await.unwrap();
+    assert_eq!(unread_counts(&state.store, &state.db, &[4]).await.unwrap()[0].unread_count, 2);
+    assert_eq!(unread_counts(&state.store, &state.db, &[4, 4]).await.unwrap()[1].unread_count, 2);
+    // A count not held yet needs the database.
+    assert!(unread_counts(&state.store, &state.db, &[4, 5]).await.unwrap_err().is_unavailable());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -137,6 +162,6 @@ async fn slow_database_times_the_flush_out_without_overlap_and_reads_still_answe
     let report = state.flusher.flush(WAIT).await.unwrap();
     assert!(report.batches.iter().any(|b| b.recovered && !b.already_applied), "{report:?}");
     let counts = unread_counts(&state.store, &state.db, &[5, 6, 7]).await.unwrap();
-    let stored_pending: Vec<(i64, i64)> = counts.iter().map(|c| (c.stored, c.pending)).collect();
-    assert_eq!(stored_pending, [(2, 0), (1, 0), (1, 0)]);
+    assert_eq!(counts.iter().map(|c| c.unread_count).collect::<Vec<_>>(), [2, 1, 1]);
+    assert_eq!(env.stored_counts().await, HashMap::from([(5, 2), (6, 1), (7, 1)]));
 }

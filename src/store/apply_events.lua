@@ -1,4 +1,5 @@
--- Applies a batch of events atomically: one state transition per event, one ZINCRBY per user.
+-- Applies a batch of events atomically: one state transition per event, then per user one
+-- ZINCRBY of the pending delta and, if the user's real-time count is held, one HINCRBY of it.
 -- (transition.lua is prepended.)
 --
 -- KEYS[1]   the pending sorted set (member = user id, score = pending delta)
@@ -8,14 +9,16 @@
 -- KEYS[5]   what the last bootstrap read: "shard index ms", the highest notification slot it
 --           read (-1 -1 for none) and when it finished (unix ms)
 -- KEYS[6]   the users waiting for a recount
--- KEYS[7..] state shard bitmaps, 2 bits per notification
+-- KEYS[7..] state shard bitmaps, 2 bits per notification, and held-count buckets (hashes:
+--           field = user id within the bucket, value = the user's real-time count)
 -- ARGV[1]   seconds to remember the idempotency key; 0 when the request has none
 -- ARGV[2]   the prefix of journal keys (journal key = prefix .. user id)
 -- ARGV[3]   the prefix of reconciled-set keys (set key = prefix .. user id)
 -- ARGV[4]   1 if the state must be bootstrapped (the marker must exist), else 0
 -- ARGV[5]   the pub/sub channel told which users' counts changed (comma-separated ids)
--- ARGV[6..] 5 values per event: op, key index (into KEYS), index in shard, user id, and when
---           it occurred (unix ms, 0 if the sender did not say)
+-- ARGV[6..] 7 values per event: op, state key index (into KEYS), index in shard, user id, when
+--           it occurred (unix ms, 0 if the sender did not say), the user's count bucket index
+--           (into KEYS) and field in it
 --
 -- Returns {changed, recorded, duplicate, stale, after_delete, replayed}: events that changed a
 -- count, that changed only the state, that repeated the current state, that were stale
@@ -98,8 +101,10 @@ local outcomes = {duplicate = 0, stale = 0, after_delete = 0}
 local changed, recorded = 0, 0
 local deltas, users = {}, {}
 
-for i = 6, #ARGV, 5 do
+local count_at = {}
+for i = 6, #ARGV, 7 do
   local op, key, pos, user = ARGV[i], KEYS[tonumber(ARGV[i + 1])], '#' .. ARGV[i + 2], ARGV[i + 3]
+  count_at[user] = {KEYS[tonumber(ARGV[i + 5])], ARGV[i + 6]}
   journal(user, op .. ' ' .. key .. ' ' .. pos)
   local old = redis.call('BITFIELD', key, 'GET', 'u2', pos)[1]
   local new, why = transition(old, op)
@@ -139,6 +144,12 @@ for _, user in ipairs(users) do
     -- A user whose pending delta returns to zero leaves the set: nothing to flush.
     if tonumber(redis.call('ZINCRBY', KEYS[1], delta, user)) == 0 then
       redis.call('ZREM', KEYS[1], user)
+    end
+    -- A count not held yet is loaded by its first read (install_counts.lua), which adds the
+    -- pending delta as it is then: changing nothing here is what keeps that load exact.
+    local bucket, field = count_at[user][1], count_at[user][2]
+    if redis.call('HEXISTS', bucket, field) == 1 then
+      redis.call('HINCRBY', bucket, field, delta)
     end
   end
 end

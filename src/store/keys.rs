@@ -4,6 +4,11 @@
 /// Notifications per state shard: 2^16 ids × 2 bits = a 16 KiB string per shard key.
 pub const SHARD_BITS: u32 = 16;
 
+/// Users per bucket of held counts: 2^7 = 128, Redis's default `hash-max-listpack-entries`, so
+/// a full bucket stays a compact listpack (about 5.5 bytes per user, measured in
+/// `tests/memory.rs`) instead of a hash table (about 60).
+pub const COUNT_BUCKET_BITS: u32 = 7;
+
 /// Builds the key names of one deployment.
 #[derive(Debug, Clone)]
 pub struct Keys {
@@ -24,6 +29,17 @@ impl Keys {
     /// The 2-bit-per-notification state bitmap of one shard.
     pub fn state(&self, shard: u64) -> String {
         format!("{}:state:{shard}", self.tag)
+    }
+
+    /// The count bucket of user `user` and the user's field inside it.
+    pub fn count_slot(user: u64) -> (u64, u64) {
+        (user >> COUNT_BUCKET_BITS, user & ((1 << COUNT_BUCKET_BITS) - 1))
+    }
+
+    /// A bucket of real-time counts held in Redis: a hash, field = user within the bucket,
+    /// value = `stored + pending` for that user (see `docs/design.md`, *Real-time reads*).
+    pub fn counts(&self, bucket: u64) -> String {
+        format!("{}:counts:{bucket}", self.tag)
     }
 
     /// The sorted set of pending deltas: member = user id, score = delta not yet in the database.

@@ -12,7 +12,7 @@ use redis::{AsyncCommands, Script};
 use tracing::instrument;
 
 use crate::events::{Event, EventKind};
-pub use keys::{Keys, SHARD_BITS};
+pub use keys::{Keys, COUNT_BUCKET_BITS, SHARD_BITS};
 
 /// The 2-bit states of a notification, as `transition.lua` defines them (0 is unseen).
 pub mod state {
@@ -111,15 +111,19 @@ pub struct Applied {
     pub replayed: bool,
 }
 
-/// What Redis holds for some users that the database does not have yet (see [`crate::counts`]).
+/// What loading some users' counts reads from Redis besides their pending deltas (see
+/// [`crate::counts`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PendingSnapshot {
+pub struct BatchesSnapshot {
     /// The hand-off sequence when the snapshot was taken.
     pub handoff_seq: u64,
+    /// The ready marker's value then (empty when there was none): a rebuild or a rollback
+    /// resync writes a new one.
+    pub ready: String,
     /// Batches handed off and not yet dropped; committed ones are already in the database.
     pub batch_ids: Vec<String>,
-    /// Per user (in request order): the pending delta, then the delta in each batch of `batch_ids`.
-    pub deltas: Vec<(i64, Vec<i64>)>,
+    /// Per user (in request order): the delta in each batch of `batch_ids`.
+    pub deltas: Vec<Vec<i64>>,
 }
 
 /// The Redis store of one deployment (one key prefix).
@@ -138,7 +142,8 @@ struct Scripts {
     take_recounts: Script,
     handoff: Script,
     drop_batch: Script,
-    read_pending: Script,
+    read_batches: Script,
+    install_counts: Script,
     release_lock: Script,
     extend_lock: Script,
 }
@@ -152,7 +157,8 @@ fn scripts() -> &'static Scripts {
         take_recounts: Script::new(include_str!("take_recounts.lua")),
         handoff: Script::new(include_str!("handoff.lua")),
         drop_batch: Script::new(include_str!("drop_batch.lua")),
-        read_pending: Script::new(include_str!("read_pending.lua")),
+        read_batches: Script::new(include_str!("read_batches.lua")),
+        install_counts: Script::new(include_str!("install_counts.lua")),
         release_lock: Script::new(include_str!("release_lock.lua")),
         extend_lock: Script::new(include_str!("extend_lock.lua")),
     })
@@ -218,17 +224,32 @@ impl Store {
             .arg(self.keys.reconciled(""))
             .arg(u8::from(self.requires_bootstrap))
             .arg(self.keys.live_channel());
-        // KEYS[1..6] are taken; each distinct shard gets the next key index.
+        // KEYS[1..6] are taken; each distinct state shard and count bucket gets the next index.
+        let mut next_key = 7;
         let mut shard_index: HashMap<u64, usize> = HashMap::new();
+        let mut bucket_index: HashMap<u64, usize> = HashMap::new();
         for event in events {
             let (shard, index_in_shard) = Keys::state_slot(event.notification_id);
-            let next = shard_index.len() + 7;
-            let key_index = *shard_index.entry(shard).or_insert_with(|| {
+            let state_key = *shard_index.entry(shard).or_insert_with(|| {
                 invocation.key(self.keys.state(shard));
-                next
+                next_key += 1;
+                next_key - 1
+            });
+            let (bucket, field) = Keys::count_slot(event.user_id);
+            let count_key = *bucket_index.entry(bucket).or_insert_with(|| {
+                invocation.key(self.keys.counts(bucket));
+                next_key += 1;
+                next_key - 1
             });
             let occurred_ms = event.occurred_at.map_or(0, |at| at.timestamp_millis().max(0));
-            invocation.arg(op_code(event)).arg(key_index).arg(index_in_shard).arg(event.user_id).arg(occurred_ms);
+            invocation
+                .arg(op_code(event))
+                .arg(state_key)
+                .arg(index_in_shard)
+                .arg(event.user_id)
+                .arg(occurred_ms)
+                .arg(count_key)
+                .arg(field);
         }
         let mut conn = self.conn.clone();
         let counts: Vec<i64> = invocation.invoke_async(&mut conn).await?;
@@ -245,11 +266,11 @@ impl Store {
         }
     }
 
-    /// The pending delta of each user, plus their deltas in batches not yet dropped, atomically.
-    pub async fn pending_snapshot(&self, user_ids: &[u64]) -> Result<PendingSnapshot, StoreError> {
-        let mut invocation = self.scripts.read_pending.prepare_invoke();
+    /// The users' deltas in batches not yet dropped, with the hand-off sequence and the ready
+    /// marker, atomically: what loading their counts needs besides the database.
+    pub async fn batches_snapshot(&self, user_ids: &[u64]) -> Result<BatchesSnapshot, StoreError> {
+        let mut invocation = self.scripts.read_batches.prepare_invoke();
         invocation
-            .key(self.keys.pending())
             .key(self.keys.batches())
             .key(self.keys.handoff_seq())
             .key(self.keys.ready())
@@ -265,20 +286,109 @@ impl Store {
                 return Err(StoreError::StateMissing);
             }
         }
-        let (seq, batch_ids, rows): (u64, Vec<String>, Vec<Vec<String>>) =
+        let (seq, ready, batch_ids, rows): (u64, String, Vec<String>, Vec<Vec<String>>) =
             redis::FromRedisValue::from_redis_value(reply).map_err(|e| StoreError::Unexpected(e.to_string()))?;
         let deltas = rows
             .iter()
-            .map(|row| {
-                let mut values = row.iter().map(|s| parse_score(s));
-                let pending = values.next().unwrap_or(Ok(0))?;
-                Ok((pending, values.collect::<Result<Vec<_>, _>>()?))
-            })
+            .map(|row| row.iter().map(|s| parse_score(s)).collect::<Result<Vec<_>, _>>())
             .collect::<Result<Vec<_>, StoreError>>()?;
         if deltas.len() != user_ids.len() {
-            return Err(StoreError::Unexpected("read_pending returned the wrong number of rows".into()));
+            return Err(StoreError::Unexpected("read_batches returned the wrong number of rows".into()));
         }
-        Ok(PendingSnapshot { handoff_seq: seq, batch_ids, deltas })
+        Ok(BatchesSnapshot { handoff_seq: seq, ready, batch_ids, deltas })
+    }
+
+    /// The real-time counts Redis holds for `user_ids`, in the same order; `None` for a user
+    /// whose count is not held yet (see [`Store::install_counts`]). One round trip: one `HMGET`
+    /// per count bucket, pipelined.
+    pub async fn held_counts(&self, user_ids: &[u64]) -> Result<Vec<Option<i64>>, StoreError> {
+        let mut pipeline = redis::pipe();
+        // Users of one bucket are asked for together; `places` says where each answer goes.
+        let mut buckets: Vec<(u64, Vec<usize>)> = Vec::new();
+        let mut bucket_of: HashMap<u64, usize> = HashMap::new();
+        for (place, user) in user_ids.iter().enumerate() {
+            let (bucket, _) = Keys::count_slot(*user);
+            let at = *bucket_of.entry(bucket).or_insert_with(|| {
+                buckets.push((bucket, Vec::new()));
+                buckets.len() - 1
+            });
+            buckets[at].1.push(place);
+        }
+        for (bucket, places) in &buckets {
+            let command = pipeline.cmd("HMGET").arg(self.keys.counts(*bucket));
+            for place in places {
+                command.arg(Keys::count_slot(user_ids[*place]).1);
+            }
+        }
+        let mut conn = self.conn.clone();
+        let replies: Vec<Vec<Option<i64>>> = pipeline.query_async(&mut conn).await?;
+        let mut counts = vec![None; user_ids.len()];
+        for ((_, places), values) in buckets.iter().zip(replies) {
+            if values.len() != places.len() {
+                return Err(StoreError::Unexpected("HMGET returned the wrong number of values".into()));
+            }
+            for (place, value) in places.iter().zip(values) {
+                counts[*place] = value;
+            }
+        }
+        Ok(counts)
+    }
+
+    /// Starts holding the real-time counts of `bases` (user, stored count + deltas of batches
+    /// not yet committed, as read with `snapshot`): each becomes base + the pending delta at
+    /// this instant, unless a count is already held. `None` when a hand-off, a rebuild or a
+    /// rollback resync happened since `snapshot` was taken: read the bases again.
+    pub async fn install_counts(
+        &self,
+        snapshot: &BatchesSnapshot,
+        bases: &[(u64, i64)],
+    ) -> Result<Option<Vec<i64>>, StoreError> {
+        let mut invocation = self.scripts.install_counts.prepare_invoke();
+        invocation.key(self.keys.handoff_seq()).key(self.keys.ready()).key(self.keys.pending());
+        invocation.arg(snapshot.handoff_seq).arg(&snapshot.ready);
+        let mut bucket_index: HashMap<u64, usize> = HashMap::new();
+        for (user, base) in bases {
+            let (bucket, field) = Keys::count_slot(*user);
+            let next = bucket_index.len() + 4;
+            let index = *bucket_index.entry(bucket).or_insert_with(|| {
+                invocation.key(self.keys.counts(bucket));
+                next
+            });
+            invocation.arg(*user).arg(index).arg(field).arg(*base);
+        }
+        let mut conn = self.conn.clone();
+        let reply: Vec<i64> = invocation.invoke_async(&mut conn).await?;
+        match reply.split_first() {
+            Some((0, [])) => Ok(None),
+            Some((1, counts)) if counts.len() == bases.len() => Ok(Some(counts.to_vec())),
+            _ => Err(StoreError::Unexpected(format!("install_counts returned {reply:?}"))),
+        }
+    }
+
+    /// Stops holding every real-time count (each is loaded again by its next read): after the
+    /// stored counts or the pending deltas were rewritten outside the scripts that keep them.
+    pub async fn clear_held_counts(&self) -> Result<u64, StoreError> {
+        self.unlink_matching("counts:*").await
+    }
+
+    /// Unlinks every key of this deployment matching `glob` (e.g. `state:*`), 1,000 at a time.
+    async fn unlink_matching(&self, glob: &str) -> Result<u64, StoreError> {
+        let mut conn = self.conn.clone();
+        let pattern = self.keys.pattern(glob);
+        let keys: Vec<String> = {
+            let mut scan = conn.scan_match::<_, String>(&pattern).await?;
+            let mut keys = Vec::new();
+            while let Some(key) = scan.next_item().await {
+                keys.push(key?);
+            }
+            keys
+        };
+        let mut deleted = 0;
+        for chunk in keys.chunks(1_000) {
+            let n: u64 = conn.unlink(chunk).await?;
+            deleted += n;
+        }
+        Ok(deleted)
     }
 
     /// The current hand-off sequence number.
@@ -336,6 +446,9 @@ impl Store {
         }
         transaction.set(self.keys.ready(), chrono::Utc::now().to_rfc3339()).ignore();
         let _: () = transaction.query_async(&mut conn).await?;
+        // The held counts were kept against the old pending deltas: each is loaded again. The new
+        // marker value keeps loads that read before the resync from installing stale bases.
+        self.clear_held_counts().await?;
         Ok(())
     }
 
@@ -473,7 +586,13 @@ impl Store {
             .arg(grace.as_millis() as u64)
             .arg(self.keys.live_channel());
         for truth in truths {
-            invocation.arg(truth.user_id).arg(truth.stored).arg(truth.notifications.len());
+            let (bucket, field) = Keys::count_slot(truth.user_id);
+            invocation
+                .arg(truth.user_id)
+                .arg(truth.stored)
+                .arg(self.keys.counts(bucket))
+                .arg(field)
+                .arg(truth.notifications.len());
             for (id, state) in &truth.notifications {
                 let (shard, index) = Keys::state_slot(*id);
                 invocation.arg(self.keys.state(shard)).arg(index).arg(*state);
@@ -657,25 +776,15 @@ impl Store {
     }
 
     /// Deletes the whole state: the marker first (events are refused from then on), then every
-    /// state shard, the pending set, open batches, reconcile fences, journals and pictures.
+    /// held count, state shard, the pending set, open batches, reconcile fences, journals and
+    /// pictures.
     pub async fn clear_state(&self) -> Result<u64, StoreError> {
         let mut conn = self.conn.clone();
         let _: i64 = conn.del(self.keys.ready()).await?;
         let mut deleted = 0;
-        for pattern in ["state:*", "batch:*", "journal:*", "reconciled:*"] {
-            let pattern = self.keys.pattern(pattern);
-            let keys: Vec<String> = {
-                let mut scan = conn.scan_match::<_, String>(&pattern).await?;
-                let mut keys = Vec::new();
-                while let Some(key) = scan.next_item().await {
-                    keys.push(key?);
-                }
-                keys
-            };
-            for chunk in keys.chunks(1_000) {
-                let n: u64 = conn.unlink(chunk).await?;
-                deleted += n;
-            }
+        // With the marker gone no count is installed or changed, so none comes back meanwhile.
+        for pattern in ["counts:*", "state:*", "batch:*", "journal:*", "reconciled:*"] {
+            deleted += self.unlink_matching(pattern).await?;
         }
         let singles = [
             self.keys.pending(),

@@ -1,12 +1,14 @@
 -- Finishes reconciling users: sets each notification's state to what the Notification table
 -- says, replays the events journaled since the fence went up, and sets the user's pending
--- delta so that stored + pending is the true count. (transition.lua is prepended.)
+-- delta so that stored + pending is the true count, and holds that count as the user's real-time
+-- count. (transition.lua is prepended.)
 --
 -- KEYS[1] pending, KEYS[2] the users being reconciled
 -- ARGV[1] the prefix of journal keys, ARGV[2] the prefix of reconciled-set keys,
 -- ARGV[3] how long the reconciled set is kept (ms)
 -- ARGV[4] the pub/sub channel told which users' counts changed (comma-separated ids)
--- ARGV[5..] per user: user id, stored count, n, then n triples (state key, index in shard, state)
+-- ARGV[5..] per user: user id, stored count, count bucket key, field in it, n, then n triples
+--           (state key, index in shard, state)
 -- Returns per user {user id, stored + pending before, true count}, or {user id, -1, -1} when the
 -- fence expired (the reconcile took too long; try that user again).
 local now = now_ms()
@@ -14,8 +16,9 @@ local results = {}
 local i = 5
 local moved = {}
 while i <= #ARGV do
-  local user, stored, n = ARGV[i], tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])
-  local rows_at = i + 3
+  local user, stored, n = ARGV[i], tonumber(ARGV[i + 1]), tonumber(ARGV[i + 4])
+  local bucket, field = ARGV[i + 2], ARGV[i + 3]
+  local rows_at = i + 5
   i = rows_at + 3 * n
   local deadline = redis.call('ZSCORE', KEYS[2], user)
   if not deadline or tonumber(deadline) <= now then
@@ -60,6 +63,7 @@ while i <= #ARGV do
     else
       redis.call('ZADD', KEYS[1], actual - stored, user)
     end
+    redis.call('HSET', bucket, field, actual)
     if actual ~= before then moved[#moved + 1] = user end
     redis.call('DEL', journal_key)
     redis.call('ZREM', KEYS[2], user)
