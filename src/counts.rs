@@ -101,9 +101,13 @@ async fn load(store: &Store, db: &Db, user_ids: &[u64]) -> Result<HashMap<u64, i
             })
             .collect();
         match store.install_counts(&snapshot, &bases).await? {
-            Some(counts) => return Ok(user_ids.iter().copied().zip(counts).collect()),
+            Some(counts) => {
+                crate::metrics::counts_loaded(user_ids.len(), attempt - 1);
+                return Ok(user_ids.iter().copied().zip(counts).collect());
+            }
             None => warn!(attempt, "a flush handed off while a count was loaded; loading again"),
         }
     }
+    crate::metrics::counts_loaded(0, MAX_LOAD_ATTEMPTS);
     Err(ReadError::Contended)
 }

@@ -18,6 +18,7 @@
 //! | `countersink_last_flush_success_timestamp_seconds` | gauge | |
 //! | `countersink_reconcile_users_checked_total`, `countersink_reconcile_drift_users_total` | counter | |
 //! | `countersink_dependency_errors_total` | counter | `dependency`: `redis`, `database` |
+//! | `countersink_count_loads_total`, `countersink_count_load_retries_total` | counter | |
 
 use std::sync::atomic::AtomicU64;
 use std::sync::LazyLock;
@@ -98,6 +99,8 @@ struct Metrics {
     reconcile_users_checked: Counter,
     reconcile_drift_users: Counter,
     dependency_errors: Family<DependencyLabel, Counter>,
+    count_loads: Counter,
+    count_load_retries: Counter,
 }
 
 static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
@@ -121,6 +124,8 @@ impl Metrics {
             reconcile_users_checked: Counter::default(),
             reconcile_drift_users: Counter::default(),
             dependency_errors: Family::default(),
+            count_loads: Counter::default(),
+            count_load_retries: Counter::default(),
             registry: Registry::default(),
         };
         let m = &metrics;
@@ -182,6 +187,16 @@ impl Metrics {
             m.reconcile_drift_users.clone(),
         );
         registry.register("dependency_errors", "Failed Redis commands and database calls", m.dependency_errors.clone());
+        registry.register(
+            "count_loads",
+            "Users whose real-time count a read loaded from the count table and Redis (a first read)",
+            m.count_loads.clone(),
+        );
+        registry.register(
+            "count_load_retries",
+            "Loads started over because a flush handed off meanwhile",
+            m.count_load_retries.clone(),
+        );
         // Both series exist from the start, so an alert on their rate has something to compare.
         for dependency in [Dependency::Redis, Dependency::Database] {
             m.dependency_errors.get_or_create(&DependencyLabel { dependency: dependency.label() }).inc_by(0);
@@ -267,6 +282,12 @@ pub fn reconcile_finished(report: &ReconcileReport) {
 /// Counts one failed Redis command or database call.
 pub fn dependency_error(dependency: Dependency) {
     METRICS.dependency_errors.get_or_create(&DependencyLabel { dependency: dependency.label() }).inc();
+}
+
+/// Counts users whose real-time count was loaded (not held yet), and loads started over.
+pub fn counts_loaded(users: usize, retries: usize) {
+    METRICS.count_loads.inc_by(users as u64);
+    METRICS.count_load_retries.inc_by(retries as u64);
 }
 
 /// Every metric in the OpenMetrics text format.

@@ -1,7 +1,7 @@
 //! The run: sets up, measures every scenario, tears down. Returns the numbers; `report.rs`
 //! writes them.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -22,7 +22,7 @@ use http_body_util::Full;
 use hyper::body::Bytes;
 use hyper::Request;
 
-use crate::load::{self, MakeRequest, Measured};
+use crate::load::{self, CheckAnswer, MakeRequest, Measured};
 use crate::procs::{self, Watched};
 use crate::Args;
 
@@ -32,6 +32,8 @@ const USERS: u64 = 1_000_000;
 const HOT_USER: u64 = 7;
 /// Events per request in the batched scenarios.
 const BATCH: usize = 100;
+/// Users per request in the batch-read scenario.
+const READ_BATCH: usize = 100;
 /// Notifications per user in the `SELECT count(*)` table; half of them unread (5,000).
 const ROWS_PER_USER: u64 = 10_000;
 
@@ -120,6 +122,12 @@ pub struct Results {
     pub notifications_tracked: u64,
     /// Redis bytes of the pending set per dirty user.
     pub redis_pending_bytes_per_user: f64,
+    /// Redis bytes of the held real-time counts per user (every user read once).
+    pub redis_count_bytes_per_user: f64,
+    /// Users read for the first time before the read scenarios.
+    pub first_reads_users: u64,
+    /// First reads (loads from SQL and Redis) of every user, 1,000 per request, 4 connections: users/s.
+    pub first_reads_users_per_s: f64,
     /// Bytes of one idempotency key (`webhook-id`, kept 24 h by default).
     pub redis_webhook_key_bytes: u64,
     /// The sidecar's resident memory when idle before the load, MiB.
@@ -376,7 +384,7 @@ pub async fn run(args: &Args) -> anyhow::Result<Results> {
         let m = load::run_http(peer_addr, c, warmup, measure, 1, make).await?;
         scenario(id, label, c, m, procs::cpu_percent(&before, &procs::sample(&watched)));
     }
-    stop_child(&mut env, peer_pid);
+    // The peer idles (it costs no CPU) until its read scenario.
     let peer_rows = RowsWritten {
         events: peer_events.load(Ordering::Relaxed),
         rows: settled_rows(&env, &name, "peer_counts").await?.saturating_sub(peer_before),
@@ -442,22 +450,90 @@ pub async fn run(args: &Args) -> anyhow::Result<Results> {
         sidecar_rows.rows, sidecar_rows.events, users_flushed, peer_rows.rows, peer_rows.events
     );
 
-    // 4. Reads through the sidecar: at the bench's concurrency, and one at a time.
-    for (id, label, connections) in
-        [("reads_c", "unread-count reads", c), ("reads_1", "unread-count reads, 1 connection", 1)]
-    {
-        let make: MakeRequest = Arc::new(|_| {
-            Request::get(format!("/v1/users/{}/unread-count", spread_user()))
+    // 4. Reads. After the flush nothing is pending, so the model of every user's count is the
+    // stored one; every answer of every read scenario is checked against it.
+    let expected: Arc<HashMap<u64, i64>> = {
+        #[derive(diesel::QueryableByName)]
+        struct Row {
+            #[diesel(sql_type = diesel::sql_types::BigInt)]
+            user_id: i64,
+            #[diesel(sql_type = diesel::sql_types::BigInt)]
+            unread_count: i64,
+        }
+        let rows: Vec<Row> = diesel::sql_query("SELECT user_id, unread_count FROM countersink_usernotificationscount")
+            .load(&mut conn)?;
+        Arc::new(rows.into_iter().map(|r| (r.user_id as u64, r.unread_count)).collect())
+    };
+    let check: CheckAnswer = {
+        let expected = expected.clone();
+        Arc::new(move |body: &[u8]| {
+            let Ok(answer) = serde_json::from_slice::<serde_json::Value>(body) else { return false };
+            let entries = answer.get("counts").and_then(|c| c.as_array().cloned()).unwrap_or_else(|| vec![answer]);
+            entries.iter().all(|entry| {
+                let user = entry["user_id"].as_u64().unwrap_or(u64::MAX);
+                entry["unread_count"].as_i64() == Some(expected.get(&user).copied().unwrap_or(0))
+            })
+        })
+    };
+    // First reads load each user's count (SQL + Redis) and hold it in Redis; the scenarios after
+    // measure the held counts, as a site sees them once its users have been seen once.
+    let first_reads_started = std::time::Instant::now();
+    let first_reads = {
+        let next = Arc::new(AtomicU64::new(1));
+        let make: MakeRequest = Arc::new(move |_| {
+            let first = next.fetch_add(1_000, Ordering::Relaxed).min(USERS);
+            let ids: Vec<String> = (first..(first + 1_000).min(USERS + 1)).map(|u| u.to_string()).collect();
+            Request::get(format!("/v1/unread-counts?user_ids={}", ids.join(",")))
                 .body(Full::new(Bytes::new()))
-                .unwrap_or_else(|_| unreachable!("a constant request is valid"))
+                .unwrap_or_else(|_| unreachable!("a list of ids is a valid request"))
         });
+        let rounds = USERS.div_ceil(1_000) as usize;
+        load::run_requests(sidecar_addr, 4, rounds, make, Some(check.clone())).await?
+    };
+    let first_reads_users_per_s = USERS as f64 / first_reads_started.elapsed().as_secs_f64();
+    println!("  first reads (loads) of {USERS} users: {first_reads_users_per_s:.0} users/s, wrong {first_reads}");
+    anyhow::ensure!(first_reads == 0, "{first_reads} first reads answered a count other than the stored one");
+    let count_bytes = memory_usage(&mut redis, &format!("{{{name}}}:counts:*"))?;
+
+    let single_read: MakeRequest = Arc::new(|_| {
+        Request::get(format!("/v1/users/{}/unread-count", spread_user()))
+            .body(Full::new(Bytes::new()))
+            .unwrap_or_else(|_| unreachable!("a user id is a valid path"))
+    });
+    let batch_read: MakeRequest = Arc::new(|_| {
+        let ids: Vec<String> = (0..READ_BATCH).map(|_| spread_user().to_string()).collect();
+        Request::get(format!("/v1/unread-counts?user_ids={}", ids.join(",")))
+            .body(Full::new(Bytes::new()))
+            .unwrap_or_else(|_| unreachable!("a list of ids is a valid request"))
+    });
+    let healthz: MakeRequest = Arc::new(|_| {
+        Request::get("/healthz").body(Full::new(Bytes::new())).unwrap_or_else(|_| unreachable!("a constant request"))
+    });
+    let reads = [
+        ("reads_healthz", "sidecar `GET /healthz`", sidecar_addr, c, 1, healthz, None),
+        ("reads_c", "unread-count reads", sidecar_addr, c, 1, single_read.clone(), Some(check.clone())),
+        ("reads_1", "unread-count reads, 1 connection", sidecar_addr, 1, 1, single_read.clone(), Some(check.clone())),
+        (
+            "reads_batch",
+            "batch reads, 100 users/request",
+            sidecar_addr,
+            c,
+            READ_BATCH as u64,
+            batch_read,
+            Some(check.clone()),
+        ),
+        ("reads_peer", "SQL peer: primary-key SELECT per read", peer_addr, c, 1, single_read, Some(check.clone())),
+    ];
+    for (id, label, addr, connections, per_request, make, check) in reads {
         let before = procs::sample(&watched);
-        let m = load::run_http(sidecar_addr, connections, warmup, measure, 1, make).await?;
+        let m = load::run_http_checked(addr, connections, warmup, measure, per_request, make, check).await?;
+        anyhow::ensure!(m.wrong == 0, "{label}: {} answers differ from the stored counts", m.wrong);
         scenario(id, label, connections, m, procs::cpu_percent(&before, &procs::sample(&watched)));
     }
     let sidecar_rss_peak_mib = procs::status_kib(sidecar_pid, "VmHWM")?.max(sidecar_hwm_ingest) as f64 / 1024.0;
     stop_child(&mut env, sidecar_pid);
     stop_child(&mut env, minimal_pid);
+    stop_child(&mut env, peer_pid);
 
     // 3. Flush against the raw upsert rate.
     let sizes: &[u64] = if args.quick { &[10_000, 100_000] } else { &[100_000, 1_000_000] };
@@ -483,6 +559,9 @@ pub async fn run(args: &Args) -> anyhow::Result<Results> {
         redis_bytes_per_notification: state_bytes as f64 / notifications_tracked.max(1) as f64,
         notifications_tracked,
         redis_pending_bytes_per_user: pending_bytes as f64 / pending_users.max(1) as f64,
+        redis_count_bytes_per_user: count_bytes as f64 / USERS as f64,
+        first_reads_users: USERS,
+        first_reads_users_per_s,
         redis_webhook_key_bytes,
         sidecar_rss_idle_mib,
         sidecar_rss_peak_mib,

@@ -6,15 +6,17 @@
 //!   for an axum JSON endpoint.
 //! - **SQL peer**: the design article's direct approach. It parses the same JSON, then runs one
 //!   atomic `UPDATE ... SET unread_count = unread_count + 1` per event (autocommit) through a
-//!   pool against PostgreSQL.
+//!   pool against PostgreSQL. It also answers the sidecar's read, `GET /v1/users/{id}/unread-count`,
+//!   with the primary-key `SELECT` of the sidecar's count table in the same database: what a site
+//!   without countersink's read would run.
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use axum::body::Bytes;
-use axum::extract::State;
+use axum::extract::{Path, State};
 use axum::http::StatusCode;
-use axum::routing::post;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use countersink::db::Db;
 use countersink::events::{parse_batch, EventKind};
@@ -40,7 +42,10 @@ async fn minimal_events(body: Bytes) -> Answer {
 /// Serves the SQL peer on `port` until killed, with `pool` connections to `database_url`.
 pub async fn serve_sql_peer(port: u16, database_url: &str, pool: u32) -> anyhow::Result<()> {
     let db = Db::connect(database_url, pool, Duration::from_secs(30))?;
-    let app = Router::new().route("/v1/events", post(peer_events)).with_state(db);
+    let app = Router::new()
+        .route("/v1/events", post(peer_events))
+        .route("/v1/users/{user_id}/unread-count", get(peer_read))
+        .with_state(db);
     serve(app, port).await
 }
 
@@ -74,6 +79,25 @@ async fn peer_events(State(db): State<Db>, body: Bytes) -> Answer {
     .await
     .map_err(|e| (StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
     Ok(Json(serde_json::json!({ "received": received })))
+}
+
+#[derive(diesel::QueryableByName)]
+struct Stored {
+    #[diesel(sql_type = BigInt)]
+    unread_count: i64,
+}
+
+async fn peer_read(State(db): State<Db>, Path(user_id): Path<i64>) -> Answer {
+    let stored: Vec<Stored> = db
+        .run(move |conn| {
+            Ok(diesel::sql_query("SELECT unread_count FROM countersink_usernotificationscount WHERE user_id = $1")
+                .bind::<BigInt, _>(user_id)
+                .load(conn)?)
+        })
+        .await
+        .map_err(|e| (StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
+    let unread_count = stored.first().map_or(0, |s| s.unread_count);
+    Ok(Json(serde_json::json!({ "user_id": user_id, "unread_count": unread_count })))
 }
 
 async fn serve(app: Router, port: u16) -> anyhow::Result<()> {
