@@ -13,6 +13,7 @@
 
 mod common;
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -85,6 +86,26 @@ async fn steady_load_with_periodic_faults_ends_with_zero_wrong_users() {
         }));
     }
 
+    // A reader, as page views are: every user's count is read again and again, so the counts
+    // Redis holds are kept (and checked at the end) through every fault.
+    let reader = tokio::spawn({
+        let (stop, base) = (stop.clone(), base.clone());
+        async move {
+            let client = reqwest::Client::new();
+            let ids = (1..=USERS).map(|u| u.to_string()).collect::<Vec<_>>();
+            let mut answered = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                for chunk in ids.chunks(1_000) {
+                    let url = format!("{base}/v1/unread-counts?user_ids={}", chunk.join(","));
+                    let read = client.get(url).timeout(Duration::from_secs(5)).send().await;
+                    answered += u64::from(read.is_ok_and(|r| r.status().is_success()));
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            answered
+        }
+    });
+
     let started = Instant::now();
     let mut faults = Vec::new();
     while started.elapsed() < Duration::from_secs(secs) {
@@ -123,6 +144,7 @@ async fn steady_load_with_periodic_faults_ends_with_zero_wrong_users() {
     for worker in workers {
         worlds.push(worker.await.unwrap());
     }
+    let reads_answered = reader.await.unwrap();
 
     // Events the last rebuild could not judge wait for a recount, which the sidecar runs by itself.
     let mut redis_conn = redis::Client::open(redis.url()).unwrap().get_connection().unwrap();
@@ -156,16 +178,20 @@ async fn steady_load_with_periodic_faults_ends_with_zero_wrong_users() {
     let stored = env.stored_counts().await;
     let users: Vec<u64> = (1..=USERS).collect();
     let wrong = wrong_users(&users, &stored, &truth);
+    let read: HashMap<u64, i64> = sidecar.read_counts(&users).await.into_iter().collect();
+    let read_wrong = wrong_users(&users, &read, &truth);
     println!(
         "soak: {secs} s, {} events from {WORKERS} workers, {} faults, final flush {report}",
         events_sent.load(Ordering::Relaxed),
         faults.len()
     );
     println!(
-        "soak: {} users checked, {} unread in all; wrong users: {}",
+        "soak: {} users checked, {} unread in all; wrong users: {} stored, {} read ({reads_answered} batch reads \
+         answered during the load)",
         users.len(),
         truth.values().sum::<i64>(),
-        wrong.len()
+        wrong.len(),
+        read_wrong.len()
     );
     for (user, stored, truth) in wrong.iter().take(5) {
         println!("soak: user {user}: stored {stored}, true {truth}");
@@ -174,6 +200,8 @@ async fn steady_load_with_periodic_faults_ends_with_zero_wrong_users() {
         }
     }
     assert!(wrong.is_empty(), "seed {seed}: e.g. (user, stored, true) {:?}", &wrong[..wrong.len().min(5)]);
+    assert!(read_wrong.is_empty(), "seed {seed}: e.g. (user, read, true) {:?}", &read_wrong[..read_wrong.len().min(5)]);
+    assert!(reads_answered > 0, "no read was answered during the load");
     assert!(faults.len() as u64 >= secs / FAULT_EVERY.as_secs() / 2, "too few faults were injected");
 }
 

@@ -160,7 +160,7 @@ impl Sidecar {
         entries.iter().map(|e| (e["user_id"].as_u64().unwrap(), e["unread_count"].as_i64().unwrap())).collect()
     }
 
-    /// What the read API answers for `users`: one `{user_id, unread_count, stored, pending}` each.
+    /// What the read API answers for `users`: one `{user_id, unread_count}` each.
     pub async fn read_entries(&self, users: &[u64]) -> Vec<Value> {
         let mut entries = Vec::new();
         for chunk in users.chunks(500) {
