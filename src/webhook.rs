@@ -18,6 +18,12 @@ use sha2::Sha256;
 pub const TIMESTAMP_TOLERANCE_SECS: i64 = 5 * 60;
 /// The longest `webhook-id` accepted: it becomes a Redis key.
 pub const MAX_WEBHOOK_ID_LEN: usize = 128;
+/// The most `v1,` signatures one request may carry. A sender signs once per secret it holds,
+/// and a rotation needs two; anything beyond a handful is an attack, refused before any HMAC.
+pub const MAX_SIGNATURES: usize = 8;
+/// The longest `webhook-signature` header accepted: [`MAX_SIGNATURES`] signatures of 47
+/// characters (`v1,` and 44 of base64) with their spaces, and room to spare.
+pub const MAX_SIGNATURE_HEADER_LEN: usize = 1_024;
 /// Secrets shorter than this are refused at start-up (the scheme suggests 24 to 64 bytes).
 const MIN_SECRET_BYTES: usize = 16;
 
@@ -103,6 +109,12 @@ pub enum SignatureError {
     /// No signature matched any accepted secret.
     #[error("no signature in webhook-signature matches")]
     Mismatch,
+    /// More signatures, or a longer header, than any sender sends.
+    #[error(
+        "webhook-signature carries more than {MAX_SIGNATURES} signatures or {MAX_SIGNATURE_HEADER_LEN} bytes; \
+         send one `v1,` signature per secret"
+    )]
+    TooManySignatures,
 }
 
 /// The signature headers of a request, as received.
@@ -126,7 +138,9 @@ pub fn check_id(id: &str) -> Result<(), SignatureError> {
 }
 
 /// Verifies a request against the accepted secrets at time `now` (Unix seconds).
-/// Comparison is constant-time.
+/// Comparison is constant-time. The cost is bounded whatever the headers hold: the signature
+/// header's size and count are checked first, and the body is hashed once per secret (not once
+/// per signature), so a forged request costs what a valid one does.
 pub fn verify(
     secrets: &[WebhookSecret],
     headers: SignedHeaders<'_>,
@@ -141,16 +155,22 @@ pub fn verify(
     if timestamp.abs_diff(now) > TIMESTAMP_TOLERANCE_SECS as u64 {
         return Err(SignatureError::StaleTimestamp);
     }
+    if signatures.len() > MAX_SIGNATURE_HEADER_LEN || signatures.split_whitespace().nth(MAX_SIGNATURES).is_some() {
+        return Err(SignatureError::TooManySignatures);
+    }
     let candidates: Vec<Vec<u8>> = signatures
         .split_whitespace()
         .filter_map(|s| s.strip_prefix("v1,"))
         .filter_map(|s| BASE64.decode(s).ok())
         .collect();
+    if candidates.is_empty() {
+        return Err(SignatureError::Mismatch);
+    }
     for secret in secrets {
-        for candidate in &candidates {
-            if secret.mac(id, timestamp, body).verify_slice(candidate).is_ok() {
-                return Ok(());
-            }
+        let expected = secret.mac(id, timestamp, body).finalize().into_bytes();
+        // `ct_eq` compares in constant time; a candidate of another length never matches.
+        if candidates.iter().any(|candidate| bool::from(subtle::ConstantTimeEq::ct_eq(&expected[..], &candidate[..]))) {
+            return Ok(());
         }
     }
     Err(SignatureError::Mismatch)
@@ -207,6 +227,23 @@ mod tests {
         assert_eq!(verify(&s, headers("msg_1", &ts, "v2,abc"), body, NOW), Err(SignatureError::Mismatch));
         let missing = SignedHeaders { signature: None, ..headers("msg_1", &ts, &sig) };
         assert_eq!(verify(&s, missing, body, NOW), Err(SignatureError::Missing("webhook-signature")));
+    }
+
+    #[test]
+    fn refuses_more_signatures_than_a_sender_sends_before_hashing() {
+        let body = b"[]";
+        let sig = secret().sign("msg_1", NOW, body);
+        let ts = NOW.to_string();
+        let s = [secret()];
+        let decoys = |n: usize| vec!["v1,AAAA"; n].join(" ");
+        let eight = format!("{} {sig}", decoys(MAX_SIGNATURES - 1));
+        assert_eq!(verify(&s, headers("msg_1", &ts, &eight), body, NOW), Ok(()));
+        let nine = format!("{} {sig}", decoys(MAX_SIGNATURES));
+        assert_eq!(verify(&s, headers("msg_1", &ts, &nine), body, NOW), Err(SignatureError::TooManySignatures));
+        let long = format!("v1,{} {sig}", "A".repeat(MAX_SIGNATURE_HEADER_LEN));
+        assert_eq!(verify(&s, headers("msg_1", &ts, &long), body, NOW), Err(SignatureError::TooManySignatures));
+        // A candidate of the wrong length never matches (and is not a panic).
+        assert_eq!(verify(&s, headers("msg_1", &ts, "v1,AAAA"), body, NOW), Err(SignatureError::Mismatch));
     }
 
     #[test]

@@ -180,3 +180,36 @@ async fn a_body_that_never_finishes_meets_the_request_deadline() {
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{answer}");
     assert_eq!(env.redis_keys(), Vec::<String>::new());
 }
+
+/// Issue #15's first reproduction, against the real binary: a forged request whose
+/// `webhook-signature` holds 10,000 candidates cost one HMAC of the body each (seconds of a
+/// worker) before its 401. Now the header is refused before any HMAC.
+#[tokio::test]
+async fn a_forged_request_with_thousands_of_signatures_costs_next_to_no_cpu() {
+    let env = TestEnv::sqlite().await;
+    let sidecar = common::sidecar::Sidecar::start(&env, common::sidecar::SidecarOptions::default()).await;
+    let client = reqwest::Client::new();
+    let forged = vec!["v1,AAAA"; 10_000].join(" ");
+    // A large body, as hashing it once per candidate is what cost the time.
+    let body = format!("[{}]", vec![r#"{"kind":"post_delete","notification_id":1,"user_id":2}"#; 1_000].join(","));
+    let before = sidecar.cpu_time();
+    for n in 0..2 {
+        let answer = client
+            .post(format!("{}/v1/events", sidecar.base))
+            .header("content-type", "application/json")
+            .header("webhook-id", format!("msg_forged_{n}"))
+            .header("webhook-timestamp", now().to_string())
+            .header("webhook-signature", &forged)
+            .body(body.clone())
+            .timeout(Duration::from_secs(10))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(answer.status(), reqwest::StatusCode::UNAUTHORIZED);
+        let error: Value = answer.json().await.unwrap();
+        assert!(error["error"]["message"].as_str().unwrap().contains("more than 8 signatures"), "{error}");
+    }
+    let used = sidecar.cpu_time() - before;
+    assert!(used < Duration::from_millis(200), "two forged requests cost {used:?} of CPU");
+    assert_eq!(env.redis_keys(), Vec::<String>::new());
+}

@@ -123,6 +123,16 @@ impl Sidecar {
         false
     }
 
+    /// The CPU time the process has used so far (user + system), from `/proc/{pid}/stat`.
+    pub fn cpu_time(&self) -> Duration {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap();
+        // Fields after the command name (which may hold spaces) start after its closing paren.
+        let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split(' ').collect();
+        let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+        // The kernel's USER_HZ is 100 on every Linux this runs on.
+        Duration::from_millis(ticks * 10)
+    }
+
     /// SIGKILL: the process dies wherever it is, with no clean-up of any kind.
     pub fn kill(mut self) {
         self.child.kill().unwrap();
