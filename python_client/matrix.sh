@@ -24,10 +24,15 @@ cells=(
 )
 
 find_python() {
+  # The first candidate that runs: pyenv's shims on PATH exist for every version but work only
+  # for the selected ones.
   local version=$1 candidate
-  if command -v "python$version" >/dev/null 2>&1; then command -v "python$version"; return 0; fi
-  for candidate in "${PYENV_ROOT:-$HOME/.pyenv}"/versions/"$version".*/bin/python"$version"; do
-    [ -x "$candidate" ] && { echo "$candidate"; return 0; }
+  for candidate in "$(command -v "python$version" 2>/dev/null)" \
+      "${PYENV_ROOT:-$HOME/.pyenv}"/versions/"$version".*/bin/python"$version"; do
+    if [ -n "$candidate" ] && [ -x "$candidate" ] && "$candidate" -c 'import sys' >/dev/null 2>&1; then
+      echo "$candidate"
+      return 0
+    fi
   done
   return 1
 }
