@@ -167,7 +167,8 @@ def run(reads: int, unread: int, rows: int) -> None:
         for call, samples in kinds.values():
             samples += time_calls(ROUND, call, unread)
 
-    print(f"Python {sys.version.split()[0]}, Django {django.get_version()}, {os.cpu_count()} CPUs, sidecar {sidecar_binary()}")
+    print(f"Python {sys.version.split()[0]}, Django {django.get_version()}, {os.cpu_count()} CPUs")
+    print(f"sidecar: {binary_path()}")
     print(f"{'read (' + str(unread) + ' unread)':46} {'median':>9} {'p90':>9} {'p99':>9}  (µs)")
     medians = {}
     for label, (_, samples) in kinds.items():
@@ -177,10 +178,6 @@ def run(reads: int, unread: int, rows: int) -> None:
     ours, get, count = medians.values()
     print(f"unread_count / .get()   (median ratio, target <= 1.0): {ours / get:.2f}")
     print(f".count() / unread_count (median ratio, target >= 10): {count / ours:.1f}")
-
-
-def sidecar_binary() -> str:
-    return str(binary_path())
 
 
 if __name__ == "__main__":

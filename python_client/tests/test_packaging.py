@@ -24,7 +24,10 @@ def test_building_writes_nothing_into_the_source_tree(tmp_path: Path) -> None:
     # so the check that counts is that not one file appears or changes.
     tracked = subprocess.run(
         ["git", "ls-files", "pyproject.toml", "README.md", "src"],
-        cwd=PYTHON_CLIENT, capture_output=True, text=True, check=True,
+        cwd=PYTHON_CLIENT,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout.split()
     source = tmp_path / "checkout"
     for name in tracked:
@@ -37,7 +40,10 @@ def test_building_writes_nothing_into_the_source_tree(tmp_path: Path) -> None:
     env = {**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
     subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--wheel-dir", str(out), str(source)],
-        check=True, env=env, cwd=tmp_path, timeout=300,
+        check=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=300,
     )
     assert snapshot(source) == before, "the build wrote into the checkout"
     (wheel,) = out.glob("countersink-*.whl")

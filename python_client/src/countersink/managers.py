@@ -63,15 +63,21 @@ def track_bulk_writes(model: type[models.Model] | str | None = None) -> list[str
     return wrapped
 
 
+def _queryset_class(manager: models.Manager[Any]) -> type[models.QuerySet[Any]]:
+    # Django's (undocumented, stable since 1.7) attribute: the class get_queryset() builds.
+    queryset_class: type[models.QuerySet[Any]] = getattr(manager, "_queryset_class")  # noqa: B009
+    return queryset_class
+
+
 def is_tracked(manager: models.Manager[Any]) -> bool:
     """Whether ``manager``'s querysets tell the sidecar about bulk writes."""
-    return issubclass(manager._queryset_class, CountersinkQuerySet)
+    return issubclass(_queryset_class(manager), CountersinkQuerySet)
 
 
 def _wrap(manager: models.Manager[Any]) -> bool:
     if is_tracked(manager):
         return False
-    queryset_class = manager._queryset_class
+    queryset_class = _queryset_class(manager)
     wrapped_queryset = _wrapped_querysets.get(queryset_class)
     if wrapped_queryset is None:
         wrapped_queryset = type(

@@ -24,8 +24,8 @@ def test_counts_are_exact_at_once_inside_the_test_transaction(countersink_wait) 
     Notification.objects.filter(recipient=user).update(unread=False)  # no helper needed here
     countersink_wait()  # returns at once in test mode
     assert countersink.unread_counts([user]) == {user.pk: 0}
-    html = Template("{% load countersink_tags %}[{% unread_count u %}]{% unread_badge u %}").render(Context({"u": user}))
-    assert html == "[0]"
+    template = Template("{% load countersink_tags %}[{% unread_count u %}]{% unread_badge u %}")
+    assert template.render(Context({"u": user})) == "[0]"
 
 
 def test_the_count_table_exists_and_the_commands_answer() -> None:
