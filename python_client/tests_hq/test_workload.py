@@ -57,7 +57,9 @@ def one_op(rng: random.Random, actor: Any, users: list[Any]) -> None:
     if op < 0.35 or not mine:
         send(actor, user, rng.randint(1, 3))
     elif op < 0.5:
-        Notification.objects.get(pk=rng.choice(mine)).mark_as_read()
+        note = Notification.objects.filter(pk=rng.choice(mine)).first()  # another thread may delete it
+        if note is not None:
+            note.mark_as_read()
     elif op < 0.6:
         note = Notification.objects.filter(pk=rng.choice(mine)).first()
         if note is not None:  # the delete view with SOFT_DELETE on
