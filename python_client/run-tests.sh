@@ -2,6 +2,9 @@
 # Runs the Django package's tests against the real sidecar, PostgreSQL and Redis.
 #
 #   python_client/run-tests.sh [pytest arguments...]     e.g. -n 2, -k signals, -x
+#   python_client/run-tests.sh --matrix [pytest arguments...]
+#       the same, then matrix.sh: the suite on Django 4.2, 5.2, 6.0 and 6.1 with the Python
+#       versions each supports, and the django-notifications-hq suite (scripts/test.sh runs this)
 #
 # Creates python_client/.venv (gitignored) if needed, installs the package with its test
 # extras, and runs pytest. Needs only Python >= 3.10 with pip; the rest comes from PyPI.
@@ -43,5 +46,10 @@ fi
 
 if [ -n "${COUNTERSINK_BIN:-}" ]; then
   export COUNTERSINK_BIN
+fi
+if [ "${1:-}" = --matrix ]; then
+  shift
+  "$venv/bin/python" -m pytest "$@"
+  exec ./matrix.sh "$@"
 fi
 exec "$venv/bin/python" -m pytest "$@"

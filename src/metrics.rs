@@ -17,6 +17,7 @@
 //! | `countersink_flush_rows_total`, `countersink_flush_batches_total`, `countersink_flush_failures_total` | counter | |
 //! | `countersink_last_flush_success_timestamp_seconds` | gauge | |
 //! | `countersink_reconcile_users_checked_total`, `countersink_reconcile_drift_users_total` | counter | |
+//! | `countersink_recount_corrected_users_total` | counter | |
 //! | `countersink_dependency_errors_total` | counter | `dependency`: `redis`, `database` |
 //! | `countersink_count_loads_total`, `countersink_count_load_retries_total` | counter | |
 
@@ -32,7 +33,6 @@ use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
 use crate::flush::FlushReport;
-use crate::reconcile::ReconcileReport;
 use crate::store::{Applied, ApplyOutcome};
 
 /// The content type of [`encode`]'s output (OpenMetrics text, which Prometheus scrapes).
@@ -98,6 +98,7 @@ struct Metrics {
     last_flush_success: Gauge<f64, AtomicU64>,
     reconcile_users_checked: Counter,
     reconcile_drift_users: Counter,
+    recount_corrected_users: Counter,
     dependency_errors: Family<DependencyLabel, Counter>,
     count_loads: Counter,
     count_load_retries: Counter,
@@ -123,6 +124,7 @@ impl Metrics {
             last_flush_success: Gauge::default(),
             reconcile_users_checked: Counter::default(),
             reconcile_drift_users: Counter::default(),
+            recount_corrected_users: Counter::default(),
             dependency_errors: Family::default(),
             count_loads: Counter::default(),
             count_load_retries: Counter::default(),
@@ -183,8 +185,14 @@ impl Metrics {
         );
         registry.register(
             "reconcile_drift_users",
-            "Users a reconcile found with a wrong count (and repaired); should stay at zero",
+            "Users a reconcile found with a wrong count (and repaired); should stay at zero. \
+             Queued recounts are not counted here",
             m.reconcile_drift_users.clone(),
+        );
+        registry.register(
+            "recount_corrected_users",
+            "Users whose count a queued recount (a recount event: bulk write, un-soft-delete, repair) changed, as expected",
+            m.recount_corrected_users.clone(),
         );
         registry.register("dependency_errors", "Failed Redis commands and database calls", m.dependency_errors.clone());
         registry.register(
@@ -202,6 +210,12 @@ impl Metrics {
             m.dependency_errors.get_or_create(&DependencyLabel { dependency: dependency.label() }).inc_by(0);
         }
         Metrics { registry, ..metrics }
+    }
+
+    fn record_reconcile(&self, users_checked: u64, drifted_users: u64, corrected_users: u64) {
+        self.reconcile_users_checked.inc_by(users_checked);
+        self.reconcile_drift_users.inc_by(drifted_users);
+        self.recount_corrected_users.inc_by(corrected_users);
     }
 }
 
@@ -273,10 +287,10 @@ pub fn flush_failed() {
     METRICS.flush_failures.inc();
 }
 
-/// Records what a reconcile found.
-pub fn reconcile_finished(report: &ReconcileReport) {
-    METRICS.reconcile_users_checked.inc_by(report.users_checked);
-    METRICS.reconcile_drift_users.inc_by(report.drift.len() as u64);
+/// Records what a recount found: users recounted, users whose count was unexpectedly wrong
+/// (drift, from a reconcile), and users an asked-for recount corrected (expected).
+pub fn reconcile_finished(users_checked: u64, drifted_users: u64, corrected_users: u64) {
+    METRICS.record_reconcile(users_checked, drifted_users, corrected_users);
 }
 
 /// Counts one failed Redis command or database call.
@@ -295,4 +309,26 @@ pub fn encode() -> Result<String, std::fmt::Error> {
     let mut text = String::new();
     prometheus_client::encoding::text::encode(&mut text, &METRICS.registry)?;
     Ok(text)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn value(text: &str, name: &str) -> u64 {
+        let line = text.lines().find(|l| l.starts_with(name)).unwrap_or_else(|| panic!("{name} missing in\n{text}"));
+        line.rsplit(' ').next().unwrap().parse().unwrap()
+    }
+
+    #[test]
+    fn expected_recount_corrections_are_not_counted_as_drift() {
+        let metrics = Metrics::new();
+        metrics.record_reconcile(3, 0, 2); // queued recounts that corrected two users
+        metrics.record_reconcile(4, 1, 0); // a reconcile that found one user wrong
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &metrics.registry).unwrap();
+        assert_eq!(value(&text, "countersink_reconcile_users_checked_total"), 7);
+        assert_eq!(value(&text, "countersink_reconcile_drift_users_total"), 1);
+        assert_eq!(value(&text, "countersink_recount_corrected_users_total"), 2);
+    }
 }

@@ -66,6 +66,18 @@ pub struct ReconcileReport {
     pub duration_ms: u64,
 }
 
+/// Why users are recounted: it decides whether a difference found is drift.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Trigger {
+    /// A reconcile (`POST /v1/reconcile`, `countersink reconcile`, the cron): a difference means
+    /// an event was lost or a bulk write went unreported, and is counted and logged as drift.
+    Reconcile,
+    /// A queued `recount` event: the sender said the user's notifications changed unseen (a bulk
+    /// update, an un-soft-delete, events it dropped), so a difference is expected; it is counted
+    /// apart (`countersink_recount_corrected_users_total`) and is not drift.
+    Recount,
+}
+
 /// Runs reconciles. Cheap to clone.
 #[derive(Clone)]
 pub struct Reconciler {
@@ -110,9 +122,14 @@ impl Reconciler {
         self.db.run(move |conn| Ok(source.check(conn))).await?.map_err(anyhow::Error::msg)
     }
 
-    /// Recounts `users` (duplicates are coalesced).
-    #[instrument(skip_all, fields(users = users.len()))]
+    /// Recounts `users` (duplicates are coalesced); a difference found is drift.
     pub async fn reconcile_users(&self, users: &[u64]) -> Result<ReconcileReport, ReconcileError> {
+        self.recount(users, Trigger::Reconcile).await
+    }
+
+    /// Recounts `users` (duplicates are coalesced) for `trigger`.
+    #[instrument(skip_all, fields(users = users.len(), trigger = ?trigger))]
+    async fn recount(&self, users: &[u64], trigger: Trigger) -> Result<ReconcileReport, ReconcileError> {
         let started = Instant::now();
         let users: Vec<u64> = users.iter().copied().collect::<BTreeSet<_>>().into_iter().collect();
         let mut report = ReconcileReport::default();
@@ -120,7 +137,7 @@ impl Reconciler {
             self.step(step, &mut report).await?;
         }
         report.duration_ms = started.elapsed().as_millis() as u64;
-        log_report(&report);
+        log_report(&report, trigger);
         Ok(report)
     }
 
@@ -150,7 +167,7 @@ impl Reconciler {
             }
         }
         report.duration_ms = started.elapsed().as_millis() as u64;
-        log_report(&report);
+        log_report(&report, Trigger::Reconcile);
         Ok(report)
     }
 
@@ -190,7 +207,7 @@ impl Reconciler {
         if users.is_empty() {
             return Ok(None);
         }
-        let report = self.reconcile_users(&users).await?;
+        let report = self.recount(&users, Trigger::Recount).await?;
         // Users whose fence expired go back in the queue before the taken set is dropped.
         self.store.queue_recounts(&report.unfinished).await?;
         self.store.recounts_done().await?;
@@ -261,9 +278,28 @@ impl Reconciler {
     }
 }
 
-fn log_report(report: &ReconcileReport) {
-    crate::metrics::reconcile_finished(report);
-    if report.drift.is_empty() {
+/// `(drifted, corrected)`: the users of `report` whose count differed, as drift for a reconcile
+/// and as expected corrections for a queued recount.
+fn classify(report: &ReconcileReport, trigger: Trigger) -> (u64, u64) {
+    let differed = report.drift.len() as u64;
+    match trigger {
+        Trigger::Reconcile => (differed, 0),
+        Trigger::Recount => (0, differed),
+    }
+}
+
+fn log_report(report: &ReconcileReport, trigger: Trigger) {
+    let (drifted, corrected) = classify(report, trigger);
+    crate::metrics::reconcile_finished(report.users_checked, drifted, corrected);
+    if trigger == Trigger::Recount {
+        // What the sender asked for: a correction is the expected outcome, not drift.
+        info!(
+            users_checked = report.users_checked,
+            corrected_users = corrected,
+            duration_ms = report.duration_ms,
+            "queued recounts done"
+        );
+    } else if report.drift.is_empty() {
         info!(users_checked = report.users_checked, duration_ms = report.duration_ms, "reconcile found no drift");
     } else {
         // Drift means an event was lost or a bulk path went unreported: worth a look.
@@ -276,5 +312,21 @@ fn log_report(report: &ReconcileReport) {
     }
     if !report.unfinished.is_empty() {
         warn!(users = ?report.unfinished, "reconcile did not finish some users in time; reconcile them again");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_reconcile_counts_differences_as_drift() {
+        let report = ReconcileReport {
+            users_checked: 2,
+            drift: vec![UserDrift { user_id: 7, stored: 5, actual: 0 }],
+            ..ReconcileReport::default()
+        };
+        assert_eq!(classify(&report, Trigger::Reconcile), (1, 0));
+        assert_eq!(classify(&report, Trigger::Recount), (0, 1));
     }
 }

@@ -106,6 +106,14 @@ async fn recount_events_are_coalesced_and_repair_through_the_reconcile_path() {
     let report = state.reconciler.run_queued_recounts().await.unwrap().unwrap();
     assert_eq!(report.users_checked, 2);
     assert_eq!(report.drift, vec![UserDrift { user_id: 42, stored: 5, actual: 0 }]);
+    // Asked for, so counted as a correction; the drift metric is for reconciles only (its own
+    // unit tests check that, this process's other tests reconcile concurrently).
+    let metrics = countersink::metrics::encode().unwrap();
+    let corrected = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("countersink_recount_corrected_users_total "))
+        .expect("the corrected-users counter is exported");
+    assert!(corrected.parse::<u64>().unwrap() >= 1, "{metrics}");
     assert!(state.reconciler.run_queued_recounts().await.unwrap().is_none(), "nothing left queued");
     assert_eq!(unread_counts(&state.store, &state.db, &[42]).await.unwrap()[0].unread_count, 0);
 }

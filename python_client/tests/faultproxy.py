@@ -30,6 +30,8 @@ class FaultProxy:
         self.upstream_port = upstream_port
         self.mode = Mode.PASS
         self.lost_responses = 0
+        #: Connections accepted so far (keep-alive tests count them).
+        self.accepted = 0
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.port: int = self._listener.getsockname()[1]
         self._closed = threading.Event()
@@ -59,6 +61,7 @@ class FaultProxy:
             except OSError:
                 return
             self._track(client)
+            self.accepted += 1
             mode = self.mode
             if mode is Mode.REFUSE:
                 _close(client)

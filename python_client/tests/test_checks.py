@@ -106,3 +106,19 @@ def test_the_model_mapping_follows_override_settings() -> None:
         )
         assert check_settings() == []
     assert conf.mapping().read_state_attname == "unread"
+
+
+def test_track_bulk_writes_and_test_mode_must_be_bools() -> None:
+    assert ids_for(TRACK_BULK_WRITES="yes") == ["countersink.E014"]
+    assert ids_for(TEST_MODE=1) == ["countersink.E014"]
+    assert ids_for(TRACK_BULK_WRITES=True, TEST_MODE=False) == []
+
+
+def test_test_mode_needs_no_secret_but_is_flagged_by_check_deploy() -> None:
+    from countersink.checks import check_deploy
+
+    assert ids_for(TEST_MODE=True, WEBHOOK_SECRET=_REMOVE) == []
+    assert ids_for(WEBHOOK_SECRET=_REMOVE) == ["countersink.E004"]
+    with override_settings(COUNTERSINK={**conf.user_settings(), "TEST_MODE": True}):
+        assert [m.id for m in check_deploy()] == ["countersink.W003"]
+    assert check_deploy() == []

@@ -84,3 +84,38 @@ def test_a_wrong_read_token_is_refused_and_the_stored_count_answers(caplog: pyte
     with override_settings(COUNTERSINK={**conf.user_settings(), "READ_TOKEN": "wrong"}):
         assert countersink.unread_count(user) == 0  # the stored table, not flushed yet
     assert "401" in caplog.text
+
+
+def test_reads_reuse_one_keep_alive_connection_per_thread(live_sidecar) -> None:  # type: ignore[no-untyped-def]
+    import threading
+
+    from django.test import override_settings
+    from faultproxy import FaultProxy
+
+    from countersink import conf
+
+    users = make_users(3)
+    notify(users[0], 2)
+    settle()
+    proxy = FaultProxy(live_sidecar.port)
+    template = Template("{% load countersink_tags %}{% unread_count user %}{% unread_badge user %}")
+    try:
+        with override_settings(COUNTERSINK={**conf.user_settings(), "SIDECAR_URL": proxy.url}):
+            for _ in range(20):
+                assert countersink.unread_count(users[0]) == 2
+                assert countersink.unread_counts(users)[users[0].pk] == 2
+                assert template.render(Context({"user": users[0]})).startswith("2")
+            assert proxy.accepted == 1, "every read of this thread went over one connection"
+            seen: list[int] = []
+
+            def other_thread() -> None:
+                for _ in range(5):
+                    seen.append(countersink.unread_count(users[0]))
+
+            thread = threading.Thread(target=other_thread)
+            thread.start()
+            thread.join(10)
+            assert seen == [2] * 5
+            assert proxy.accepted == 2, "another thread keeps a connection of its own"
+    finally:
+        proxy.close()

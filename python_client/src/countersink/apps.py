@@ -1,4 +1,4 @@
-"""The app config: ``ready()`` connects the signal receivers, nothing else."""
+"""The app config: ``ready()`` connects the receivers and, when asked, wraps ``MODEL``'s managers."""
 
 from __future__ import annotations
 
@@ -14,6 +14,13 @@ class CountersinkConfig(AppConfig):
         from countersink import (
             checks,  # noqa: F401  (registers the system checks)
             receivers,
+            testing,
         )
 
         receivers.connect()
+        testing.connect()
+        if receivers.configured_model() is not None:
+            from countersink import conf, managers
+
+            if conf.get("TRACK_BULK_WRITES") is True:
+                managers.track_bulk_writes()

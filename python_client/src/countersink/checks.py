@@ -15,8 +15,10 @@
 | countersink.E011 | a timeout, size or retry setting is out of range                  |
 | countersink.E012 | a token is not a string                                            |
 | countersink.E013 | ``STREAM_URL`` is not an http(s) URL                               |
+| countersink.E014 | ``TRACK_BULK_WRITES`` or ``TEST_MODE`` is not True or False        |
 | countersink.W001 | ``ADMIN_TOKEN`` is not set                                         |
 | countersink.W002 | ``RECIPIENT_FIELD`` does not point at ``AUTH_USER_MODEL``          |
+| countersink.W003 | ``TEST_MODE`` is on (``check --deploy`` only)                      |
 """
 
 from __future__ import annotations
@@ -81,7 +83,35 @@ def check_settings(app_configs: Sequence[AppConfig] | None = None, **kwargs: Any
     errors += _check_connection(values)
     errors += _check_numbers(values)
     errors += _check_model(values)
+    errors += _check_flags(values)
     return errors
+
+
+def _check_flags(values: dict[str, Any]) -> list[checks.CheckMessage]:
+    return [
+        _error(
+            14,
+            f"{SETTING}[{key!r}] must be True or False, got {values[key]!r}.",
+            "Use a bool (a string like 'false' would count as on).",
+        )
+        for key in ("TRACK_BULK_WRITES", "TEST_MODE")
+        if key in values and not isinstance(values[key], bool)
+    ]
+
+
+@checks.register(checks.Tags.security, deploy=True)
+def check_deploy(app_configs: Sequence[AppConfig] | None = None, **kwargs: Any) -> list[checks.CheckMessage]:
+    """``manage.py check --deploy``: test mode left on sends nothing to the sidecar."""
+    values = getattr(settings, SETTING, None)
+    if isinstance(values, dict) and values.get("TEST_MODE") is True:
+        return [
+            _warning(
+                3,
+                f"{SETTING}['TEST_MODE'] is on: no event reaches the sidecar and reads count the table.",
+                "Set TEST_MODE only in your test settings.",
+            )
+        ]
+    return []
 
 
 def _check_keys(values: dict[str, Any]) -> list[checks.CheckMessage]:
@@ -107,7 +137,9 @@ def _check_connection(values: dict[str, Any]) -> list[checks.CheckMessage]:
             )
         )
     secret = values.get("WEBHOOK_SECRET")
-    if not secret:
+    if values.get("TEST_MODE") is True and not secret:
+        pass  # test mode signs nothing
+    elif not secret:
         errors.append(
             _error(
                 4,

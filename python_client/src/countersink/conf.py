@@ -70,6 +70,12 @@ DEFAULTS: dict[str, Any] = {
     # Seconds a stream token minted for a page stays valid (60 to 86400). An open stream outlives
     # it; a reconnect after it needs a fresh token (live.js asks the stream-url view for one).
     "STREAM_TOKEN_TTL": 3600,
+    # Wrap MODEL's managers at start-up so their querysets' update(), bulk_create() and
+    # bulk_update() tell the sidecar: a third-party app's own bulk methods are then counted.
+    "TRACK_BULK_WRITES": False,
+    # For a host project's test suite: nothing is sent, reads count the notification table with
+    # the ORM, the admin calls answer without a sidecar, and migrate creates the count table.
+    "TEST_MODE": False,
 }
 
 
@@ -171,6 +177,14 @@ class _Settings:
     def STREAM_TOKEN_TTL(self) -> int:
         return int(get("STREAM_TOKEN_TTL"))
 
+    @property
+    def TRACK_BULK_WRITES(self) -> bool:
+        return bool(get("TRACK_BULK_WRITES"))
+
+    @property
+    def TEST_MODE(self) -> bool:
+        return bool(get("TEST_MODE"))
+
 
 #: Lazy, typed access to the settings.
 app_settings = _Settings()
@@ -187,12 +201,24 @@ class ModelMapping:
     read_state_attname: str
     unread_when: bool
     soft_delete_attname: str | None
+    #: Whether the soft-delete field is a boolean (else a nullable date/time: set means deleted).
+    soft_delete_is_bool: bool
     #: Field names and attnames whose change can change a count (for ``update_fields``).
     tracked_fields: frozenset[str]
 
     def is_unread(self, instance: models.Model) -> bool:
         """Whether ``instance`` counts as unread by its read-state field (deletion aside)."""
         return bool(getattr(instance, self.read_state_attname)) is self.unread_when
+
+    def unread_lookups(self) -> dict[str, Any]:
+        """ORM lookups selecting unread, not soft-deleted notifications (of any user)."""
+        lookups: dict[str, Any] = {self.read_state_attname: self.unread_when}
+        if self.soft_delete_attname is not None:
+            if self.soft_delete_is_bool:
+                lookups[self.soft_delete_attname] = False
+            else:
+                lookups[f"{self.soft_delete_attname}__isnull"] = True
+        return lookups
 
     def is_soft_deleted(self, instance: models.Model) -> bool:
         """Whether ``instance`` is soft-deleted (a truthy soft-delete field)."""
@@ -261,6 +287,7 @@ def resolve_mapping(values: Mapping[str, Any]) -> ModelMapping:
         read_state_attname=read_state.attname,
         unread_when=unread_when,
         soft_delete_attname=soft_delete.attname if soft_delete is not None else None,
+        soft_delete_is_bool=isinstance(soft_delete, models.BooleanField),
         tracked_fields=frozenset(tracked),
     )
 
