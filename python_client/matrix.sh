@@ -17,7 +17,6 @@ cd "$(dirname "$0")"
 # python  Django pin      suites
 cells=(
   "3.10   >=4.2,<4.3  tests tests_hq"
-  "3.12   >=4.2,<4.3  tests tests_hq"
   "3.13   >=5.2,<5.3  tests"
   "3.12   >=6.0,<6.1  tests"
   "3.13   >=6.1,<6.2  tests"
