@@ -38,7 +38,7 @@ def _call(method: str, path: str, *, token: str | None, timeout: float, payload:
 
 
 def get_unread_count(user_id: int) -> dict[str, int]:
-    """``GET /v1/users/{id}/unread-count``: ``{"user_id", "unread_count", "stored", "pending"}``."""
+    """``GET /v1/users/{id}/unread-count``: ``{"user_id", "unread_count"}``."""
     result: dict[str, int] = _call(
         "GET",
         f"/v1/users/{int(user_id)}/unread-count",
