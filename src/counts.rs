@@ -19,7 +19,7 @@
 //! alone), which step 3 reads as it is then; a batch committing between steps 1 and 3 moves a
 //! delta from an uncommitted batch to the stored count, and `base` holds it either way.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 
 use tracing::warn;
 
@@ -67,19 +67,28 @@ pub struct UnreadCount {
 /// every count is held, a load (above) for those that are not.
 pub async fn unread_counts(store: &Store, db: &Db, user_ids: &[u64]) -> Result<Vec<UnreadCount>, ReadError> {
     let held = store.held_counts(user_ids).await?;
-    let cold: Vec<u64> = user_ids.iter().zip(&held).filter(|(_, count)| count.is_none()).map(|(u, _)| *u).collect();
+    let cold: Vec<u64> = user_ids
+        .iter()
+        .zip(&held)
+        .filter(|(_, count)| count.is_none())
+        .map(|(u, _)| *u)
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect();
     let loaded = if cold.is_empty() { HashMap::new() } else { load(store, db, &cold).await? };
-    Ok(user_ids
+    user_ids
         .iter()
         .zip(held)
-        .map(|(user_id, count)| UnreadCount {
-            user_id: *user_id,
-            unread_count: count.or_else(|| loaded.get(user_id).copied()).unwrap_or(0),
+        .map(|(user_id, count)| {
+            let unread_count = count
+                .or_else(|| loaded.get(user_id).copied())
+                .ok_or_else(|| StoreError::Unexpected(format!("no count was loaded for user {user_id}")))?;
+            Ok(UnreadCount { user_id: *user_id, unread_count })
         })
-        .collect())
+        .collect()
 }
 
-/// Steps 1 to 3 for `user_ids` (distinct or not): their counts, now held.
+/// Steps 1 to 3 for distinct `user_ids`: their counts, now held.
 async fn load(store: &Store, db: &Db, user_ids: &[u64]) -> Result<HashMap<u64, i64>, ReadError> {
     for attempt in 1..=MAX_LOAD_ATTEMPTS {
         let snapshot = store.batches_snapshot(user_ids).await?;

@@ -144,6 +144,9 @@ impl From<StoreError> for AppError {
         if matches!(e, StoreError::StateMissing) {
             return AppError::Unavailable { dependency: "the Redis state (it is being rebuilt)" };
         }
+        if matches!(e, StoreError::CountsReloading) {
+            return AppError::Unavailable { dependency: "the held counts (being reloaded after a Redis rollback)" };
+        }
         if e.is_unavailable() {
             error!(error = %e, "redis unavailable");
             AppError::Unavailable { dependency: "redis" }

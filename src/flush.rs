@@ -239,6 +239,10 @@ impl Flusher {
     /// pending deltas may already be stored. A Redis that lost everything is told apart by its
     /// missing ready marker.
     async fn check_redis_did_not_go_back(&self) -> Result<(), FlushError> {
+        // A resync that died before it dropped the held counts is finished here, by any process.
+        if self.store.finish_reloading_counts().await? {
+            warn!("finished dropping the counts held before a Redis rollback; each is loaded again");
+        }
         let redis_seq = self.store.handoff_seq().await?;
         let db_seq = self.db.run(queries::max_handoff_seq).await?;
         if redis_seq >= db_seq {

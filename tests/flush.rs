@@ -284,3 +284,67 @@ async fn the_flush_lock_is_renewed_while_long_work_holds_it() {
     work.await.unwrap().unwrap().unwrap();
     assert!(other.flusher.flush(WhenBusy::Skip).await.unwrap().skipped.is_none(), "released when done");
 }
+
+/// A rollback resync that dies after its transaction, before it dropped the held counts: the
+/// next flush finds the sequence right and must still finish the job, or the held count keeps
+/// the restored (already stored) delta for good and new events move the wrong count.
+#[tokio::test]
+async fn a_resync_interrupted_before_the_held_counts_are_dropped_is_finished_by_the_next_flush() {
+    let env = TestEnv::postgres().await;
+    let state = env.state();
+    state.store.apply(&[Event::save(1, 5, true, true)]).await.unwrap();
+    assert_eq!(unread_counts(&state.store, &state.db, &[5]).await.unwrap()[0].unread_count, 1);
+    state.store.apply(&[Event::save(2, 5, true, true)]).await.unwrap();
+    state.flusher.flush(WAIT).await.unwrap();
+    env.restore_snapshot_of_one_unread();
+    // What `resync_after_rollback(1, true)` writes in its transaction; then the process dies.
+    let _: () = redis::pipe()
+        .atomic()
+        .set(env.key("handoff_seq"), 1)
+        .ignore()
+        .del(env.key("pending"))
+        .ignore()
+        .set(env.key("ready"), "after the resync")
+        .ignore()
+        .set(env.key("counts_stale"), 1)
+        .ignore()
+        .query(&mut env.redis())
+        .unwrap();
+    let read = unread_counts(&state.store, &state.db, &[5]).await.unwrap_err();
+    assert!(read.is_unavailable(), "a held count that may be stale is not answered: {read}");
+    state.flusher.flush(WAIT).await.unwrap();
+    state.store.apply(&[Event::save(3, 5, true, true)]).await.unwrap();
+    state.flusher.flush(WAIT).await.unwrap();
+    assert_eq!(env.stored_counts().await, HashMap::from([(5, 3)]));
+    assert_eq!(unread_counts(&state.store, &state.db, &[5]).await.unwrap()[0].unread_count, 3);
+}
+
+/// With a Notification table, a flush that notices a rollback drops the ready marker for a
+/// rebuild; from then on reads must not answer the snapshot's held counts.
+#[tokio::test]
+async fn after_a_flush_noticed_a_rollback_reads_wait_for_the_rebuild() {
+    let env = TestEnv::postgres_with_source().await;
+    env.sql(
+        "INSERT INTO notifications_notification (id, recipient_id, unread, deleted) \
+         VALUES (1, 5, TRUE, FALSE), (2, 5, TRUE, FALSE)",
+    )
+    .await;
+    let state = env.state();
+    state.reconciler.bootstrap(countersink::bootstrap::Batching::default(), |_| {}).await.unwrap();
+    assert_eq!(unread_counts(&state.store, &state.db, &[5]).await.unwrap()[0].unread_count, 2);
+    env.sql("INSERT INTO notifications_notification (id, recipient_id, unread, deleted) VALUES (3, 5, TRUE, FALSE)")
+        .await;
+    state.store.apply(&[Event::save(3, 5, true, true)]).await.unwrap();
+    state.flusher.flush(WAIT).await.unwrap();
+    // Redis comes back from a snapshot taken before notification 3: held count 2, sequence 0.
+    let mut redis = env.redis();
+    let _: () = redis::Commands::set(&mut redis, env.key("handoff_seq"), 0).unwrap();
+    let _: () = redis::Commands::set(&mut redis, env.key("ready"), "restored").unwrap();
+    let _: () = redis::Commands::hset(&mut redis, env.key("counts:0"), "5", 2).unwrap();
+    redis::cmd("BITFIELD").arg(env.key("state:0")).arg("SET").arg("u2").arg("#3").arg(0).exec(&mut redis).unwrap();
+    assert!(state.flusher.flush(WAIT).await.is_err(), "the flush notices the rollback");
+    let read = unread_counts(&state.store, &state.db, &[5]).await.unwrap_err();
+    assert!(read.is_unavailable(), "{read}");
+    state.reconciler.bootstrap(countersink::bootstrap::Batching::default(), |_| {}).await.unwrap();
+    assert_eq!(unread_counts(&state.store, &state.db, &[5]).await.unwrap()[0].unread_count, 3);
+}

@@ -323,3 +323,38 @@ async fn after_the_subscription_is_lost_streams_catch_up_with_what_changed_meanw
     assert!(live.wait_subscribed(Duration::from_secs(10)).await, "the subscriber comes back by itself");
     assert_eq!(stream.next_count().await, 1, "a resubscribe re-reads every local stream's count");
 }
+
+/// A rollback resync (older snapshot, no Notification table) tells every stream to re-read only
+/// once the held counts it dropped are gone, so the stream ends on what a read answers.
+#[tokio::test]
+async fn after_a_rollback_resync_the_stream_shows_what_a_read_answers() {
+    let env = TestEnv::postgres().await;
+    let state = env.state();
+    let address = serve(state.clone()).await;
+    state.store.apply(&[countersink::events::Event::save(1, 5, true, true)]).await.unwrap();
+    let read = |state: AppState| async move {
+        countersink::counts::unread_counts(&state.store, &state.db, &[5]).await.unwrap()[0].unread_count
+    };
+    assert_eq!(read(state.clone()).await, 1);
+    state.store.apply(&[countersink::events::Event::save(2, 5, true, true)]).await.unwrap();
+    let wait = countersink::flush::WhenBusy::Wait(PUSHED_WITHIN);
+    state.flusher.flush(wait).await.unwrap();
+    env.restore_snapshot_of_one_unread();
+    // Other users' held counts, as a deployment has: dropping them takes a while.
+    let mut pipe = redis::pipe();
+    for bucket in 1..=20_000u64 {
+        pipe.hset(env.key(&format!("counts:{bucket}")), "0", 0).ignore();
+    }
+    pipe.exec(&mut env.redis()).unwrap();
+
+    let mut stream = SseClient::open(address, 5, "", None).await;
+    assert_eq!(stream.next_count().await, 1, "the snapshot's count, before a flush noticed the rollback");
+    assert!(state.live.wait_subscribed(PUSHED_WITHIN).await);
+    state.flusher.flush(wait).await.unwrap();
+    assert_eq!(read(state.clone()).await, 2);
+    let mut last = None;
+    while let Some(event) = stream.next(QUIET_FOR * 3).await {
+        last = Some(event.count());
+    }
+    assert_eq!(last, Some(2), "the stream ends on what a read answers");
+}

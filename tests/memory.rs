@@ -67,3 +67,23 @@ async fn a_held_count_costs_a_few_bytes_per_user() {
     println!("{USERS} users' counts in {keys} bucket keys: {bytes} bytes, {per_user:.2} bytes per user");
     assert!(per_user <= 8.0, "{per_user} bytes per user");
 }
+
+/// User ids far apart cost a bucket key each: a read holds a count for any id asked for, so a
+/// deployment with sparse user ids (or a read-token holder asking for random ones) pays this.
+#[tokio::test]
+async fn a_held_count_of_a_sparse_user_id_costs_a_bucket_key() {
+    let env = TestEnv::sqlite().await;
+    let state = env.state();
+    let users: Vec<u64> = (1..=10_000u64).map(|u| u * 1_000_003).collect();
+    for chunk in users.chunks(1_000) {
+        unread_counts(&state.store, &state.db, chunk).await.unwrap();
+    }
+    let (bytes, keys) = memory_of(&env, ":counts:");
+    let per_user = bytes as f64 / users.len() as f64;
+    println!(
+        "{} sparse user ids read once: {keys} bucket keys, {bytes} bytes, {per_user:.1} bytes per user",
+        users.len()
+    );
+    assert_eq!(keys, users.len());
+    assert!(per_user <= 128.0, "{per_user} bytes per sparse user");
+}

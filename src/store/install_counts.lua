@@ -9,16 +9,20 @@
 -- KEYS[1]   the hand-off sequence
 -- KEYS[2]   the ready marker
 -- KEYS[3]   the pending sorted set
--- KEYS[4..] count buckets (hashes: field = user id within the bucket, value = count)
+-- KEYS[4]   the flag a rollback resync sets while it drops the held counts
+-- KEYS[5..] count buckets (hashes: field = user id within the bucket, value = count)
 -- ARGV[1]   the hand-off sequence the caller read ('0' when none)
 -- ARGV[2]   the ready marker's value the caller read ('' when there was none)
 -- ARGV[3..] 4 values per user: user id, bucket index (into KEYS), field, base
 --
 -- Returns {1, count per user (in order)} when installed: a count already held (another read or an
 -- event got there first) is kept and returned as it is; {0} when the sequence or the marker moved,
--- and the caller reads base again.
+-- and the caller reads base again; {2} while held counts are being dropped (a held one may be stale).
 if (redis.call('GET', KEYS[1]) or '0') ~= ARGV[1] or (redis.call('GET', KEYS[2]) or '') ~= ARGV[2] then
   return {0}
+end
+if redis.call('EXISTS', KEYS[4]) == 1 then
+  return {2}
 end
 local counts = {1}
 for i = 3, #ARGV, 4 do

@@ -42,6 +42,12 @@ impl Keys {
         format!("{}:counts:{bucket}", self.tag)
     }
 
+    /// Set while the held counts are being dropped after a rollback resync: reads answer 503 and
+    /// no count is installed until every bucket is gone (any process finishes the job).
+    pub fn counts_stale(&self) -> String {
+        format!("{}:counts_stale", self.tag)
+    }
+
     /// The sorted set of pending deltas: member = user id, score = delta not yet in the database.
     pub fn pending(&self) -> String {
         format!("{}:pending", self.tag)

@@ -41,6 +41,9 @@ pub enum StoreError {
     /// The state is missing (Redis lost its data) and must be bootstrapped before events apply.
     #[error("the Redis state is missing; it is being rebuilt from the Notification table")]
     StateMissing,
+    /// The held counts are being dropped after a Redis rollback; reads answer again once they are.
+    #[error("the counts held in Redis are being reloaded after a Redis rollback; retry shortly")]
+    CountsReloading,
     /// Redis answered something the scripts never return: a bug or a foreign key clash.
     #[error("unexpected reply from redis: {0}")]
     Unexpected(String),
@@ -73,7 +76,7 @@ impl StoreError {
                 );
                 passing || e.is_io_error() || e.is_timeout() || e.is_connection_refusal() || e.is_connection_dropped()
             }
-            StoreError::StateMissing => true,
+            StoreError::StateMissing | StoreError::CountsReloading => true,
             StoreError::Unexpected(_) => false,
         }
     }
@@ -299,10 +302,11 @@ impl Store {
     }
 
     /// The real-time counts Redis holds for `user_ids`, in the same order; `None` for a user
-    /// whose count is not held yet (see [`Store::install_counts`]). One round trip: one `HMGET`
-    /// per count bucket, pipelined.
+    /// whose count is not held yet (see [`Store::install_counts`]). One round trip: the two
+    /// markers a read depends on, then one `HMGET` per count bucket, pipelined.
     pub async fn held_counts(&self, user_ids: &[u64]) -> Result<Vec<Option<i64>>, StoreError> {
         let mut pipeline = redis::pipe();
+        pipeline.exists(self.keys.counts_stale()).exists(self.keys.ready());
         // Users of one bucket are asked for together; `places` says where each answer goes.
         let mut buckets: Vec<(u64, Vec<usize>)> = Vec::new();
         let mut bucket_of: HashMap<u64, usize> = HashMap::new();
@@ -321,9 +325,23 @@ impl Store {
             }
         }
         let mut conn = self.conn.clone();
-        let replies: Vec<Vec<Option<i64>>> = pipeline.query_async(&mut conn).await?;
+        let mut replies: Vec<redis::Value> = pipeline.query_async(&mut conn).await?;
+        if replies.len() != buckets.len() + 2 {
+            return Err(StoreError::Unexpected("the read pipeline returned the wrong number of replies".into()));
+        }
+        let values = replies.split_off(2);
+        let [stale, ready]: [redis::Value; 2] =
+            replies.try_into().map_err(|_| StoreError::Unexpected("the read pipeline lost its markers".into()))?;
+        if typed::<bool>(stale)? {
+            return Err(StoreError::CountsReloading);
+        }
+        // A lost or rolled-back state is the bootstrap's: its counts are not to be trusted.
+        if self.requires_bootstrap && !typed::<bool>(ready)? {
+            return Err(StoreError::StateMissing);
+        }
         let mut counts = vec![None; user_ids.len()];
-        for ((_, places), values) in buckets.iter().zip(replies) {
+        for ((_, places), values) in buckets.iter().zip(values) {
+            let values: Vec<Option<i64>> = typed(values)?;
             if values.len() != places.len() {
                 return Err(StoreError::Unexpected("HMGET returned the wrong number of values".into()));
             }
@@ -344,12 +362,16 @@ impl Store {
         bases: &[(u64, i64)],
     ) -> Result<Option<Vec<i64>>, StoreError> {
         let mut invocation = self.scripts.install_counts.prepare_invoke();
-        invocation.key(self.keys.handoff_seq()).key(self.keys.ready()).key(self.keys.pending());
+        invocation
+            .key(self.keys.handoff_seq())
+            .key(self.keys.ready())
+            .key(self.keys.pending())
+            .key(self.keys.counts_stale());
         invocation.arg(snapshot.handoff_seq).arg(&snapshot.ready);
         let mut bucket_index: HashMap<u64, usize> = HashMap::new();
         for (user, base) in bases {
             let (bucket, field) = Keys::count_slot(*user);
-            let next = bucket_index.len() + 4;
+            let next = bucket_index.len() + 5;
             let index = *bucket_index.entry(bucket).or_insert_with(|| {
                 invocation.key(self.keys.counts(bucket));
                 next
@@ -360,6 +382,7 @@ impl Store {
         let reply: Vec<i64> = invocation.invoke_async(&mut conn).await?;
         match reply.split_first() {
             Some((0, [])) => Ok(None),
+            Some((2, [])) => Err(StoreError::CountsReloading),
             Some((1, counts)) if counts.len() == bases.len() => Ok(Some(counts.to_vec())),
             _ => Err(StoreError::Unexpected(format!("install_counts returned {reply:?}"))),
         }
@@ -441,15 +464,41 @@ impl Store {
         let mut transaction = redis::pipe();
         transaction.atomic().set(self.keys.handoff_seq(), seq).ignore();
         if discard_pending {
-            // Every count may have moved: live streams re-read all their users.
-            transaction.del(self.keys.pending()).ignore().publish(self.keys.live_channel(), ALL_USERS).ignore();
+            transaction.del(self.keys.pending()).ignore();
         }
-        transaction.set(self.keys.ready(), chrono::Utc::now().to_rfc3339()).ignore();
+        // The held counts were kept against the old pending deltas: they are dropped, each to be
+        // loaded again. The flag, set in the same step, stops reads and loads from trusting them
+        // until that is done, whoever finishes it; the new marker value keeps loads that read
+        // before the resync from installing stale bases.
+        transaction
+            .set(self.keys.ready(), chrono::Utc::now().to_rfc3339())
+            .ignore()
+            .set(self.keys.counts_stale(), 1)
+            .ignore();
         let _: () = transaction.query_async(&mut conn).await?;
-        // The held counts were kept against the old pending deltas: each is loaded again. The new
-        // marker value keeps loads that read before the resync from installing stale bases.
-        self.clear_held_counts().await?;
+        self.finish_reloading_counts().await?;
         Ok(())
+    }
+
+    /// Finishes dropping the held counts after a rollback resync, if a resync flagged them (this
+    /// process's, or one that died before it was done); `true` if there was anything to do.
+    pub async fn finish_reloading_counts(&self) -> Result<bool, StoreError> {
+        let mut conn = self.conn.clone();
+        if !conn.exists(self.keys.counts_stale()).await? {
+            return Ok(false);
+        }
+        self.clear_held_counts().await?;
+        // Every count may have moved: live streams re-read all their users, now that a read
+        // answers the reloaded count.
+        let mut transaction = redis::pipe();
+        transaction
+            .atomic()
+            .del(self.keys.counts_stale())
+            .ignore()
+            .publish(self.keys.live_channel(), ALL_USERS)
+            .ignore();
+        let _: () = transaction.query_async(&mut conn).await?;
+        Ok(true)
     }
 
     /// Whether this store refuses events until a bootstrap (a Notification table is configured).
@@ -782,7 +831,8 @@ impl Store {
         let mut conn = self.conn.clone();
         let _: i64 = conn.del(self.keys.ready()).await?;
         let mut deleted = 0;
-        // With the marker gone no count is installed or changed, so none comes back meanwhile.
+        // With the marker gone, no process started with a Notification table (as every process of
+        // a deployment that bootstraps must be) installs or changes a count, so none comes back.
         for pattern in ["counts:*", "state:*", "batch:*", "journal:*", "reconciled:*"] {
             deleted += self.unlink_matching(pattern).await?;
         }
@@ -796,6 +846,11 @@ impl Store {
         let n: u64 = conn.unlink(&singles).await?;
         Ok(deleted + n)
     }
+}
+
+/// A reply of a pipeline or script as the type the caller expects.
+fn typed<T: redis::FromRedisValue>(value: redis::Value) -> Result<T, StoreError> {
+    redis::from_redis_value(value).map_err(|e| StoreError::Unexpected(e.to_string()))
 }
 
 /// The script's op code for an event (see `apply_events.lua`).

@@ -230,6 +230,18 @@ impl TestEnv {
     pub fn key(&self, suffix: &str) -> String {
         format!("{{{}}}:{suffix}", self.name)
     }
+
+    /// Puts Redis back as a snapshot taken when user 5 had one unread notification (id 1, pending
+    /// and read once, so its count held), before notification 2 arrived and was flushed: pending
+    /// `{5: 1}`, held count 1, hand-off sequence 0, a ready marker of then, notification 2 unseen.
+    pub fn restore_snapshot_of_one_unread(&self) {
+        let mut redis = self.redis();
+        let _: () = redis::Commands::zadd(&mut redis, self.key("pending"), "5", 1).unwrap();
+        let _: () = redis::Commands::set(&mut redis, self.key("handoff_seq"), 0).unwrap();
+        let _: () = redis::Commands::set(&mut redis, self.key("ready"), "restored").unwrap();
+        let _: () = redis::Commands::hset(&mut redis, self.key("counts:0"), "5", 1).unwrap();
+        redis::cmd("BITFIELD").arg(self.key("state:0")).arg("SET").arg("u2").arg("#2").arg(0).exec(&mut redis).unwrap();
+    }
 }
 
 fn scan_keys(redis: &mut redis::Connection, pattern: &str) -> Vec<String> {
