@@ -163,7 +163,7 @@ pub struct ServeConfig {
     pub insecure_no_auth: bool,
 
     /// Seconds a request's `webhook-id` is remembered, so a replay is answered as already applied.
-    /// Must cover the sender's retry window.
+    /// Must cover the sender's retry window, and at least 600 (the signature's validity window).
     #[arg(long, env = "COUNTERSINK_IDEMPOTENCY_TTL_SECS", default_value_t = 86_400)]
     pub idempotency_ttl_secs: u64,
 
@@ -280,11 +280,20 @@ impl ServeConfig {
         if self.max_live_streams == 0 {
             return Err(ConfigError::new("--max-live-streams", "COUNTERSINK_MAX_LIVE_STREAMS", "must be at least 1"));
         }
-        if self.idempotency_ttl_secs < 60 {
+        // A signed request is accepted while its timestamp is within the tolerance either way of
+        // the clock, so a copy can be replayed up to twice the tolerance after the first delivery:
+        // its webhook-id must be remembered at least that long.
+        let replayable_secs = 2 * crate::webhook::TIMESTAMP_TOLERANCE_SECS as u64;
+        if self.idempotency_ttl_secs < replayable_secs {
             return Err(ConfigError::new(
                 "--idempotency-ttl-secs",
                 "COUNTERSINK_IDEMPOTENCY_TTL_SECS",
-                "must be at least 60 seconds, longer than the sender's retries take",
+                format!(
+                    "must be at least {replayable_secs} seconds: a signed request stays valid for that long \
+                     (its timestamp may be {} s either side of the clock), and a replay within it must be \
+                     recognised",
+                    crate::webhook::TIMESTAMP_TOLERANCE_SECS
+                ),
             ));
         }
         if self.shutdown_timeout_secs == 0 {

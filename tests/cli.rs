@@ -87,3 +87,26 @@ async fn invalid_settings_stop_start_up_naming_the_variable() {
         assert!(stderr.contains(variable), "{args:?}: {stderr}");
     }
 }
+
+/// Issue #15: with a 60 s idempotency TTL inside the 300 s signature tolerance, a captured request
+/// resent after 62 s was applied again. Such a setting no longer starts.
+#[tokio::test]
+async fn an_idempotency_ttl_shorter_than_the_signature_window_stops_start_up() {
+    let env = TestEnv::sqlite().await;
+    let mut serve = Command::new(env!("CARGO_BIN_EXE_countersink"))
+        .env("COUNTERSINK_DATABASE_URL", &env.core.database_url)
+        .args(["serve", "--insecure-no-auth", "--listen", "127.0.0.1:0", "--idempotency-ttl-secs", "599"])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Before the check, such a setting started the service: give it a moment, then stop it.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while serve.try_wait().unwrap().is_none() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let _ = serve.kill();
+    let output = serve.wait_with_output().unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("COUNTERSINK_IDEMPOTENCY_TTL_SECS") && stderr.contains("at least 600"), "{stderr}");
+}
