@@ -110,13 +110,14 @@ cargo fetch --locked >/dev/null
 export NODEV_ROOT=$root NODEV_PROJECT=$project NODEV_CARGO_HOME=$cargo_home NODEV_RUSTUP_HOME=$rustup_home
 export NODEV_PG_URL="${pg_url%/*}/$name" NODEV_MYSQL_URL="$mysql_server/$name" NODEV_INSIDE=$inside
 unshare --mount --propagation private bash -euo pipefail -c '
+  # /tmp first: the project may live under /tmp, and its bind mount must land on top.
+  mount -t tmpfs tmpfs "$NODEV_ROOT/tmp"
+  mount -t proc proc "$NODEV_ROOT/proc"
+  mount --rbind /dev "$NODEV_ROOT/dev"
   for dir in "$NODEV_PROJECT" "$NODEV_CARGO_HOME" "$NODEV_RUSTUP_HOME"; do
     mkdir -p "$NODEV_ROOT$dir"
     mount --bind "$dir" "$NODEV_ROOT$dir"
   done
-  mount -t proc proc "$NODEV_ROOT/proc"
-  mount --rbind /dev "$NODEV_ROOT/dev"
-  mount -t tmpfs tmpfs "$NODEV_ROOT/tmp"
   cd "$NODEV_ROOT"
   exec chroot "$NODEV_ROOT" env PATH="$NODEV_CARGO_HOME/bin:/usr/local/bin:/usr/bin:/bin" \
     CARGO_HOME="$NODEV_CARGO_HOME" RUSTUP_HOME="$NODEV_RUSTUP_HOME" \
