@@ -351,3 +351,92 @@ fn reconcile_usage_needs_a_user_or_all() {
     assert_eq!(rate_alone.status.code(), Some(2), "{}", stderr(&rate_alone));
     assert!(stderr(&rate_alone).contains("--user <USER_ID>|--all"), "{}", stderr(&rate_alone));
 }
+
+/// The README's quick start: its `sh` blocks after `## Quick start`, up to the next section.
+fn quick_start_blocks() -> Vec<Vec<String>> {
+    let readme = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md")).unwrap();
+    let section = readme.split("\n## Quick start\n").nth(1).unwrap().split("\n## ").next().unwrap();
+    section
+        .split("```sh\n")
+        .skip(1)
+        .map(|block| block.split("\n```").next().unwrap().lines().map(str::to_string).collect())
+        .collect()
+}
+
+/// A JSON answer with what differs from run to run (batch ids, durations) blanked out.
+fn comparable(text: &str) -> serde_json::Value {
+    fn blank(value: &mut serde_json::Value) {
+        match value {
+            serde_json::Value::Object(object) => {
+                for (key, item) in object.iter_mut() {
+                    if key == "batch_id" || key == "duration_ms" {
+                        *item = serde_json::Value::Null;
+                    } else {
+                        blank(item);
+                    }
+                }
+            }
+            serde_json::Value::Array(items) => items.iter_mut().for_each(blank),
+            _ => {}
+        }
+    }
+    let mut value: serde_json::Value =
+        serde_json::from_str(text.trim()).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"));
+    blank(&mut value);
+    value
+}
+
+#[tokio::test]
+async fn readme_quick_start_answers_as_shown() {
+    let env = TestEnv::sqlite().await;
+    let blocks = quick_start_blocks();
+    let serve_line = blocks[0].iter().find(|line| line.starts_with("countersink serve")).unwrap();
+    assert!(blocks[0].iter().any(|line| line.starts_with("cargo install")), "the quick start installs no binary");
+    // The shown outputs hold only if no scheduled flush runs between the commands.
+    assert!(serve_line.contains("--flush-cron off"), "{serve_line}");
+    let args: Vec<&str> = serve_line.split('#').next().unwrap().split_whitespace().collect();
+    let args: Vec<&str> = args[1..].iter().copied().filter(|a| !a.starts_with("2>") && *a != "&").collect();
+
+    let dir = tempfile::tempdir().unwrap();
+    let port = common::free_port();
+    let mut child = countersink()
+        .current_dir(dir.path())
+        .env("COUNTERSINK_REDIS_PREFIX", &env.core.redis_prefix)
+        .args(&args)
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    assert!(answers(&format!("http://127.0.0.1:{port}"), "/healthz", 200, Duration::from_secs(20)));
+
+    // Each command runs up to the `# {...}` line that shows its answer, with `countersink` the
+    // binary under test, on this test's port and Redis prefix.
+    let bin_dir = Path::new(BIN).parent().unwrap().display().to_string();
+    let path = format!("{bin_dir}:{}", std::env::var("PATH").unwrap_or_default());
+    let mut command = String::new();
+    let mut checked = 0;
+    for line in &blocks[1] {
+        if let Some(expected) = line.strip_prefix("# ").filter(|rest| rest.starts_with('{')) {
+            let script = command.replace("localhost:7878", &format!("127.0.0.1:{port}"));
+            let output = clean("bash")
+                .args(["-c", &script])
+                .current_dir(dir.path())
+                .env("PATH", &path)
+                .env("COUNTERSINK_REDIS_PREFIX", &env.core.redis_prefix)
+                .output()
+                .unwrap();
+            let answer = String::from_utf8_lossy(&output.stdout);
+            assert!(output.status.success(), "{script}: {}", stderr(&output));
+            let shown = expected.replace("\"9f…\"", "\"any\"");
+            assert_eq!(comparable(&answer), comparable(&shown), "{script}");
+            checked += 1;
+            command.clear();
+        } else if !line.starts_with('#') && !line.trim().is_empty() && !line.starts_with("kill ") {
+            command.push_str(line.split("  #").next().unwrap());
+            command.push('\n');
+        }
+    }
+    assert_eq!(checked, 4, "the quick start shows four answers");
+    assert!(stop(&mut child).success());
+}
