@@ -32,8 +32,7 @@ if ! cargo fuzz --version >/dev/null 2>&1; then
   cargo install cargo-fuzz --locked --version "$cargo_fuzz_version"
 fi
 
-# The countersink library compiles its database clients and OpenSSL from source (see
-# ../Cargo.toml): a C/C++ compiler, make, perl and cmake, which scripts/test.sh installs.
+# The targets link only the wire-format modules (fuzz/wire), none of the database clients.
 
 if [ "$sanitizer" != none ] && ! rustc --version | grep -q -- '-nightly'; then
   # -Zsanitizer is a nightly flag; RUSTC_BOOTSTRAP=1 lets the stable compiler accept it.
