@@ -80,12 +80,17 @@ pub struct ReconcileUsers {
 const QUIET_DEPENDENCIES: [&str; 1] = ["tokio_cron_scheduler"];
 
 /// The log filter: `COUNTERSINK_LOG` (a tracing filter, default `info`) with the dependencies
-/// of [`QUIET_DEPENDENCIES`] at warn unless it names them. An invalid filter falls back to the
-/// default (the message naming it is logged once logging is up: see [`Cli::run`]).
-pub fn log_filter(spec: Option<&str>) -> tracing_subscriber::EnvFilter {
+/// of [`QUIET_DEPENDENCIES`] at warn unless it names them. An invalid filter falls back to
+/// `info`; the second value then says what was wrong, for the binary to log once logging is up.
+pub fn log_filter(spec: Option<&str>) -> (tracing_subscriber::EnvFilter, Option<String>) {
     let spec = spec.map(str::trim).filter(|s| !s.is_empty()).unwrap_or("info");
-    let mut filter =
-        tracing_subscriber::EnvFilter::try_new(spec).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let (mut filter, problem) = match tracing_subscriber::EnvFilter::try_new(spec) {
+        Ok(filter) => (filter, None),
+        Err(e) => (
+            tracing_subscriber::EnvFilter::new("info"),
+            Some(format!("COUNTERSINK_LOG={spec:?} is not a tracing filter ({e}); logging at info")),
+        ),
+    };
     for dependency in QUIET_DEPENDENCIES {
         if !spec.contains(dependency) {
             if let Ok(directive) = format!("{dependency}=warn").parse() {
@@ -93,7 +98,7 @@ pub fn log_filter(spec: Option<&str>) -> tracing_subscriber::EnvFilter {
             }
         }
     }
-    filter
+    (filter, problem)
 }
 
 impl Cli {
@@ -382,8 +387,12 @@ mod tests {
 
     #[test]
     fn quiet_dependencies_stay_at_warn_unless_named() {
-        assert_eq!(log_filter(None).to_string(), "tokio_cron_scheduler=warn,info");
-        assert_eq!(log_filter(Some("debug")).to_string(), "tokio_cron_scheduler=warn,debug");
-        assert_eq!(log_filter(Some("tokio_cron_scheduler=debug")).to_string(), "tokio_cron_scheduler=debug");
+        let filter = |spec| log_filter(spec).0.to_string();
+        assert_eq!(filter(None), "tokio_cron_scheduler=warn,info");
+        assert_eq!(filter(Some("debug")), "tokio_cron_scheduler=warn,debug");
+        assert_eq!(filter(Some("tokio_cron_scheduler=debug")), "tokio_cron_scheduler=debug");
+        let (filter, problem) = log_filter(Some("countersink=loud"));
+        assert_eq!(filter.to_string(), "tokio_cron_scheduler=warn,info");
+        assert!(problem.is_some_and(|p| p.contains("COUNTERSINK_LOG")));
     }
 }

@@ -8,7 +8,7 @@ use countersink::config::LogFormat;
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let cli = Cli::parse_args();
-    let filter = log_filter(std::env::var("COUNTERSINK_LOG").ok().as_deref());
+    let (filter, filter_problem) = log_filter(std::env::var("COUNTERSINK_LOG").ok().as_deref());
     // Colours only for a person at a terminal, not in journald or a log file.
     let colours = std::io::stderr().is_terminal();
     // A closed stderr (`countersink serve 2>&1 | head`) must not stop the service: by default
@@ -21,6 +21,9 @@ async fn main() -> std::process::ExitCode {
     match cli.log_format() {
         LogFormat::Json => logs.json().init(),
         LogFormat::Text => logs.init(),
+    }
+    if let Some(problem) = filter_problem {
+        tracing::warn!("{problem}");
     }
     match cli.run().await {
         Ok(()) => std::process::ExitCode::SUCCESS,
