@@ -440,3 +440,41 @@ async fn readme_quick_start_answers_as_shown() {
     assert_eq!(checked, 4, "the quick start shows four answers");
     assert!(stop(&mut child).success());
 }
+
+/// python_client/README.md's getting-started section, up to the badge.
+fn django_getting_started() -> String {
+    let readme =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("python_client/README.md")).unwrap();
+    let start = readme.find("## From nothing to a badge").expect("the getting-started section");
+    let end = readme[start..].find("5. **Show the badge:**").map_or(readme.len(), |i| start + i);
+    readme[start..end].to_string()
+}
+
+#[test]
+fn django_readme_gets_from_nothing_to_a_running_sidecar() {
+    let text = django_getting_started();
+    assert!(text.contains("cargo install --locked --path ."), "no step gets the sidecar binary");
+    assert!(text.contains("redis-server") && text.contains("Redis"), "Redis is not said to be needed");
+    assert!(!text.contains("env("), "the settings use an undefined env(...)");
+    assert!(!text.contains("pip install countersink"), "offers a package that is not published");
+
+    // The commands that make the secret and the token make ones the sidecar takes.
+    let exports: Vec<&str> = text.lines().map(str::trim).filter(|l| l.starts_with("export COUNTERSINK_")).collect();
+    assert_eq!(exports.len(), 2, "{exports:?}");
+    let script = format!(
+        "{}\nprintf '%s\\n%s\\n' \"$COUNTERSINK_WEBHOOK_SECRET\" \"$COUNTERSINK_ADMIN_TOKEN\"",
+        exports.join("\n")
+    );
+    let output = clean("bash").args(["-c", &script]).output().unwrap();
+    assert!(output.status.success(), "{}", stderr(&output));
+    let made = String::from_utf8(output.stdout).unwrap();
+    let (secret, token) = made.trim().split_once('\n').unwrap();
+    secret.parse::<countersink::webhook::WebhookSecret>().unwrap_or_else(|e| panic!("{secret}: {e}"));
+    assert!(token.len() >= 16 && !token.contains(char::is_whitespace), "{token}");
+
+    // The sidecar command parses: every flag it names exists.
+    let command = text.split("```sh").filter_map(|block| block.find("countersink --database-url").map(|i| &block[i..]));
+    let command = command.map(|c| c.split("\n   curl").next().unwrap().replace("\\\n", " ")).next().unwrap();
+    let args: Vec<&str> = command.split_whitespace().collect();
+    Cli::try_parse_with(args, |_| None).unwrap_or_else(|e| panic!("{command}: {e}"));
+}
