@@ -32,11 +32,7 @@ if ! cargo fuzz --version >/dev/null 2>&1; then
   cargo install cargo-fuzz --locked --version "$cargo_fuzz_version"
 fi
 
-# The countersink library links libpq (diesel's postgres backend), as scripts/test.sh knows.
-if command -v dpkg >/dev/null 2>&1 && ! dpkg -s libpq-dev >/dev/null 2>&1; then
-  echo "installing libpq-dev"
-  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libpq-dev >/dev/null
-fi
+# The targets link only the wire-format modules (fuzz/wire), none of the database clients.
 
 if [ "$sanitizer" != none ] && ! rustc --version | grep -q -- '-nightly'; then
   # -Zsanitizer is a nightly flag; RUSTC_BOOTSTRAP=1 lets the stable compiler accept it.

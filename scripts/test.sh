@@ -8,12 +8,17 @@ cd "$(dirname "$0")/.."
 say() { printf '\n== %s\n' "$*"; }
 
 say "system packages"
-# pq-sys links libpq; mysqlclient-sys links MariaDB's client library, found with pkg-config;
-# the outage tests run a redis-server of their own.
+# No -dev package of a database client: libpq, libmysqlclient, SQLite and OpenSSL are compiled
+# from source (Cargo.toml says why), which takes a C/C++ compiler, make, perl and cmake.
+# debootstrap makes the root that scripts/nodev-build.sh builds in; the outage tests run a
+# redis-server of their own.
 missing=()
-dpkg -s libpq-dev >/dev/null 2>&1 || missing+=(libpq-dev)
-dpkg -s libmariadb-dev >/dev/null 2>&1 || missing+=(libmariadb-dev)
-command -v pkg-config >/dev/null 2>&1 || missing+=(pkg-config)
+command -v cc >/dev/null 2>&1 || missing+=(gcc)
+command -v c++ >/dev/null 2>&1 || missing+=(g++)
+command -v make >/dev/null 2>&1 || missing+=(make)
+command -v perl >/dev/null 2>&1 || missing+=(perl)
+command -v cmake >/dev/null 2>&1 || missing+=(cmake)
+command -v debootstrap >/dev/null 2>&1 || missing+=(debootstrap)
 [ -x /usr/sbin/mariadbd ] || missing+=(mariadb-server)
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 if [ ${#missing[@]} -gt 0 ]; then
@@ -44,6 +49,11 @@ redis-cli -h 127.0.0.1 ping >/dev/null || { echo "redis is not answering on 127.
 pg_isready -h 127.0.0.1 -p 5432 || { echo "postgresql is not answering on 127.0.0.1:5432"; exit 1; }
 mariadb_up || { echo "mariadb is not answering on 127.0.0.1:3306 (root, no password)"; exit 1; }
 mariadb --protocol=tcp -h 127.0.0.1 -P 3306 -u root -e "CREATE DATABASE IF NOT EXISTS test"
+
+say "a build without any client library's -dev package (scripts/nodev-build.sh)"
+# Builds every target in a Debian root without them and migrates each backend with that binary;
+# the lints and tests below reuse what it built.
+scripts/nodev-build.sh
 
 say "format and lints"
 cargo fmt --check

@@ -20,7 +20,7 @@
 //! per user with unread notifications (16 bytes each, about 30 MB per million users).
 
 use std::collections::HashMap;
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Write};
 use std::time::{Duration, Instant};
 
 use diesel::Connection;
@@ -187,7 +187,9 @@ pub fn progress_printer() -> impl FnMut(Progress) + Send + 'static {
         let percent = if p.total == 0 { 100.0 } else { p.done as f64 * 100.0 / p.total as f64 };
         if terminal {
             let filled = ((percent / 5.0) as usize).min(20);
-            eprint!(
+            // Not eprint!: it panics when stderr is closed; a lost progress line is no failure.
+            let _ = write!(
+                std::io::stderr(),
                 "\r[{}{}] {percent:5.1}% {}/{} notifications, {:.0}/s, ETA {}s   ",
                 "#".repeat(filled),
                 " ".repeat(20 - filled),
@@ -197,7 +199,7 @@ pub fn progress_printer() -> impl FnMut(Progress) + Send + 'static {
                 p.eta().as_secs()
             );
             if p.done >= p.total {
-                eprintln!();
+                let _ = writeln!(std::io::stderr());
             }
         } else if last.elapsed() >= LOG_EVERY || p.done >= p.total {
             last = Instant::now();

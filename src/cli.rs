@@ -1,6 +1,7 @@
 //! The command line: `countersink serve | migrate | flush`.
 
 use std::future::IntoFuture;
+use std::io::Write;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -50,22 +51,75 @@ pub enum Command {
     Bootstrap,
 }
 
-/// Which users `countersink reconcile` recounts.
+/// What `countersink reconcile` recounts, and how fast.
+#[derive(Debug, Args)]
+pub struct ReconcileArgs {
+    /// Which users: one of --user or --all is required.
+    #[command(flatten)]
+    pub users: ReconcileUsers,
+    /// With --all: users per second at most (0: no limit), to spare the database.
+    #[arg(long, default_value_t = 2_000, requires = "all")]
+    pub rate: u32,
+}
+
+/// Which users `countersink reconcile` recounts: given ones, or all of them. A group of its
+/// own, so the usage line reads `<--user <USER_ID>|--all>` and `--rate` stays an option of `--all`.
 #[derive(Debug, Args)]
 #[group(required = true, multiple = false)]
-pub struct ReconcileArgs {
+pub struct ReconcileUsers {
     /// A user to recount; repeat for several.
     #[arg(long = "user", value_name = "USER_ID")]
     pub users: Vec<u64>,
     /// Every user with a notification or a stored count.
     #[arg(long)]
     pub all: bool,
-    /// With --all: users per second at most (0: no limit), to spare the database.
-    #[arg(long, default_value_t = 2_000, requires = "all")]
-    pub rate: u32,
+}
+
+/// Dependencies whose info lines are start-up noise for an operator (the scheduler announces
+/// its own set-up): they log at warn unless `COUNTERSINK_LOG` names them.
+const QUIET_DEPENDENCIES: [&str; 1] = ["tokio_cron_scheduler"];
+
+/// The log filter: `COUNTERSINK_LOG` (a tracing filter, default `info`) with the dependencies
+/// of [`QUIET_DEPENDENCIES`] at warn unless it names them. An invalid filter falls back to
+/// `info`; the second value then says what was wrong, for the binary to log once logging is up.
+pub fn log_filter(spec: Option<&str>) -> (tracing_subscriber::EnvFilter, Option<String>) {
+    let spec = spec.map(str::trim).filter(|s| !s.is_empty()).unwrap_or("info");
+    let (mut filter, problem) = match tracing_subscriber::EnvFilter::try_new(spec) {
+        Ok(filter) => (filter, None),
+        Err(e) => (
+            tracing_subscriber::EnvFilter::new("info"),
+            Some(format!("COUNTERSINK_LOG={spec:?} is not a tracing filter ({e}); logging at info")),
+        ),
+    };
+    for dependency in QUIET_DEPENDENCIES {
+        if !spec.contains(dependency) {
+            if let Ok(directive) = format!("{dependency}=warn").parse() {
+                filter = filter.add_directive(directive);
+            }
+        }
+    }
+    (filter, problem)
 }
 
 impl Cli {
+    /// Parses the process's arguments and environment, exiting with clap's message when they
+    /// are wrong. A `COUNTERSINK_*` variable set to the empty string counts as unset, so its
+    /// default applies: `KEY=` in an environment file (`.env.sample`) means "not set", as it
+    /// does for systemd and most `.env` loaders.
+    pub fn parse_args() -> Cli {
+        Self::try_parse_with(std::env::args_os(), |name| std::env::var_os(name)).unwrap_or_else(|e| e.exit())
+    }
+
+    /// [`Cli::parse_args`] over given arguments and a given environment lookup, for tests.
+    pub fn try_parse_with(
+        args: impl IntoIterator<Item = impl Into<std::ffi::OsString> + Clone>,
+        lookup: impl Fn(&std::ffi::OsStr) -> Option<std::ffi::OsString>,
+    ) -> Result<Cli, clap::Error> {
+        let command = without_empty_env(<Cli as clap::CommandFactory>::command(), &lookup);
+        let mut matches = command.try_get_matches_from(args)?;
+        <Cli as clap::FromArgMatches>::from_arg_matches_mut(&mut matches)
+    }
+
     /// Validates the settings and runs the subcommand.
     pub async fn run(self) -> anyhow::Result<()> {
         // The document needs no settings; everything else starts by checking them.
@@ -77,34 +131,25 @@ impl Cli {
             Command::Migrate => {
                 let state = AppState::new(&self.core, None)?;
                 let applied = state.db.migrate().await.context("migrating the database")?;
-                println!(
-                    "{}",
-                    if applied.is_empty() {
-                        "no migrations to apply".to_string()
-                    } else {
-                        format!("applied: {}", applied.join(", "))
-                    }
-                );
-                Ok(())
+                print_line(&if applied.is_empty() {
+                    "no migrations to apply".to_string()
+                } else {
+                    format!("applied: {}", applied.join(", "))
+                })
             }
-            Command::Openapi => {
-                println!("{}", http::openapi::document());
-                Ok(())
-            }
+            Command::Openapi => print_line(&http::openapi::document()),
             Command::Reconcile(args) => run_reconcile(&self.core, args).await,
             Command::Bootstrap => {
                 let state = AppState::new(&self.core, None)?;
                 state.reconciler.check_source().await.context("checking the Notification table (--source-*)")?;
                 let report =
                     state.reconciler.bootstrap(bootstrap::Batching::default(), bootstrap::progress_printer()).await?;
-                println!("{}", serde_json::to_string_pretty(&report)?);
-                Ok(())
+                print_line(&serde_json::to_string_pretty(&report)?)
             }
             Command::Flush => {
                 let state = AppState::new(&self.core, None)?;
                 let report = state.flusher.flush(WhenBusy::Wait(CLI_FLUSH_WAIT)).await.context("flushing")?;
-                println!("{}", serde_json::to_string_pretty(&report)?);
-                Ok(())
+                print_line(&serde_json::to_string_pretty(&report)?)
             }
         }
     }
@@ -244,7 +289,7 @@ const RECOUNT_INTERVAL: Duration = Duration::from_secs(1);
 async fn run_reconcile(core: &CoreConfig, args: ReconcileArgs) -> anyhow::Result<()> {
     let state = AppState::new(core, None)?;
     state.reconciler.check_source().await.context("checking the Notification table (--source-*)")?;
-    let report = if args.all {
+    let report = if args.users.all {
         let mut last_line = std::time::Instant::now();
         state
             .reconciler
@@ -252,7 +297,9 @@ async fn run_reconcile(core: &CoreConfig, args: ReconcileArgs) -> anyhow::Result
                 if last_line.elapsed() >= Duration::from_secs(2) {
                     last_line = std::time::Instant::now();
                     let rate = report.users_checked as f64 / (report.duration_ms.max(1) as f64 / 1000.0);
-                    eprintln!(
+                    // Not eprintln!: it panics when stderr is closed; a lost progress line is no failure.
+                    let _ = writeln!(
+                        std::io::stderr(),
                         "reconcile: {} users checked, {} drifted, {rate:.0} users/s",
                         report.users_checked,
                         report.drift.len()
@@ -261,10 +308,33 @@ async fn run_reconcile(core: &CoreConfig, args: ReconcileArgs) -> anyhow::Result
             })
             .await?
     } else {
-        state.reconciler.reconcile_users(&args.users).await?
+        state.reconciler.reconcile_users(&args.users.users).await?
     };
-    println!("{}", serde_json::to_string_pretty(&report)?);
-    Ok(())
+    print_line(&serde_json::to_string_pretty(&report)?)
+}
+
+/// `command` with the environment binding of every argument whose variable is set but empty
+/// removed, in every subcommand.
+fn without_empty_env(
+    command: clap::Command,
+    lookup: &impl Fn(&std::ffi::OsStr) -> Option<std::ffi::OsString>,
+) -> clap::Command {
+    let command = command.mut_args(|arg| match arg.get_env() {
+        Some(name) if lookup(name).is_some_and(|value| value.is_empty()) => arg.env(None::<&'static str>),
+        _ => arg,
+    });
+    let names: Vec<String> = command.get_subcommands().map(|sub| sub.get_name().to_string()).collect();
+    names.iter().fold(command, |command, name| command.mut_subcommand(name, |sub| without_empty_env(sub, lookup)))
+}
+
+/// Writes a command's answer to stdout. A closed stdout (`countersink flush | head -1`) is not a
+/// failure of the command: what was asked was done, and nobody reads the rest.
+fn print_line(text: &str) -> anyhow::Result<()> {
+    let mut stdout = std::io::stdout().lock();
+    match writeln!(stdout, "{text}").and_then(|()| stdout.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(anyhow::Error::new(e).context("writing to stdout")),
+        _ => Ok(()),
+    }
 }
 
 async fn shutdown_signal() {
@@ -302,5 +372,27 @@ mod tests {
     #[test]
     fn cli_definition_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn empty_environment_values_count_as_unset() {
+        let empty = ["COUNTERSINK_SOURCE_TABLE", "COUNTERSINK_READ_TOKEN", "COUNTERSINK_REDIS_PREFIX"];
+        let lookup = |name: &std::ffi::OsStr| empty.iter().any(|e| name == *e).then(std::ffi::OsString::new);
+        let cli = Cli::try_parse_with(["countersink", "serve"], lookup).expect("parses");
+        assert_eq!(cli.core.source.source_table, None);
+        assert_eq!(cli.core.redis_prefix, "countersink");
+        let Command::Serve(serve) = cli.command else { panic!("not serve") };
+        assert_eq!(serve.read_token, None);
+    }
+
+    #[test]
+    fn quiet_dependencies_stay_at_warn_unless_named() {
+        let filter = |spec| log_filter(spec).0.to_string();
+        assert_eq!(filter(None), "tokio_cron_scheduler=warn,info");
+        assert_eq!(filter(Some("debug")), "tokio_cron_scheduler=warn,debug");
+        assert_eq!(filter(Some("tokio_cron_scheduler=debug")), "tokio_cron_scheduler=debug");
+        let (filter, problem) = log_filter(Some("countersink=loud"));
+        assert_eq!(filter.to_string(), "tokio_cron_scheduler=warn,info");
+        assert!(problem.is_some_and(|p| p.contains("COUNTERSINK_LOG")));
     }
 }

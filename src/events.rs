@@ -182,7 +182,7 @@ impl EventError {
 
 /// Parses and validates a request body holding one event or an array of at most `max_events`.
 pub fn parse_batch(body: &[u8], max_events: usize) -> Result<Batch, EventError> {
-    let value: Value = serde_json::from_slice(body).map_err(|e| EventError::Malformed(e.to_string()))?;
+    let UniqueKeys(value) = serde_json::from_slice(body).map_err(|e| EventError::Malformed(e.to_string()))?;
     let parsed = match value {
         Value::Object(object) => vec![parse_event(&object, None)?],
         Value::Array(items) => {
@@ -211,6 +211,68 @@ pub fn parse_batch(body: &[u8], max_events: usize) -> Result<Batch, EventError> 
         }
     }
     Ok(batch)
+}
+
+/// A JSON value whose objects repeat no key. `serde_json::Value` keeps the last of repeated
+/// keys silently, so `{"unread": true, "unread": false}` would read as "read"; RFC 8259 leaves
+/// repeated names to the parser, and a sender that repeats one has a bug worth a 400.
+struct UniqueKeys(Value);
+
+impl<'de> serde::Deserialize<'de> for UniqueKeys {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(UniqueKeysVisitor).map(UniqueKeys)
+    }
+}
+
+struct UniqueKeysVisitor;
+
+impl<'de> serde::de::Visitor<'de> for UniqueKeysVisitor {
+    type Value = Value;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("any JSON value")
+    }
+    fn visit_bool<E>(self, v: bool) -> Result<Value, E> {
+        Ok(Value::Bool(v))
+    }
+    fn visit_i64<E>(self, v: i64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+    fn visit_u64<E>(self, v: u64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+    fn visit_f64<E>(self, v: f64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+    fn visit_str<E>(self, v: &str) -> Result<Value, E> {
+        Ok(Value::String(v.to_string()))
+    }
+    fn visit_string<E>(self, v: String) -> Result<Value, E> {
+        Ok(Value::String(v))
+    }
+    fn visit_unit<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+        let mut items = Vec::new();
+        while let Some(UniqueKeys(item)) = seq.next_element()? {
+            items.push(item);
+        }
+        Ok(Value::Array(items))
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+        let mut object = Map::new();
+        while let Some(key) = map.next_key::<String>()? {
+            if object.contains_key(&key) {
+                return Err(serde::de::Error::custom(format!(
+                    "duplicate key {key:?} (each key may appear once in an object)"
+                )));
+            }
+            let UniqueKeys(value) = map.next_value()?;
+            object.insert(key, value);
+        }
+        Ok(Value::Object(object))
+    }
 }
 
 const KNOWN_FIELDS: [&str; 6] = ["kind", "notification_id", "user_id", "unread", "created", "occurred_at"];

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use chrono::Utc;
 use diesel::Connection;
 use tokio::runtime::Handle;
-use tracing::{error, info, instrument, warn};
+use tracing::{debug, error, info, instrument, warn};
 
 use crate::crash_point;
 use crate::db::{queries, Db, DbError};
@@ -158,12 +158,17 @@ impl Flusher {
         };
         metrics::flush_succeeded(&report, started.elapsed());
         report.duration_ms = started.elapsed().as_millis() as u64;
-        info!(
-            batches = report.batches.len(),
-            users_written = report.users_written,
-            duration_ms = report.duration_ms,
-            "flush done"
-        );
+        // An idle service flushes nothing every 10 s: that is no news at info.
+        if report.batches.is_empty() {
+            debug!(duration_ms = report.duration_ms, "flush done: nothing pending");
+        } else {
+            info!(
+                batches = report.batches.len(),
+                users_written = report.users_written,
+                duration_ms = report.duration_ms,
+                "flush done"
+            );
+        }
         Ok(report)
     }
 

@@ -213,3 +213,61 @@ async fn a_flush_cut_short_by_the_request_deadline_still_finishes_and_frees_the_
     assert!(report.skipped.is_none());
     assert_eq!(env.stored_counts().await.get(&4), Some(&1));
 }
+
+#[tokio::test]
+async fn bulk_reads_take_percent_encoded_commas_and_repeated_keys() {
+    let env = TestEnv::sqlite().await;
+    let app = router(env.state());
+    let events = json!([
+        {"kind": "post_save", "notification_id": 1, "user_id": 42, "unread": true, "created": true},
+        {"kind": "post_save", "notification_id": 2, "user_id": 43, "unread": true, "created": true},
+        {"kind": "post_save", "notification_id": 3, "user_id": 43, "unread": true, "created": true},
+    ]);
+    assert_eq!(call(&app, "POST", "/v1/events", events.to_string()).await.0, StatusCode::OK);
+    // What Python's urlencode({"user_ids": "42,43"}) sends, and urlencode(..., doseq=True) of a list.
+    for uri in ["/v1/unread-counts?user_ids=42%2C43", "/v1/unread-counts?user_ids=42&user_ids=43"] {
+        let (status, body, _) = call(&app, "GET", uri, Body::empty()).await;
+        assert_eq!(status, StatusCode::OK, "{uri}: {body}");
+        let counts: Vec<(u64, u64)> = body["counts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| (c["user_id"].as_u64().unwrap(), c["unread_count"].as_u64().unwrap()))
+            .collect();
+        assert_eq!(counts, vec![(42, 1), (43, 2)], "{uri}");
+    }
+    // A parameter the endpoint does not take is refused, not ignored.
+    let (status, body, _) = call(&app, "GET", "/v1/unread-counts?user_ids=42&user_id=43", Body::empty()).await;
+    assert_eq!((status, body["error"]["field"].as_str()), (StatusCode::BAD_REQUEST, Some("user_id")), "{body}");
+}
+
+#[tokio::test]
+async fn duplicate_json_keys_are_refused_and_apply_nothing() {
+    let env = TestEnv::sqlite().await;
+    let app = router(env.state());
+    // serde_json keeps the last of repeated keys: this read as "read", and nothing was counted.
+    let body = r#"[{"kind": "post_save", "notification_id": 1, "user_id": 5, "unread": true, "unread": false,
+                    "created": true}]"#;
+    let (status, answer, _) = call(&app, "POST", "/v1/events", body).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{answer}");
+    assert_eq!(answer["error"]["code"], "malformed_json");
+    assert!(answer["error"]["message"].as_str().unwrap().contains("duplicate key \"unread\""), "{answer}");
+    let (status, answer, _) = call(&app, "POST", "/v1/reconcile", r#"{"user_ids": [1], "user_ids": [2]}"#).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{answer}");
+    assert_eq!(env.redis_keys(), Vec::<String>::new(), "a rejected request applied something");
+}
+
+#[tokio::test]
+async fn last_flush_time_is_rfc3339_with_an_offset() {
+    let env = TestEnv::sqlite().await;
+    let app = router(env.state());
+    let event = json!({"kind": "post_save", "notification_id": 1, "user_id": 5, "unread": true, "created": true});
+    assert_eq!(call(&app, "POST", "/v1/events", event.to_string()).await.0, StatusCode::OK);
+    assert_eq!(call(&app, "POST", "/v1/flush", Body::empty()).await.0, StatusCode::OK);
+    let (status, body, _) = call(&app, "GET", "/v1/status", Body::empty()).await;
+    assert_eq!(status, StatusCode::OK);
+    let applied_at = body["last_flush"]["applied_at"].as_str().unwrap();
+    let parsed = chrono::DateTime::parse_from_rfc3339(applied_at).unwrap_or_else(|e| panic!("{applied_at}: {e}"));
+    assert_eq!(parsed.offset().local_minus_utc(), 0, "{applied_at}");
+    assert!((chrono::Utc::now() - parsed.to_utc()).num_seconds().abs() < 60, "{applied_at}");
+}

@@ -12,13 +12,13 @@ mod connection;
 pub mod queries;
 pub mod schema;
 
-pub use connection::DbConnection;
+pub use connection::{DbConnection, Manager};
 
 use std::time::Duration;
 
 use diesel::connection::SimpleConnection;
 use diesel::migration::MigrationSource;
-use diesel::r2d2::{ConnectionManager, CustomizeConnection, Pool, PooledConnection};
+use diesel::r2d2::{CustomizeConnection, Pool, PooledConnection};
 use diesel::RunQueryDsl;
 use diesel_migrations::{embed_migrations, EmbeddedMigrations, MigrationHarness};
 
@@ -86,12 +86,37 @@ fn sqlite_path(url: &str) -> &str {
     url.strip_prefix("sqlite://").unwrap_or(url)
 }
 
+/// The URL with its password replaced by `***`, for messages and logs.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else { return url.to_string() };
+    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let (authority, path) = rest.split_at(authority_end);
+    match authority.rsplit_once('@') {
+        Some((credentials, host)) => match credentials.split_once(':') {
+            Some((user, _password)) => format!("{scheme}://{user}:***@{host}{path}"),
+            None => url.to_string(),
+        },
+        None => url.to_string(),
+    }
+}
+
 /// A database failure.
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {
-    /// No connection could be had from the pool in time: the database is down or saturated.
-    #[error("no database connection available: {0}")]
-    Unavailable(String),
+    /// The URL names no backend countersink knows.
+    #[error("{0}")]
+    BadUrl(String),
+    /// No connection could be had from the pool in time: the database is down, refuses the
+    /// credentials, or is saturated. `cause` is what the database (or its client library) said.
+    #[error("cannot connect to the database {url}: {cause} ({hint})")]
+    Unavailable {
+        /// The database URL, without its password.
+        url: String,
+        /// What the database said, or that every pooled connection stayed busy.
+        cause: String,
+        /// What to check.
+        hint: &'static str,
+    },
     /// A query failed.
     #[error("database query failed: {0}")]
     Query(#[from] diesel::result::Error),
@@ -107,7 +132,7 @@ impl DbError {
     /// Whether the database was unreachable (worth a retry) rather than a query being wrong.
     pub fn is_unavailable(&self) -> bool {
         match self {
-            DbError::Unavailable(_) => true,
+            DbError::Unavailable { .. } => true,
             DbError::Query(diesel::result::Error::DatabaseError(kind, info)) => {
                 use diesel::result::DatabaseErrorKind::{ClosedConnection, SerializationFailure, UnableToSendCommand};
                 // SQLite's busy timeout, PostgreSQL shutting down, a MySQL server that went away
@@ -129,6 +154,23 @@ impl DbError {
     }
 }
 
+/// A pool timeout as a [`DbError`]: r2d2 says `timed out waiting for connection: CAUSE` when
+/// the last attempt to connect failed, and only the first half when the pool stayed busy.
+fn unavailable(backend: Backend, url: &str, error: &diesel::r2d2::PoolError) -> DbError {
+    let text = error.to_string();
+    let cause = match text.strip_prefix("timed out waiting for connection: ") {
+        Some(cause) => cause.trim().to_string(),
+        None => format!("{text}: every pooled connection stayed busy (see --db-pool-size)"),
+    };
+    let hint = match backend {
+        Backend::Sqlite => "check --database-url / COUNTERSINK_DATABASE_URL",
+        Backend::Postgres | Backend::Mysql => {
+            "check --database-url / COUNTERSINK_DATABASE_URL, and that the server runs and takes these credentials"
+        }
+    };
+    DbError::Unavailable { url: url.to_string(), cause, hint }
+}
+
 #[derive(Debug)]
 struct SqliteSettings;
 
@@ -148,15 +190,18 @@ impl CustomizeConnection<DbConnection, diesel::r2d2::Error> for SqliteSettings {
 /// The database: a pool of connections to one backend.
 #[derive(Clone)]
 pub struct Db {
-    pool: Pool<ConnectionManager<DbConnection>>,
+    pool: Pool<Manager>,
     backend: Backend,
+    /// The URL without its password, for error messages.
+    url: String,
 }
 
 impl Db {
     /// A pool that connects lazily, so the service starts (and recovers) while the database is down.
     pub fn connect(url: &str, pool_size: u32, timeout: Duration) -> Result<Db, DbError> {
-        let backend = Backend::from_url(url).map_err(DbError::Unavailable)?;
-        let url = match backend {
+        let backend = Backend::from_url(url).map_err(DbError::BadUrl)?;
+        let redacted = redact_url(url);
+        let target = match backend {
             Backend::Postgres => url.to_string(),
             Backend::Sqlite => sqlite_path(url).to_string(),
             Backend::Mysql => mysql_url(url),
@@ -166,8 +211,8 @@ impl Db {
             .min_idle(Some(0))
             .connection_timeout(timeout)
             .connection_customizer(Box::new(SqliteSettings))
-            .build_unchecked(ConnectionManager::new(url));
-        Ok(Db { pool, backend })
+            .build_unchecked(Manager::new(backend, target));
+        Ok(Db { pool, backend, url: redacted })
     }
 
     /// The backend behind this pool.
@@ -182,8 +227,9 @@ impl Db {
         F: FnOnce(&mut DbConnection) -> Result<T, DbError> + Send + 'static,
     {
         let pool = self.pool.clone();
+        let (backend, url) = (self.backend, self.url.clone());
         let result = tokio::task::spawn_blocking(move || {
-            let mut conn = pool.get().map_err(|e| DbError::Unavailable(e.to_string()))?;
+            let mut conn = pool.get().map_err(|e| unavailable(backend, &url, &e))?;
             f(&mut conn)
         })
         .await
@@ -196,10 +242,10 @@ impl Db {
     }
 
     /// A pooled connection for code already on a blocking thread.
-    pub fn get(&self) -> Result<PooledConnection<ConnectionManager<DbConnection>>, DbError> {
+    pub fn get(&self) -> Result<PooledConnection<Manager>, DbError> {
         self.pool.get().map_err(|e| {
             crate::metrics::dependency_error(crate::metrics::Dependency::Database);
-            DbError::Unavailable(e.to_string())
+            unavailable(self.backend, &self.url, &e)
         })
     }
 

@@ -39,11 +39,19 @@ pub struct BatchRecord {
     pub users: i64,
     /// The sum of its deltas.
     pub delta_sum: i64,
-    /// When it was committed (UTC).
-    #[schema(value_type = String, example = "2026-11-22T23:55:04.111478")]
+    /// When it was committed: RFC 3339 in UTC, with its offset (`Z`). Stored without a time zone
+    /// (always UTC); the offset is added when it is written out.
+    #[schema(value_type = String, format = DateTime, example = "2026-11-22T23:55:04.111478Z")]
+    #[serde(serialize_with = "utc_rfc3339")]
     pub applied_at: NaiveDateTime,
     /// The Redis hand-off sequence number of the batch (0 for a batch recovered after a crash).
     pub handoff_seq: i64,
+}
+
+/// Writes a UTC timestamp stored without a zone as RFC 3339 with its offset, in microseconds.
+fn utc_rfc3339<S: serde::Serializer>(at: &NaiveDateTime, serializer: S) -> Result<S::Ok, S::Error> {
+    let at = chrono::DateTime::<chrono::Utc>::from_naive_utc_and_offset(*at, chrono::Utc);
+    serializer.serialize_str(&at.to_rfc3339_opts(chrono::SecondsFormat::Micros, true))
 }
 
 /// Records `batch_id` as applied; `false` if it already was (then nothing else may be written).

@@ -1,13 +1,14 @@
 //! Real-time unread counts: one user, or many in one call.
 
 use axum::extract::rejection::PathRejection;
-use axum::extract::{Path, RawQuery, State};
+use axum::extract::{Path, State};
 use axum::Json;
 
 use crate::app::AppState;
 use crate::counts::{unread_counts, UnreadCount};
 use crate::error::{AppError, ErrorBody};
 use crate::events::MAX_ID;
+use crate::http::user_ids::UserIds;
 
 /// `GET /v1/users/{user_id}/unread-count`
 #[utoipa::path(
@@ -45,7 +46,7 @@ pub struct UnreadCounts {
     get,
     path = "/v1/unread-counts",
     tag = "reads",
-    params(("user_ids" = String, Query, description = "1 to 1,000 comma-separated user ids")),
+    params(("user_ids" = String, Query, description = "1 to 1,000 comma-separated user ids (percent-encoded commas too); the key may repeat, and its ids are read in order")),
     responses(
         (status = 200, description = "One entry per user, in request order", body = UnreadCounts),
         (status = 400, description = "Missing or bad user ids", body = ErrorBody),
@@ -56,22 +57,8 @@ pub struct UnreadCounts {
 )]
 pub async fn get_unread_counts(
     State(state): State<AppState>,
-    RawQuery(query): RawQuery,
+    UserIds(user_ids): UserIds,
 ) -> Result<Json<UnreadCounts>, AppError> {
-    let list = query
-        .as_deref()
-        .unwrap_or("")
-        .split('&')
-        .find_map(|pair| pair.strip_prefix("user_ids="))
-        .ok_or_else(|| AppError::bad_parameter("user_ids", "give user ids as ?user_ids=1,2,3"))?;
-    let user_ids = list
-        .split(',')
-        .filter(|s| !s.is_empty())
-        .map(|s| parse_user_id(s, "user_ids"))
-        .collect::<Result<Vec<_>, _>>()?;
-    if user_ids.is_empty() || user_ids.len() > state.limits.max_read_users {
-        return Err(AppError::bad_parameter("user_ids", format!("give 1 to {} user ids", state.limits.max_read_users)));
-    }
     let counts = unread_counts(&state.store, &state.db, &user_ids).await?;
     Ok(Json(UnreadCounts { counts }))
 }

@@ -13,7 +13,7 @@
 //! | `GET /metrics` (read token, if set)      | `metrics.rs` |
 //! | `GET /openapi.json`                      | `openapi.rs` |
 //!
-//! `auth.rs` holds the signature check and the bearer-token middleware: reads take the read
+//! `user_ids.rs` parses the bulk read's query. `auth.rs` holds the signature check and the bearer-token middleware: reads take the read
 //! token (when set), flush and status the admin token. `request_id.rs` gives every request an
 //! id for its log lines; `metrics.rs` also times every request.
 
@@ -27,6 +27,7 @@ pub mod openapi;
 mod reconcile;
 pub mod request_id;
 mod status;
+pub mod user_ids;
 
 use std::time::Duration;
 
