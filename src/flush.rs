@@ -9,7 +9,8 @@
 //! 3. **Hand off.** The pending set is renamed to a batch key with a fresh random batch id, in
 //!    one script: new events start a new pending set at once.
 //! 4. **Apply.** One database transaction records the batch id, then streams the batch from
-//!    Redis in chunks and adds each chunk with one upsert. A batch already recorded is skipped.
+//!    Redis in chunks and adds each chunk with one upsert, reading the next chunk while the
+//!    current one is written. A batch already recorded is skipped.
 //! 5. **Drop.** Once committed, the batch key is deleted.
 
 use std::sync::Arc;
