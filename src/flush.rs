@@ -9,7 +9,8 @@
 //! 3. **Hand off.** The pending set is renamed to a batch key with a fresh random batch id, in
 //!    one script: new events start a new pending set at once.
 //! 4. **Apply.** One database transaction records the batch id, then streams the batch from
-//!    Redis in chunks and adds each chunk with one upsert. A batch already recorded is skipped.
+//!    Redis in chunks and adds each chunk with one upsert, reading the next chunk while the
+//!    current one is written. A batch already recorded is skipped.
 //! 5. **Drop.** Once committed, the batch key is deleted.
 
 use std::sync::Arc;
@@ -337,12 +338,17 @@ impl Flusher {
                     report.already_applied = true;
                     return Ok(report);
                 }
+                // The batch no longer changes (it was renamed), so the next chunk is read from
+                // Redis while this one is written; the transaction still sees the chunks in order,
+                // and a read ahead that is not needed (a stop, a failure) is aborted.
                 let mut start = 0;
-                loop {
-                    let chunk = handle.block_on(store.batch_chunk(&batch_id, start, chunk_users))?;
-                    if chunk.is_empty() {
-                        break;
-                    }
+                let mut chunk = handle.block_on(store.batch_chunk(&batch_id, start, chunk_users))?;
+                while !chunk.is_empty() {
+                    let next = (chunk.len() == chunk_users).then(|| {
+                        let (store, batch_id) = (store.clone(), batch_id.clone());
+                        let from = start + chunk_users;
+                        AbortOnDrop(handle.spawn(async move { store.batch_chunk(&batch_id, from, chunk_users).await }))
+                    });
                     let left = deadline.saturating_duration_since(Instant::now());
                     if left.is_zero() {
                         return Err(FlushError::TimedOut(timeout));
@@ -355,9 +361,10 @@ impl Flusher {
                         return Err(FlushError::Stopped(FlushStep::FirstChunk));
                     }
                     crash_point::reach(crash_point::FLUSH_MID_WRITE);
-                    if chunk.len() < chunk_users {
-                        break;
-                    }
+                    let Some(mut next) = next else { break };
+                    chunk = handle
+                        .block_on(&mut next.0)
+                        .map_err(|e| FlushError::Db(DbError::Task(format!("reading the next chunk: {e}"))))??;
                     start += chunk_users;
                 }
                 queries::complete_batch(conn, &batch_id, report.users as i64, report.delta_sum)?;
@@ -403,10 +410,11 @@ async fn renew_lock(store: Store, token: String, ttl: Duration) {
     }
 }
 
-/// Aborts a task when dropped, so the lock renewal ends with the work, however it ends.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
+/// Aborts a task when dropped, so the lock renewal (or a read ahead) ends with the work, however
+/// it ends.
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
 
-impl Drop for AbortOnDrop {
+impl<T> Drop for AbortOnDrop<T> {
     fn drop(&mut self) {
         self.0.abort();
     }
