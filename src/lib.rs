@@ -15,7 +15,7 @@
 //! | [`store`]     | the Redis side: key layout, Lua scripts, transitions, the pending set     |
 //! | [`db`]        | the SQL side: diesel schema, backends (PostgreSQL, SQLite), migrations    |
 //! | [`flush`]     | the exactly-once hand-off of pending deltas into the count table         |
-//! | [`counts`]    | real-time reads: stored + pending, consistent while a flush runs         |
+//! | [`counts`]    | real-time reads: the counts held in Redis, and a user's first load       |
 //! | [`source`]    | the Notification table: mapping, validation, the queries that read it     |
 //! | [`reconcile`] | recounting users from that table, safely beside live events               |
 //! | [`bootstrap`] | rebuilding the whole state from that table (day one, or Redis lost)       |
