@@ -51,7 +51,14 @@ impl diesel::r2d2::ManageConnection for Manager {
     fn connect(&self) -> Result<DbConnection, Self::Error> {
         let connection = match self.backend {
             Backend::Postgres => PgConnection::establish(&self.target).map(DbConnection::Pg),
-            Backend::Mysql => MysqlConnection::establish(&self.target).map(DbConnection::Mysql),
+            Backend::Mysql => MysqlConnection::establish(&self.target).map(|mut c| {
+                // The bundled libmysqlclient keeps a prepared statement's last error after a later
+                // run succeeds, and diesel reads the error text to judge each run: a cached
+                // statement that failed once (the batch claim's duplicate key, a lock wait timeout)
+                // would fail on that connection from then on. Statements are prepared afresh.
+                c.set_prepared_statement_cache_size(diesel::connection::CacheSize::Disabled);
+                DbConnection::Mysql(c)
+            }),
             Backend::Sqlite => {
                 // SQLite says only "unable to open database file" when the folder is missing.
                 let path = self.target.strip_prefix("file:").unwrap_or(&self.target);
