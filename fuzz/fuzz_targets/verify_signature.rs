@@ -20,12 +20,16 @@
 //! 2. Round trip: with `ts` the timestamp line as an i64 (or derived from its bytes),
 //!    `sign(id, ts, body)` verifies at `now = ts`, `ts ± 300` and at the `now` line when it is
 //!    within 300 s, exactly when `check_id(id)` is Ok; at `ts ± 301` it is refused as stale (or
-//!    for the id); it still verifies after unknown tokens in the header and beside another secret.
+//!    for the id); it still verifies after unknown tokens in the header (refused, unhashed, past
+//!    8 signatures or 1 KiB of header) and beside another secret.
 //! 3. Tampering fails: one changed byte of the body, the id or the key, or a timestamp 1 s off,
 //!    and the signature no longer verifies.
 #![no_main]
 
-use countersink::webhook::{check_id, verify, SignatureError, SignedHeaders, WebhookSecret, TIMESTAMP_TOLERANCE_SECS};
+use countersink::webhook::{
+    check_id, verify, SignatureError, SignedHeaders, WebhookSecret, MAX_SIGNATURES, MAX_SIGNATURE_HEADER_LEN,
+    TIMESTAMP_TOLERANCE_SECS,
+};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
@@ -83,9 +87,13 @@ fuzz_target!(|data: &[u8]| {
     if !id_ok {
         return;
     }
-    // Unknown tokens before it (the signature line, whatever it holds) do not hide a valid signature.
+    // Unknown tokens before it (the signature line, whatever it holds) do not hide a valid
+    // signature, up to the caps on signatures and header length, past which it is refused unhashed.
     let crowded = format!("{} {signature}", String::from_utf8_lossy(sig_line));
-    assert_eq!(accepts(one, &id, &ts_header, &crowded, body, ts), Ok(()), "header {crowded:?}");
+    let within_caps =
+        crowded.len() <= MAX_SIGNATURE_HEADER_LEN && crowded.split_whitespace().count() <= MAX_SIGNATURES;
+    let expected = if within_caps { Ok(()) } else { Err(SignatureError::TooManySignatures) };
+    assert_eq!(accepts(one, &id, &ts_header, &crowded, body, ts), expected, "header {crowded:?}");
     // Another secret beside it (rotation): still accepted; the other secret alone: refused.
     let mut other_key = key.to_vec();
     match other_key.get_mut(flip_index(data, key.len())) {
