@@ -20,8 +20,8 @@ use anyhow::Context;
 use countersink::events::Event;
 use countersink::store::Store;
 
-/// Events per script call, as the bench's batched scenario sends.
-const BATCH: u64 = 100;
+/// Events per script call, as the bench's batched scenario sends (a second argument sets another).
+const DEFAULT_BATCH: u64 = 100;
 /// Concurrent callers, as the bench's connections.
 const TASKS: u64 = 32;
 /// Users the events are spread over.
@@ -31,13 +31,19 @@ const USERS: u64 = 1_000_000;
 async fn main() -> anyhow::Result<()> {
     let events: u64 =
         std::env::args().nth(1).map(|s| s.parse()).transpose().context("events must be a number")?.unwrap_or(1_000_000);
+    let batch: u64 = std::env::args()
+        .nth(2)
+        .map(|s| s.parse())
+        .transpose()
+        .context("events per call must be a number")?
+        .unwrap_or(DEFAULT_BATCH);
     let redis_url = std::env::var("COUNTERSINK_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
     let name = format!("csbench_{:08x}", rand::random::<u32>());
     let store = Store::connect(&redis_url, &name)?;
     let mut redis = redis::Client::open(redis_url.as_str())?.get_connection()?;
     let _: () = redis::cmd("CONFIG").arg("RESETSTAT").query(&mut redis)?;
 
-    let calls = events / BATCH;
+    let calls = events / batch;
     let next_call = Arc::new(AtomicU64::new(0));
     let cpu_before = redis_cpu(&mut redis)?;
     let started = Instant::now();
@@ -50,12 +56,12 @@ async fn main() -> anyhow::Result<()> {
                 if call >= calls {
                     return anyhow::Ok(());
                 }
-                let first = call * BATCH + 1;
-                let batch: Vec<Event> =
-                    (first..first + BATCH).map(|n| Event::save(n, rand::random_range(1..=USERS), true, true)).collect();
+                let first = call * batch + 1;
+                let events: Vec<Event> =
+                    (first..first + batch).map(|n| Event::save(n, rand::random_range(1..=USERS), true, true)).collect();
                 let webhook_id = format!("cpu_{call}");
-                let applied = store.apply_once(&batch, Some((&webhook_id, Duration::from_secs(600)))).await?;
-                anyhow::ensure!(applied.outcome.changed == BATCH, "applied {applied:?}");
+                let applied = store.apply_once(&events, Some((&webhook_id, Duration::from_secs(600)))).await?;
+                anyhow::ensure!(applied.outcome.changed == batch, "applied {applied:?}");
             }
         }));
     }
@@ -67,8 +73,8 @@ async fn main() -> anyhow::Result<()> {
     let stats: String = redis::cmd("INFO").arg("commandstats").query(&mut redis)?;
     let pending: u64 = redis::cmd("ZCARD").arg(format!("{{{name}}}:pending")).query(&mut redis)?;
 
-    let applied = calls * BATCH;
-    println!("{applied} events in {calls} calls of {BATCH}, {TASKS} tasks, {pending} users pending at the end");
+    let applied = calls * batch;
+    println!("{applied} events in {calls} calls of {batch}, {TASKS} tasks, {pending} users pending at the end");
     println!(
         "wall {:.2} s = {:.0} events/s; redis CPU {:.2} s = {:.2} µs per event",
         elapsed.as_secs_f64(),
