@@ -1,5 +1,5 @@
-//! Redis CPU per event of batched ingest: a fixed load of `apply_events.lua` calls (100 events
-//! each, new unread notifications with dense ids, users spread over 1,000,000) from 32 tasks,
+//! Redis CPU per event of ingest: a fixed load of `apply_events.lua` calls (100 events each by
+//! default, new unread notifications with dense ids, users spread over 1,000,000) from 32 tasks,
 //! with `INFO cpu` and `INFO commandstats` read before and after. A focused measurement of the
 //! script alone (no HTTP), so a change to the script can be compared on a busy machine: the Redis
 //! CPU per event moves far less with other load than the rate does.
@@ -8,6 +8,7 @@
 //! redis-server --port 6391 --save '' --appendonly no &   # a private Redis, so no one else's commands count
 //! COUNTERSINK_TEST_REDIS_URL=redis://127.0.0.1:6391 cargo run --release --example ingest_redis_cpu
 //! cargo run --release --example ingest_redis_cpu -- 2000000   # another number of events
+//! cargo run --release --example ingest_redis_cpu -- 100000 1   # single-event calls, as Django sends
 //! ```
 //! Keys go under a prefix of its own, deleted at the end.
 
@@ -37,6 +38,7 @@ async fn main() -> anyhow::Result<()> {
         .transpose()
         .context("events per call must be a number")?
         .unwrap_or(DEFAULT_BATCH);
+    anyhow::ensure!(batch >= 1 && events >= batch, "give at least one event per call, and no fewer events than that");
     let redis_url = std::env::var("COUNTERSINK_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
     let name = format!("csbench_{:08x}", rand::random::<u32>());
     let store = Store::connect(&redis_url, &name)?;

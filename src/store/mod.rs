@@ -12,7 +12,7 @@ use redis::{AsyncCommands, Script};
 use tracing::instrument;
 
 use crate::events::{Event, EventKind};
-pub use keys::{Keys, COUNT_BUCKET_BITS, SHARD_BITS};
+pub use keys::{Keys, SHARD_BITS};
 
 /// The 2-bit states of a notification, as `transition.lua` defines them (0 is unseen).
 pub mod state {
