@@ -45,9 +45,10 @@ import django  # noqa: E402
 django.setup()
 
 from django.conf import settings  # noqa: E402
-from django.db import connection, connections  # noqa: E402
-from django.test.utils import override_settings, setup_databases, teardown_databases  # noqa: E402
-from sidecar import Sidecar, binary_path, feature_flags  # noqa: E402
+from _harness import sidecar_on_test_database  # noqa: E402
+from django.db import connection  # noqa: E402
+from django.test.utils import override_settings  # noqa: E402
+from sidecar import binary_path  # noqa: E402
 from testproject.notifications.models import Notification  # noqa: E402
 
 import countersink  # noqa: E402
@@ -85,24 +86,9 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=50_000, help="notifications of other users")
     args = parser.parse_args()
 
-    old_config = setup_databases(verbosity=0, interactive=False)
-    db = connections["default"].settings_dict
-    sidecar = Sidecar(
-        binary_path(),
-        database_url=f"postgres://{db['USER']}@{db['HOST']}:{db['PORT']}/{db['NAME']}",
-        redis_url=os.environ.get("COUNTERSINK_TEST_REDIS_URL", "redis://127.0.0.1:6379"),
-        redis_prefix=f"csreadbench-{os.getpid()}",
-        log_path=Path(f"/tmp/countersink-readbench-{os.getpid()}.log"),
-        wanted_flags=feature_flags(settings.TEST_WEBHOOK_SECRET, settings.TEST_ADMIN_TOKEN, settings.TEST_READ_TOKEN),
-    )
-    sidecar.start()
-    try:
+    with sidecar_on_test_database("csreadbench") as sidecar:
         with override_settings(COUNTERSINK={**settings.COUNTERSINK, "SIDECAR_URL": sidecar.url}):
             run(args.reads, args.unread, args.rows)
-    finally:
-        sidecar.stop()
-        sidecar.delete_redis_keys()
-        teardown_databases(old_config, verbosity=0)
 
 
 def fill(unread: int, rows: int) -> int:

@@ -36,9 +36,9 @@ import django  # noqa: E402
 django.setup()
 
 from django.conf import settings  # noqa: E402
-from django.db import connections, transaction  # noqa: E402
-from django.test.utils import override_settings, setup_databases, teardown_databases  # noqa: E402
-from sidecar import Sidecar, binary_path, feature_flags  # noqa: E402
+from _harness import sidecar_on_test_database  # noqa: E402
+from django.db import transaction  # noqa: E402
+from django.test.utils import override_settings  # noqa: E402
 from testproject.notifications.models import Notification  # noqa: E402
 
 import countersink  # noqa: E402
@@ -71,28 +71,16 @@ def main() -> None:
     parser.add_argument("--full-saves", type=int, default=3_000, help="save() calls per side")
     parser.add_argument("--linger", type=float, default=None, help="SEND_LINGER to use (default: the setting's)")
     args = parser.parse_args()
+    # Saves are timed in rounds of 500 (receiver calls in transactions of 100): fewer measure nothing.
+    if args.full_saves < 500 or args.saves < 100:
+        parser.error("give --full-saves of at least 500 and --saves of at least 100")
 
-    old_config = setup_databases(verbosity=0, interactive=False)
-    db = connections["default"].settings_dict
-    sidecar = Sidecar(
-        binary_path(),
-        database_url=f"postgres://{db['USER']}@{db['HOST']}:{db['PORT']}/{db['NAME']}",
-        redis_url=os.environ.get("COUNTERSINK_TEST_REDIS_URL", "redis://127.0.0.1:6379"),
-        redis_prefix=f"csbench-{os.getpid()}",
-        log_path=Path(f"/tmp/countersink-bench-{os.getpid()}.log"),
-        wanted_flags=feature_flags(settings.TEST_WEBHOOK_SECRET, settings.TEST_ADMIN_TOKEN, settings.TEST_READ_TOKEN),
-    )
-    sidecar.start()
-    try:
+    with sidecar_on_test_database("csbench") as sidecar:
         config = {**settings.COUNTERSINK, "SIDECAR_URL": sidecar.url}
         if args.linger is not None:
             config["SEND_LINGER"] = args.linger
         with override_settings(COUNTERSINK=config):
             run(args.saves, args.full_saves)
-    finally:
-        sidecar.stop()
-        sidecar.delete_redis_keys()
-        teardown_databases(old_config, verbosity=0)
 
 
 def run(saves: int, full_saves: int) -> None:
