@@ -184,6 +184,13 @@ impl Reconciler {
         Ok(())
     }
 
+    /// Wakes this process's recount worker for users a script queued (a save after a delete).
+    pub fn wake_recount_worker(&self) {
+        if self.source.is_some() {
+            self.recounts_queued.notify_one();
+        }
+    }
+
     /// Runs queued recounts until the process stops: at once when this process queued some,
     /// and every `interval` for those queued by other processes.
     pub async fn run_recount_worker(self, interval: Duration) {

@@ -301,3 +301,28 @@ async fn reconcile_and_recount_over_http() {
     assert_eq!(call(&app, "/v1/reconcile", r#"{"user_ids": [9]}"#).await.0, StatusCode::CONFLICT);
     assert_eq!(plain.redis_keys(), Vec::<String>::new());
 }
+
+#[tokio::test]
+async fn a_save_after_a_delete_queues_its_user_for_a_recount() {
+    let env = TestEnv::sqlite_with_source().await;
+    let state = env.state();
+    create(&env, &state, 1, 50, true, false).await;
+    create(&env, &state, 2, 51, true, false).await;
+    // Django's save() of a loaded instance whose row another request deleted: its UPDATE matches
+    // nothing, so it inserts the row again and sends post_save(created=True).
+    env.sql("DELETE FROM notifications_notification WHERE id = 1").await;
+    state.store.apply(&[Event::delete(1, 50)]).await.unwrap();
+    env.sql("INSERT INTO notifications_notification (id, recipient_id, unread, deleted) VALUES (1, 50, TRUE, FALSE)").await;
+    // A late mark-as-read of a notification whose delete came first is the same to the sidecar.
+    state.store.apply(&[Event::delete(2, 51)]).await.unwrap();
+    env.sql("DELETE FROM notifications_notification WHERE id = 2").await;
+    let outcome = state.store.apply(&[Event::save(1, 50, true, true), Event::save(2, 51, false, false)]).await.unwrap();
+    assert_eq!(outcome.after_delete, 2);
+    // Only the table knows whether the row is back: both users are queued, and recounted.
+    assert_eq!(state.store.recounts_queued().await.unwrap().0, 2);
+    let report = state.reconciler.run_queued_recounts().await.unwrap().unwrap();
+    assert_eq!(report.drift, vec![UserDrift { user_id: 50, stored: 0, actual: 1 }]);
+    let counts = unread_counts(&state.store, &state.db, &[50, 51]).await.unwrap();
+    assert_eq!(counts.iter().map(|c| c.unread_count).collect::<Vec<_>>(), vec![1, 0]);
+    assert_eq!(env.stored_counts().await, env.true_counts().await);
+}

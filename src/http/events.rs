@@ -74,6 +74,10 @@ pub async fn post_events(
     let applied = state.store.apply_once(&batch.transitions, idempotency).await?;
     metrics::events_applied(&applied);
     let outcomes = applied.outcome;
+    if outcomes.after_delete > 0 {
+        // The script queued the users of saves that came after a delete (apply_events.lua).
+        state.reconciler.wake_recount_worker();
+    }
     // Per request, so at debug: /metrics counts them; at 10,000 requests/s an info line each
     // costs more CPU than the rest of the handler.
     debug!(

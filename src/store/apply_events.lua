@@ -8,7 +8,7 @@
 -- KEYS[4]   the marker a bootstrap writes when the state is complete
 -- KEYS[5]   what the last bootstrap read: "shard index ms", the highest notification slot it
 --           read (-1 -1 for none) and when it finished (unix ms)
--- KEYS[6]   the users waiting for a recount
+-- KEYS[6]   the users waiting for a recount (stale events and saves after a delete add theirs)
 -- KEYS[7..] state shard bitmaps, 2 bits per notification, and held-count buckets (hashes:
 --           field = user id within the bucket, value = the user's real-time count)
 -- ARGV[1]   seconds to remember the idempotency key; 0 when the request has none
@@ -117,6 +117,12 @@ for i = 6, #ARGV, 7 do
     -- The reconcile counted it as gone: record that, and count nothing.
     redis.call('BITFIELD', key, 'SET', 'u2', pos, DELETED)
     why = 'after_delete'
+  end
+  if why == 'after_delete' and op ~= 'D' and ARGV[4] == '1' then
+    -- A save of a notification counted as gone: a late save that lost a race with its delete,
+    -- an un-soft-delete, or a save that re-inserted a row deleted under it (Django's save() of a
+    -- loaded instance). Only the table can tell which, so its user is recounted.
+    redis.call('SADD', KEYS[6], user)
   end
   if why then
     outcomes[why] = outcomes[why] + 1

@@ -94,7 +94,8 @@ pub struct ApplyOutcome {
     pub duplicate: u64,
     /// `created` events for a notification already seen: late retries.
     pub stale: u64,
-    /// Saves that arrived after the notification was deleted.
+    /// Events that arrived after the notification was deleted; with a Notification table, the
+    /// users of such saves are queued for a recount (only the table knows if the row is back).
     pub after_delete: u64,
 }
 

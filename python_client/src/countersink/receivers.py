@@ -12,18 +12,13 @@ from typing import Any
 
 from django.apps import apps
 from django.db import models
-from django.db.models.signals import post_delete, post_init, post_save
+from django.db.models.signals import post_delete, post_save
 
 from countersink import collector, conf
 from countersink import events as ev
 from countersink.conf import app_settings
 
 logger = logging.getLogger("countersink")
-
-#: Set on an instance loaded (or last saved) soft-deleted: its next save that clears the soft
-#: delete is an un-soft-delete, which the sidecar cannot count by itself (it never revives a
-#: notification it saw deleted), so that save also sends a ``recount`` of its recipient.
-WAS_DELETED = "_countersink_was_deleted"
 
 
 def on_post_save(
@@ -45,14 +40,9 @@ def on_post_save(
         event = instance_event(m, instance, created, time.time())
         if event is None:
             return
+        # An un-soft-delete is an ordinary save: the sidecar, which has the notification as
+        # deleted, recounts its user from the table by itself.
         collector.add(event, using)
-        if m.soft_delete_attname is None:
-            return
-        state = instance.__dict__
-        if event[0] == ev.POST_DELETE:
-            state[WAS_DELETED] = True
-        elif state.pop(WAS_DELETED, False):
-            collector.add(ev.recount_event(event[2]), using)
     except Exception:
         logger.exception("countersink: could not record the save of %s pk=%s", sender.__name__, instance.pk)
 
@@ -66,17 +56,6 @@ def instance_event(m: conf.ModelMapping, instance: models.Model, created: bool, 
         return (ev.POST_DELETE, instance.pk, user_id, False, False, at)
     unread = bool(getattr(instance, m.read_state_attname)) is m.unread_when
     return (ev.POST_SAVE, instance.pk, user_id, unread, created, at)
-
-
-def on_post_init(sender: type[models.Model], instance: models.Model, **kwargs: Any) -> None:
-    """``post_init`` (only with ``SOFT_DELETE_FIELD``): remembers that ``instance`` was loaded
-    soft-deleted. Reads the loaded value only: a deferred field stays deferred."""
-    try:
-        attname = conf.mapping().soft_delete_attname
-        if attname is not None and instance.__dict__.get(attname):
-            instance.__dict__[WAS_DELETED] = True
-    except Exception:
-        logger.exception("countersink: could not look at a loaded %s", sender.__name__)
 
 
 def on_post_delete(sender: type[models.Model], instance: models.Model, using: str, **kwargs: Any) -> None:
@@ -115,13 +94,10 @@ def connect() -> None:
     senders = [model] + [
         m for m in apps.get_models() if m._meta.proxy and m._meta.concrete_model is model._meta.concrete_model
     ]
-    soft_delete = bool(conf.get("SOFT_DELETE_FIELD"))
     for sender in senders:
         uid = f"countersink.{sender._meta.label_lower}"
         post_save.connect(on_post_save, sender=sender, dispatch_uid=f"{uid}.post_save")
         post_delete.connect(on_post_delete, sender=sender, dispatch_uid=f"{uid}.post_delete")
-        if soft_delete:
-            post_init.connect(on_post_init, sender=sender, dispatch_uid=f"{uid}.post_init")
 
 
 def disconnect() -> None:
@@ -130,4 +106,3 @@ def disconnect() -> None:
         uid = f"countersink.{sender._meta.label_lower}"
         post_save.disconnect(sender=sender, dispatch_uid=f"{uid}.post_save")
         post_delete.disconnect(sender=sender, dispatch_uid=f"{uid}.post_delete")
-        post_init.disconnect(sender=sender, dispatch_uid=f"{uid}.post_init")

@@ -16,8 +16,8 @@ Users of batches lost to an outage or a full queue are repaired by themselves: o
 succeeds again, a ``recount`` event is sent for each of them. Users lost to a 4xx stay listed in
 :meth:`Sender.dropped_user_ids` for ``manage.py countersink_reconcile``.
 
-A save of a notification the sidecar saw deleted (an un-soft-delete) is answered with an
-``after_delete`` outcome; its users are recounted too.
+A save of a notification the sidecar saw deleted (an un-soft-delete, a save that re-inserted a
+row deleted under it) needs nothing from here: the sidecar recounts its user by itself.
 """
 
 from __future__ import annotations
@@ -58,7 +58,6 @@ _COUNTERS = (
     "events_dropped",
     "queue_full_drops",
     "recounts_sent",
-    "after_delete_recounts",
 )
 
 
@@ -70,23 +69,6 @@ def rejected_index(error: SidecarRejected, size: int) -> int | None:
     match = _REJECTED_EVENT.match(error.field or "") if error.status == 400 else None
     index = int(match.group(1)) if match else None
     return index if index is not None and index < size else None
-
-
-def after_delete_suspects(batch: list[ev.Event], after_delete: int) -> set[int]:
-    """The users to recount when the sidecar answered ``after_delete`` for some of ``batch``.
-
-    Its answer counts outcomes but does not say which events they were. The receiver sends a
-    ``recount`` with every un-soft-delete of an instance it saw soft-deleted (loaded or saved so),
-    so when the batch's saves of users it recounts are as many as the ``after_delete`` answers,
-    those saves were them and nobody else needs a recount: the usual case. Otherwise (an instance
-    built without loading) the suspects are the users of the other unread saves: a read
-    notification counts 0 whether the sidecar has it as deleted or not.
-    """
-    recounted = {e[2] for e in batch if e[0] == ev.RECOUNT}
-    explained = sum(1 for e in batch if e[0] == ev.POST_SAVE and e[2] in recounted)
-    if after_delete <= explained:
-        return set()
-    return {e[2] for e in batch if e[0] == ev.POST_SAVE and e[3] and e[2] not in recounted}
 
 
 def describe_users(user_ids: set[int] | frozenset[int]) -> str:
@@ -348,21 +330,7 @@ class Sender:
             self._counters["replays"] += 1 if result.get("replayed") else 0
             # The sidecar answers again: whatever an outage dropped can be repaired now.
             self._repair_due = 0.0
-        with self._lock:
             self._counters["recounts_sent"] += sum(1 for e in batch if e[0] == ev.RECOUNT)
-        outcomes = result.get("outcomes")
-        after_delete = outcomes.get("after_delete", 0) if isinstance(outcomes, dict) else 0
-        users = after_delete_suspects(batch, after_delete) if after_delete else set()
-        if users:
-            logger.info(
-                "countersink: %d save(s) arrived for notifications the sidecar has as deleted "
-                "(un-soft-deleted?); recounting user(s) %s",
-                after_delete,
-                describe_users(users),
-            )
-            with self._lock:
-                self._counters["after_delete_recounts"] += len(users)
-                self._repair_users |= users
 
     def _send_repair(self, users: set[int]) -> None:
         invalid = {u for u in users if not 0 <= u <= ev.MAX_ID}
