@@ -75,7 +75,11 @@ async fn run(database_url: &str, redis_url: &str, prefix: &str, rows: u64, users
     let started = Instant::now();
     let report = state
         .reconciler
-        .bootstrap(countersink::bootstrap::Batching::default(), countersink::bootstrap::progress_printer())
+        .bootstrap(
+            countersink::bootstrap::Batching::default(),
+            countersink::bootstrap::Rebuild::Always,
+            countersink::bootstrap::progress_printer(),
+        )
         .await?;
     let seconds = started.elapsed().as_secs_f64();
     println!(

@@ -2,7 +2,7 @@
 //! on day one (a database full of notifications the sidecar never saw) or after Redis lost its
 //! data (the marker `{P}:ready` is gone).
 //!
-//! 1. Under the flush lock, delete the marker (events are answered 503 from now; senders retry,
+//! 1. Under the flush lease, delete the marker (events are answered 503 from now; senders retry,
 //!    and nothing is applied against a half-built state), delete the old state, and record that
 //!    a bootstrap is under way.
 //! 2. Read the table in id order, in chunks (the next read overlapping this write): write each
@@ -32,7 +32,7 @@ use crate::db::{queries, Db, DbError};
 use crate::flush::{FlushError, Flusher, WhenBusy};
 use crate::reconcile::ReconcileError;
 use crate::source::Source;
-use crate::store::{state, Store};
+use crate::store::{state, Store, StoreError};
 
 /// How a bootstrap reads the table.
 #[derive(Debug, Clone, Copy)]
@@ -66,6 +66,19 @@ pub struct BootstrapReport {
     pub states_ms: u64,
     /// Wall time in milliseconds.
     pub duration_ms: u64,
+    /// Whether nothing was done: asked for [`Rebuild::IfMissing`], this run found the state
+    /// rebuilt by another process by the time it held the lease.
+    pub found_rebuilt: bool,
+}
+
+/// When a bootstrap rebuilds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rebuild {
+    /// Always (`countersink bootstrap`: an operator asked).
+    Always,
+    /// Only if the state is still missing once the lease is held: of several processes that
+    /// found it missing, the first rebuilds and the others find it done.
+    IfMissing,
 }
 
 /// Progress of a running bootstrap.
@@ -102,21 +115,28 @@ pub async fn bootstrap(
     flusher: &Flusher,
     source: &Source,
     batching: Batching,
+    rebuild: Rebuild,
     mut progress: impl FnMut(Progress) + Send,
 ) -> Result<BootstrapReport, ReconcileError> {
     let started = Instant::now();
     let mut report = flusher
-        .exclusive(WhenBusy::Wait(LOCK_WAIT), async || -> Result<BootstrapReport, ReconcileError> {
+        .exclusive(WhenBusy::Wait(LOCK_WAIT), async |lease| -> Result<BootstrapReport, ReconcileError> {
             let mut report = BootstrapReport::default();
-            let (mut after, mut counts) = match store.bootstrap_cursor().await? {
+            let cursor = store.bootstrap_cursor().await?;
+            if rebuild == Rebuild::IfMissing && cursor.is_none() && store.is_ready().await? {
+                info!("bootstrap: another process rebuilt the state meanwhile; nothing to do");
+                report.found_rebuilt = true;
+                return Ok(report);
+            }
+            let (mut after, mut counts) = match cursor {
                 Some(after) => {
                     info!(after_id = ?after, "bootstrap: resuming from its last checkpoint");
                     report.resumed = true;
                     (after, store.bootstrap_counts().await?)
                 }
                 None => {
-                    let cleared = store.clear_state().await?;
-                    store.start_bootstrap().await?;
+                    let cleared = store.clear_state(lease).await?;
+                    store.start_bootstrap(lease).await?;
                     info!(keys = cleared, "bootstrap: cleared the old state; events wait until it is rebuilt");
                     (None, HashMap::new())
                 }
@@ -139,7 +159,7 @@ pub async fn bootstrap(
                 next = read(after);
                 let rows: Vec<(u64, u64, u8)> =
                     rows.iter().map(|r| (r.id as u64, r.user_id as u64, r.state as u8)).collect();
-                store.write_states(&rows).await?;
+                store.write_states(lease, &rows).await?;
                 for (_, user, state) in &rows {
                     if *state == state::UNREAD {
                         *counts.entry(*user).or_default() += 1;
@@ -148,7 +168,7 @@ pub async fn bootstrap(
                 report.notifications += rows.len() as u64;
                 since_checkpoint += rows.len() as u64;
                 if since_checkpoint >= batching.checkpoint_rows {
-                    store.checkpoint_bootstrap(last.id, &counts).await?;
+                    store.checkpoint_bootstrap(lease, last.id, &counts).await?;
                     since_checkpoint = 0;
                 }
                 progress(Progress { done: report.notifications, total, elapsed: started.elapsed() });
@@ -156,13 +176,30 @@ pub async fn bootstrap(
             report.states_ms = started.elapsed().as_millis() as u64;
             let counts: Vec<(u64, i64)> = counts.into_iter().collect();
             report.users_written = counts.len() as u64;
+            let (fence, token) = (lease.fence(), lease.token().to_string());
             let seq = db
                 .run(move |conn| {
-                    conn.transaction(|conn| queries::replace_all_counts(conn, &counts, MAX_FLUSH_CHUNK_USERS))?;
-                    queries::max_handoff_seq(conn)
+                    let fenced = conn.transaction(|conn| {
+                        // A bootstrap that stalled past its lease must not overwrite the counts
+                        // of the holder after it.
+                        if !queries::pass_lease_fence(conn, fence)? {
+                            return Ok(false);
+                        }
+                        queries::replace_all_counts(conn, &counts, MAX_FLUSH_CHUNK_USERS)?;
+                        Ok::<_, DbError>(true)
+                    })?;
+                    Ok((fenced, queries::max_handoff_seq(conn)?))
                 })
                 .await?;
-            store.finish_bootstrap(seq, after.map(|id| id as u64)).await?;
+            let seq = match seq {
+                (true, seq) => seq,
+                (false, _) => {
+                    let lost =
+                        format!("the flush lease {token} passed to a later holder before the counts were written");
+                    return Err(StoreError::LeaseLost(lost).into());
+                }
+            };
+            store.finish_bootstrap(lease, seq, after.map(|id| id as u64)).await?;
             Ok(report)
         })
         .await?
@@ -221,7 +258,9 @@ pub async fn watch(store: Store, db: Db, flusher: Flusher, source: Source, inter
             Ok(true) => {}
             Ok(false) => {
                 warn!("the Redis state is missing (new deployment or Redis lost its data); bootstrapping");
-                match bootstrap(&store, &db, &flusher, &source, Batching::default(), progress_printer()).await {
+                let batching = Batching::default();
+                match bootstrap(&store, &db, &flusher, &source, batching, Rebuild::IfMissing, progress_printer()).await
+                {
                     Ok(_) => continue,
                     Err(e) => warn!(error = %e, "bootstrap failed; trying again"),
                 }

@@ -142,8 +142,14 @@ impl Cli {
             Command::Bootstrap => {
                 let state = AppState::new(&self.core, None)?;
                 state.reconciler.check_source().await.context("checking the Notification table (--source-*)")?;
-                let report =
-                    state.reconciler.bootstrap(bootstrap::Batching::default(), bootstrap::progress_printer()).await?;
+                let report = state
+                    .reconciler
+                    .bootstrap(
+                        bootstrap::Batching::default(),
+                        bootstrap::Rebuild::Always,
+                        bootstrap::progress_printer(),
+                    )
+                    .await?;
                 print_line(&serde_json::to_string_pretty(&report)?)
             }
             Command::Flush => {

@@ -22,6 +22,10 @@ pub const MAX_FLUSH_CHUNK_USERS: usize = MAX_BINDS / 2;
 /// one bind per user (and one per open batch), well under every backend's bind limit.
 pub const MAX_READ_USERS: usize = 10_000;
 
+/// How long the flush lease lasts unless renewed (`--flush-lock-ttl-secs`): a holder that dies
+/// blocks flushes, reconciles and recounts of the other processes for at most this long.
+pub const DEFAULT_FLUSH_LOCK_TTL_SECS: u64 = 15;
+
 /// Settings every subcommand needs: where Redis and the database are.
 #[derive(Debug, Clone, Args)]
 pub struct CoreConfig {
@@ -53,9 +57,10 @@ pub struct CoreConfig {
     #[arg(long, global = true, env = "COUNTERSINK_FLUSH_CHUNK_USERS", default_value_t = 5_000)]
     pub flush_chunk_users: usize,
 
-    /// Seconds a flush may hold the cross-process flush lock before another process may take it.
-    /// Must exceed the longest flush; a flush of 1,000,000 users takes seconds, not minutes.
-    #[arg(long, global = true, env = "COUNTERSINK_FLUSH_LOCK_TTL_SECS", default_value_t = 300)]
+    /// Seconds the flush lease lasts unless renewed. Its holder (a flush, reconcile, recount or
+    /// bootstrap) renews it every third of that while it works, so this bounds how long a process
+    /// that died blocks the others; a holder that stalls longer loses it, and its writes are refused.
+    #[arg(long, global = true, env = "COUNTERSINK_FLUSH_LOCK_TTL_SECS", default_value_t = DEFAULT_FLUSH_LOCK_TTL_SECS)]
     pub flush_lock_ttl_secs: u64,
 
     /// Seconds a flush may spend writing one batch before it is rolled back (a slow or locked
@@ -237,11 +242,12 @@ impl CoreConfig {
                 "must be at least 1",
             ));
         }
-        if self.flush_lock_ttl_secs < 10 {
+        if self.flush_lock_ttl_secs < 3 {
             return Err(ConfigError::new(
                 "--flush-lock-ttl-secs",
                 "COUNTERSINK_FLUSH_LOCK_TTL_SECS",
-                "must be at least 10 seconds, longer than any flush takes",
+                "must be at least 3 seconds: the lease is renewed every third of it, and a shorter one \
+                 passes to another process on any pause of its holder",
             ));
         }
         Ok(())

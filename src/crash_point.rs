@@ -4,7 +4,9 @@
 //! the crate on itself); a normal build compiles [`reach`] to nothing. With the feature, a process
 //! started with `COUNTERSINK_CRASH_POINT=<name>` announces on stderr that it reached `<name>`
 //! and then blocks the thread that reached it for good (the rest of the process runs on), so the
-//! test can SIGKILL it with that step half done (`tests/crash.rs`). Cargo turns the feature on for
+//! test can SIGKILL it with that step half done (`tests/crash.rs`). With
+//! `COUNTERSINK_CRASH_RESUME_FILE=<path>` too, the thread goes on once that file exists: the test
+//! SIGSTOPs the process meanwhile, to stall it there (the lease tests). Cargo turns the feature on for
 //! every build that includes tests or examples (`--all-targets`); `cargo build --bin` and
 //! `cargo install` leave it off, and without `COUNTERSINK_CRASH_POINT` it does nothing.
 
@@ -13,9 +15,11 @@ pub fn reach(point: &str) {
     #[cfg(feature = "failpoints")]
     if std::env::var("COUNTERSINK_CRASH_POINT").is_ok_and(|wanted| wanted == point) {
         eprintln!("{REACHED} {point}");
-        // Stop this thread, whatever else runs: the test's SIGKILL is the only way out.
-        loop {
-            std::thread::sleep(std::time::Duration::from_secs(3600));
+        // Stop this thread, whatever else runs: the test's SIGKILL (or its resume file) is the
+        // only way out.
+        let resume = std::env::var_os("COUNTERSINK_CRASH_RESUME_FILE").map(std::path::PathBuf::from);
+        while !resume.as_ref().is_some_and(|file| file.exists()) {
+            std::thread::sleep(std::time::Duration::from_millis(10));
         }
     }
     #[cfg(not(feature = "failpoints"))]

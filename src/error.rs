@@ -147,6 +147,10 @@ impl From<StoreError> for AppError {
         if matches!(e, StoreError::CountsReloading) {
             return AppError::Unavailable { dependency: "the held counts (being reloaded after a Redis rollback)" };
         }
+        if let StoreError::LeaseLost(_) = &e {
+            // This process stalled past its lease; another holds it: the caller may try again.
+            return AppError::Conflict(e.to_string());
+        }
         if e.is_unavailable() {
             error!(error = %e, "redis unavailable");
             AppError::Unavailable { dependency: "redis" }
@@ -172,7 +176,7 @@ impl From<FlushError> for AppError {
         match e {
             FlushError::Store(e) => e.into(),
             FlushError::Db(e) => e.into(),
-            FlushError::Busy | FlushError::Skipped(_) => AppError::Conflict(e.to_string()),
+            FlushError::Busy(_) | FlushError::BusyHere | FlushError::Skipped(_) => AppError::Conflict(e.to_string()),
             FlushError::TimedOut(_) => AppError::Unavailable { dependency: "database (the flush timed out)" },
             FlushError::Stopped(_) => AppError::Internal(e.into()),
         }

@@ -2,8 +2,10 @@
 //!
 //! The protocol (`docs/design.md` says what a crash after each step leaves behind):
 //!
-//! 1. **Lock.** One flush at a time: a local mutex (the scheduler may start overlapping runs)
-//!    and a Redis lock with expiry (several sidecar processes may share one Redis).
+//! 1. **Lease.** One flush at a time: a local mutex (the scheduler may start overlapping runs)
+//!    and the flush lease in Redis (several sidecar processes may share one Redis): renewed
+//!    while the flush runs, expiring soon after a holder dies, and fencing every Redis write
+//!    of a holder that stalled past it ([`crate::store::lease`]).
 //! 2. **Recover.** Batches left by a process that stopped mid-flush are applied first, each
 //!    only if the database has no record of it.
 //! 3. **Hand off.** The pending set is renamed to a batch key with a fresh random batch id, in
@@ -24,12 +26,12 @@ use tracing::{debug, error, info, instrument, warn};
 use crate::crash_point;
 use crate::db::{queries, Db, DbError};
 use crate::metrics;
-use crate::store::{Store, StoreError};
+use crate::store::{Acquired, Lease, LeaseHolder, LeaseRenewal, Store, StoreError};
 
 /// How long batch records are kept. Records only need to outlive the batch keys they guard,
 /// and every flush recovers leftover batches before it prunes.
 const BATCH_RECORD_RETENTION: chrono::TimeDelta = chrono::TimeDelta::days(7);
-/// How often a flush waiting for another process's lock looks again.
+/// How often a flush waiting for another process's lease looks again.
 const LOCK_POLL_INTERVAL: Duration = Duration::from_millis(100);
 
 /// A flush failure.
@@ -41,9 +43,12 @@ pub enum FlushError {
     /// The database failed; the transaction rolled back and the batch stays in Redis.
     #[error(transparent)]
     Db(#[from] DbError),
-    /// Another flush held the lock for longer than this caller would wait.
-    #[error("another flush is running; try again when it is done")]
-    Busy,
+    /// Another process held the lease for longer than this caller would wait.
+    #[error("{0}; try again then")]
+    Busy(LeaseHolder),
+    /// Another flush of this process ran for longer than this caller would wait.
+    #[error("a flush is already running in this process; try again when it is done")]
+    BusyHere,
     /// The lock was taken and the caller chose not to wait (never with [`WhenBusy::Wait`]).
     #[error("skipped: {0}")]
     Skipped(&'static str),
@@ -63,7 +68,7 @@ impl FlushError {
             FlushError::Store(e) => e.is_unavailable(),
             FlushError::Db(e) => e.is_unavailable(),
             FlushError::TimedOut(_) => true,
-            FlushError::Busy | FlushError::Skipped(_) | FlushError::Stopped(_) => false,
+            FlushError::Busy(_) | FlushError::BusyHere | FlushError::Skipped(_) | FlushError::Stopped(_) => false,
         }
     }
 }
@@ -128,7 +133,7 @@ pub struct Flusher {
 }
 
 impl Flusher {
-    /// A flusher writing `chunk_users` users per upsert, holding the cross-process lock at most
+    /// A flusher writing `chunk_users` users per upsert, holding the flush lease for at most
     /// `lock_ttl` between renewals, and rolling a batch back that takes longer than `timeout`.
     pub fn new(store: Store, db: Db, chunk_users: usize, lock_ttl: Duration, timeout: Duration) -> Self {
         Self { store, db, chunk_users, lock_ttl, timeout, local: Arc::new(tokio::sync::Mutex::new(())) }
@@ -141,18 +146,19 @@ impl Flusher {
     }
 
     /// Runs a flush that stops at `step` as if the process had died there. For tests of the
-    /// exactly-once protocol; the lock is released as its expiry would.
+    /// exactly-once protocol; the lease is released as its expiry would.
     pub async fn flush_stopping_after(&self, step: FlushStep) -> Result<FlushReport, FlushError> {
         self.run(WhenBusy::Wait(Duration::from_secs(30)), Some(step)).await
     }
 
     async fn run(&self, when_busy: WhenBusy, stop: Option<FlushStep>) -> Result<FlushReport, FlushError> {
         let started = Instant::now();
-        let outcome = self.exclusive(when_busy, async || self.flush_locked(stop).await).await.inspect_err(|e| {
-            if !matches!(e, FlushError::Skipped(_)) {
-                metrics::flush_failed();
-            }
-        });
+        let outcome =
+            self.exclusive(when_busy, async |lease| self.flush_locked(lease, stop).await).await.inspect_err(|e| {
+                if !matches!(e, FlushError::Skipped(_)) {
+                    metrics::flush_failed();
+                }
+            });
         let mut report = match outcome? {
             Ok(report) => report,
             Err(reason) => return Ok(skipped(reason, started)),
@@ -173,12 +179,13 @@ impl Flusher {
         Ok(report)
     }
 
-    /// Runs `work` holding both flush locks, so no flush runs beside it (reconcile needs this).
+    /// Runs `work` holding the local lock and the flush lease, so no flush runs beside it
+    /// (reconcile and bootstrap need this); `work` makes its writes under the lease with it.
     /// `Err(reason)` when `when_busy` is [`WhenBusy::Skip`] and a flush is running.
     pub async fn exclusive<T, E: From<FlushError>>(
         &self,
         when_busy: WhenBusy,
-        work: impl AsyncFnOnce() -> Result<T, E>,
+        work: impl AsyncFnOnce(&Lease) -> Result<T, E>,
     ) -> Result<Result<T, &'static str>, E> {
         let _local = match when_busy {
             WhenBusy::Skip => match self.local.try_lock() {
@@ -186,52 +193,53 @@ impl Flusher {
                 Err(_) => return Ok(Err("a flush is already running in this process")),
             },
             WhenBusy::Wait(limit) => {
-                tokio::time::timeout(limit, self.local.lock()).await.map_err(|_| FlushError::Busy)?
+                tokio::time::timeout(limit, self.local.lock()).await.map_err(|_| FlushError::BusyHere)?
             }
         };
-        let token = random_id();
-        if !self.acquire_lock(&token, when_busy).await.map_err(E::from)? {
-            return Ok(Err("another process holds the flush lock"));
-        }
-        // Long work (a bootstrap of a big table) keeps the lock alive; a process that dies
-        // stops renewing it, and the lock expires for the next one.
-        let _renewal = AbortOnDrop(tokio::spawn(renew_lock(self.store.clone(), token.clone(), self.lock_ttl)));
-        let result = work().await;
-        if let Err(e) = self.store.release_flush_lock(&token).await {
-            // The lock expires by itself; the next flush only waits longer.
-            warn!(error = %e, "could not release the flush lock");
+        let Some(lease) = self.acquire_lease(when_busy).await.map_err(E::from)? else {
+            return Ok(Err("another process holds the flush lease"));
+        };
+        // Long work (a bootstrap of a big table) keeps the lease alive; a process that dies
+        // stops renewing it, and the lease expires for the next one.
+        let _renewal = AbortOnDrop(tokio::spawn(renew_lease(self.store.clone(), lease.renewal(), self.lock_ttl)));
+        let result = work(&lease).await;
+        if let Err(e) = self.store.release_lease(lease).await {
+            // The lease expires by itself; the next flush only waits longer.
+            warn!(error = %e, "could not release the flush lease");
         }
         result.map(Ok)
     }
 
-    async fn acquire_lock(&self, token: &str, when_busy: WhenBusy) -> Result<bool, FlushError> {
+    async fn acquire_lease(&self, when_busy: WhenBusy) -> Result<Option<Lease>, FlushError> {
         let deadline = match when_busy {
             WhenBusy::Skip => None,
             WhenBusy::Wait(limit) => Some(Instant::now() + limit),
         };
+        let floor = self.db.run(queries::lease_fence).await?;
         loop {
-            if self.store.try_lock_flush(token, self.lock_ttl).await? {
-                return Ok(true);
-            }
+            let holder = match self.store.try_acquire_lease(self.lock_ttl, floor).await? {
+                Acquired::Held(lease) => return Ok(Some(lease)),
+                Acquired::Busy(holder) => holder,
+            };
             match deadline {
-                None => return Ok(false),
-                Some(deadline) if Instant::now() >= deadline => return Err(FlushError::Busy),
+                None => return Ok(None),
+                Some(deadline) if Instant::now() >= deadline => return Err(FlushError::Busy(holder)),
                 Some(_) => tokio::time::sleep(LOCK_POLL_INTERVAL).await,
             }
         }
     }
 
-    /// A flush, for a caller holding the locks ([`Flusher::exclusive`]).
-    pub async fn flush_locked(&self, stop: Option<FlushStep>) -> Result<FlushReport, FlushError> {
-        self.check_redis_did_not_go_back().await?;
-        let mut report = self.recover_open_batches().await?;
+    /// A flush, for a caller holding the lease ([`Flusher::exclusive`]).
+    pub async fn flush_locked(&self, lease: &Lease, stop: Option<FlushStep>) -> Result<FlushReport, FlushError> {
+        self.check_redis_did_not_go_back(lease).await?;
+        let mut report = self.recover_open_batches(lease).await?;
         let batch_id = random_id();
-        if let Some(seq) = self.store.handoff(&batch_id).await? {
+        if let Some(seq) = self.store.handoff(lease, &batch_id).await? {
             if stop == Some(FlushStep::Handoff) {
                 return Err(FlushError::Stopped(FlushStep::Handoff));
             }
             crash_point::reach(crash_point::FLUSH_AFTER_HANDOFF);
-            let batch = self.apply_and_drop(&batch_id, seq, false, stop).await?;
+            let batch = self.apply_and_drop(lease, &batch_id, seq, false, stop).await?;
             report.users_written += batch.users;
             report.batches.push(batch);
         }
@@ -244,7 +252,7 @@ impl Flusher {
     /// that lagged): its hand-off sequence is below the highest one the database recorded, so its
     /// pending deltas may already be stored. A Redis that lost everything is told apart by its
     /// missing ready marker.
-    async fn check_redis_did_not_go_back(&self) -> Result<(), FlushError> {
+    async fn check_redis_did_not_go_back(&self, lease: &Lease) -> Result<(), FlushError> {
         // A resync that died before it dropped the held counts is finished here, by any process.
         if self.store.finish_reloading_counts().await? {
             warn!("finished dropping the counts held before a Redis rollback; each is loaded again");
@@ -261,7 +269,7 @@ impl Flusher {
                     redis_seq,
                     db_seq, "Redis went back in time (an older snapshot?); rebuilding from the Notification table"
                 );
-                self.store.drop_ready_marker().await?;
+                self.store.drop_ready_marker(lease).await?;
             }
             // The bootstrap rebuilds the state and the sequence; until then nothing is flushed.
             return Err(FlushError::Store(StoreError::StateMissing));
@@ -278,17 +286,17 @@ impl Flusher {
         } else {
             warn!(redis_seq, db_seq, "Redis lost its data; continuing from the recorded sequence");
         }
-        self.store.resync_after_rollback(db_seq, rolled_back).await?;
+        self.store.resync_after_rollback(lease, db_seq, rolled_back).await?;
         Ok(())
     }
 
     /// Step 2: applies and drops batches left by a process that stopped mid-flush, for a caller
-    /// holding the locks. Afterwards no batch is open.
-    pub async fn recover_open_batches(&self) -> Result<FlushReport, FlushError> {
+    /// holding the lease. Afterwards no batch is open.
+    pub async fn recover_open_batches(&self, lease: &Lease) -> Result<FlushReport, FlushError> {
         let mut report = FlushReport::default();
         for batch_id in self.store.batch_ids().await? {
             warn!(batch_id, "recovering a batch left by an interrupted flush");
-            let batch = self.apply_and_drop(&batch_id, 0, true, None).await?;
+            let batch = self.apply_and_drop(lease, &batch_id, 0, true, None).await?;
             report.users_written += if batch.already_applied { 0 } else { batch.users };
             report.batches.push(batch);
         }
@@ -297,29 +305,37 @@ impl Flusher {
 
     async fn apply_and_drop(
         &self,
+        lease: &Lease,
         batch_id: &str,
         seq: u64,
         recovered: bool,
         stop: Option<FlushStep>,
     ) -> Result<BatchReport, FlushError> {
-        let mut report = self.apply_batch(batch_id, seq, stop).await?;
+        let mut report = self.apply_batch(lease, batch_id, seq, stop).await?;
         report.recovered = recovered;
         if stop == Some(FlushStep::Commit) {
             return Err(FlushError::Stopped(FlushStep::Commit));
         }
         crash_point::reach(crash_point::FLUSH_AFTER_COMMIT);
-        self.store.drop_batch(batch_id).await?;
+        self.store.drop_batch(lease, batch_id).await?;
         Ok(report)
     }
 
     /// Step 4: applies one batch in one transaction, unless it is already recorded.
     #[instrument(skip(self, stop))]
-    async fn apply_batch(&self, batch_id: &str, seq: u64, stop: Option<FlushStep>) -> Result<BatchReport, FlushError> {
+    async fn apply_batch(
+        &self,
+        lease: &Lease,
+        batch_id: &str,
+        seq: u64,
+        stop: Option<FlushStep>,
+    ) -> Result<BatchReport, FlushError> {
         let store = self.store.clone();
         let db = self.db.clone();
         let (chunk_users, timeout) = (self.chunk_users, self.timeout);
         let deadline = Instant::now() + timeout;
         let batch_id = batch_id.to_string();
+        let (fence, token) = (lease.fence(), lease.token().to_string());
         let handle = Handle::current();
         // The transaction is synchronous (diesel); Redis reads inside it run on the runtime
         // through `handle.block_on`, which is allowed on a blocking-pool thread.
@@ -334,6 +350,11 @@ impl Flusher {
                     already_applied: false,
                 };
                 queries::limit_statement_time(conn, deadline.saturating_duration_since(Instant::now()))?;
+                if !queries::pass_lease_fence(conn, fence)? {
+                    return Err(FlushError::Store(StoreError::LeaseLost(format!(
+                        "the flush lease {token} passed to a later holder before this batch was written"
+                    ))));
+                }
                 if !queries::claim_batch(conn, &batch_id, seq, Utc::now().naive_utc())? {
                     report.already_applied = true;
                     return Ok(report);
@@ -395,22 +416,26 @@ impl From<diesel::result::Error> for FlushError {
     }
 }
 
-/// Extends the flush lock every third of its time to live, until aborted.
-async fn renew_lock(store: Store, token: String, ttl: Duration) {
+/// Renews the lease every third of its time to live, until aborted; marks it lost if it is gone.
+async fn renew_lease(store: Store, renewal: LeaseRenewal, ttl: Duration) {
     loop {
         tokio::time::sleep(ttl / 3).await;
-        match store.extend_flush_lock(&token, ttl).await {
+        match store.renew_lease(&renewal, ttl).await {
             Ok(true) => {}
             Ok(false) => {
-                error!("the flush lock expired under a running flush; another process may have taken it");
+                renewal.mark_lost();
+                error!(
+                    "the flush lease expired under running work (this process stalled for longer than \
+                     --flush-lock-ttl-secs?); another process may hold it, and this one's next write is refused"
+                );
                 return;
             }
-            Err(e) => warn!(error = %e, "could not extend the flush lock; trying again"),
+            Err(e) => warn!(error = %e, "could not renew the flush lease; trying again"),
         }
     }
 }
 
-/// Aborts a task when dropped, so the lock renewal (or a read ahead) ends with the work, however
+/// Aborts a task when dropped, so the lease renewal (or a read ahead) ends with the work, however
 /// it ends.
 struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
 

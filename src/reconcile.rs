@@ -1,7 +1,7 @@
 //! Reconcile: recount users from the Notification table and repair both their Redis state and
 //! their stored count, safely while events keep arriving.
 //!
-//! For each batch of users, holding the flush lock (so no flush runs and no batch is open):
+//! For each batch of users, holding the flush lease (so no flush runs and no batch is open):
 //!
 //! 1. **Fence.** One script marks the users as being reconciled; from then on, their events
 //!    are applied as usual *and* journaled.
@@ -24,9 +24,9 @@ use crate::crash_point;
 use crate::db::{queries, Db, DbError};
 use crate::flush::{FlushError, Flusher, WhenBusy};
 use crate::source::Source;
-use crate::store::{Store, StoreError, UserDrift, UserTruth};
+use crate::store::{Lease, Store, StoreError, UserDrift, UserTruth};
 
-/// Users recounted per step: bounds the memory of one read and the time the flush lock is held.
+/// Users recounted per step: bounds the memory of one read and the time the flush lease is held.
 pub const USERS_PER_STEP: usize = 200;
 /// How long a user's events are journaled at most; a step takes well under a second.
 const FENCE: Duration = Duration::from_secs(60);
@@ -48,7 +48,7 @@ pub enum ReconcileError {
     /// The database failed.
     #[error(transparent)]
     Db(#[from] DbError),
-    /// Taking the flush lock or flushing failed.
+    /// Taking the flush lease or flushing failed.
     #[error(transparent)]
     Flush(#[from] FlushError),
 }
@@ -98,10 +98,11 @@ impl Reconciler {
     pub async fn bootstrap(
         &self,
         batching: crate::bootstrap::Batching,
+        rebuild: crate::bootstrap::Rebuild,
         progress: impl FnMut(crate::bootstrap::Progress) + Send,
     ) -> Result<crate::bootstrap::BootstrapReport, ReconcileError> {
         let source = self.source.clone().ok_or(ReconcileError::NotConfigured)?;
-        crate::bootstrap::bootstrap(&self.store, &self.db, &self.flusher, &source, batching, progress).await
+        crate::bootstrap::bootstrap(&self.store, &self.db, &self.flusher, &source, batching, rebuild, progress).await
     }
 
     /// Rebuilds the state whenever it is found missing; runs until the process stops.
@@ -221,21 +222,21 @@ impl Reconciler {
         Ok(Some(report))
     }
 
-    /// Reconciles one step of users under the flush lock, then flushes.
+    /// Reconciles one step of users under the flush lease, then flushes.
     async fn step(&self, users: &[u64], report: &mut ReconcileReport) -> Result<(), ReconcileError> {
         let source = self.source.clone().ok_or(ReconcileError::NotConfigured)?;
         let repaired = self
             .flusher
-            .exclusive(WhenBusy::Wait(LOCK_WAIT), async || {
+            .exclusive(WhenBusy::Wait(LOCK_WAIT), async |lease| {
                 // A lost state is the bootstrap's to rebuild; repairing a few users into it would
                 // be counted again by the bootstrap.
                 if !self.store.is_ready().await? {
                     return Err(ReconcileError::Store(StoreError::StateMissing));
                 }
-                self.flusher.recover_open_batches().await?;
-                let repaired = self.repair(&source, users).await?;
+                self.flusher.recover_open_batches(lease).await?;
+                let repaired = self.repair(lease, &source, users).await?;
                 crash_point::reach(crash_point::RECONCILE_AFTER_REPAIR);
-                self.flusher.flush_locked(None).await?;
+                self.flusher.flush_locked(lease, None).await?;
                 Ok(repaired)
             })
             .await?
@@ -254,10 +255,11 @@ impl Reconciler {
     /// Steps 1 to 3 for `users`.
     async fn repair(
         &self,
+        lease: &Lease,
         source: &Arc<Source>,
         users: &[u64],
     ) -> Result<Vec<(u64, Option<UserDrift>)>, ReconcileError> {
-        self.store.reconcile_begin(users, FENCE).await?;
+        self.store.reconcile_begin(lease, users, FENCE).await?;
         crash_point::reach(crash_point::RECONCILE_AFTER_FENCE);
         let (source, wanted) = (source.clone(), users.to_vec());
         let (rows, stored) = self
@@ -281,7 +283,7 @@ impl Reconciler {
                 notifications: by_user.remove(user).unwrap_or_default(),
             })
             .collect();
-        Ok(self.store.reconcile_finish(&truths, GRACE).await?)
+        Ok(self.store.reconcile_finish(lease, &truths, GRACE).await?)
     }
 }
 

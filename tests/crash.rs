@@ -147,6 +147,121 @@ async fn sigkill_after_a_reconcile_repaired_redis_loses_nothing() {
     crash_repeatedly_at(crash_point::RECONCILE_AFTER_REPAIR).await;
 }
 
+/// Inserts unread notifications `ids` of `user` into the table and returns their creation events.
+async fn create_unread(env: &TestEnv, user: u64, ids: std::ops::RangeInclusive<u64>) -> Vec<serde_json::Value> {
+    let rows: Vec<String> = ids.clone().map(|id| format!("({id}, {user}, TRUE, FALSE)")).collect();
+    env.sql(&format!(
+        "INSERT INTO notifications_notification (id, recipient_id, unread, deleted) VALUES {}",
+        rows.join(", ")
+    ))
+    .await;
+    ids.map(|id| json!({"kind": "post_save", "notification_id": id, "user_id": user, "unread": true, "created": true}))
+        .collect()
+}
+
+/// The first target: with the default lease, a process killed while it holds the lease
+/// (here: mid-flush) blocks another process's flushes and recounts for at most two lease TTLs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_the_lease_holder_is_killed_another_process_flushes_and_recounts_within_two_ttls() {
+    let ttl = Duration::from_secs(countersink::config::DEFAULT_FLUSH_LOCK_TTL_SECS);
+    assert!(ttl <= Duration::from_secs(15), "the default lease is at most 15 s");
+    let env = TestEnv::postgres_with_source().await;
+    let clean = SidecarOptions { flush_cron: "off".into(), ..SidecarOptions::default() };
+    let holder =
+        Sidecar::start(&env, SidecarOptions { crash_point: Some(crash_point::FLUSH_AFTER_HANDOFF), ..clean.clone() })
+            .await;
+    let other = Sidecar::start(&env, clean).await;
+    holder.post_events_until_accepted(&create_unread(&env, 1, 1..=5).await).await;
+    other.post_events_until_accepted(&create_unread(&env, 2, 6..=8).await).await;
+
+    let base = holder.base.clone();
+    tokio::spawn(async move {
+        common::sidecar::admin_post(&reqwest::Client::new(), &base, "/v1/flush", json!(null), Duration::from_secs(60))
+            .await
+    });
+    assert!(holder.reached_crash_point(Duration::from_secs(30)).await, "{}", holder.stderr_text());
+    holder.kill();
+    let killed = std::time::Instant::now();
+    // Marked read by a bulk update, which only a recount notices.
+    env.sql("UPDATE notifications_notification SET unread = FALSE WHERE recipient_id = 2").await;
+    other.post_events_until_accepted(&[json!({"kind": "recount", "user_id": 2})]).await;
+
+    let limit = 2 * ttl;
+    let mut flushed = None;
+    let mut recounted = None;
+    while killed.elapsed() < limit && (flushed.is_none() || recounted.is_none()) {
+        if recounted.is_none() && other.read_counts(&[2]).await == [(2, 0)] {
+            recounted = Some(killed.elapsed());
+        }
+        if flushed.is_none() {
+            let left = limit.saturating_sub(killed.elapsed()).max(Duration::from_millis(100));
+            if let Some((200, _)) = other.admin_post("/v1/flush", json!(null), left).await {
+                flushed = Some(killed.elapsed());
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let stderr = other.stderr_text();
+    assert!(flushed.is_some(), "no flush within {limit:?} of the kill; stderr:\n{stderr}");
+    assert!(recounted.is_some(), "no recount within {limit:?} of the kill; stderr:\n{stderr}");
+    println!("after the kill: flushed after {flushed:?}, recounted after {recounted:?} (lease {ttl:?})");
+    // The batch the dead process handed off was recovered, once.
+    assert_eq!(env.stored_counts().await, env.true_counts().await);
+    assert_eq!(other.read_counts(&[1, 2]).await, [(1, 5), (2, 0)]);
+}
+
+/// The first reproduction: a reconcile that stalls (SIGSTOP) after reading the table,
+/// until its lease expires and another process flushes, must not write its stale stored count
+/// back when it wakes up (before: a permanent double count).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reconcile_stalled_past_its_lease_changes_nothing_when_it_wakes_up() {
+    let env = TestEnv::postgres_with_source().await;
+    let resume = std::env::temp_dir().join(format!("countersink-resume-{:x}", rand::random::<u64>()));
+    let short_lease = vec!["--flush-lock-ttl-secs".to_string(), "3".to_string()];
+    let clean = SidecarOptions { flush_cron: "off".into(), serve_args: short_lease, ..SidecarOptions::default() };
+    let stalling = Sidecar::start(
+        &env,
+        SidecarOptions {
+            crash_point: Some(crash_point::RECONCILE_AFTER_RECOUNT),
+            resume_file: Some(resume.clone()),
+            ..clean.clone()
+        },
+    )
+    .await;
+    let other = Sidecar::start(&env, clean).await;
+    other.post_events_until_accepted(&create_unread(&env, 7, 1..=1).await).await;
+    other.flush().await;
+
+    let base = stalling.base.clone();
+    let reconcile = tokio::spawn(async move {
+        let body = json!({ "user_ids": [7] });
+        common::sidecar::admin_post(&reqwest::Client::new(), &base, "/v1/reconcile", body, Duration::from_secs(60))
+            .await
+    });
+    assert!(stalling.reached_crash_point(Duration::from_secs(30)).await, "{}", stalling.stderr_text());
+    // It read the table (1 unread) and the stored count (1); now it stalls, renewals and all.
+    stalling.signal("STOP");
+    std::fs::write(&resume, b"").unwrap();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    // Meanwhile a second notification arrives and another process flushes it under the lease.
+    other.post_events_until_accepted(&create_unread(&env, 7, 2..=2).await).await;
+    other.flush().await;
+    assert_eq!(env.stored_counts().await.get(&7), Some(&2));
+
+    stalling.signal("CONT");
+    let (status, body) = reconcile.await.unwrap().expect("the stalled reconcile answers once it wakes up");
+    let _ = std::fs::remove_file(&resume);
+    assert_eq!(status, 409, "the stale reconcile must be refused: {body}");
+    assert!(body.to_string().contains("lease"), "{body}");
+    assert_eq!(other.read_counts(&[7]).await, [(7, 2)], "the stale repair was written");
+    other.flush().await;
+    assert_eq!(env.stored_counts().await, env.true_counts().await);
+    let (status, report) =
+        other.admin_post("/v1/reconcile", json!({ "user_ids": [7] }), Duration::from_secs(30)).await.unwrap();
+    assert_eq!((status, &report["drift"]), (200, &json!([])), "{report}");
+    drop(stalling);
+}
+
 #[test]
 fn every_crash_point_has_a_test() {
     let source = include_str!("crash.rs");

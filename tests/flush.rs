@@ -16,6 +16,7 @@ use countersink::counts::unread_counts;
 use countersink::db::queries;
 use countersink::events::Event;
 use countersink::flush::{FlushError, FlushStep, WhenBusy};
+use countersink::store::Acquired;
 use diesel::prelude::*;
 
 const WAIT: WhenBusy = WhenBusy::Wait(Duration::from_secs(30));
@@ -163,7 +164,7 @@ async fn scheduled_flush_skips_while_another_process_holds_the_lock() {
     let _: () = redis::Commands::set(&mut redis, env.key("flush_lock"), "someone-else").unwrap();
     let report = state.flusher.flush(WhenBusy::Skip).await.unwrap();
     assert!(report.skipped.is_some());
-    assert!(matches!(state.flusher.flush(WhenBusy::Wait(Duration::from_millis(300))).await, Err(FlushError::Busy)));
+    assert!(matches!(state.flusher.flush(WhenBusy::Wait(Duration::from_millis(300))).await, Err(FlushError::Busy(_))));
     assert_eq!(state.store.pending_users().await.unwrap(), 1, "nothing was handed off");
     let _: () = redis::Commands::del(&mut redis, env.key("flush_lock")).unwrap();
     assert_eq!(state.flusher.flush(WhenBusy::Skip).await.unwrap().users_written, 1);
@@ -251,7 +252,11 @@ async fn a_redis_restored_from_an_older_snapshot_does_not_flush_twice() {
                 matches!(outcome, Err(FlushError::Store(countersink::store::StoreError::StateMissing))),
                 "{outcome:?}"
             );
-            state.reconciler.bootstrap(countersink::bootstrap::Batching::default(), |_| {}).await.unwrap();
+            state
+                .reconciler
+                .bootstrap(countersink::bootstrap::Batching::default(), countersink::bootstrap::Rebuild::Always, |_| {})
+                .await
+                .unwrap();
             state.flusher.flush(WAIT).await.unwrap();
         } else {
             outcome.unwrap();
@@ -272,7 +277,7 @@ async fn the_flush_lock_is_renewed_while_long_work_holds_it() {
     let work = tokio::spawn(async move {
         holder
             .flusher
-            .exclusive(WAIT, async || -> Result<(), FlushError> {
+            .exclusive(WAIT, async |_lease| -> Result<(), FlushError> {
                 tokio::time::sleep(Duration::from_millis(2_500)).await;
                 Ok(())
             })
@@ -330,7 +335,11 @@ async fn after_a_flush_noticed_a_rollback_reads_wait_for_the_rebuild() {
     )
     .await;
     let state = env.state();
-    state.reconciler.bootstrap(countersink::bootstrap::Batching::default(), |_| {}).await.unwrap();
+    state
+        .reconciler
+        .bootstrap(countersink::bootstrap::Batching::default(), countersink::bootstrap::Rebuild::Always, |_| {})
+        .await
+        .unwrap();
     assert_eq!(unread_counts(&state.store, &state.db, &[5]).await.unwrap()[0].unread_count, 2);
     env.sql("INSERT INTO notifications_notification (id, recipient_id, unread, deleted) VALUES (3, 5, TRUE, FALSE)")
         .await;
@@ -345,6 +354,40 @@ async fn after_a_flush_noticed_a_rollback_reads_wait_for_the_rebuild() {
     assert!(state.flusher.flush(WAIT).await.is_err(), "the flush notices the rollback");
     let read = unread_counts(&state.store, &state.db, &[5]).await.unwrap_err();
     assert!(read.is_unavailable(), "{read}");
-    state.reconciler.bootstrap(countersink::bootstrap::Batching::default(), |_| {}).await.unwrap();
+    state
+        .reconciler
+        .bootstrap(countersink::bootstrap::Batching::default(), countersink::bootstrap::Rebuild::Always, |_| {})
+        .await
+        .unwrap();
     assert_eq!(unread_counts(&state.store, &state.db, &[5]).await.unwrap()[0].unread_count, 3);
+}
+
+/// The database side of the lease's fencing: every flush raises the fence to its token inside its
+/// transaction, an older token is refused from then on, and tokens keep rising even when Redis
+/// loses the counter that numbers them (a new holder starts above the database's fence).
+#[tokio::test]
+async fn the_database_fence_refuses_a_lease_older_than_the_last_writer() {
+    for env in TestEnv::each_backend().await {
+        let state = env.state();
+        let Acquired::Held(stale) = state.store.try_acquire_lease(Duration::from_secs(30), 0).await.unwrap() else {
+            panic!("nothing else holds this test's lease")
+        };
+        // Its holder stalls; the lease expires, and another flush takes it and writes.
+        let mut redis = env.redis();
+        let _: () = redis::Commands::del(&mut redis, env.key("flush_lock")).unwrap();
+        state.store.apply(&[Event::save(1, 5, true, true)]).await.unwrap();
+        assert_eq!(state.flusher.flush(WAIT).await.unwrap().users_written, 1);
+        let fence = state.db.run(queries::lease_fence).await.unwrap();
+        assert!(fence > stale.fence(), "{:?}: the flush raised the fence above the stale token", env.backend());
+        let stale_fence = stale.fence();
+        let refused = state.db.run(move |conn| queries::pass_lease_fence(conn, stale_fence)).await.unwrap();
+        assert!(!refused, "{:?}: the database let an older token write", env.backend());
+
+        // Redis loses the counter: the next holder still starts above the database's fence.
+        let _: () = redis::Commands::del(&mut redis, env.key("lease_tokens")).unwrap();
+        state.store.apply(&[Event::save(2, 5, true, true)]).await.unwrap();
+        assert_eq!(state.flusher.flush(WAIT).await.unwrap().users_written, 1, "{:?}", env.backend());
+        assert!(state.db.run(queries::lease_fence).await.unwrap() > fence);
+        assert_eq!(env.stored_counts().await.get(&5), Some(&2));
+    }
 }

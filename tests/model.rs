@@ -22,7 +22,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use common::TestEnv;
 use countersink::app::AppState;
-use countersink::bootstrap::Batching;
+use countersink::bootstrap::{Batching, Rebuild};
 use countersink::counts::unread_counts;
 use countersink::events::Event;
 use countersink::flush::WhenBusy;
@@ -256,7 +256,7 @@ async fn run_case(env: &TestEnv, state: &AppState, ids: &Ids, ops: &[Op]) -> Res
             Op::LoseRedis => {
                 let keys = env.redis_keys();
                 redis::cmd("DEL").arg(keys).exec(&mut env.redis()).unwrap();
-                state.reconciler.bootstrap(Batching::default(), |_| {}).await.unwrap();
+                state.reconciler.bootstrap(Batching::default(), Rebuild::Always, |_| {}).await.unwrap();
                 // The rebuild read the table; requests sent before the loss are taken as done
                 // (a retry of one after the loss and after a newer lost signal is out of scope).
                 model.drifted.clear();

@@ -14,7 +14,7 @@ use countersink::app::AppState;
 use countersink::counts::unread_counts;
 use countersink::events::Event;
 use countersink::flush::WhenBusy;
-use countersink::store::{UserDrift, UserTruth};
+use countersink::store::{Acquired, UserDrift, UserTruth};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -168,12 +168,15 @@ async fn events_inside_and_after_a_reconcile_window_count_exactly_once() {
         .await
         .unwrap();
 
-    store.reconcile_begin(&[7], Duration::from_secs(60)).await.unwrap();
+    let Acquired::Held(lease) = store.try_acquire_lease(Duration::from_secs(60), 0).await.unwrap() else {
+        panic!("nothing else holds this test's lease")
+    };
+    store.reconcile_begin(&lease, &[7], Duration::from_secs(60)).await.unwrap();
     // The table, as read: 1 unread, 2 unread, 3 already hard-deleted (its event not yet here).
     let truth = UserTruth { user_id: 7, stored: 0, notifications: vec![(1, 2), (2, 2)] };
     // After the read: notification 2 is marked read and its event lands before the repair.
     store.apply(&[Event::save(2, 7, false, false)]).await.unwrap();
-    let drift = store.reconcile_finish(&[truth], Duration::from_secs(60)).await.unwrap();
+    let drift = store.reconcile_finish(&lease, &[truth], Duration::from_secs(60)).await.unwrap();
     assert_eq!(drift, vec![(7, Some(UserDrift { user_id: 7, stored: 2, actual: 1 }))]);
     assert_eq!(unread_counts(&state.store, &state.db, &[7]).await.unwrap()[0].unread_count, 1);
 
@@ -312,7 +315,8 @@ async fn a_save_after_a_delete_queues_its_user_for_a_recount() {
     // nothing, so it inserts the row again and sends post_save(created=True).
     env.sql("DELETE FROM notifications_notification WHERE id = 1").await;
     state.store.apply(&[Event::delete(1, 50)]).await.unwrap();
-    env.sql("INSERT INTO notifications_notification (id, recipient_id, unread, deleted) VALUES (1, 50, TRUE, FALSE)").await;
+    env.sql("INSERT INTO notifications_notification (id, recipient_id, unread, deleted) VALUES (1, 50, TRUE, FALSE)")
+        .await;
     // A late mark-as-read of a notification whose delete came first is the same to the sidecar.
     state.store.apply(&[Event::delete(2, 51)]).await.unwrap();
     env.sql("DELETE FROM notifications_notification WHERE id = 2").await;

@@ -7,7 +7,10 @@ use diesel::dsl::DuplicatedKeys;
 use diesel::prelude::*;
 use diesel::upsert::excluded;
 
-use super::schema::{countersink_flush_batches as batches, countersink_usernotificationscount as counts};
+use super::schema::{
+    countersink_flush_batches as batches, countersink_lease_fence as fence,
+    countersink_usernotificationscount as counts,
+};
 use super::{DbConnection, DbError};
 
 /// Runs `$body` with `$c` bound to the concrete connection, for statements that diesel's
@@ -80,6 +83,23 @@ pub fn claim_batch(
         }
     });
     Ok(inserted == 1)
+}
+
+/// Raises the lease fence to `token` inside the caller's transaction, unless a later holder of
+/// the flush lease has raised it further: `false` means the caller's lease has passed to another
+/// process, and the transaction must write nothing. The row stays locked until the commit, so a
+/// later holder's fenced transaction waits for this one and then sees its token.
+pub fn pass_lease_fence(conn: &mut DbConnection, token: i64) -> Result<bool, DbError> {
+    let raised = diesel::update(fence::table.filter(fence::id.eq(1)).filter(fence::token.le(token)))
+        .set(fence::token.eq(token))
+        .execute(conn)?;
+    Ok(raised == 1)
+}
+
+/// The highest fencing token a lease holder wrote with (0 before the first): new tokens start
+/// above it, even after Redis lost the counter that numbers them.
+pub fn lease_fence(conn: &mut DbConnection) -> Result<i64, DbError> {
+    Ok(fence::table.filter(fence::id.eq(1)).select(fence::token).first(conn).optional()?.unwrap_or(0))
 }
 
 /// Stores the totals of a claimed batch.

@@ -25,3 +25,14 @@ diesel::table! {
         handoff_seq -> BigInt,
     }
 }
+
+diesel::table! {
+    /// The fencing token of the last flush-lease holder that wrote under the lease (one row, id 1):
+    /// see `queries::pass_lease_fence`.
+    countersink_lease_fence (id) {
+        /// Always 1.
+        id -> SmallInt,
+        /// The numeric part of the holder's fencing token.
+        token -> BigInt,
+    }
+}

@@ -28,7 +28,7 @@ const WAIT_FOR_RUNNING_FLUSH: Duration = Duration::from_secs(20);
 )]
 pub async fn post_flush(State(state): State<AppState>) -> Result<Json<FlushReport>, AppError> {
     // Spawned: a client that hangs up or a request deadline must not cancel a flush half-way
-    // (it would keep the flush lock until the lock expires).
+    // (it would keep the flush lease until it expires).
     // In the request's span, so its log lines carry the request id.
     let flush = tokio::spawn(
         async move { state.flusher.flush(WhenBusy::Wait(WAIT_FOR_RUNNING_FLUSH)).await }.in_current_span(),

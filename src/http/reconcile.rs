@@ -52,7 +52,7 @@ pub async fn post_reconcile(
     if request.user_ids.iter().any(|id| *id > MAX_ID) {
         return Err(AppError::bad_parameter("user_ids", format!("user ids are integers from 0 to {MAX_ID}")));
     }
-    // Spawned, like a flush: a dropped request must not cancel a reconcile holding the flush lock.
+    // Spawned, like a flush: a dropped request must not cancel a reconcile holding the flush lease.
     // In the request's span, so its log lines carry the request id.
     let reconcile =
         tokio::spawn(async move { state.reconciler.reconcile_users(&request.user_ids).await }.in_current_span());

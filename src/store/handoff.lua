@@ -1,13 +1,14 @@
 -- Hands the pending set off to a batch, atomically: after this, new deltas start a fresh set.
+-- (lease.lua is prepended: KEYS[1] the lease, ARGV[1] the holder's token.)
 --
--- KEYS[1] pending, KEYS[2] the batch key, KEYS[3] the set of batch ids, KEYS[4] the hand-off sequence
--- ARGV[1] the batch id
+-- KEYS[2] pending, KEYS[3] the batch key, KEYS[4] the set of batch ids, KEYS[5] the hand-off sequence
+-- ARGV[2] the batch id
 -- Returns the batch's hand-off sequence number, or 0 if nothing was pending.
-if redis.call('EXISTS', KEYS[1]) == 0 then
+if redis.call('EXISTS', KEYS[2]) == 0 then
   return 0
 end
-redis.call('RENAME', KEYS[1], KEYS[2])
-redis.call('SADD', KEYS[3], ARGV[1])
+redis.call('RENAME', KEYS[2], KEYS[3])
+redis.call('SADD', KEYS[4], ARGV[2])
 -- Readers compare this before and after reading the database (a sequence lock); the flush
 -- records it with the batch, to notice a Redis that went back in time.
-return redis.call('INCR', KEYS[4])
+return redis.call('INCR', KEYS[5])

@@ -120,9 +120,15 @@ impl Keys {
         format!("{}:rebuilt", self.tag)
     }
 
-    /// The cross-process flush lock.
+    /// The flush lease: one process at a time flushes, reconciles, recounts or bootstraps; its
+    /// value is the holder's fencing token (see `store::lease`).
     pub fn flush_lock(&self) -> String {
         format!("{}:flush_lock", self.tag)
+    }
+
+    /// The counter that numbers the lease's fencing tokens.
+    pub fn lease_tokens(&self) -> String {
+        format!("{}:lease_tokens", self.tag)
     }
 
     /// The pub/sub channel on which the scripts name users whose visible count changed

@@ -1,8 +1,9 @@
 //! The Redis side: the per-notification state machine, the pending sorted set, flush batches
-//! and the flush lock. Every multi-key change is one Lua script, so it is atomic and costs one
+//! and the flush lease ([`lease`]). Every multi-key change is one Lua script, so it is atomic and costs one
 //! round trip per request, however many events the request holds.
 
 mod keys;
+mod lease;
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -13,6 +14,7 @@ use tracing::instrument;
 
 use crate::events::{Event, EventKind};
 pub use keys::{Keys, SHARD_BITS};
+pub use lease::{Acquired, Lease, LeaseHolder, LeaseRenewal};
 
 /// The 2-bit states of a notification, as `transition.lua` defines them (0 is unseen).
 pub mod state {
@@ -31,6 +33,9 @@ pub const ALL_USERS: &str = "*";
 const REDIS_RESPONSE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long connecting may take; short, so an outage is answered quickly.
 const REDIS_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// States per `BITFIELD` of [`Store::write_states`]: a script passes a command's words through
+/// Lua's `unpack`, which takes at most a few thousand.
+const STATES_PER_COMMAND: usize = 1000;
 
 /// A Redis failure.
 #[derive(Debug, thiserror::Error)]
@@ -44,6 +49,10 @@ pub enum StoreError {
     /// The held counts are being dropped after a Redis rollback; reads answer again once they are.
     #[error("the counts held in Redis are being reloaded after a Redis rollback; retry shortly")]
     CountsReloading,
+    /// A write under the flush lease was refused: the lease expired while its holder stalled,
+    /// and another process may hold it now. Nothing was written; the work is the next holder's.
+    #[error("{0}; nothing was written, the next holder of the lease does this work")]
+    LeaseLost(String),
     /// Redis answered something the scripts never return: a bug or a foreign key clash.
     #[error("unexpected reply from redis: {0}")]
     Unexpected(String),
@@ -52,6 +61,10 @@ pub enum StoreError {
 impl From<redis::RedisError> for StoreError {
     /// Every Redis failure passes here, so this is where it is counted.
     fn from(e: redis::RedisError) -> Self {
+        if e.code() == Some("LEASE_LOST") {
+            // A fenced script's refusal (lease.lua): Redis is fine, the caller is late.
+            return StoreError::LeaseLost(e.detail().unwrap_or("the flush lease was lost").to_string());
+        }
         crate::metrics::dependency_error(crate::metrics::Dependency::Redis);
         StoreError::Redis(e)
     }
@@ -77,7 +90,7 @@ impl StoreError {
                 passing || e.is_io_error() || e.is_timeout() || e.is_connection_refusal() || e.is_connection_dropped()
             }
             StoreError::StateMissing | StoreError::CountsReloading => true,
-            StoreError::Unexpected(_) => false,
+            StoreError::LeaseLost(_) | StoreError::Unexpected(_) => false,
         }
     }
 }
@@ -148,23 +161,35 @@ struct Scripts {
     drop_batch: Script,
     read_batches: Script,
     install_counts: Script,
-    release_lock: Script,
-    extend_lock: Script,
+    acquire_lease: Script,
+    extend_lease: Script,
+    release_lease: Script,
+    fenced: Script,
 }
 
 fn scripts() -> &'static Scripts {
     static SCRIPTS: std::sync::OnceLock<Scripts> = std::sync::OnceLock::new();
     SCRIPTS.get_or_init(|| Scripts {
         apply_events: Script::new(concat!(include_str!("transition.lua"), include_str!("apply_events.lua"))),
-        reconcile_begin: Script::new(concat!(include_str!("transition.lua"), include_str!("reconcile_begin.lua"))),
-        reconcile_finish: Script::new(concat!(include_str!("transition.lua"), include_str!("reconcile_finish.lua"))),
+        reconcile_begin: Script::new(concat!(
+            include_str!("lease.lua"),
+            include_str!("transition.lua"),
+            include_str!("reconcile_begin.lua")
+        )),
+        reconcile_finish: Script::new(concat!(
+            include_str!("lease.lua"),
+            include_str!("transition.lua"),
+            include_str!("reconcile_finish.lua")
+        )),
         take_recounts: Script::new(include_str!("take_recounts.lua")),
-        handoff: Script::new(include_str!("handoff.lua")),
-        drop_batch: Script::new(include_str!("drop_batch.lua")),
+        handoff: Script::new(concat!(include_str!("lease.lua"), include_str!("handoff.lua"))),
+        drop_batch: Script::new(concat!(include_str!("lease.lua"), include_str!("drop_batch.lua"))),
         read_batches: Script::new(include_str!("read_batches.lua")),
         install_counts: Script::new(include_str!("install_counts.lua")),
-        release_lock: Script::new(include_str!("release_lock.lua")),
-        extend_lock: Script::new(include_str!("extend_lock.lua")),
+        acquire_lease: Script::new(include_str!("acquire_lease.lua")),
+        extend_lease: Script::new(include_str!("extend_lease.lua")),
+        release_lease: Script::new(include_str!("release_lease.lua")),
+        fenced: Script::new(concat!(include_str!("lease.lua"), include_str!("fenced.lua"))),
     })
 }
 
@@ -430,11 +455,10 @@ impl Store {
 
     /// Renames the pending set to the batch `batch_id` and returns the hand-off's sequence
     /// number; `None` if nothing was pending.
-    pub async fn handoff(&self, batch_id: &str) -> Result<Option<u64>, StoreError> {
+    pub async fn handoff(&self, lease: &Lease, batch_id: &str) -> Result<Option<u64>, StoreError> {
         let mut conn = self.conn.clone();
         let seq: u64 = self
-            .scripts
-            .handoff
+            .fenced_invocation(&self.scripts.handoff, lease)
             .key(self.keys.pending())
             .key(self.keys.batch(batch_id))
             .key(self.keys.batches())
@@ -452,31 +476,35 @@ impl Store {
     }
 
     /// Deletes the ready marker: with a Notification table, events wait for a bootstrap.
-    pub async fn drop_ready_marker(&self) -> Result<(), StoreError> {
-        let mut conn = self.conn.clone();
-        let _: i64 = conn.del(self.keys.ready()).await?;
-        Ok(())
+    pub async fn drop_ready_marker(&self, lease: &Lease) -> Result<(), StoreError> {
+        let mut writes = self.fenced_writes();
+        writes.delete(self.keys.ready());
+        self.run_fenced(lease, writes).await
     }
 
     /// Raises the hand-off sequence to at least `seq`, and deletes the pending deltas and open
     /// batches if `discard_pending`: what a Redis that went back in time holds was flushed already.
-    pub async fn resync_after_rollback(&self, seq: u64, discard_pending: bool) -> Result<(), StoreError> {
-        let mut conn = self.conn.clone();
-        let mut transaction = redis::pipe();
-        transaction.atomic().set(self.keys.handoff_seq(), seq).ignore();
+    pub async fn resync_after_rollback(
+        &self,
+        lease: &Lease,
+        seq: u64,
+        discard_pending: bool,
+    ) -> Result<(), StoreError> {
+        let mut writes = self.fenced_writes();
+        writes.command("SET", self.keys.handoff_seq(), seq);
         if discard_pending {
-            transaction.del(self.keys.pending()).ignore();
+            writes.delete(self.keys.pending());
         }
         // The held counts were kept against the old pending deltas: they are dropped, each to be
         // loaded again. The flag, set in the same step, stops reads and loads from trusting them
         // until that is done, whoever finishes it; the new marker value keeps loads that read
         // before the resync from installing stale bases.
-        transaction
-            .set(self.keys.ready(), chrono::Utc::now().to_rfc3339())
-            .ignore()
-            .set(self.keys.counts_stale(), 1)
-            .ignore();
-        let _: () = transaction.query_async(&mut conn).await?;
+        writes.command("SET", self.keys.ready(), chrono::Utc::now().to_rfc3339()).command(
+            "SET",
+            self.keys.counts_stale(),
+            1,
+        );
+        self.run_fenced(lease, writes).await?;
         self.finish_reloading_counts().await?;
         Ok(())
     }
@@ -533,51 +561,15 @@ impl Store {
     }
 
     /// Deletes a batch whose deltas are committed.
-    pub async fn drop_batch(&self, batch_id: &str) -> Result<(), StoreError> {
+    pub async fn drop_batch(&self, lease: &Lease, batch_id: &str) -> Result<(), StoreError> {
         let mut conn = self.conn.clone();
         let _: i64 = self
-            .scripts
-            .drop_batch
+            .fenced_invocation(&self.scripts.drop_batch, lease)
             .key(self.keys.batch(batch_id))
             .key(self.keys.batches())
             .arg(batch_id)
             .invoke_async(&mut conn)
             .await?;
-        Ok(())
-    }
-
-    /// Takes the flush lock for `ttl` if no one holds it.
-    pub async fn try_lock_flush(&self, token: &str, ttl: Duration) -> Result<bool, StoreError> {
-        let mut conn = self.conn.clone();
-        let set: Option<String> = redis::cmd("SET")
-            .arg(self.keys.flush_lock())
-            .arg(token)
-            .arg("NX")
-            .arg("PX")
-            .arg(ttl.as_millis() as u64)
-            .query_async(&mut conn)
-            .await?;
-        Ok(set.is_some())
-    }
-
-    /// Extends the flush lock by `ttl` if `token` still holds it; `false` if it was lost.
-    pub async fn extend_flush_lock(&self, token: &str, ttl: Duration) -> Result<bool, StoreError> {
-        let mut conn = self.conn.clone();
-        let extended: i64 = self
-            .scripts
-            .extend_lock
-            .key(self.keys.flush_lock())
-            .arg(token)
-            .arg(ttl.as_millis() as u64)
-            .invoke_async(&mut conn)
-            .await?;
-        Ok(extended == 1)
-    }
-
-    /// Releases the flush lock if `token` still holds it.
-    pub async fn release_flush_lock(&self, token: &str) -> Result<(), StoreError> {
-        let mut conn = self.conn.clone();
-        let _: i64 = self.scripts.release_lock.key(self.keys.flush_lock()).arg(token).invoke_async(&mut conn).await?;
         Ok(())
     }
 }
@@ -606,8 +598,8 @@ pub struct UserDrift {
 
 impl Store {
     /// Fences `users` for `fence`: until it is lifted or expires, their events are journaled.
-    pub async fn reconcile_begin(&self, users: &[u64], fence: Duration) -> Result<(), StoreError> {
-        let mut invocation = self.scripts.reconcile_begin.prepare_invoke();
+    pub async fn reconcile_begin(&self, lease: &Lease, users: &[u64], fence: Duration) -> Result<(), StoreError> {
+        let mut invocation = self.fenced_invocation(&self.scripts.reconcile_begin, lease);
         invocation.key(self.keys.reconciling()).arg(self.keys.journal("")).arg(fence.as_millis() as u64);
         for user in users {
             invocation.arg(*user);
@@ -624,10 +616,11 @@ impl Store {
     /// (deleted before the read, its event still on the way) counts nothing.
     pub async fn reconcile_finish(
         &self,
+        lease: &Lease,
         truths: &[UserTruth],
         grace: Duration,
     ) -> Result<Vec<(u64, Option<UserDrift>)>, StoreError> {
-        let mut invocation = self.scripts.reconcile_finish.prepare_invoke();
+        let mut invocation = self.fenced_invocation(&self.scripts.reconcile_finish, lease);
         invocation
             .key(self.keys.pending())
             .key(self.keys.reconciling())
@@ -725,53 +718,53 @@ impl Store {
     }
 
     /// Records that a bootstrap has cleared the state and started reading.
-    pub async fn start_bootstrap(&self) -> Result<(), StoreError> {
-        let mut conn = self.conn.clone();
-        let _: () = conn.set(self.keys.bootstrap_cursor(), "").await?;
-        Ok(())
+    pub async fn start_bootstrap(&self, lease: &Lease) -> Result<(), StoreError> {
+        let mut writes = self.fenced_writes();
+        writes.command("SET", self.keys.bootstrap_cursor(), "");
+        self.run_fenced(lease, writes).await
     }
 
-    /// Writes the states of one chunk of notifications `(id, user, state)`: one `BITFIELD` per
-    /// shard, pipelined. Writing a state twice is harmless, so a resumed bootstrap may redo chunks.
-    pub async fn write_states(&self, rows: &[(u64, u64, u8)]) -> Result<(), StoreError> {
-        let mut by_shard: HashMap<u64, redis::Cmd> = HashMap::new();
+    /// Writes the states of one chunk of notifications `(id, user, state)`: `BITFIELD`s of at
+    /// most [`STATES_PER_COMMAND`] states, in one fenced script. Writing a state twice is
+    /// harmless, so a resumed bootstrap may redo chunks.
+    pub async fn write_states(&self, lease: &Lease, rows: &[(u64, u64, u8)]) -> Result<(), StoreError> {
+        let mut by_shard: HashMap<u64, Vec<(u64, u8)>> = HashMap::new();
         for (id, _, state) in rows {
             let (shard, index) = Keys::state_slot(*id);
-            let command = by_shard.entry(shard).or_insert_with(|| {
-                let mut command = redis::cmd("BITFIELD");
-                command.arg(self.keys.state(shard));
-                command
-            });
-            // A plain bit offset (2 bits per notification) spares formatting a `#index` per row.
-            command.arg("SET").arg("u2").arg(index * 2).arg(*state);
+            by_shard.entry(shard).or_default().push((index, *state));
         }
-        let mut pipeline = redis::pipe();
-        for command in by_shard.into_values() {
-            pipeline.add_command(command).ignore();
+        let mut writes = self.fenced_writes();
+        for (shard, states) in by_shard {
+            for piece in states.chunks(STATES_PER_COMMAND) {
+                // A plain bit offset (2 bits per notification) spares formatting a `#index` per row.
+                let args: Vec<(&str, &str, u64, u8)> =
+                    piece.iter().map(|(index, state)| ("SET", "u2", index * 2, *state)).collect();
+                writes.command("BITFIELD", self.keys.state(shard), args);
+            }
         }
-        let mut conn = self.conn.clone();
-        let _: () = pipeline.query_async(&mut conn).await?;
-        Ok(())
+        self.run_fenced(lease, writes).await
     }
 
     /// Saves a bootstrap's progress: the unread count of every user so far and the last id read,
     /// in one `MULTI`/`EXEC`, so a resumed bootstrap starts from a count that matches its cursor.
-    pub async fn checkpoint_bootstrap(&self, last_id: i64, counts: &HashMap<u64, i64>) -> Result<(), StoreError> {
+    pub async fn checkpoint_bootstrap(
+        &self,
+        lease: &Lease,
+        last_id: i64,
+        counts: &HashMap<u64, i64>,
+    ) -> Result<(), StoreError> {
         let mut packed = Vec::with_capacity(counts.len() * 16);
         for (user, count) in counts {
             packed.extend_from_slice(&user.to_le_bytes());
             packed.extend_from_slice(&count.to_le_bytes());
         }
-        let mut transaction = redis::pipe();
-        transaction
-            .atomic()
-            .set(self.keys.bootstrap_counts(), packed)
-            .ignore()
-            .set(self.keys.bootstrap_cursor(), last_id)
-            .ignore();
-        let mut conn = self.conn.clone();
-        let _: () = transaction.query_async(&mut conn).await?;
-        Ok(())
+        let mut writes = self.fenced_writes();
+        writes.command("SET", self.keys.bootstrap_counts(), packed).command(
+            "SET",
+            self.keys.bootstrap_cursor(),
+            last_id,
+        );
+        self.run_fenced(lease, writes).await
     }
 
     /// The counts saved by the last checkpoint (empty when none was saved).
@@ -796,9 +789,12 @@ impl Store {
     /// Ends a bootstrap: drops the resume point and the checkpoint, raises the hand-off sequence
     /// to the highest the database recorded, remembers the highest notification it read (see
     /// `apply_events.lua`), and writes the marker, so events apply again.
-    pub async fn finish_bootstrap(&self, handoff_seq: u64, highest_read: Option<u64>) -> Result<(), StoreError> {
-        let mut transaction = redis::pipe();
-        transaction.atomic();
+    pub async fn finish_bootstrap(
+        &self,
+        lease: &Lease,
+        handoff_seq: u64,
+        highest_read: Option<u64>,
+    ) -> Result<(), StoreError> {
         let slot = match highest_read.map(Keys::state_slot) {
             Some((shard, index)) => format!("{shard} {index}"),
             None => "-1 -1".to_string(),
@@ -807,30 +803,26 @@ impl Store {
         // runs the bootstrap.
         let (secs, micros): (i64, i64) = redis::cmd("TIME").query_async(&mut self.conn.clone()).await?;
         let finished_ms = secs * 1000 + micros / 1000;
-        transaction.set(self.keys.rebuilt(), format!("{slot} {finished_ms}")).ignore();
-        transaction
-            .set(self.keys.handoff_seq(), handoff_seq)
-            .ignore()
-            .del(self.keys.bootstrap_cursor())
-            .ignore()
-            .del(self.keys.bootstrap_counts())
-            .ignore()
-            .set(self.keys.ready(), chrono::Utc::now().to_rfc3339())
-            .ignore()
+        let mut writes = self.fenced_writes();
+        writes
+            .command("SET", self.keys.rebuilt(), format!("{slot} {finished_ms}"))
+            .command("SET", self.keys.handoff_seq(), handoff_seq)
+            .delete(self.keys.bootstrap_cursor())
+            .delete(self.keys.bootstrap_counts())
+            .command("SET", self.keys.ready(), chrono::Utc::now().to_rfc3339())
             // Every stored count was rewritten: live streams re-read all their users.
-            .publish(self.keys.live_channel(), ALL_USERS)
-            .ignore();
-        let mut conn = self.conn.clone();
-        let _: () = transaction.query_async(&mut conn).await?;
-        Ok(())
+            .command("PUBLISH", self.keys.live_channel(), ALL_USERS);
+        self.run_fenced(lease, writes).await
     }
 
     /// Deletes the whole state: the marker first (events are refused from then on), then every
     /// held count, state shard, the pending set, open batches, reconcile fences, journals and
     /// pictures.
-    pub async fn clear_state(&self) -> Result<u64, StoreError> {
+    pub async fn clear_state(&self, lease: &Lease) -> Result<u64, StoreError> {
         let mut conn = self.conn.clone();
-        let _: i64 = conn.del(self.keys.ready()).await?;
+        // Fenced, so a holder that lost its lease stops here; the deletes after it are not (a
+        // SCAN cannot run in a script), and the lease lasts far longer than they take.
+        self.drop_ready_marker(lease).await?;
         let mut deleted = 0;
         // With the marker gone, no process started with a Notification table (as every process of
         // a deployment that bootstraps must be) installs or changes a count, so none comes back.

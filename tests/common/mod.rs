@@ -155,7 +155,11 @@ impl TestEnv {
             ..countersink::source::SourceConfig::default()
         };
         // With a source, events wait for a bootstrap; the table is empty, so this is instant.
-        self.state().reconciler.bootstrap(countersink::bootstrap::Batching::default(), |_| {}).await.unwrap();
+        self.state()
+            .reconciler
+            .bootstrap(countersink::bootstrap::Batching::default(), countersink::bootstrap::Rebuild::Always, |_| {})
+            .await
+            .unwrap();
     }
 
     /// Runs one SQL statement on this test's database (the Django side writing behind our back).

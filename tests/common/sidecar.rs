@@ -24,6 +24,9 @@ pub struct SidecarOptions {
     pub flush_cron: String,
     /// A crash point to stop at (`COUNTERSINK_CRASH_POINT`, see src/crash_point.rs).
     pub crash_point: Option<&'static str>,
+    /// A file whose existence lets the process go on past its crash point
+    /// (`COUNTERSINK_CRASH_RESUME_FILE`).
+    pub resume_file: Option<std::path::PathBuf>,
     /// Flags added after `serve`.
     pub serve_args: Vec<String>,
     /// The port to listen on (a free one if `None`); a restart can keep its predecessor's.
@@ -39,6 +42,7 @@ impl Default for SidecarOptions {
         SidecarOptions {
             flush_cron: "*/1 * * * * *".into(),
             crash_point: None,
+            resume_file: None,
             serve_args: Vec::new(),
             port: None,
             redis_url: None,
@@ -80,10 +84,14 @@ impl Sidecar {
             .env("COUNTERSINK_WEBHOOK_SECRET", SECRET)
             .env("COUNTERSINK_ADMIN_TOKEN", ADMIN_TOKEN)
             .env_remove("COUNTERSINK_CRASH_POINT")
+            .env_remove("COUNTERSINK_CRASH_RESUME_FILE")
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
         if let Some(point) = options.crash_point {
             command.env("COUNTERSINK_CRASH_POINT", point);
+        }
+        if let Some(file) = &options.resume_file {
+            command.env("COUNTERSINK_CRASH_RESUME_FILE", file);
         }
         let mut child = command.spawn().unwrap();
         let stderr = Arc::new(Mutex::new(Vec::new()));
@@ -131,6 +139,12 @@ impl Sidecar {
         let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
         // The kernel's USER_HZ is 100 on every Linux this runs on.
         Duration::from_millis(ticks * 10)
+    }
+
+    /// Sends `signal` (`STOP`, `CONT`) to the process.
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill").arg(format!("-{signal}")).arg(self.child.id().to_string()).status().unwrap();
+        assert!(status.success(), "kill -{signal} failed");
     }
 
     /// SIGKILL: the process dies wherever it is, with no clean-up of any kind.

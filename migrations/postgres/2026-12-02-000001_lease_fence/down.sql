@@ -1,0 +1,1 @@
+DROP TABLE countersink_lease_fence;

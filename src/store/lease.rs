@@ -1,0 +1,204 @@
+//! The flush lease: one process at a time flushes, reconciles, recounts or bootstraps.
+//!
+//! A holder takes the lease with a fresh **fencing token** and renews it while it works (see
+//! [`crate::flush::Flusher::exclusive`]); a holder that dies stops renewing, and the lease
+//! expires for the next process within its time to live. A holder that only *stalls* (paused,
+//! swapped out, a long GC of its host) may wake up after its lease passed to another process:
+//! every Redis write it makes under the lease goes through a script that first checks the token
+//! (`lease.lua`, or `fenced.lua` for plain commands), so the stale holder changes nothing and
+//! fails with [`StoreError::LeaseLost`].
+//!
+//! Only [`Store::try_acquire_lease`] makes a [`Lease`], and the writes that need one take it as
+//! an argument: holding the lease is checked by the compiler as well as by Redis.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use redis::ToRedisArgs;
+
+use super::{Store, StoreError};
+
+/// Proof of holding the flush lease, with its fencing token. Not `Clone` outside this module:
+/// only the store makes one.
+#[derive(Debug)]
+pub struct Lease {
+    token: String,
+    lost: Arc<AtomicBool>,
+}
+
+impl Lease {
+    /// The fencing token, `n:random`: unique, with `n` increasing from one holder to the next.
+    pub fn token(&self) -> &str {
+        &self.token
+    }
+
+    /// The token's `n`, which the database's fence compares (`queries::pass_lease_fence`).
+    pub fn fence(&self) -> i64 {
+        self.token.split(':').next().and_then(|n| n.parse().ok()).unwrap_or(0)
+    }
+
+    /// Whether a renewal found the lease gone (expired, or taken by another process).
+    pub fn is_lost(&self) -> bool {
+        self.lost.load(Ordering::Relaxed)
+    }
+
+    /// What the renewal task needs: the token and the flag it raises when the lease is gone.
+    pub fn renewal(&self) -> LeaseRenewal {
+        LeaseRenewal { token: self.token.clone(), lost: self.lost.clone() }
+    }
+}
+
+/// The renewal side of a [`Lease`]: renews with its token, and marks the lease lost.
+#[derive(Debug)]
+pub struct LeaseRenewal {
+    token: String,
+    lost: Arc<AtomicBool>,
+}
+
+impl LeaseRenewal {
+    /// Marks the lease lost: its holder's next fenced write fails anyway; this tells it sooner.
+    pub fn mark_lost(&self) {
+        self.lost.store(true, Ordering::Relaxed);
+    }
+}
+
+/// The answer of [`Store::try_acquire_lease`].
+#[derive(Debug)]
+pub enum Acquired {
+    /// The lease is this caller's until it is released or expires.
+    Held(Lease),
+    /// Another holder has it.
+    Busy(LeaseHolder),
+}
+
+/// Who holds the lease, and for how long at most unless it renews.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaseHolder {
+    /// The holder's fencing token.
+    pub token: String,
+    /// When the lease expires unless renewed (a holder that died never renews it).
+    pub expires_in: Duration,
+}
+
+impl std::fmt::Display for LeaseHolder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "another process holds the flush lease (token {}); if it stopped, the lease expires in {:.1} s",
+            self.token,
+            self.expires_in.as_secs_f64()
+        )
+    }
+}
+
+impl Store {
+    /// Takes the flush lease for `ttl` if nobody holds it, with a token numbered above `floor`
+    /// (the database's fence: Redis may have lost its counter).
+    pub async fn try_acquire_lease(&self, ttl: Duration, floor: i64) -> Result<Acquired, StoreError> {
+        let mut conn = self.conn.clone();
+        let reply: (u8, String, Option<i64>) = self
+            .scripts
+            .acquire_lease
+            .key(self.keys.flush_lock())
+            .key(self.keys.lease_tokens())
+            .arg(ttl.as_millis() as u64)
+            .arg(format!("{:016x}", rand::random::<u64>()))
+            .arg(floor)
+            .invoke_async(&mut conn)
+            .await?;
+        Ok(match reply {
+            (1, token, _) => Acquired::Held(Lease { token, lost: Arc::new(AtomicBool::new(false)) }),
+            (_, token, ms_left) => Acquired::Busy(LeaseHolder {
+                token,
+                expires_in: Duration::from_millis(ms_left.unwrap_or(0).max(0) as u64),
+            }),
+        })
+    }
+
+    /// Renews the lease for `ttl` if `renewal`'s holder still has it; `false` if it is gone.
+    pub async fn renew_lease(&self, renewal: &LeaseRenewal, ttl: Duration) -> Result<bool, StoreError> {
+        let mut conn = self.conn.clone();
+        let renewed: i64 = self
+            .scripts
+            .extend_lease
+            .key(self.keys.flush_lock())
+            .arg(&renewal.token)
+            .arg(ttl.as_millis() as u64)
+            .invoke_async(&mut conn)
+            .await?;
+        Ok(renewed == 1)
+    }
+
+    /// Gives the lease back, if it is still this holder's.
+    pub async fn release_lease(&self, lease: Lease) -> Result<(), StoreError> {
+        let mut conn = self.conn.clone();
+        let _: i64 =
+            self.scripts.release_lease.key(self.keys.flush_lock()).arg(&lease.token).invoke_async(&mut conn).await?;
+        Ok(())
+    }
+
+    /// A fenced script call: KEYS[1] and ARGV[1] are the lease and its token (`lease.lua`).
+    pub(super) fn fenced_invocation<'a>(
+        &self,
+        script: &'a redis::Script,
+        lease: &Lease,
+    ) -> redis::ScriptInvocation<'a> {
+        let mut invocation = script.prepare_invoke();
+        invocation.key(self.keys.flush_lock()).arg(&lease.token);
+        invocation
+    }
+
+    /// Commands for [`Store::run_fenced`].
+    pub(super) fn fenced_writes(&self) -> FencedWrites {
+        FencedWrites { keys: Vec::new(), commands: Vec::new() }
+    }
+
+    /// Runs `writes` atomically if `lease` is still held (`fenced.lua`).
+    pub(super) async fn run_fenced(&self, lease: &Lease, writes: FencedWrites) -> Result<(), StoreError> {
+        if writes.commands.is_empty() {
+            return Ok(());
+        }
+        let mut invocation = self.fenced_invocation(&self.scripts.fenced, lease);
+        for key in &writes.keys {
+            invocation.key(key);
+        }
+        for words in &writes.commands {
+            invocation.arg(words.len());
+            for word in words {
+                invocation.arg(word.as_slice());
+            }
+        }
+        let mut conn = self.conn.clone();
+        let _: i64 = invocation.invoke_async(&mut conn).await?;
+        Ok(())
+    }
+}
+
+/// Plain commands to run under the lease, in order and atomically (see `fenced.lua`).
+pub(super) struct FencedWrites {
+    keys: Vec<String>,
+    commands: Vec<Vec<Vec<u8>>>,
+}
+
+impl FencedWrites {
+    /// Adds the command `name key args...`; `args` is one value or a tuple of them.
+    pub(super) fn command(&mut self, name: &str, key: String, args: impl ToRedisArgs) -> &mut Self {
+        self.words(name, key, args.to_redis_args())
+    }
+
+    /// Adds `DEL key`.
+    pub(super) fn delete(&mut self, key: String) -> &mut Self {
+        self.words("DEL", key, Vec::new())
+    }
+
+    fn words(&mut self, name: &str, key: String, args: Vec<Vec<u8>>) -> &mut Self {
+        let mut words = vec![name.as_bytes().to_vec(), key.as_bytes().to_vec()];
+        words.extend(args);
+        if !self.keys.contains(&key) {
+            self.keys.push(key);
+        }
+        self.commands.push(words);
+        self
+    }
+}
