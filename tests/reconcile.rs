@@ -301,3 +301,122 @@ async fn reconcile_and_recount_over_http() {
     assert_eq!(call(&app, "/v1/reconcile", r#"{"user_ids": [9]}"#).await.0, StatusCode::CONFLICT);
     assert_eq!(plain.redis_keys(), Vec::<String>::new());
 }
+
+/// Users `users`, each with one unread notification (id = user id) whose creation event was lost:
+/// a recount finds each count 0 and makes it 1.
+async fn lost_creations(env: &TestEnv, state: &AppState, users: std::ops::RangeInclusive<u64>) {
+    for user in users {
+        create(env, state, user, user, true, true).await;
+    }
+}
+
+/// Runs queued recounts (as a worker of its own process would) until `users` were all
+/// recounted or `limit` passes; the users recounted, sorted.
+async fn recount_until(state: &AppState, users: &[u64], limit: Duration) -> Vec<u64> {
+    let deadline = std::time::Instant::now() + limit;
+    let mut recounted = Vec::new();
+    while std::time::Instant::now() < deadline && !users.iter().all(|u| recounted.contains(u)) {
+        match state.reconciler.run_queued_recounts().await.unwrap() {
+            Some(report) => recounted.extend(report.drift.iter().map(|d| d.user_id)),
+            None => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+    recounted.sort_unstable();
+    recounted
+}
+
+/// A short claim, for the workers these tests kill: it lapses within the test.
+const SHORT_CLAIM: Duration = Duration::from_secs(1);
+
+#[tokio::test]
+async fn users_queued_after_a_worker_died_are_recounted_at_once_and_its_own_once_its_claim_lapses() {
+    let env = TestEnv::sqlite_with_source().await;
+    let state = env.state();
+    lost_creations(&env, &state, 1..=4).await;
+    state.store.queue_recounts(&[1, 2]).await.unwrap();
+    // Worker 1 claims users 1 and 2, then dies waiting for the flush lock: it never renews its
+    // claim nor ends it.
+    let mut dead = state.store.take_recounts(100, SHORT_CLAIM).await.unwrap().users;
+    dead.sort_unstable();
+    assert_eq!(dead, [1, 2]);
+    state.store.queue_recounts(&[3, 4]).await.unwrap();
+    assert_eq!(state.store.recounts_queued().await.unwrap(), (2, 2));
+
+    // Worker 2, another process, recounts the users asked for since at once: they do not wait
+    // behind a worker that died.
+    let other = env.state();
+    let first = other.reconciler.run_queued_recounts().await.unwrap().unwrap();
+    let mut first_users: Vec<u64> = first.drift.iter().map(|d| d.user_id).collect();
+    first_users.sort_unstable();
+    assert_eq!(first_users, [3, 4], "the users queued after the dead worker's claim come first");
+    assert_eq!(other.store.recounts_queued().await.unwrap(), (0, 2), "the dead worker's claim is still running");
+
+    // Once its claim lapses, worker 2 claims and recounts its users too.
+    assert_eq!(recount_until(&other, &[1, 2], SHORT_CLAIM + Duration::from_secs(3)).await, [1, 2]);
+    assert_eq!(other.store.recounts_queued().await.unwrap(), (0, 0));
+    let counts = unread_counts(&other.store, &other.db, &[1, 2, 3, 4]).await.unwrap();
+    assert!(counts.iter().all(|c| c.unread_count == 1), "{counts:?}");
+}
+
+#[tokio::test]
+async fn one_workers_done_never_drops_another_workers_claim() {
+    let env = TestEnv::sqlite_with_source().await;
+    let state = env.state();
+    lost_creations(&env, &state, 1..=3).await;
+    state.store.queue_recounts(&[1, 2]).await.unwrap();
+    // Worker 1 claims users 1 and 2 and waits for the flush lock (a long flush elsewhere).
+    let slow = state.store.take_recounts(100, Duration::from_secs(60)).await.unwrap();
+    // Worker 2 finds nothing else to do meanwhile.
+    let second = env.state();
+    assert_eq!(second.reconciler.run_queued_recounts().await.unwrap(), None, "users 1 and 2 are worker 1's");
+    // User 3 is asked for; worker 3 claims it and waits for the flush lock too.
+    state.store.queue_recounts(&[3]).await.unwrap();
+    let third = state.store.take_recounts(100, SHORT_CLAIM).await.unwrap();
+    assert_eq!(third.users, [3]);
+    // Worker 1 is done; then worker 3 dies before its recount.
+    state.store.recounts_done(&slow, &[]).await.unwrap();
+    assert_eq!(state.store.recounts_queued().await.unwrap(), (0, 1), "worker 3's claim is still held");
+
+    // User 3 was not lost: worker 2 recounts it once worker 3's claim lapses.
+    assert_eq!(recount_until(&second, &[3], SHORT_CLAIM + Duration::from_secs(3)).await, [3]);
+    assert_eq!(unread_counts(&second.store, &second.db, &[3]).await.unwrap()[0].unread_count, 1);
+    assert_eq!(second.store.recounts_queued().await.unwrap(), (0, 0));
+}
+
+#[tokio::test]
+async fn a_renewed_claim_is_kept_and_a_lapsed_one_goes_to_the_worker_that_claimed_it_again() {
+    let env = TestEnv::sqlite_with_source().await;
+    let store = env.state().store;
+    store.queue_recounts(&[1, 2]).await.unwrap();
+    let kept = store.take_recounts(100, Duration::from_millis(300)).await.unwrap();
+    assert_eq!(store.renew_recounts(&kept, Duration::from_secs(60)).await.unwrap(), 2);
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert!(store.take_recounts(100, SHORT_CLAIM).await.unwrap().users.is_empty(), "renewed: still worker 1's");
+    store.recounts_done(&kept, &[]).await.unwrap();
+
+    store.queue_recounts(&[5]).await.unwrap();
+    let lapsed = store.take_recounts(100, Duration::from_millis(100)).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let again = store.take_recounts(100, Duration::from_secs(60)).await.unwrap();
+    assert_eq!(again.users, [5]);
+    // The first worker wakes up: its renewal and its done leave the new claim alone.
+    assert_eq!(store.renew_recounts(&lapsed, Duration::from_secs(60)).await.unwrap(), 0);
+    store.recounts_done(&lapsed, &[]).await.unwrap();
+    assert_eq!(store.recounts_queued().await.unwrap(), (0, 1));
+    // What a recount could not finish waits again.
+    store.recounts_done(&again, &[5]).await.unwrap();
+    assert_eq!(store.recounts_queued().await.unwrap(), (1, 0));
+}
+
+#[tokio::test]
+async fn users_left_taken_by_an_older_version_are_recounted() {
+    let env = TestEnv::sqlite_with_source().await;
+    let state = env.state();
+    lost_creations(&env, &state, 7..=8).await;
+    let _: () = redis::Commands::sadd(&mut env.redis(), env.key("recounts_taken"), &[7, 8]).unwrap();
+    assert_eq!(state.store.recounts_queued().await.unwrap(), (2, 0));
+    let report = state.reconciler.run_queued_recounts().await.unwrap().unwrap();
+    assert_eq!(report.users_checked, 2);
+    assert_eq!(state.store.recounts_queued().await.unwrap(), (0, 0));
+    assert!(!env.redis_keys().contains(&env.key("recounts_taken")));
+}
