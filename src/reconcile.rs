@@ -35,6 +35,9 @@ const FENCE: Duration = Duration::from_secs(60);
 const GRACE: Duration = Duration::from_secs(120);
 /// How long a reconcile waits for a running flush.
 const LOCK_WAIT: Duration = Duration::from_secs(60);
+/// Failing steps in a row after which `reconcile_all` stops: by then a dependency is down, not
+/// one step's users at fault, and every further step would fail the same way.
+const FAILED_STEPS_IN_A_ROW: usize = 5;
 /// Users one recount worker claims at a time: five steps, the most a worker that dies leaves for
 /// the others to redo.
 const RECOUNTS_PER_CLAIM: usize = 5 * USERS_PER_STEP;
@@ -71,8 +74,20 @@ pub struct ReconcileReport {
     pub drift: Vec<UserDrift>,
     /// Users whose fence expired before their repair (too slow a step); reconcile them again.
     pub unfinished: Vec<u64>,
+    /// Steps that failed (only a reconcile of every user goes on past one; any other answers the
+    /// error instead): their users were not reconciled. Reconcile them again once the cause is fixed.
+    pub failed: Vec<FailedStep>,
     /// Wall time in milliseconds.
     pub duration_ms: u64,
+}
+
+/// One step of a reconcile of every user that failed as a unit.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
+pub struct FailedStep {
+    /// The step's users (up to 200, in id order), none of them reconciled.
+    pub user_ids: Vec<u64>,
+    /// What failed: the database or Redis error.
+    pub error: String,
 }
 
 /// Why users are recounted: it decides whether a difference found is drift.
@@ -152,6 +167,11 @@ impl Reconciler {
 
     /// Recounts every user with a notification or a stored count, in id order, at most
     /// `users_per_second` (0: no limit), calling `progress` after each step with the users done.
+    ///
+    /// A step that fails (a database or Redis error) is recorded in the report's `failed` and the
+    /// walk goes on with the next users. It stops with the error when the state is missing (the
+    /// bootstrap's to rebuild), when the list of users cannot be read, and after
+    /// [`FAILED_STEPS_IN_A_ROW`] failing steps in a row.
     pub async fn reconcile_all(
         &self,
         users_per_second: u32,
@@ -161,13 +181,31 @@ impl Reconciler {
         let started = Instant::now();
         let mut report = ReconcileReport::default();
         let mut after = None;
+        let mut failed_in_a_row = 0;
         loop {
             let step_started = Instant::now();
             let source = source.clone();
             let users = self.db.run(move |conn| source.users_after(conn, after, USERS_PER_STEP)).await?;
             let Some(last) = users.last() else { break };
             after = Some(*last);
-            self.step(&users, &mut report).await?;
+            match self.step(&users, &mut report).await {
+                Ok(()) => failed_in_a_row = 0,
+                // Every further step would repair into a state the bootstrap rebuilds.
+                Err(e @ ReconcileError::Store(StoreError::StateMissing)) => return Err(e),
+                Err(e) => {
+                    failed_in_a_row += 1;
+                    let (first, last) = (users[0], *last);
+                    if failed_in_a_row == FAILED_STEPS_IN_A_ROW {
+                        warn!(error = %e, first, last, failed_steps = report.failed.len() + 1,
+                            "reconcile stopped: {FAILED_STEPS_IN_A_ROW} steps in a row failed");
+                        report.duration_ms = started.elapsed().as_millis() as u64;
+                        log_report(&report, Trigger::Reconcile);
+                        return Err(e);
+                    }
+                    warn!(error = %e, first, last, "reconcile step failed; going on with the next users");
+                    report.failed.push(FailedStep { user_ids: users.clone(), error: e.to_string() });
+                }
+            }
             report.duration_ms = started.elapsed().as_millis() as u64;
             progress(&report);
             if users_per_second > 0 {
@@ -363,6 +401,12 @@ fn log_report(report: &ReconcileReport, trigger: Trigger) {
     }
     if !report.unfinished.is_empty() {
         warn!(users = ?report.unfinished, "reconcile did not finish some users in time; reconcile them again");
+    }
+    for step in &report.failed {
+        let users = step.user_ids.len();
+        let (first, last) = (step.user_ids.first(), step.user_ids.last());
+        warn!(users, first = ?first, last = ?last, error = %step.error,
+            "reconcile could not recount these users; reconcile them again once the cause is fixed");
     }
 }
 

@@ -14,7 +14,7 @@ use countersink::app::AppState;
 use countersink::counts::unread_counts;
 use countersink::events::Event;
 use countersink::flush::WhenBusy;
-use countersink::store::{UserDrift, UserTruth};
+use countersink::store::{StoreError, UserDrift, UserTruth};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -419,4 +419,68 @@ async fn users_left_taken_by_an_older_version_are_recounted() {
     assert_eq!(report.users_checked, 2);
     assert_eq!(state.store.recounts_queued().await.unwrap(), (0, 0));
     assert!(!env.redis_keys().contains(&env.key("recounts_taken")));
+}
+
+/// A legacy Notification table on PostgreSQL whose read state is text, read through a view that
+/// casts it: users 1 to 450, one unread notification each, bootstrapped. A row whose text is not
+/// a boolean then fails the SQL of the step that reads it, and no other.
+async fn text_backed_inbox() -> TestEnv {
+    let mut env = TestEnv::postgres().await;
+    env.sql("CREATE TABLE legacy_inbox (id BIGINT PRIMARY KEY, recipient_id BIGINT NOT NULL, unread TEXT NOT NULL)")
+        .await;
+    env.sql("CREATE VIEW inbox AS SELECT id, recipient_id, CAST(unread AS BOOLEAN) AS unread FROM legacy_inbox").await;
+    env.sql("INSERT INTO legacy_inbox SELECT n, n, 'true' FROM generate_series(1, 450) AS n").await;
+    env.core.source = countersink::source::SourceConfig {
+        source_table: Some("inbox".into()),
+        ..countersink::source::SourceConfig::default()
+    };
+    env.state().reconciler.bootstrap(countersink::bootstrap::Batching::default(), |_| {}).await.unwrap();
+    env
+}
+
+#[tokio::test]
+async fn reconcile_all_goes_on_past_a_failing_step_and_names_its_users() {
+    let env = text_backed_inbox().await;
+    let state = env.state();
+    // User 300's row gets a value the cast refuses; user 450 is marked read behind our back.
+    env.sql("UPDATE legacy_inbox SET unread = 'maybe' WHERE id = 300").await;
+    env.sql("UPDATE legacy_inbox SET unread = 'false' WHERE id = 450").await;
+
+    let report = state.reconciler.reconcile_all(0, |_| {}).await.unwrap();
+    assert_eq!(report.users_checked, 250, "steps 1-200 and 401-450");
+    assert_eq!(report.failed.len(), 1, "{:?}", report.failed);
+    assert_eq!(report.failed[0].user_ids, (201..=400).collect::<Vec<u64>>());
+    assert!(report.failed[0].error.contains("boolean"), "{}", report.failed[0].error);
+    // The step after the failing one was reconciled.
+    assert_eq!(report.drift, vec![UserDrift { user_id: 450, stored: 1, actual: 0 }]);
+    assert_eq!(env.stored_counts().await.get(&450), None);
+
+    // The CLI prints the report, names the users and what to do, and exits non-zero.
+    let cli = std::process::Command::new(env!("CARGO_BIN_EXE_countersink"))
+        .env("COUNTERSINK_REDIS_URL", &env.core.redis_url)
+        .env("COUNTERSINK_REDIS_PREFIX", &env.core.redis_prefix)
+        .env("COUNTERSINK_DATABASE_URL", &env.core.database_url)
+        .env("COUNTERSINK_SOURCE_TABLE", "inbox")
+        .env("COUNTERSINK_LOG", "error")
+        .args(["reconcile", "--all"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&cli.stderr);
+    assert!(!cli.status.success(), "{stderr}");
+    assert!(stderr.contains("200 users could not be reconciled"), "{stderr}");
+    assert!(stderr.contains("201, 202, 203") && stderr.contains("and 180 more"), "{stderr}");
+    assert!(stderr.contains("countersink reconcile --user"), "{stderr}");
+    let printed: serde_json::Value = serde_json::from_slice(&cli.stdout).unwrap();
+    assert_eq!(printed["users_checked"], 250);
+    assert_eq!(printed["failed"][0]["user_ids"].as_array().unwrap().len(), 200);
+
+    // Fixed, the failed users reconcile.
+    env.sql("UPDATE legacy_inbox SET unread = 'false' WHERE id = 300").await;
+    let report = state.reconciler.reconcile_users(&(201..=400).collect::<Vec<u64>>()).await.unwrap();
+    assert_eq!(report.drift, vec![UserDrift { user_id: 300, stored: 1, actual: 0 }]);
+
+    // A lost state still stops the whole run: rebuilding it is the bootstrap's job.
+    state.store.drop_ready_marker().await.unwrap();
+    let error = state.reconciler.reconcile_all(0, |_| {}).await.unwrap_err();
+    assert!(matches!(error, countersink::reconcile::ReconcileError::Store(StoreError::StateMissing)), "{error}");
 }
