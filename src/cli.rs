@@ -312,11 +312,41 @@ async fn run_reconcile(core: &CoreConfig, args: ReconcileArgs) -> anyhow::Result
                     );
                 }
             })
-            .await?
+            .await
+            .context("reconcile --all stopped (the users reconciled before stay repaired; run it again once the cause is fixed)")?
     } else {
         state.reconciler.reconcile_users(&args.users.users).await?
     };
-    print_line(&serde_json::to_string_pretty(&report)?)
+    print_line(&serde_json::to_string_pretty(&report)?)?;
+    match failed_users_message(&report) {
+        Some(message) => Err(anyhow::Error::msg(message)),
+        None => Ok(()),
+    }
+}
+
+/// Users named in a failure message at most; the report printed above lists every one.
+const FAILED_USERS_NAMED: usize = 20;
+
+/// What `countersink reconcile --all` says when some steps failed: which users, why, what to do.
+fn failed_users_message(report: &crate::reconcile::ReconcileReport) -> Option<String> {
+    let first = report.failed.first()?;
+    let users: Vec<u64> = report.failed.iter().flat_map(|step| step.user_ids.iter().copied()).collect();
+    let mut named = users.iter().take(FAILED_USERS_NAMED).map(u64::to_string).collect::<Vec<_>>().join(", ");
+    if users.len() > FAILED_USERS_NAMED {
+        named.push_str(&format!(
+            " and {} more (every one under \"failed\" in the report)",
+            users.len() - FAILED_USERS_NAMED
+        ));
+    }
+    Some(format!(
+        "{} users could not be reconciled ({} failed {}; the first: {}): {named}. \
+         The other users were reconciled. Fix the cause, then reconcile these again \
+         (`countersink reconcile --user ID ...`, or `--all`)",
+        users.len(),
+        report.failed.len(),
+        if report.failed.len() == 1 { "step" } else { "steps" },
+        first.error
+    ))
 }
 
 /// `command` with the environment binding of every argument whose variable is set but empty

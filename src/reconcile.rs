@@ -24,7 +24,7 @@ use crate::crash_point;
 use crate::db::{queries, Db, DbError};
 use crate::flush::{FlushError, Flusher, WhenBusy};
 use crate::source::Source;
-use crate::store::{Lease, Store, StoreError, UserDrift, UserTruth};
+use crate::store::{Lease, RecountClaim, Store, StoreError, UserDrift, UserTruth};
 
 /// Users recounted per step: bounds the memory of one read and the time the flush lease is held.
 pub const USERS_PER_STEP: usize = 200;
@@ -35,6 +35,18 @@ const FENCE: Duration = Duration::from_secs(60);
 const GRACE: Duration = Duration::from_secs(120);
 /// How long a reconcile waits for a running flush.
 const LOCK_WAIT: Duration = Duration::from_secs(60);
+/// Failing steps in a row after which `reconcile_all` stops: by then a dependency is down, not
+/// one step's users at fault, and every further step would fail the same way.
+const FAILED_STEPS_IN_A_ROW: usize = 5;
+/// Users one recount worker claims at a time: five steps, the most a worker that dies leaves for
+/// the others to redo.
+const RECOUNTS_PER_CLAIM: usize = 5 * USERS_PER_STEP;
+/// How long a worker's claim on queued recounts lasts unless renewed: how long the users of a
+/// worker that died (or stopped mid-recount) wait before another worker claims them.
+pub const RECOUNT_CLAIM_TTL: Duration = Duration::from_secs(10);
+/// How often a worker renews its claim while it recounts (or waits for the flush lease): three
+/// chances before the claim lapses.
+const RECOUNT_CLAIM_RENEWAL: Duration = Duration::from_secs(3);
 
 /// A reconcile failure.
 #[derive(Debug, thiserror::Error)]
@@ -62,8 +74,20 @@ pub struct ReconcileReport {
     pub drift: Vec<UserDrift>,
     /// Users whose fence expired before their repair (too slow a step); reconcile them again.
     pub unfinished: Vec<u64>,
+    /// Steps that failed (only a reconcile of every user goes on past one; any other answers the
+    /// error instead): their users were not reconciled. Reconcile them again once the cause is fixed.
+    pub failed: Vec<FailedStep>,
     /// Wall time in milliseconds.
     pub duration_ms: u64,
+}
+
+/// One step of a reconcile of every user that failed as a unit.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
+pub struct FailedStep {
+    /// The step's users (up to 200, in id order), none of them reconciled.
+    pub user_ids: Vec<u64>,
+    /// What failed: the database or Redis error.
+    pub error: String,
 }
 
 /// Why users are recounted: it decides whether a difference found is drift.
@@ -144,6 +168,11 @@ impl Reconciler {
 
     /// Recounts every user with a notification or a stored count, in id order, at most
     /// `users_per_second` (0: no limit), calling `progress` after each step with the users done.
+    ///
+    /// A step that fails (a database or Redis error) is recorded in the report's `failed` and the
+    /// walk goes on with the next users. It stops with the error when the state is missing (the
+    /// bootstrap's to rebuild), when the list of users cannot be read, and after
+    /// [`FAILED_STEPS_IN_A_ROW`] failing steps in a row.
     pub async fn reconcile_all(
         &self,
         users_per_second: u32,
@@ -153,13 +182,31 @@ impl Reconciler {
         let started = Instant::now();
         let mut report = ReconcileReport::default();
         let mut after = None;
+        let mut failed_in_a_row = 0;
         loop {
             let step_started = Instant::now();
             let source = source.clone();
             let users = self.db.run(move |conn| source.users_after(conn, after, USERS_PER_STEP)).await?;
             let Some(last) = users.last() else { break };
             after = Some(*last);
-            self.step(&users, &mut report).await?;
+            match self.step(&users, &mut report).await {
+                Ok(()) => failed_in_a_row = 0,
+                // Every further step would repair into a state the bootstrap rebuilds.
+                Err(e @ ReconcileError::Store(StoreError::StateMissing)) => return Err(e),
+                Err(e) => {
+                    failed_in_a_row += 1;
+                    let (first, last) = (users[0], *last);
+                    if failed_in_a_row == FAILED_STEPS_IN_A_ROW {
+                        warn!(error = %e, first, last, failed_steps = report.failed.len() + 1,
+                            "reconcile stopped: {FAILED_STEPS_IN_A_ROW} steps in a row failed");
+                        report.duration_ms = started.elapsed().as_millis() as u64;
+                        log_report(&report, Trigger::Reconcile);
+                        return Err(e);
+                    }
+                    warn!(error = %e, first, last, "reconcile step failed; going on with the next users");
+                    report.failed.push(FailedStep { user_ids: users.clone(), error: e.to_string() });
+                }
+            }
             report.duration_ms = started.elapsed().as_millis() as u64;
             progress(&report);
             if users_per_second > 0 {
@@ -193,33 +240,75 @@ impl Reconciler {
     }
 
     /// Runs queued recounts until the process stops: at once when this process queued some,
-    /// and every `interval` for those queued by other processes.
+    /// and every `interval` for those queued by other processes (or left by a worker that died),
+    /// until none is waiting. Any number of processes may run one.
     pub async fn run_recount_worker(self, interval: Duration) {
         loop {
             tokio::select! {
                 _ = self.recounts_queued.notified() => {}
                 _ = tokio::time::sleep(interval) => {}
             }
-            if let Err(e) = self.run_queued_recounts().await {
-                // The taken users stay taken and are retried on the next round.
-                warn!(error = %e, "queued recounts failed; retrying");
-                tokio::time::sleep(interval).await;
+            loop {
+                match self.run_queued_recounts().await {
+                    Ok(Some(_)) => {}
+                    Ok(None) => break,
+                    Err(e) => {
+                        // The claimed users are waiting again (or will be, once the claim lapses).
+                        warn!(error = %e, "queued recounts failed; retrying");
+                        tokio::time::sleep(interval).await;
+                        break;
+                    }
+                }
             }
         }
     }
 
-    /// Recounts the users queued by `recount` events, if any. Users stay queued until their
-    /// recount succeeds, so a failure or a crash only delays them.
+    /// Claims up to [`RECOUNTS_PER_CLAIM`] users queued by `recount` events and recounts them;
+    /// `None` when nobody was waiting. The claim is this worker's own and renewed while it works:
+    /// users stay queued until their recount succeeds, whatever happens to any worker. Users the
+    /// recount could not finish wait again; after a failure all of them do. A worker that dies
+    /// stops renewing, and its users are claimed again [`RECOUNT_CLAIM_TTL`] later.
     pub async fn run_queued_recounts(&self) -> Result<Option<ReconcileReport>, ReconcileError> {
-        let users = self.store.take_recounts().await?;
-        if users.is_empty() {
+        let claim = self.store.take_recounts(RECOUNTS_PER_CLAIM, RECOUNT_CLAIM_TTL).await?;
+        if claim.users.is_empty() {
             return Ok(None);
         }
-        let report = self.recount(&users, Trigger::Recount).await?;
-        // Users whose fence expired go back in the queue before the taken set is dropped.
-        self.store.queue_recounts(&report.unfinished).await?;
-        self.store.recounts_done().await?;
-        Ok(Some(report))
+        match self.renewing(&claim, self.recount(&claim.users, Trigger::Recount)).await {
+            Ok(report) => {
+                self.store.recounts_done(&claim, &report.unfinished).await?;
+                Ok(Some(report))
+            }
+            Err(e) => {
+                // Given back at once; if Redis is what failed, the claim lapses instead.
+                if let Err(release) = self.store.recounts_done(&claim, &claim.users).await {
+                    warn!(error = %release, users = claim.users.len(),
+                        "could not give back the claimed recounts; they are retried once the claim lapses");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Runs `work`, renewing `claim` every [`RECOUNT_CLAIM_RENEWAL`] until it is done.
+    async fn renewing<T>(&self, claim: &RecountClaim, work: impl std::future::Future<Output = T>) -> T {
+        let mut renewal = tokio::time::interval(RECOUNT_CLAIM_RENEWAL);
+        renewal.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // The first tick is at once: the claim was just taken.
+        renewal.tick().await;
+        tokio::pin!(work);
+        loop {
+            tokio::select! {
+                done = &mut work => return done,
+                _ = renewal.tick() => match self.store.renew_recounts(claim, RECOUNT_CLAIM_TTL).await {
+                    Ok(held) if held < claim.users.len() as u64 => {
+                        // Lapsed and claimed by another worker: recounted twice, which is harmless.
+                        warn!(lapsed = claim.users.len() as u64 - held, "some claimed recounts lapsed before they were done");
+                    }
+                    Ok(_) => {}
+                    Err(e) => warn!(error = %e, "could not renew the claim on queued recounts; it is retried"),
+                },
+            }
+        }
     }
 
     /// Reconciles one step of users under the flush lease, then flushes.
@@ -321,6 +410,12 @@ fn log_report(report: &ReconcileReport, trigger: Trigger) {
     }
     if !report.unfinished.is_empty() {
         warn!(users = ?report.unfinished, "reconcile did not finish some users in time; reconcile them again");
+    }
+    for step in &report.failed {
+        let users = step.user_ids.len();
+        let (first, last) = (step.user_ids.first(), step.user_ids.last());
+        warn!(users, first = ?first, last = ?last, error = %step.error,
+            "reconcile could not recount these users; reconcile them again once the cause is fixed");
     }
 }
 

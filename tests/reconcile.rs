@@ -14,7 +14,7 @@ use countersink::app::AppState;
 use countersink::counts::unread_counts;
 use countersink::events::Event;
 use countersink::flush::WhenBusy;
-use countersink::store::{Acquired, UserDrift, UserTruth};
+use countersink::store::{Acquired, StoreError, UserDrift, UserTruth};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -329,4 +329,192 @@ async fn a_save_after_a_delete_queues_its_user_for_a_recount() {
     let counts = unread_counts(&state.store, &state.db, &[50, 51]).await.unwrap();
     assert_eq!(counts.iter().map(|c| c.unread_count).collect::<Vec<_>>(), vec![1, 0]);
     assert_eq!(env.stored_counts().await, env.true_counts().await);
+}
+
+/// Users `users`, each with one unread notification (id = user id) whose creation event was lost:
+/// a recount finds each count 0 and makes it 1.
+async fn lost_creations(env: &TestEnv, state: &AppState, users: std::ops::RangeInclusive<u64>) {
+    for user in users {
+        create(env, state, user, user, true, true).await;
+    }
+}
+
+/// Runs queued recounts (as a worker of its own process would) until `users` were all
+/// recounted or `limit` passes; the users recounted, sorted.
+async fn recount_until(state: &AppState, users: &[u64], limit: Duration) -> Vec<u64> {
+    let deadline = std::time::Instant::now() + limit;
+    let mut recounted = Vec::new();
+    while std::time::Instant::now() < deadline && !users.iter().all(|u| recounted.contains(u)) {
+        match state.reconciler.run_queued_recounts().await.unwrap() {
+            Some(report) => recounted.extend(report.drift.iter().map(|d| d.user_id)),
+            None => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+    recounted.sort_unstable();
+    recounted
+}
+
+/// A short claim, for the workers these tests kill: it lapses within the test.
+const SHORT_CLAIM: Duration = Duration::from_secs(1);
+
+#[tokio::test]
+async fn users_queued_after_a_worker_died_are_recounted_at_once_and_its_own_once_its_claim_lapses() {
+    let env = TestEnv::sqlite_with_source().await;
+    let state = env.state();
+    lost_creations(&env, &state, 1..=4).await;
+    state.store.queue_recounts(&[1, 2]).await.unwrap();
+    // Worker 1 claims users 1 and 2, then dies waiting for the flush lock: it never renews its
+    // claim nor ends it.
+    let mut dead = state.store.take_recounts(100, SHORT_CLAIM).await.unwrap().users;
+    dead.sort_unstable();
+    assert_eq!(dead, [1, 2]);
+    state.store.queue_recounts(&[3, 4]).await.unwrap();
+    assert_eq!(state.store.recounts_queued().await.unwrap(), (2, 2));
+
+    // Worker 2, another process, recounts the users asked for since at once: they do not wait
+    // behind a worker that died.
+    let other = env.state();
+    let first = other.reconciler.run_queued_recounts().await.unwrap().unwrap();
+    let mut first_users: Vec<u64> = first.drift.iter().map(|d| d.user_id).collect();
+    first_users.sort_unstable();
+    assert_eq!(first_users, [3, 4], "the users queued after the dead worker's claim come first");
+    assert_eq!(other.store.recounts_queued().await.unwrap(), (0, 2), "the dead worker's claim is still running");
+
+    // Once its claim lapses, worker 2 claims and recounts its users too.
+    assert_eq!(recount_until(&other, &[1, 2], SHORT_CLAIM + Duration::from_secs(3)).await, [1, 2]);
+    assert_eq!(other.store.recounts_queued().await.unwrap(), (0, 0));
+    let counts = unread_counts(&other.store, &other.db, &[1, 2, 3, 4]).await.unwrap();
+    assert!(counts.iter().all(|c| c.unread_count == 1), "{counts:?}");
+}
+
+#[tokio::test]
+async fn one_workers_done_never_drops_another_workers_claim() {
+    let env = TestEnv::sqlite_with_source().await;
+    let state = env.state();
+    lost_creations(&env, &state, 1..=3).await;
+    state.store.queue_recounts(&[1, 2]).await.unwrap();
+    // Worker 1 claims users 1 and 2 and waits for the flush lock (a long flush elsewhere).
+    let slow = state.store.take_recounts(100, Duration::from_secs(60)).await.unwrap();
+    // Worker 2 finds nothing else to do meanwhile.
+    let second = env.state();
+    assert_eq!(second.reconciler.run_queued_recounts().await.unwrap(), None, "users 1 and 2 are worker 1's");
+    // User 3 is asked for; worker 3 claims it and waits for the flush lock too.
+    state.store.queue_recounts(&[3]).await.unwrap();
+    let third = state.store.take_recounts(100, SHORT_CLAIM).await.unwrap();
+    assert_eq!(third.users, [3]);
+    // Worker 1 is done; then worker 3 dies before its recount.
+    state.store.recounts_done(&slow, &[]).await.unwrap();
+    assert_eq!(state.store.recounts_queued().await.unwrap(), (0, 1), "worker 3's claim is still held");
+
+    // User 3 was not lost: worker 2 recounts it once worker 3's claim lapses.
+    assert_eq!(recount_until(&second, &[3], SHORT_CLAIM + Duration::from_secs(3)).await, [3]);
+    assert_eq!(unread_counts(&second.store, &second.db, &[3]).await.unwrap()[0].unread_count, 1);
+    assert_eq!(second.store.recounts_queued().await.unwrap(), (0, 0));
+}
+
+#[tokio::test]
+async fn a_renewed_claim_is_kept_and_a_lapsed_one_goes_to_the_worker_that_claimed_it_again() {
+    let env = TestEnv::sqlite_with_source().await;
+    let store = env.state().store;
+    store.queue_recounts(&[1, 2]).await.unwrap();
+    let kept = store.take_recounts(100, Duration::from_millis(300)).await.unwrap();
+    assert_eq!(store.renew_recounts(&kept, Duration::from_secs(60)).await.unwrap(), 2);
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert!(store.take_recounts(100, SHORT_CLAIM).await.unwrap().users.is_empty(), "renewed: still worker 1's");
+    store.recounts_done(&kept, &[]).await.unwrap();
+
+    store.queue_recounts(&[5]).await.unwrap();
+    let lapsed = store.take_recounts(100, Duration::from_millis(100)).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let again = store.take_recounts(100, Duration::from_secs(60)).await.unwrap();
+    assert_eq!(again.users, [5]);
+    // The first worker wakes up: its renewal and its done leave the new claim alone.
+    assert_eq!(store.renew_recounts(&lapsed, Duration::from_secs(60)).await.unwrap(), 0);
+    store.recounts_done(&lapsed, &[]).await.unwrap();
+    assert_eq!(store.recounts_queued().await.unwrap(), (0, 1));
+    // What a recount could not finish waits again.
+    store.recounts_done(&again, &[5]).await.unwrap();
+    assert_eq!(store.recounts_queued().await.unwrap(), (1, 0));
+}
+
+#[tokio::test]
+async fn users_left_taken_by_an_older_version_are_recounted() {
+    let env = TestEnv::sqlite_with_source().await;
+    let state = env.state();
+    lost_creations(&env, &state, 7..=8).await;
+    let _: () = redis::Commands::sadd(&mut env.redis(), env.key("recounts_taken"), &[7, 8]).unwrap();
+    assert_eq!(state.store.recounts_queued().await.unwrap(), (2, 0));
+    let report = state.reconciler.run_queued_recounts().await.unwrap().unwrap();
+    assert_eq!(report.users_checked, 2);
+    assert_eq!(state.store.recounts_queued().await.unwrap(), (0, 0));
+    assert!(!env.redis_keys().contains(&env.key("recounts_taken")));
+}
+
+/// A legacy Notification table on PostgreSQL whose read state is text, read through a view that
+/// casts it: users 1 to 450, one unread notification each, bootstrapped. A row whose text is not
+/// a boolean then fails the SQL of the step that reads it, and no other.
+async fn text_backed_inbox() -> TestEnv {
+    let mut env = TestEnv::postgres().await;
+    env.sql("CREATE TABLE legacy_inbox (id BIGINT PRIMARY KEY, recipient_id BIGINT NOT NULL, unread TEXT NOT NULL)")
+        .await;
+    env.sql("CREATE VIEW inbox AS SELECT id, recipient_id, CAST(unread AS BOOLEAN) AS unread FROM legacy_inbox").await;
+    env.sql("INSERT INTO legacy_inbox SELECT n, n, 'true' FROM generate_series(1, 450) AS n").await;
+    env.core.source = countersink::source::SourceConfig {
+        source_table: Some("inbox".into()),
+        ..countersink::source::SourceConfig::default()
+    };
+    env.state()
+        .reconciler
+        .bootstrap(countersink::bootstrap::Batching::default(), countersink::bootstrap::Rebuild::Always, |_| {})
+        .await
+        .unwrap();
+    env
+}
+
+#[tokio::test]
+async fn reconcile_all_goes_on_past_a_failing_step_and_names_its_users() {
+    let env = text_backed_inbox().await;
+    let state = env.state();
+    // User 300's row gets a value the cast refuses; user 450 is marked read behind our back.
+    env.sql("UPDATE legacy_inbox SET unread = 'maybe' WHERE id = 300").await;
+    env.sql("UPDATE legacy_inbox SET unread = 'false' WHERE id = 450").await;
+
+    let report = state.reconciler.reconcile_all(0, |_| {}).await.unwrap();
+    assert_eq!(report.users_checked, 250, "steps 1-200 and 401-450");
+    assert_eq!(report.failed.len(), 1, "{:?}", report.failed);
+    assert_eq!(report.failed[0].user_ids, (201..=400).collect::<Vec<u64>>());
+    assert!(report.failed[0].error.contains("boolean"), "{}", report.failed[0].error);
+    // The step after the failing one was reconciled.
+    assert_eq!(report.drift, vec![UserDrift { user_id: 450, stored: 1, actual: 0 }]);
+    assert_eq!(env.stored_counts().await.get(&450), None);
+
+    // The CLI prints the report, names the users and what to do, and exits non-zero.
+    let cli = std::process::Command::new(env!("CARGO_BIN_EXE_countersink"))
+        .env("COUNTERSINK_REDIS_URL", &env.core.redis_url)
+        .env("COUNTERSINK_REDIS_PREFIX", &env.core.redis_prefix)
+        .env("COUNTERSINK_DATABASE_URL", &env.core.database_url)
+        .env("COUNTERSINK_SOURCE_TABLE", "inbox")
+        .env("COUNTERSINK_LOG", "error")
+        .args(["reconcile", "--all"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&cli.stderr);
+    assert!(!cli.status.success(), "{stderr}");
+    assert!(stderr.contains("200 users could not be reconciled"), "{stderr}");
+    assert!(stderr.contains("201, 202, 203") && stderr.contains("and 180 more"), "{stderr}");
+    assert!(stderr.contains("countersink reconcile --user"), "{stderr}");
+    let printed: serde_json::Value = serde_json::from_slice(&cli.stdout).unwrap();
+    assert_eq!(printed["users_checked"], 250);
+    assert_eq!(printed["failed"][0]["user_ids"].as_array().unwrap().len(), 200);
+
+    // Fixed, the failed users reconcile.
+    env.sql("UPDATE legacy_inbox SET unread = 'false' WHERE id = 300").await;
+    let report = state.reconciler.reconcile_users(&(201..=400).collect::<Vec<u64>>()).await.unwrap();
+    assert_eq!(report.drift, vec![UserDrift { user_id: 300, stored: 1, actual: 0 }]);
+
+    // A lost state still stops the whole run: rebuilding it is the bootstrap's job.
+    let mut redis = env.redis();
+    let _: () = redis::Commands::del(&mut redis, env.key("ready")).unwrap();
+    let error = state.reconciler.reconcile_all(0, |_| {}).await.unwrap_err();
+    assert!(matches!(error, countersink::reconcile::ReconcileError::Store(StoreError::StateMissing)), "{error}");
 }

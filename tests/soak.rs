@@ -150,8 +150,8 @@ async fn steady_load_with_periodic_faults_ends_with_zero_wrong_users() {
     let mut redis_conn = redis::Client::open(redis.url()).unwrap().get_connection().unwrap();
     let queued = |conn: &mut redis::Connection| -> i64 {
         let recounts: i64 = redis::cmd("SCARD").arg(env.key("recounts")).query(conn).unwrap_or(1);
-        let taken: i64 = redis::cmd("EXISTS").arg(env.key("recounts_taken")).query(conn).unwrap_or(1);
-        recounts + taken
+        let claimed: i64 = redis::cmd("ZCARD").arg(env.key("recount_claims")).query(conn).unwrap_or(1);
+        recounts + claimed
     };
     let deadline = Instant::now() + Duration::from_secs(60);
     while queued(&mut redis_conn) > 0 {

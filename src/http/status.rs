@@ -35,7 +35,9 @@ pub struct Status {
     pub open_batches: usize,
     /// Users waiting for a recount asked by `recount` events.
     pub recounts_waiting: u64,
-    /// Users being recounted right now.
+    /// Users claimed by a recount worker and not yet done. A worker that died holds its users
+    /// until its claim lapses (10 s), then another recounts them; both fields are 0 only once
+    /// every queued recount is done.
     pub recounts_running: u64,
     /// The last batch written to the database.
     pub last_flush: Option<BatchRecord>,

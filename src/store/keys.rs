@@ -109,7 +109,14 @@ impl Keys {
         format!("{}:recounts", self.tag)
     }
 
-    /// Users taken for a recount by a worker, not yet done.
+    /// Workers' claims on users they are recounting: member = `"<claim id>:<user id>"`, score =
+    /// the claim's deadline (ms, Redis time), renewed while the worker works.
+    pub fn recount_claims(&self) -> String {
+        format!("{}:recount_claims", self.tag)
+    }
+
+    /// The users taken for a recount by versions before claims (one set shared by every worker);
+    /// a take re-queues and deletes it.
     pub fn recounts_taken(&self) -> String {
         format!("{}:recounts_taken", self.tag)
     }

@@ -157,6 +157,7 @@ struct Scripts {
     reconcile_begin: Script,
     reconcile_finish: Script,
     take_recounts: Script,
+    renew_recounts: Script,
     handoff: Script,
     drop_batch: Script,
     read_batches: Script,
@@ -182,6 +183,7 @@ fn scripts() -> &'static Scripts {
             include_str!("reconcile_finish.lua")
         )),
         take_recounts: Script::new(include_str!("take_recounts.lua")),
+        renew_recounts: Script::new(include_str!("renew_recounts.lua")),
         handoff: Script::new(concat!(include_str!("lease.lua"), include_str!("handoff.lua"))),
         drop_batch: Script::new(concat!(include_str!("lease.lua"), include_str!("drop_batch.lua"))),
         read_batches: Script::new(include_str!("read_batches.lua")),
@@ -662,33 +664,87 @@ impl Store {
         Ok(())
     }
 
-    /// Takes the users waiting for a recount; asks made from now on wait for the next take.
-    /// Users taken but not yet [`Store::recounts_done`] (a worker died) are taken again.
-    pub async fn take_recounts(&self) -> Result<Vec<u64>, StoreError> {
+    /// Claims up to `limit` users waiting for a recount for `ttl`, for one worker: renew the
+    /// claim while recounting ([`Store::renew_recounts`]) and end it with
+    /// [`Store::recounts_done`]. Claims whose worker let them lapse (it died) are waiting again
+    /// first, so this take or a later one claims them again.
+    pub async fn take_recounts(&self, limit: usize, ttl: Duration) -> Result<RecountClaim, StoreError> {
+        let id = format!("{:032x}", rand::random::<u128>());
         let mut conn = self.conn.clone();
         let users: Vec<u64> = self
             .scripts
             .take_recounts
             .key(self.keys.recounts())
+            .key(self.keys.recount_claims())
             .key(self.keys.recounts_taken())
+            .arg(&id)
+            .arg(limit.max(1))
+            .arg(ttl.as_millis() as u64)
             .invoke_async(&mut conn)
             .await?;
-        Ok(users)
+        Ok(RecountClaim { id, users })
     }
 
-    /// Marks the taken recounts as done.
-    pub async fn recounts_done(&self) -> Result<(), StoreError> {
+    /// Extends `claim` by `ttl` from now; returns how many of its users it still holds (fewer when
+    /// some lapsed and were given back to waiting: they are recounted again, which is harmless).
+    pub async fn renew_recounts(&self, claim: &RecountClaim, ttl: Duration) -> Result<u64, StoreError> {
+        let mut invocation = self.scripts.renew_recounts.prepare_invoke();
+        invocation.key(self.keys.recount_claims()).arg(ttl.as_millis() as u64);
+        for member in claim.members() {
+            invocation.arg(member);
+        }
         let mut conn = self.conn.clone();
-        let _: i64 = conn.del(self.keys.recounts_taken()).await?;
+        Ok(invocation.invoke_async(&mut conn).await?)
+    }
+
+    /// Ends `claim`: its users are done, except those of `requeue`, which wait again (a recount
+    /// that could not finish them). Only this claim's entries go; another worker's claim on the
+    /// same users stays. One `MULTI`/`EXEC`, so no user is both dropped and not re-queued.
+    pub async fn recounts_done(&self, claim: &RecountClaim, requeue: &[u64]) -> Result<(), StoreError> {
+        if claim.users.is_empty() && requeue.is_empty() {
+            return Ok(());
+        }
+        let mut transaction = redis::pipe();
+        transaction.atomic();
+        if !claim.users.is_empty() {
+            transaction.zrem(self.keys.recount_claims(), claim.members()).ignore();
+        }
+        if !requeue.is_empty() {
+            transaction.sadd(self.keys.recounts(), requeue).ignore();
+        }
+        let mut conn = self.conn.clone();
+        let _: () = transaction.query_async(&mut conn).await?;
         Ok(())
     }
 
-    /// Users waiting for a recount, and users taken by a worker and not yet done.
+    /// Users waiting for a recount (those left taken by an older version included: the next take
+    /// re-queues them), and claims held by workers and not yet done (a lapsed claim counts until a
+    /// take gives it back; a user claimed by two workers counts twice).
     pub async fn recounts_queued(&self) -> Result<(u64, u64), StoreError> {
         let mut conn = self.conn.clone();
-        let (waiting, running): (u64, u64) =
-            redis::pipe().scard(self.keys.recounts()).scard(self.keys.recounts_taken()).query_async(&mut conn).await?;
-        Ok((waiting, running))
+        let (waiting, taken, claimed): (u64, u64, u64) = redis::pipe()
+            .scard(self.keys.recounts())
+            .scard(self.keys.recounts_taken())
+            .zcard(self.keys.recount_claims())
+            .query_async(&mut conn)
+            .await?;
+        Ok((waiting + taken, claimed))
+    }
+}
+
+/// One worker's claim on users waiting for a recount (see [`Store::take_recounts`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecountClaim {
+    /// Names this take's claims, so that its worker renews and ends only its own.
+    pub id: String,
+    /// The users claimed (none when nobody was waiting).
+    pub users: Vec<u64>,
+}
+
+impl RecountClaim {
+    /// The claims' members in [`Keys::recount_claims`].
+    fn members(&self) -> Vec<String> {
+        self.users.iter().map(|user| format!("{}:{user}", self.id)).collect()
     }
 }
 
