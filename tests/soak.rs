@@ -19,6 +19,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use rand::{Rng, SeedableRng};
+
 use common::proxy::Proxy;
 use common::sidecar::{admin_post, post_until_accepted, Sidecar, SidecarOptions};
 use common::world::{wrong_users, World};
@@ -207,4 +209,176 @@ async fn steady_load_with_periodic_faults_ends_with_zero_wrong_users() {
 
 async fn admin_flush(base: String) -> Option<(u16, serde_json::Value)> {
     admin_post(&reqwest::Client::new(), &base, "/v1/flush", serde_json::Value::Null, Duration::from_secs(30)).await
+}
+
+/// Sends one request to whichever of `bases` answers, trying them in turn with the same
+/// `webhook-id` (the idempotency record is in the shared Redis), as a load balancer in front of
+/// several sidecars would; whether it was accepted within `limit`.
+async fn post_to_any(
+    client: &reqwest::Client,
+    bases: &[String],
+    events: &[serde_json::Value],
+    limit: Duration,
+) -> bool {
+    let webhook_id = common::sidecar::new_webhook_id();
+    let deadline = Instant::now() + limit;
+    let mut attempt = rand::random_range(0..bases.len());
+    while Instant::now() < deadline {
+        let base = &bases[attempt % bases.len()];
+        let sent = tokio::time::timeout(
+            Duration::from_secs(2),
+            common::sidecar::post_signed(client, base, &webhook_id, events),
+        )
+        .await;
+        match sent {
+            Ok(Some((200, _))) => return true,
+            Ok(Some((status, body))) if status != 503 => panic!("events refused: {status} {body}"),
+            _ => attempt += 1,
+        }
+    }
+    false
+}
+
+/// Two sidecar processes over one Redis and one database, both flushing every second with a
+/// 3 s lease and recounting what the site's bulk updates ask for, while either is SIGKILLed
+/// (and restarted) or SIGSTOPped for up to 6 s at random: a holder that stalls past its lease
+/// must not corrupt anything, a dead one must not block the other, and no queued recount may be
+/// lost. At the end: 0 users wrong, stored or read, and nothing left queued.
+/// `COUNTERSINK_SOAK_SECS` sets the load time here too (default 30).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_processes_under_random_sigkill_and_sigstop_end_with_zero_wrong_users() {
+    let secs: u64 = std::env::var("COUNTERSINK_SOAK_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(30);
+    let seed: u64 =
+        std::env::var("COUNTERSINK_SOAK_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(rand::random);
+    println!("soak (two processes): {secs} s of load, seed {seed} (COUNTERSINK_SOAK_SEED replays it)");
+    let env = Arc::new(TestEnv::postgres_with_source().await);
+    let options = |port| SidecarOptions {
+        port: Some(port),
+        serve_args: vec!["--flush-lock-ttl-secs".into(), "3".into()],
+        ..SidecarOptions::default()
+    };
+    let ports = [free_port(), free_port()];
+    let mut sidecars =
+        vec![Sidecar::start(&env, options(ports[0])).await, Sidecar::start(&env, options(ports[1])).await];
+    let bases: Vec<String> = sidecars.iter().map(|s| s.base.clone()).collect();
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let (events_sent, recounts_sent) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let mut workers = Vec::new();
+    for worker in 0..WORKERS {
+        let (env, stop, bases) = (env.clone(), stop.clone(), bases.clone());
+        let (events_sent, recounts_sent) = (events_sent.clone(), recounts_sent.clone());
+        workers.push(tokio::spawn(async move {
+            let site = env.state();
+            let client = reqwest::Client::new();
+            let first_id = 1 + worker * 1_000_000_000;
+            let mut world = World::new(seed.wrapping_add(worker), USERS, first_id);
+            let mut rng = rand::rngs::StdRng::seed_from_u64(seed.wrapping_add(100 + worker));
+            while !stop.load(Ordering::Relaxed) {
+                let events = world.write(&site.db, OPERATIONS_PER_REQUEST).await;
+                assert!(
+                    post_to_any(&client, &bases, &events, Duration::from_secs(120)).await,
+                    "worker {worker}: events not accepted within 120 s"
+                );
+                events_sent.fetch_add(events.len() as u64, Ordering::Relaxed);
+                if rng.random_bool(0.2) {
+                    // A bulk "mark all read" of this worker's notifications of one user, which
+                    // sends no signal: only the recount that follows it makes the count right.
+                    let user = rng.random_range(1..=USERS);
+                    env.sql(&format!(
+                        "UPDATE notifications_notification SET unread = FALSE \
+                         WHERE recipient_id = {user} AND id >= {first_id} AND id < {}",
+                        first_id + 1_000_000_000
+                    ))
+                    .await;
+                    let recount = [serde_json::json!({"kind": "recount", "user_id": user})];
+                    assert!(post_to_any(&client, &bases, &recount, Duration::from_secs(120)).await);
+                    recounts_sent.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            world
+        }));
+    }
+
+    let started = Instant::now();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut faults: Vec<String> = Vec::new();
+    while started.elapsed() < Duration::from_secs(secs) {
+        tokio::time::sleep(Duration::from_millis(rng.random_range(1_000..3_000))).await;
+        let which = rng.random_range(0..2);
+        if rng.random_bool(0.5) {
+            sidecars.remove(which).kill();
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            sidecars.insert(which, Sidecar::start(&env, options(ports[which])).await);
+            faults.push(format!("SIGKILL {which}"));
+        } else {
+            let pause = Duration::from_millis(rng.random_range(500..6_000));
+            sidecars[which].signal("STOP");
+            tokio::time::sleep(pause).await;
+            sidecars[which].signal("CONT");
+            faults.push(format!("SIGSTOP {which} for {:.1} s", pause.as_secs_f64()));
+        }
+        println!("soak (two processes): {:>5.1} s  {}", started.elapsed().as_secs_f64(), faults.last().unwrap());
+    }
+    stop.store(true, Ordering::Relaxed);
+    let mut worlds = Vec::new();
+    for worker in workers {
+        worlds.push(worker.await.unwrap());
+    }
+
+    // Every recount asked for runs, whichever process took it and whatever happened to it.
+    let mut redis_conn = env.redis();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let waiting: i64 = redis::cmd("SCARD").arg(env.key("recounts")).query(&mut redis_conn).unwrap();
+        let claimed: i64 = redis::cmd("ZCARD").arg(env.key("recount_claims")).query(&mut redis_conn).unwrap();
+        if waiting + claimed == 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{waiting} recounts waiting, {claimed} claimed, 60 s after the load");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let report = loop {
+        match admin_flush(bases[0].clone()).await {
+            Some((200, report)) => break report,
+            other => {
+                assert!(
+                    Instant::now() < deadline,
+                    "the final flush kept failing: {other:?}\n{}",
+                    sidecars[0].stderr_text()
+                );
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    };
+    let truth = env.true_counts().await;
+    let stored = env.stored_counts().await;
+    let users: Vec<u64> = (1..=USERS).collect();
+    let wrong = wrong_users(&users, &stored, &truth);
+    let read: HashMap<u64, i64> = sidecars[1].read_counts(&users).await.into_iter().collect();
+    let read_wrong = wrong_users(&users, &read, &truth);
+    println!(
+        "soak (two processes): {secs} s, {} events and {} recounts from {WORKERS} workers, {} faults, final flush {report}",
+        events_sent.load(Ordering::Relaxed),
+        recounts_sent.load(Ordering::Relaxed),
+        faults.len()
+    );
+    println!(
+        "soak (two processes): {} users checked, {} unread in all; wrong users: {} stored, {} read; 0 recounts left",
+        users.len(),
+        truth.values().sum::<i64>(),
+        wrong.len(),
+        read_wrong.len()
+    );
+    for (user, stored, truth) in wrong.iter().take(5) {
+        println!("soak: user {user}: stored {stored}, true {truth}");
+        for world in &worlds {
+            println!("{}", world.describe(*user));
+        }
+    }
+    assert!(wrong.is_empty(), "seed {seed}: e.g. (user, stored, true) {:?}", &wrong[..wrong.len().min(5)]);
+    assert!(read_wrong.is_empty(), "seed {seed}: e.g. (user, read, true) {:?}", &read_wrong[..read_wrong.len().min(5)]);
+    assert!(recounts_sent.load(Ordering::Relaxed) > 0, "no recount was asked for");
+    assert!(faults.iter().any(|f| f.starts_with("SIGSTOP")) && faults.iter().any(|f| f.starts_with("SIGKILL")));
 }
