@@ -180,8 +180,21 @@ async fn run_serve(core: &CoreConfig, serve: ServeConfig) -> anyhow::Result<()> 
             info!(migrations = ?applied, "applied migrations");
         }
     }
-    if let Err(e) = state.store.ping().await {
-        warn!(error = %e, "redis is not reachable yet; events will be answered 503 until it is");
+    match state.store.eviction_policy().await {
+        Ok(Some(policy)) if policy != "noeviction" && !serve.allow_redis_eviction => anyhow::bail!(
+            "Redis may evict keys (maxmemory-policy {policy}): an evicted state or pending delta is a count \
+             silently lost. Set `maxmemory-policy noeviction` on Redis (CONFIG SET maxmemory-policy noeviction, \
+             and in redis.conf), or pass --allow-redis-eviction (COUNTERSINK_ALLOW_REDIS_EVICTION) to start anyway"
+        ),
+        Ok(Some(policy)) if policy != "noeviction" => {
+            warn!(policy, "Redis may evict keys (--allow-redis-eviction): counts can be lost without notice");
+        }
+        Ok(Some(_)) => {}
+        Ok(None) => warn!(
+            "cannot read Redis's maxmemory-policy (CONFIG is disabled?); make sure it is noeviction, or counts can \
+             be lost when Redis is full"
+        ),
+        Err(e) => warn!(error = %e, "redis is not reachable yet; events will be answered 503 until it is"),
     }
     let mut workers = Vec::new();
     if state.reconciler.is_configured() {

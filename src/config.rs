@@ -112,6 +112,11 @@ pub struct ServeConfig {
     #[arg(long, env = "COUNTERSINK_AUTO_BOOTSTRAP", default_value_t = true, action = clap::ArgAction::Set)]
     pub auto_bootstrap: bool,
 
+    /// Start even if Redis may evict keys (a `maxmemory-policy` other than `noeviction`). Evicted
+    /// state or pending deltas are counts silently lost: for tests and experiments only.
+    #[arg(long, env = "COUNTERSINK_ALLOW_REDIS_EVICTION", default_value_t = false, action = clap::ArgAction::Set)]
+    pub allow_redis_eviction: bool,
+
     /// Apply pending database migrations at start-up (`countersink migrate` does it on its own).
     #[arg(long, env = "COUNTERSINK_MIGRATE_ON_START", default_value_t = true, action = clap::ArgAction::Set)]
     pub migrate_on_start: bool,

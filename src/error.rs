@@ -34,7 +34,7 @@ pub struct ErrorBody {
 #[derive(Debug, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
 pub struct ErrorDetail {
     /// A stable code: `invalid_event`, `malformed_json`, `invalid_batch`, `invalid_parameter`,
-    /// `unauthorized`, `payload_too_large`, `not_found`, `conflict`, `unavailable`, `overloaded`, ...
+    /// `unauthorized`, `payload_too_large`, `not_found`, `conflict`, `unavailable`, `timed_out`, `overloaded`, ...
     pub code: String,
     /// What is wrong, for a person.
     pub message: String,
@@ -90,6 +90,10 @@ pub enum AppError {
         /// Which dependency.
         dependency: &'static str,
     },
+    /// The request outlived `--request-timeout-secs`: retry later. A flush or reconcile it
+    /// started runs on in the background (they are spawned), so a retry may find it done.
+    #[error("the request took longer than {} s (--request-timeout-secs); a flush or reconcile it started runs on; retry later", .0.as_secs())]
+    TimedOut(std::time::Duration),
     /// A bug or an unexpected state: logged, not echoed.
     #[error("internal error")]
     Internal(#[source] anyhow::Error),
@@ -113,6 +117,7 @@ impl IntoResponse for AppError {
             AppError::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", None),
             AppError::Conflict(_) => (StatusCode::CONFLICT, "conflict", None),
             AppError::Unavailable { .. } => (StatusCode::SERVICE_UNAVAILABLE, "unavailable", None),
+            AppError::TimedOut(_) => (StatusCode::SERVICE_UNAVAILABLE, "timed_out", None),
             AppError::Internal(cause) => {
                 error!(error = ?cause, "internal error");
                 (StatusCode::INTERNAL_SERVER_ERROR, "internal", None)

@@ -110,3 +110,44 @@ async fn an_idempotency_ttl_shorter_than_the_signature_window_stops_start_up() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("COUNTERSINK_IDEMPOTENCY_TTL_SECS") && stderr.contains("at least 600"), "{stderr}");
 }
+
+/// Issue #14's third reproduction, at its root: with `maxmemory` and an evicting policy Redis
+/// dropped state and pending keys, and counts went wrong without a word. A Redis that may evict
+/// now stops start-up, saying what to set; the flag for tests lets it start.
+#[tokio::test]
+async fn a_redis_that_may_evict_keys_stops_start_up() {
+    let env = TestEnv::sqlite().await;
+    let redis = common::OwnRedis::start(common::free_port());
+    let mut conn = redis::Client::open(redis.url()).unwrap().get_connection().unwrap();
+    let _: () = redis::cmd("CONFIG").arg("SET").arg("maxmemory-policy").arg("allkeys-lru").query(&mut conn).unwrap();
+    let serve = |extra: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_countersink"))
+            .env("COUNTERSINK_DATABASE_URL", &env.core.database_url)
+            .env("COUNTERSINK_REDIS_URL", redis.url())
+            .args(["serve", "--insecure-no-auth", "--listen", "127.0.0.1:0"])
+            .args(extra)
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let mut refused = serve(&[]);
+    // Before the check it started and ran: give it a moment, then stop it.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while refused.try_wait().unwrap().is_none() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let _ = refused.kill();
+    let refused = refused.wait_with_output().unwrap();
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("maxmemory-policy allkeys-lru") && stderr.contains("noeviction"), "{stderr}");
+    assert!(stderr.contains("COUNTERSINK_ALLOW_REDIS_EVICTION"), "{stderr}");
+
+    // Allowed, it starts (and runs until stopped).
+    let mut allowed = serve(&["--allow-redis-eviction", "true"]);
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    assert!(allowed.try_wait().unwrap().is_none(), "it should be running");
+    allowed.kill().unwrap();
+    let output = allowed.wait_with_output().unwrap();
+    assert!(String::from_utf8_lossy(&output.stderr).contains("may evict keys"));
+}

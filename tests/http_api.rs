@@ -201,13 +201,17 @@ async fn wrong_methods_get_the_common_error_shape() {
 }
 
 #[tokio::test]
-async fn a_flush_cut_short_by_the_request_deadline_still_finishes_and_frees_the_lock() {
+async fn a_flush_cut_short_by_the_request_deadline_says_so_still_finishes_and_frees_the_lease() {
     let env = TestEnv::sqlite().await;
     let state = env.state().with_limits(Limits { request_timeout: Duration::from_millis(1), ..Limits::default() });
     state.store.apply(&[countersink::events::Event::save(1, 4, true, true)]).await.unwrap();
     let app = router(state.clone());
-    let (status, _, _) = call(&app, "POST", "/v1/flush", Body::empty()).await;
+    let (status, body, retry_after) = call(&app, "POST", "/v1/flush", Body::empty()).await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(retry_after.as_deref(), Some("1"));
+    // Says what happened, not that "the request deadline is unavailable".
+    assert_eq!(body["error"]["code"], "timed_out", "{body}");
+    assert!(body["error"]["message"].as_str().unwrap().contains("--request-timeout-secs"), "{body}");
     // The flush went on without the request, and released the lock when done.
     let report = state.flusher.flush(countersink::flush::WhenBusy::Wait(Duration::from_secs(3))).await.unwrap();
     assert!(report.skipped.is_none());

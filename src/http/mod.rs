@@ -92,7 +92,7 @@ async fn shed_load(State(state): State<AppState>, request: Request, next: Next) 
 async fn deadline(request: Request, next: Next, limit: Duration) -> Response {
     match tokio::time::timeout(limit, next.run(request)).await {
         Ok(response) => response,
-        Err(_) => AppError::Unavailable { dependency: "the request deadline" }.into_response(),
+        Err(_) => AppError::TimedOut(limit).into_response(),
     }
 }
 

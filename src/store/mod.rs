@@ -227,6 +227,21 @@ impl Store {
         Ok(())
     }
 
+    /// Redis's `maxmemory-policy`; `None` when Redis does not say (a managed Redis that disables
+    /// `CONFIG`).
+    pub async fn eviction_policy(&self) -> Result<Option<String>, StoreError> {
+        let mut conn = self.conn.clone();
+        let reply: Result<Vec<String>, redis::RedisError> =
+            redis::cmd("CONFIG").arg("GET").arg("maxmemory-policy").query_async(&mut conn).await;
+        match reply {
+            Ok(pair) => Ok(pair.into_iter().nth(1)),
+            // Refused, renamed or not permitted (an error reply, not a failure to reach Redis):
+            // the caller says it could not check.
+            Err(e) if e.code().is_some() => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
     /// Applies a validated batch of events in one atomic script.
     pub async fn apply(&self, events: &[Event]) -> Result<ApplyOutcome, StoreError> {
         Ok(self.apply_once(events, None).await?.outcome)
