@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use countersink::events::Event;
-use countersink::store::Store;
+use countersink::store::{Idempotency, Store};
 
 /// Events per script call, as the bench's batched scenario sends (a second argument sets another).
 const DEFAULT_BATCH: u64 = 100;
@@ -62,7 +62,12 @@ async fn main() -> anyhow::Result<()> {
                 let events: Vec<Event> =
                     (first..first + batch).map(|n| Event::save(n, rand::random_range(1..=USERS), true, true)).collect();
                 let webhook_id = format!("cpu_{call}");
-                let applied = store.apply_once(&events, Some((&webhook_id, Duration::from_secs(600)))).await?;
+                let applied = store
+                    .apply_once(
+                        &events,
+                        Some(Idempotency::new(&webhook_id, webhook_id.as_bytes(), Duration::from_secs(600))),
+                    )
+                    .await?;
                 anyhow::ensure!(applied.outcome.changed == batch, "applied {applied:?}");
             }
         }));

@@ -152,6 +152,9 @@ impl From<StoreError> for AppError {
         if matches!(e, StoreError::CountsReloading) {
             return AppError::Unavailable { dependency: "the held counts (being reloaded after a Redis rollback)" };
         }
+        if let StoreError::IdempotencyKeyReused = &e {
+            return AppError::Conflict(e.to_string());
+        }
         if let StoreError::LeaseLost(_) = &e {
             // This process stalled past its lease; another holds it: the caller may try again.
             return AppError::Conflict(e.to_string());

@@ -213,3 +213,23 @@ async fn a_forged_request_with_thousands_of_signatures_costs_next_to_no_cpu() {
     assert!(used < Duration::from_millis(200), "two forged requests cost {used:?} of CPU");
     assert_eq!(env.redis_keys(), Vec::<String>::new());
 }
+
+/// Issue #15's fifth reproduction: a reused `webhook-id` with another, validly signed body was
+/// answered 200 `"replayed": true` and its events were dropped without a word. Now it is refused
+/// (409) with nothing applied; a retry of the same body is still a replay.
+#[tokio::test]
+async fn a_webhook_id_reused_with_another_body_is_refused_and_applies_nothing() {
+    let env = TestEnv::sqlite().await;
+    let sidecar = common::sidecar::Sidecar::start(&env, common::sidecar::SidecarOptions::default()).await;
+    let (client, id) = (reqwest::Client::new(), common::sidecar::new_webhook_id());
+    let first = [json!({"kind": "post_save", "notification_id": 1, "user_id": 9, "unread": true, "created": true})];
+    let other = [json!({"kind": "post_save", "notification_id": 2, "user_id": 9, "unread": true, "created": true})];
+    let (status, _) = common::sidecar::post_signed(&client, &sidecar.base, &id, &first).await.unwrap();
+    assert_eq!(status, 200);
+    let (status, body) = common::sidecar::post_signed(&client, &sidecar.base, &id, &other).await.unwrap();
+    assert_eq!(status, 409, "{body}");
+    assert!(body["error"]["message"].as_str().unwrap().contains("webhook-id"), "{body}");
+    let (status, body) = common::sidecar::post_signed(&client, &sidecar.base, &id, &first).await.unwrap();
+    assert_eq!((status, &body["replayed"]), (200, &json!(true)), "{body}");
+    assert_eq!(sidecar.read_counts(&[9]).await, [(9, 1)], "the second body's event was applied");
+}

@@ -26,6 +26,7 @@ use countersink::bootstrap::{Batching, Rebuild};
 use countersink::counts::unread_counts;
 use countersink::events::Event;
 use countersink::flush::WhenBusy;
+use countersink::store::Idempotency;
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestError, TestRunner};
 
@@ -165,7 +166,14 @@ fn stamped(event: Event) -> Event {
 }
 
 async fn deliver(state: &AppState, webhook_id: &str, event: &Event) {
-    state.store.apply_once(std::slice::from_ref(event), Some((webhook_id, IDEMPOTENCY_TTL))).await.unwrap();
+    state
+        .store
+        .apply_once(
+            std::slice::from_ref(event),
+            Some(Idempotency::new(webhook_id, webhook_id.as_bytes(), IDEMPOTENCY_TTL)),
+        )
+        .await
+        .unwrap();
 }
 
 impl Model {

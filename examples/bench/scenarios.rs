@@ -14,7 +14,7 @@ use countersink::app::AppState;
 use countersink::config::{CoreConfig, LogFormat};
 use countersink::events::Event;
 use countersink::flush::WhenBusy;
-use countersink::store::Store;
+use countersink::store::{Idempotency, Store};
 use countersink::webhook::WebhookSecret;
 use diesel::sql_types::{Array, BigInt, Text};
 use diesel::{Connection, PgConnection, RunQueryDsl};
@@ -359,7 +359,12 @@ pub async fn run(args: &Args) -> anyhow::Result<Results> {
                 let events: Vec<Event> =
                     (first..first + per_op as u64).map(|n| Event::save(n, spread_user(), true, true)).collect();
                 let webhook_id = format!("raw_{run:08x}_{}", calls.fetch_add(1, Ordering::Relaxed));
-                let applied = store.apply_once(&events, Some((&webhook_id, Duration::from_secs(86_400)))).await?;
+                let applied = store
+                    .apply_once(
+                        &events,
+                        Some(Idempotency::new(&webhook_id, webhook_id.as_bytes(), Duration::from_secs(86_400))),
+                    )
+                    .await?;
                 anyhow::ensure!(
                     !applied.replayed && applied.outcome.changed == per_op as u64,
                     "the raw script applied {applied:?}"

@@ -12,7 +12,7 @@ use crate::error::AppError;
 use crate::error::ErrorBody;
 use crate::events::{parse_batch, WireBatch};
 use crate::metrics;
-use crate::store::ApplyOutcome;
+use crate::store::{ApplyOutcome, Idempotency};
 
 /// What a request's events did.
 #[derive(Debug, serde::Serialize, utoipa::ToSchema)]
@@ -38,7 +38,7 @@ pub struct EventsResponse {
     tag = "events",
     request_body(content = WireBatch, description = "One event, or an array of 1 to 1,000 (at most 1 MiB)."),
     params(
-        ("webhook-id" = Option<String>, Header, description = "Unique per request, reused on retries: the idempotency key."),
+        ("webhook-id" = Option<String>, Header, description = "Unique per request, reused on retries (with the same body): the idempotency key."),
         ("webhook-timestamp" = Option<String>, Header, description = "Unix seconds, within 5 minutes of the server's clock."),
         ("webhook-signature" = Option<String>, Header, description = "`v1,` + base64 HMAC-SHA256 of `{id}.{timestamp}.{body}`."),
     ),
@@ -46,6 +46,7 @@ pub struct EventsResponse {
         (status = 200, description = "Applied (or a replay of a request applied before)", body = EventsResponse),
         (status = 400, description = "The batch is invalid; nothing was applied", body = ErrorBody),
         (status = 401, description = "Missing, forged, stale or future-dated signature; nothing was applied", body = ErrorBody),
+        (status = 409, description = "The webhook-id was applied before with another body; nothing was applied", body = ErrorBody),
         (status = 413, description = "The body is too large", body = ErrorBody),
         (status = 503, description = "Redis unavailable, state being rebuilt, or overloaded: retry", body = ErrorBody),
     ),
@@ -70,7 +71,7 @@ pub async fn post_events(
     // Recounts first: asking twice is harmless, and a replayed request finds them queued already.
     state.reconciler.queue_recounts(&batch.recounts).await?;
     metrics::recounts_queued(batch.recounts.len());
-    let idempotency = webhook_id.map(|id| (id, state.limits.idempotency_ttl));
+    let idempotency = webhook_id.map(|id| Idempotency::new(id, &body, state.limits.idempotency_ttl));
     let applied = state.store.apply_once(&batch.transitions, idempotency).await?;
     metrics::events_applied(&applied);
     let outcomes = applied.outcome;

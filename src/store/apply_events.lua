@@ -16,7 +16,8 @@
 -- ARGV[3]   the prefix of reconciled-set keys (set key = prefix .. user id)
 -- ARGV[4]   1 if the state must be bootstrapped (the marker must exist), else 0
 -- ARGV[5]   the pub/sub channel told which users' counts changed (comma-separated ids)
--- ARGV[6..] 7 values per event: op, state key index (into KEYS), index in shard, user id, when
+-- ARGV[6]   a digest of the request's body (hex), remembered with its idempotency key
+-- ARGV[7..] 7 values per event: op, state key index (into KEYS), index in shard, user id, when
 --           it occurred (unix ms, 0 if the sender did not say), the user's count bucket index
 --           (into KEYS) and field in it
 --
@@ -25,6 +26,7 @@
 -- creations, that arrived after the notification was deleted; replayed is 1 when the request's
 -- id was seen before, and the counts are then those of its first delivery.
 -- Returns {-1} when the marker is required and missing: the state was lost, nothing is applied.
+-- Returns {-3} when the idempotency key was seen with another body: nothing is applied.
 local ttl = tonumber(ARGV[1])
 
 if ARGV[4] == '1' and redis.call('EXISTS', KEYS[4]) == 0 then
@@ -34,8 +36,13 @@ end
 if ttl > 0 then
   local first = redis.call('GET', KEYS[2])
   if first then
+    -- "digest:outcomes"; a record written before digests were kept is the outcomes alone.
+    local digest, outcomes = string.match(first, '^(%x+):(.*)$')
+    if digest and digest ~= ARGV[6] then
+      return {-3}
+    end
     local counts = {}
-    for n in string.gmatch(first, '%d+') do counts[#counts + 1] = tonumber(n) end
+    for n in string.gmatch(outcomes or first, '%d+') do counts[#counts + 1] = tonumber(n) end
     counts[#counts + 1] = 1
     return counts
   end
@@ -102,7 +109,7 @@ local changed, recorded = 0, 0
 local deltas, users = {}, {}
 
 local count_at = {}
-for i = 6, #ARGV, 7 do
+for i = 7, #ARGV, 7 do
   local op, key, pos, user = ARGV[i], KEYS[tonumber(ARGV[i + 1])], '#' .. ARGV[i + 2], ARGV[i + 3]
   count_at[user] = {KEYS[tonumber(ARGV[i + 5])], ARGV[i + 6]}
   journal(user, op .. ' ' .. key .. ' ' .. pos)
@@ -166,7 +173,7 @@ end
 
 local result = {changed, recorded, outcomes.duplicate, outcomes.stale, outcomes.after_delete}
 if ttl > 0 then
-  redis.call('SET', KEYS[2], table.concat(result, ' '), 'EX', ttl)
+  redis.call('SET', KEYS[2], ARGV[6] .. ':' .. table.concat(result, ' '), 'EX', ttl)
 end
 result[#result + 1] = 0
 return result

@@ -53,6 +53,12 @@ pub enum StoreError {
     /// and another process may hold it now. Nothing was written; the work is the next holder's.
     #[error("{0}; nothing was written, the next holder of the lease does this work")]
     LeaseLost(String),
+    /// A request reused a `webhook-id` applied before with another body; nothing was applied.
+    #[error(
+        "this webhook-id was applied before with another body; nothing was applied: give every request its own \
+         webhook-id (a retry resends the same body under the same id)"
+    )]
+    IdempotencyKeyReused,
     /// Redis answered something the scripts never return: a bug or a foreign key clash.
     #[error("unexpected reply from redis: {0}")]
     Unexpected(String),
@@ -90,7 +96,7 @@ impl StoreError {
                 passing || e.is_io_error() || e.is_timeout() || e.is_connection_refusal() || e.is_connection_dropped()
             }
             StoreError::StateMissing | StoreError::CountsReloading => true,
-            StoreError::LeaseLost(_) | StoreError::Unexpected(_) => false,
+            StoreError::LeaseLost(_) | StoreError::IdempotencyKeyReused | StoreError::Unexpected(_) => false,
         }
     }
 }
@@ -116,6 +122,29 @@ impl ApplyOutcome {
     /// Events that changed no count.
     pub fn noops(&self) -> u64 {
         self.recorded + self.duplicate + self.stale + self.after_delete
+    }
+}
+
+/// What makes a request idempotent: its `webhook-id`, a digest of its body (a reuse of the id
+/// with another body is refused), and how long both are remembered.
+#[derive(Debug, Clone)]
+pub struct Idempotency<'a> {
+    /// The `webhook-id`.
+    pub key: &'a str,
+    /// The first 8 bytes of the body's SHA-256, in hex: enough to tell two bodies apart (the
+    /// sender signs both), 16 bytes of Redis per request.
+    pub body_digest: String,
+    /// How long the key is remembered.
+    pub ttl: Duration,
+}
+
+impl<'a> Idempotency<'a> {
+    /// The idempotency of a request with id `key` and `body`, remembered for `ttl`.
+    pub fn new(key: &'a str, body: &[u8], ttl: Duration) -> Self {
+        use sha2::Digest;
+        let hash = sha2::Sha256::digest(body);
+        let body_digest = hash[..8].iter().map(|b| format!("{b:02x}")).collect();
+        Idempotency { key, body_digest, ttl }
     }
 }
 
@@ -248,16 +277,20 @@ impl Store {
     }
 
     /// Applies a batch unless a request with the same idempotency key (its `webhook-id`) was
-    /// applied within `ttl`; then answers with that first delivery's outcome. The check, the
+    /// applied within its TTL; then answers with that first delivery's outcome, or
+    /// [`StoreError::IdempotencyKeyReused`] if that delivery had another body. The check, the
     /// transitions and remembering the key are one atomic script.
     #[instrument(level = "debug", skip_all, fields(events = events.len()))]
     pub async fn apply_once(
         &self,
         events: &[Event],
-        idempotency: Option<(&str, Duration)>,
+        idempotency: Option<Idempotency<'_>>,
     ) -> Result<Applied, StoreError> {
         let mut invocation = self.scripts.apply_events.prepare_invoke();
-        let (key_id, ttl) = idempotency.unwrap_or(("", Duration::ZERO));
+        let (key_id, ttl, digest) = match &idempotency {
+            Some(i) => (i.key, i.ttl, i.body_digest.as_str()),
+            None => ("", Duration::ZERO, ""),
+        };
         invocation
             .key(self.keys.pending())
             .key(self.keys.webhook(key_id))
@@ -269,7 +302,8 @@ impl Store {
             .arg(self.keys.journal(""))
             .arg(self.keys.reconciled(""))
             .arg(u8::from(self.requires_bootstrap))
-            .arg(self.keys.live_channel());
+            .arg(self.keys.live_channel())
+            .arg(digest);
         // KEYS[1..6] are taken; each distinct state shard and count bucket gets the next index.
         let mut next_key = 7;
         let mut shard_index: HashMap<u64, usize> = HashMap::new();
@@ -301,6 +335,7 @@ impl Store {
         let counts: Vec<i64> = invocation.invoke_async(&mut conn).await?;
         let counts: Vec<u64> = match counts[..] {
             [-1] => return Err(StoreError::StateMissing),
+            [-3] => return Err(StoreError::IdempotencyKeyReused),
             _ => counts.iter().map(|c| *c as u64).collect(),
         };
         match counts[..] {
