@@ -972,3 +972,40 @@ fn parse_score(score: &str) -> Result<i64, StoreError> {
         .map(|s| s as i64)
         .ok_or_else(|| StoreError::Unexpected(format!("score {score:?} is not an integral delta")))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `transition.lua` declares the states and reads the op codes; this side names them too
+    /// (`state`, `op_code`). Nothing else ties the two languages together.
+    #[test]
+    fn the_state_and_op_codes_agree_with_the_lua_state_machine() {
+        let lua = include_str!("transition.lua");
+        assert!(
+            lua.contains(&format!(
+                "local UNSEEN, READ, UNREAD, DELETED = 0, {}, {}, {}",
+                state::READ,
+                state::UNREAD,
+                state::DELETED
+            )),
+            "transition.lua's states differ from store::state"
+        );
+        let events = [
+            Event::delete(1, 1),
+            Event::save(1, 1, true, true),
+            Event::save(1, 1, false, true),
+            Event::save(1, 1, true, false),
+            Event::save(1, 1, false, false),
+        ];
+        let ops: Vec<&str> = events.iter().map(op_code).collect();
+        assert_eq!(ops, ["D", "C1", "C0", "S1", "S0"]);
+        // The header documents every op, and the function reads their two characters.
+        assert!(lua.contains("Ops: C1 created unread, C0 created read, S1 saved unread, S0 saved read, D deleted"));
+        assert!(
+            lua.contains("if op == 'D'")
+                && lua.contains("string.sub(op, 1, 1) == 'C'")
+                && lua.contains("string.sub(op, 2, 2) == '1'")
+        );
+    }
+}
