@@ -150,32 +150,9 @@ async fn steady_load_with_periodic_faults_ends_with_zero_wrong_users() {
 
     // Events the last rebuild could not judge wait for a recount, which the sidecar runs by itself.
     let mut redis_conn = redis::Client::open(redis.url()).unwrap().get_connection().unwrap();
-    let queued = |conn: &mut redis::Connection| -> i64 {
-        let recounts: i64 = redis::cmd("SCARD").arg(env.key("recounts")).query(conn).unwrap_or(1);
-        let claimed: i64 = redis::cmd("ZCARD").arg(env.key("recount_claims")).query(conn).unwrap_or(1);
-        recounts + claimed
-    };
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while queued(&mut redis_conn) > 0 {
-        assert!(Instant::now() < deadline, "queued recounts did not run\n{}", sidecar.stderr_text());
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-
-    // Everything sent was accepted; one flush (after any lock a killed flusher left expires).
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let report = loop {
-        match admin_flush(base.clone()).await {
-            Some((200, report)) => break report,
-            other => {
-                assert!(
-                    Instant::now() < deadline,
-                    "the final flush kept failing: {other:?}\n{}",
-                    sidecar.stderr_text()
-                );
-                tokio::time::sleep(Duration::from_millis(500)).await;
-            }
-        }
-    };
+    wait_for_queued_recounts(&env, &mut redis_conn, &sidecar).await;
+    // Everything sent was accepted; one flush (after any lease a killed flusher left expires).
+    let report = final_flush(&sidecar).await;
     let truth = env.true_counts().await;
     let stored = env.stored_counts().await;
     let users: Vec<u64> = (1..=USERS).collect();
@@ -195,16 +172,57 @@ async fn steady_load_with_periodic_faults_ends_with_zero_wrong_users() {
         wrong.len(),
         read_wrong.len()
     );
-    for (user, stored, truth) in wrong.iter().take(5) {
+    assert_no_wrong_users(seed, &wrong, &read_wrong, &worlds);
+    assert!(reads_answered > 0, "no read was answered during the load");
+    assert!(faults.len() as u64 >= secs / FAULT_EVERY.as_secs() / 2, "too few faults were injected");
+}
+
+/// Waits until no recount is queued or claimed (60 s at most).
+async fn wait_for_queued_recounts(env: &TestEnv, redis: &mut redis::Connection, sidecar: &Sidecar) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let waiting: i64 = redis::cmd("SCARD").arg(env.key("recounts")).query(redis).unwrap_or(1);
+        let claimed: i64 = redis::cmd("ZCARD").arg(env.key("recount_claims")).query(redis).unwrap_or(1);
+        if waiting + claimed == 0 {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{waiting} recounts waiting and {claimed} claimed 60 s after the load\n{}",
+            sidecar.stderr_text()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Flushes through `sidecar` until a flush succeeds (60 s at most), and returns its report.
+async fn final_flush(sidecar: &Sidecar) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        match admin_flush(sidecar.base.clone()).await {
+            Some((200, report)) => return report,
+            other => {
+                assert!(
+                    Instant::now() < deadline,
+                    "the final flush kept failing: {other:?}\n{}",
+                    sidecar.stderr_text()
+                );
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    }
+}
+
+/// Prints up to five wrong users with what each worker did to them; asserts there are none.
+fn assert_no_wrong_users(seed: u64, stored: &[(u64, i64, i64)], read: &[(u64, i64, i64)], worlds: &[World]) {
+    for (user, stored, truth) in stored.iter().take(5) {
         println!("soak: user {user}: stored {stored}, true {truth}");
-        for world in &worlds {
+        for world in worlds {
             println!("{}", world.describe(*user));
         }
     }
-    assert!(wrong.is_empty(), "seed {seed}: e.g. (user, stored, true) {:?}", &wrong[..wrong.len().min(5)]);
-    assert!(read_wrong.is_empty(), "seed {seed}: e.g. (user, read, true) {:?}", &read_wrong[..read_wrong.len().min(5)]);
-    assert!(reads_answered > 0, "no read was answered during the load");
-    assert!(faults.len() as u64 >= secs / FAULT_EVERY.as_secs() / 2, "too few faults were injected");
+    assert!(stored.is_empty(), "seed {seed}: e.g. (user, stored, true) {:?}", &stored[..stored.len().min(5)]);
+    assert!(read.is_empty(), "seed {seed}: e.g. (user, read, true) {:?}", &read[..read.len().min(5)]);
 }
 
 async fn admin_flush(base: String) -> Option<(u16, serde_json::Value)> {
@@ -327,31 +345,8 @@ async fn two_processes_under_random_sigkill_and_sigstop_end_with_zero_wrong_user
     }
 
     // Every recount asked for runs, whichever process took it and whatever happened to it.
-    let mut redis_conn = env.redis();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let waiting: i64 = redis::cmd("SCARD").arg(env.key("recounts")).query(&mut redis_conn).unwrap();
-        let claimed: i64 = redis::cmd("ZCARD").arg(env.key("recount_claims")).query(&mut redis_conn).unwrap();
-        if waiting + claimed == 0 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "{waiting} recounts waiting, {claimed} claimed, 60 s after the load");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let report = loop {
-        match admin_flush(bases[0].clone()).await {
-            Some((200, report)) => break report,
-            other => {
-                assert!(
-                    Instant::now() < deadline,
-                    "the final flush kept failing: {other:?}\n{}",
-                    sidecars[0].stderr_text()
-                );
-                tokio::time::sleep(Duration::from_millis(500)).await;
-            }
-        }
-    };
+    wait_for_queued_recounts(&env, &mut env.redis(), &sidecars[0]).await;
+    let report = final_flush(&sidecars[0]).await;
     let truth = env.true_counts().await;
     let stored = env.stored_counts().await;
     let users: Vec<u64> = (1..=USERS).collect();
@@ -371,14 +366,7 @@ async fn two_processes_under_random_sigkill_and_sigstop_end_with_zero_wrong_user
         wrong.len(),
         read_wrong.len()
     );
-    for (user, stored, truth) in wrong.iter().take(5) {
-        println!("soak: user {user}: stored {stored}, true {truth}");
-        for world in &worlds {
-            println!("{}", world.describe(*user));
-        }
-    }
-    assert!(wrong.is_empty(), "seed {seed}: e.g. (user, stored, true) {:?}", &wrong[..wrong.len().min(5)]);
-    assert!(read_wrong.is_empty(), "seed {seed}: e.g. (user, read, true) {:?}", &read_wrong[..read_wrong.len().min(5)]);
+    assert_no_wrong_users(seed, &wrong, &read_wrong, &worlds);
     assert!(recounts_sent.load(Ordering::Relaxed) > 0, "no recount was asked for");
     assert!(faults.iter().any(|f| f.starts_with("SIGSTOP")) && faults.iter().any(|f| f.starts_with("SIGKILL")));
 }
