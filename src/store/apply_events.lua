@@ -17,9 +17,7 @@
 -- ARGV[4]   1 if the state must be bootstrapped (the marker must exist), else 0
 -- ARGV[5]   the pub/sub channel told which users' counts changed (comma-separated ids)
 -- ARGV[6]   a digest of the request's body (hex), remembered with its idempotency key
--- ARGV[7]   the prefix of a reconcile's draft-picture keys (key = prefix .. user id)
--- ARGV[8]   the prefix of a reconcile's keys of overwritten truths (key = prefix .. user id)
--- ARGV[9..] 7 values per event: op, state key index (into KEYS), index in shard, user id, when
+-- ARGV[7..] 7 values per event: op, state key index (into KEYS), index in shard, user id, when
 --           it occurred (unix ms, 0 if the sender did not say), the user's count bucket index
 --           (into KEYS) and field in it
 --
@@ -55,23 +53,16 @@ end
 local fenced = {}
 local fencing = redis.call('EXISTS', KEYS[3]) == 1
 local now = fencing and now_ms() or 0
-local function journal(user, op, key, pos, old)
+local function journal(user, entry)
   if not fencing then return end
   if fenced[user] == nil then
     local deadline = redis.call('ZSCORE', KEYS[3], user)
     fenced[user] = deadline ~= false and deadline ~= nil and tonumber(deadline) > now
   end
   if fenced[user] then
-    redis.call('RPUSH', ARGV[2] .. user, op .. ' ' .. key .. ' ' .. pos)
+    redis.call('RPUSH', ARGV[2] .. user, entry)
     -- A reconcile that died leaves its journal behind; it expires on its own.
     redis.call('PEXPIRE', ARGV[2] .. user, 600000)
-    -- The reconcile already wrote this notification's truth (it is in the draft): the first
-    -- event since then overwrites it, so the state it finds, the truth, is kept for the replay.
-    local slot = key .. ' ' .. string.sub(pos, 2)
-    if redis.call('SISMEMBER', ARGV[7] .. user, slot) == 1
-      and redis.call('HSETNX', ARGV[8] .. user, slot, old) == 1 then
-      redis.call('PEXPIRE', ARGV[8] .. user, 600000)
-    end
   end
 end
 
@@ -118,11 +109,11 @@ local changed, recorded = 0, 0
 local deltas, users = {}, {}
 
 local count_at = {}
-for i = 9, #ARGV, 7 do
+for i = 7, #ARGV, 7 do
   local op, key, pos, user = ARGV[i], KEYS[tonumber(ARGV[i + 1])], '#' .. ARGV[i + 2], ARGV[i + 3]
   count_at[user] = {KEYS[tonumber(ARGV[i + 5])], ARGV[i + 6]}
+  journal(user, op .. ' ' .. key .. ' ' .. pos)
   local old = redis.call('BITFIELD', key, 'GET', 'u2', pos)[1]
-  journal(user, op, key, pos, old)
   local new, why = transition(old, op)
   if not why and old == UNSEEN and new ~= DELETED
     and should_have_been_rebuilt(key, tonumber(ARGV[i + 2]), tonumber(ARGV[i + 4])) then

@@ -89,19 +89,6 @@ impl Keys {
         format!("{}:reconciled:{user}", self.tag)
     }
 
-    /// The reconciled picture of a user being reconciled, while it is written a chunk at a time;
-    /// it becomes [`Keys::reconciled`] when the reconcile finishes (see `reconcile_truth.lua`).
-    pub fn reconcile_draft(&self, user: &str) -> String {
-        format!("{}:reconcile_draft:{user}", self.tag)
-    }
-
-    /// The truth of the notifications of a user being reconciled whose state an event changed
-    /// after the reconcile wrote it: field = slot, value = the state the table gave (see
-    /// `apply_events.lua`). What the reconcile replays the journal on.
-    pub fn reconcile_truth(&self, user: &str) -> String {
-        format!("{}:reconcile_truth:{user}", self.tag)
-    }
-
     /// Written by a bootstrap once the state is complete; its absence means the state was lost.
     pub fn ready(&self) -> String {
         format!("{}:ready", self.tag)

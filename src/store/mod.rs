@@ -184,7 +184,6 @@ pub struct Store {
 struct Scripts {
     apply_events: Script,
     reconcile_begin: Script,
-    reconcile_truth: Script,
     reconcile_finish: Script,
     take_recounts: Script,
     renew_recounts: Script,
@@ -206,11 +205,6 @@ fn scripts() -> &'static Scripts {
             include_str!("lease.lua"),
             include_str!("transition.lua"),
             include_str!("reconcile_begin.lua")
-        )),
-        reconcile_truth: Script::new(concat!(
-            include_str!("lease.lua"),
-            include_str!("transition.lua"),
-            include_str!("reconcile_truth.lua")
         )),
         reconcile_finish: Script::new(concat!(
             include_str!("lease.lua"),
@@ -309,9 +303,7 @@ impl Store {
             .arg(self.keys.reconciled(""))
             .arg(u8::from(self.requires_bootstrap))
             .arg(self.keys.live_channel())
-            .arg(digest)
-            .arg(self.keys.reconcile_draft(""))
-            .arg(self.keys.reconcile_truth(""));
+            .arg(digest);
         // KEYS[1..6] are taken; each distinct state shard and count bucket gets the next index.
         let mut next_key = 7;
         let mut shard_index: HashMap<u64, usize> = HashMap::new();
@@ -634,8 +626,7 @@ impl Store {
     }
 }
 
-/// A user's notifications as the Notification table holds them, for [`Store::reconcile_truth`]
-/// and [`Store::reconcile_finish`].
+/// A user's notifications as the Notification table holds them, for [`Store::reconcile_finish`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UserTruth {
     /// The user.
@@ -644,44 +635,6 @@ pub struct UserTruth {
     pub stored: i64,
     /// Each notification's id and state (1 read, 2 unread, 3 deleted).
     pub notifications: Vec<(u64, u8)>,
-}
-
-/// Some of one user's notifications `(id, state)` as the table holds them, for
-/// [`Store::reconcile_truth`]: `(user, notifications)`.
-pub type TruthPiece<'a> = (u64, &'a [(u64, u8)]);
-
-/// What [`Store::reconcile_finish`] did for one user.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum UserRepair {
-    /// The state and count are the table's truth now: what countersink counted before, and that truth.
-    Repaired(UserDrift),
-    /// Not repaired: the user's fence expired (the step took too long). Reconcile the user again.
-    Unfinished,
-}
-
-/// States per [`Store::reconcile_truth`] call. Each call is one script, which blocks Redis while
-/// it runs: 1,000 states took 5-7 ms (median; 99th percentile 10-18 ms) on a busy 2-core test
-/// machine, 2,000 twice that (measured by `tests/heavy_user.rs`), well under the 50 ms that
-/// issue #13 allows a script; a million notifications take 1,000 calls.
-pub const TRUTH_STATES_PER_CALL: usize = 1_000;
-
-/// One user's reply of `reconcile_finish.lua`: `{user, 'done', before, actual}` or `{user, 'expired'}`.
-fn parse_repair(row: Vec<redis::Value>, user_id: u64) -> Result<UserRepair, StoreError> {
-    let unexpected = || StoreError::Unexpected(format!("reconcile_finish answered {row:?} for user {user_id}"));
-    let (user, tag): (Option<u64>, Option<String>) =
-        (row.first().cloned().map(typed).transpose()?, row.get(1).cloned().map(typed).transpose()?);
-    if user != Some(user_id) {
-        return Err(unexpected());
-    }
-    match (tag.as_deref(), &row[2..]) {
-        (Some("done"), [before, actual]) => Ok(UserRepair::Repaired(UserDrift {
-            user_id,
-            stored: typed(before.clone())?,
-            actual: typed(actual.clone())?,
-        })),
-        (Some("expired"), []) => Ok(UserRepair::Unfinished),
-        _ => Err(unexpected()),
-    }
 }
 
 /// What a reconcile found for one user.
@@ -697,15 +650,9 @@ pub struct UserDrift {
 
 impl Store {
     /// Fences `users` for `fence`: until it is lifted or expires, their events are journaled.
-    /// Each gets an empty draft picture for [`Store::reconcile_truth`] to fill.
     pub async fn reconcile_begin(&self, lease: &Lease, users: &[u64], fence: Duration) -> Result<(), StoreError> {
         let mut invocation = self.fenced_invocation(&self.scripts.reconcile_begin, lease);
-        invocation
-            .key(self.keys.reconciling())
-            .arg(self.keys.journal(""))
-            .arg(fence.as_millis() as u64)
-            .arg(self.keys.reconcile_draft(""))
-            .arg(self.keys.reconcile_truth(""));
+        invocation.key(self.keys.reconciling()).arg(self.keys.journal("")).arg(fence.as_millis() as u64);
         for user in users {
             invocation.arg(*user);
         }
@@ -714,36 +661,8 @@ impl Store {
         Ok(())
     }
 
-    /// Writes one chunk of the table's truth for fenced users: per `(user, notifications)`, each
-    /// notification's state `(id, state)` is set, and its slot joins the user's draft picture.
-    /// One script, so pass at most [`TRUTH_STATES_PER_CALL`] states. Users whose fence expired are
-    /// skipped; returns the number of states written.
-    pub async fn reconcile_truth(&self, lease: &Lease, pieces: &[TruthPiece<'_>]) -> Result<u64, StoreError> {
-        let mut invocation = self.fenced_invocation(&self.scripts.reconcile_truth, lease);
-        invocation.key(self.keys.reconciling()).arg(self.keys.reconcile_draft(""));
-        for (user, notifications) in pieces {
-            let mut by_shard: HashMap<u64, Vec<(u64, u8)>> = HashMap::new();
-            for (id, state) in *notifications {
-                let (shard, index) = Keys::state_slot(*id);
-                by_shard.entry(shard).or_default().push((index, *state));
-            }
-            for (shard, states) in by_shard {
-                for group in states.chunks(STATES_PER_COMMAND) {
-                    invocation.arg(*user).arg(self.keys.state(shard)).arg(group.len());
-                    for (index, state) in group {
-                        invocation.arg(*index).arg(*state);
-                    }
-                }
-            }
-        }
-        let mut conn = self.conn.clone();
-        Ok(invocation.invoke_async(&mut conn).await?)
-    }
-
-    /// Finishes reconciling users whose truth [`Store::reconcile_truth`] wrote: replays their
-    /// journals on top of it, sets their pending deltas to match, makes the drafts their pictures
-    /// and lifts the fences, in one script whose work is bounded by the journals. Returns a repair
-    /// per user, in the order of `truths`; [`UserRepair::Unfinished`] for a user whose fence expired.
+    /// Sets the users' state to the table's truth plus the journal, and their pending deltas to
+    /// match; lifts the fence. Returns a drift per user, or `None` for a user whose fence expired.
     ///
     /// For `grace` afterwards, an event for a notification Redis knew but the table did not hold
     /// (deleted before the read, its event still on the way) counts nothing.
@@ -752,7 +671,7 @@ impl Store {
         lease: &Lease,
         truths: &[UserTruth],
         grace: Duration,
-    ) -> Result<Vec<(u64, UserRepair)>, StoreError> {
+    ) -> Result<Vec<(u64, Option<UserDrift>)>, StoreError> {
         let mut invocation = self.fenced_invocation(&self.scripts.reconcile_finish, lease);
         invocation
             .key(self.keys.pending())
@@ -760,27 +679,29 @@ impl Store {
             .arg(self.keys.journal(""))
             .arg(self.keys.reconciled(""))
             .arg(grace.as_millis() as u64)
-            .arg(self.keys.live_channel())
-            .arg(self.keys.reconcile_draft(""))
-            .arg(self.keys.reconcile_truth(""));
+            .arg(self.keys.live_channel());
         for truth in truths {
             let (bucket, field) = Keys::count_slot(truth.user_id);
-            let unread = truth.notifications.iter().filter(|(_, state)| *state == state::UNREAD).count();
-            invocation.arg(truth.user_id).arg(truth.stored).arg(unread).arg(self.keys.counts(bucket)).arg(field);
+            invocation
+                .arg(truth.user_id)
+                .arg(truth.stored)
+                .arg(self.keys.counts(bucket))
+                .arg(field)
+                .arg(truth.notifications.len());
+            for (id, state) in &truth.notifications {
+                let (shard, index) = Keys::state_slot(*id);
+                invocation.arg(self.keys.state(shard)).arg(index).arg(*state);
+            }
         }
         let mut conn = self.conn.clone();
-        let rows: Vec<Vec<redis::Value>> = invocation.invoke_async(&mut conn).await?;
-        if rows.len() != truths.len() {
-            return Err(StoreError::Unexpected(format!(
-                "reconcile_finish answered for {} users of {}",
-                rows.len(),
-                truths.len()
-            )));
-        }
-        rows.into_iter()
-            .zip(truths)
-            .map(|(row, truth)| Ok((truth.user_id, parse_repair(row, truth.user_id)?)))
-            .collect()
+        let rows: Vec<(u64, i64, i64)> = invocation.invoke_async(&mut conn).await?;
+        Ok(rows
+            .into_iter()
+            .map(|(user_id, stored, actual)| {
+                let drift = (stored >= 0).then_some(UserDrift { user_id, stored, actual });
+                (user_id, drift)
+            })
+            .collect())
     }
 
     /// Asks for users to be recounted (the bulk paths); repeated asks for a user coalesce.
@@ -1011,9 +932,7 @@ impl Store {
         let mut deleted = 0;
         // With the marker gone, no process started with a Notification table (as every process of
         // a deployment that bootstraps must be) installs or changes a count, so none comes back.
-        for pattern in
-            ["counts:*", "state:*", "batch:*", "journal:*", "reconciled:*", "reconcile_draft:*", "reconcile_truth:*"]
-        {
+        for pattern in ["counts:*", "state:*", "batch:*", "journal:*", "reconciled:*"] {
             deleted += self.unlink_matching(pattern).await?;
         }
         let singles = [
