@@ -31,6 +31,8 @@ use crate::store::{Acquired, Lease, LeaseHolder, LeaseRenewal, Store, StoreError
 /// How long batch records are kept. Records only need to outlive the batch keys they guard,
 /// and every flush recovers leftover batches before it prunes.
 const BATCH_RECORD_RETENTION: chrono::TimeDelta = chrono::TimeDelta::days(7);
+/// How soon a failed renewal of the lease is tried again.
+const RENEWAL_RETRY: Duration = Duration::from_millis(250);
 /// How often a flush waiting for another process's lease looks again.
 const LOCK_POLL_INTERVAL: Duration = Duration::from_millis(100);
 
@@ -417,9 +419,13 @@ impl From<diesel::result::Error> for FlushError {
 }
 
 /// Renews the lease every third of its time to live, until aborted; marks it lost if it is gone.
+/// A failed renewal is tried again soon, not a third of the TTL later: a Redis reply can take as
+/// long as that third (its 5 s timeout), and two slow attempts in a row would lose the lease.
 async fn renew_lease(store: Store, renewal: LeaseRenewal, ttl: Duration) {
+    let mut wait = ttl / 3;
     loop {
-        tokio::time::sleep(ttl / 3).await;
+        tokio::time::sleep(wait).await;
+        wait = ttl / 3;
         match store.renew_lease(&renewal, ttl).await {
             Ok(true) => {}
             Ok(false) => {
@@ -430,7 +436,10 @@ async fn renew_lease(store: Store, renewal: LeaseRenewal, ttl: Duration) {
                 );
                 return;
             }
-            Err(e) => warn!(error = %e, "could not renew the flush lease; trying again"),
+            Err(e) => {
+                warn!(error = %e, "could not renew the flush lease; trying again");
+                wait = RENEWAL_RETRY;
+            }
         }
     }
 }
