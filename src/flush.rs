@@ -418,7 +418,8 @@ impl From<diesel::result::Error> for FlushError {
     }
 }
 
-/// Renews the lease every third of its time to live, until aborted; marks it lost if it is gone.
+/// Renews the lease every third of its time to live, until aborted or the lease is gone (the
+/// holder's next fenced write then fails).
 /// A failed renewal is tried again soon, not a third of the TTL later: a Redis reply can take as
 /// long as that third (its 5 s timeout), and two slow attempts in a row would lose the lease.
 async fn renew_lease(store: Store, renewal: LeaseRenewal, ttl: Duration) {
@@ -429,7 +430,6 @@ async fn renew_lease(store: Store, renewal: LeaseRenewal, ttl: Duration) {
         match store.renew_lease(&renewal, ttl).await {
             Ok(true) => {}
             Ok(false) => {
-                renewal.mark_lost();
                 error!(
                     "the flush lease expired under running work (this process stalled for longer than \
                      --flush-lock-ttl-secs?); another process may hold it, and this one's next write is refused"

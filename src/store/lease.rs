@@ -11,8 +11,6 @@
 //! Only [`Store::try_acquire_lease`] makes a [`Lease`], and the writes that need one take it as
 //! an argument: holding the lease is checked by the compiler as well as by Redis.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
 use redis::ToRedisArgs;
@@ -24,7 +22,6 @@ use super::{Store, StoreError};
 #[derive(Debug)]
 pub struct Lease {
     token: String,
-    lost: Arc<AtomicBool>,
 }
 
 impl Lease {
@@ -38,29 +35,16 @@ impl Lease {
         self.token.split(':').next().and_then(|n| n.parse().ok()).unwrap_or(0)
     }
 
-    /// Whether a renewal found the lease gone (expired, or taken by another process).
-    pub fn is_lost(&self) -> bool {
-        self.lost.load(Ordering::Relaxed)
-    }
-
-    /// What the renewal task needs: the token and the flag it raises when the lease is gone.
+    /// What the renewal task needs: the token, to renew with.
     pub fn renewal(&self) -> LeaseRenewal {
-        LeaseRenewal { token: self.token.clone(), lost: self.lost.clone() }
+        LeaseRenewal { token: self.token.clone() }
     }
 }
 
-/// The renewal side of a [`Lease`]: renews with its token, and marks the lease lost.
+/// The renewal side of a [`Lease`]: it can renew the lease, not write under it.
 #[derive(Debug)]
 pub struct LeaseRenewal {
     token: String,
-    lost: Arc<AtomicBool>,
-}
-
-impl LeaseRenewal {
-    /// Marks the lease lost: its holder's next fenced write fails anyway; this tells it sooner.
-    pub fn mark_lost(&self) {
-        self.lost.store(true, Ordering::Relaxed);
-    }
 }
 
 /// The answer of [`Store::try_acquire_lease`].
@@ -108,7 +92,7 @@ impl Store {
             .invoke_async(&mut conn)
             .await?;
         Ok(match reply {
-            (1, token, _) => Acquired::Held(Lease { token, lost: Arc::new(AtomicBool::new(false)) }),
+            (1, token, _) => Acquired::Held(Lease { token }),
             (_, token, ms_left) => Acquired::Busy(LeaseHolder {
                 token,
                 expires_in: Duration::from_millis(ms_left.unwrap_or(0).max(0) as u64),
