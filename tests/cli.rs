@@ -90,22 +90,28 @@ async fn invalid_settings_stop_start_up_naming_the_variable() {
 
 /// Issue #15: with a 60 s idempotency TTL inside the 300 s signature tolerance, a captured request
 /// resent after 62 s was applied again. Such a setting no longer starts.
-#[tokio::test]
-async fn an_idempotency_ttl_shorter_than_the_signature_window_stops_start_up() {
-    let env = TestEnv::sqlite().await;
-    let mut serve = Command::new(env!("CARGO_BIN_EXE_countersink"))
-        .env("COUNTERSINK_DATABASE_URL", &env.core.database_url)
-        .args(["serve", "--insecure-no-auth", "--listen", "127.0.0.1:0", "--idempotency-ttl-secs", "599"])
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    // Before the check, such a setting started the service: give it a moment, then stop it.
+/// What a `serve` that should stop at start-up printed: it is given 10 s to exit, then killed (a
+/// service that starts instead fails the test's assertions, not its time).
+fn output_within_10_s(mut serve: std::process::Child) -> Output {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     while serve.try_wait().unwrap().is_none() && std::time::Instant::now() < deadline {
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
     let _ = serve.kill();
-    let output = serve.wait_with_output().unwrap();
+    serve.wait_with_output().unwrap()
+}
+
+#[tokio::test]
+async fn an_idempotency_ttl_shorter_than_the_signature_window_stops_start_up() {
+    let env = TestEnv::sqlite().await;
+    let serve = Command::new(env!("CARGO_BIN_EXE_countersink"))
+        .env("COUNTERSINK_DATABASE_URL", &env.core.database_url)
+        .args(["serve", "--insecure-no-auth", "--listen", "127.0.0.1:0", "--idempotency-ttl-secs", "599"])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Before the check, such a setting started the service.
+    let output = output_within_10_s(serve);
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("COUNTERSINK_IDEMPOTENCY_TTL_SECS") && stderr.contains("at least 600"), "{stderr}");
@@ -130,14 +136,8 @@ async fn a_redis_that_may_evict_keys_stops_start_up() {
             .spawn()
             .unwrap()
     };
-    let mut refused = serve(&[]);
-    // Before the check it started and ran: give it a moment, then stop it.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while refused.try_wait().unwrap().is_none() && std::time::Instant::now() < deadline {
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
-    let _ = refused.kill();
-    let refused = refused.wait_with_output().unwrap();
+    // Before the check it started and ran.
+    let refused = output_within_10_s(serve(&[]));
     assert!(!refused.status.success());
     let stderr = String::from_utf8_lossy(&refused.stderr);
     assert!(stderr.contains("maxmemory-policy allkeys-lru") && stderr.contains("noeviction"), "{stderr}");
