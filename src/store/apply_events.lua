@@ -17,7 +17,9 @@
 -- ARGV[4]   1 if the state must be bootstrapped (the marker must exist), else 0
 -- ARGV[5]   the pub/sub channel told which users' counts changed (comma-separated ids)
 -- ARGV[6]   a digest of the request's body (hex), remembered with its idempotency key
--- ARGV[7..] 7 values per event: op, state key index (into KEYS), index in shard, user id, when
+-- ARGV[7]   the prefix of a reconcile's draft-picture keys (key = prefix .. user id)
+-- ARGV[8]   the prefix of a reconcile's tally keys (key = prefix .. user id)
+-- ARGV[9..] 7 values per event: op, state key index (into KEYS), index in shard, user id, when
 --           it occurred (unix ms, 0 if the sender did not say), the user's count bucket index
 --           (into KEYS) and field in it
 --
@@ -109,7 +111,7 @@ local changed, recorded = 0, 0
 local deltas, users = {}, {}
 
 local count_at = {}
-for i = 7, #ARGV, 7 do
+for i = 9, #ARGV, 7 do
   local op, key, pos, user = ARGV[i], KEYS[tonumber(ARGV[i + 1])], '#' .. ARGV[i + 2], ARGV[i + 3]
   count_at[user] = {KEYS[tonumber(ARGV[i + 5])], ARGV[i + 6]}
   journal(user, op .. ' ' .. key .. ' ' .. pos)
@@ -145,6 +147,10 @@ for i = 7, #ARGV, 7 do
         users[#users + 1] = user
       end
       deltas[user] = deltas[user] + delta
+      -- A reconcile already wrote this notification's truth: its tally of the unread follows.
+      if fenced[user] and redis.call('SISMEMBER', ARGV[7] .. user, key .. ' ' .. ARGV[i + 2]) == 1 then
+        redis.call('HINCRBY', ARGV[8] .. user, 'unread', delta)
+      end
     end
   end
 end

@@ -184,6 +184,7 @@ pub struct Store {
 struct Scripts {
     apply_events: Script,
     reconcile_begin: Script,
+    reconcile_truth: Script,
     reconcile_finish: Script,
     take_recounts: Script,
     renew_recounts: Script,
@@ -205,6 +206,11 @@ fn scripts() -> &'static Scripts {
             include_str!("lease.lua"),
             include_str!("transition.lua"),
             include_str!("reconcile_begin.lua")
+        )),
+        reconcile_truth: Script::new(concat!(
+            include_str!("lease.lua"),
+            include_str!("transition.lua"),
+            include_str!("reconcile_truth.lua")
         )),
         reconcile_finish: Script::new(concat!(
             include_str!("lease.lua"),
@@ -303,7 +309,9 @@ impl Store {
             .arg(self.keys.reconciled(""))
             .arg(u8::from(self.requires_bootstrap))
             .arg(self.keys.live_channel())
-            .arg(digest);
+            .arg(digest)
+            .arg(self.keys.reconcile_draft(""))
+            .arg(self.keys.reconcile_tally(""));
         // KEYS[1..6] are taken; each distinct state shard and count bucket gets the next index.
         let mut next_key = 7;
         let mut shard_index: HashMap<u64, usize> = HashMap::new();
@@ -626,7 +634,11 @@ impl Store {
     }
 }
 
-/// A user's notifications as the Notification table holds them, for [`Store::reconcile_finish`].
+/// The most notification states one [`Store::reconcile_truth`] call writes: each call is a short
+/// script (a few milliseconds), however many notifications a user has.
+pub const TRUTH_STATES_PER_CALL: usize = 1000;
+
+/// A user's notifications as the Notification table holds them.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UserTruth {
     /// The user.
@@ -636,6 +648,9 @@ pub struct UserTruth {
     /// Each notification's id and state (1 read, 2 unread, 3 deleted).
     pub notifications: Vec<(u64, u8)>,
 }
+
+/// Some of one user's notifications as the table holds them: one piece of a truth chunk.
+pub type TruthPiece<'a> = (u64, &'a [(u64, u8)]);
 
 /// What a reconcile found for one user.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
@@ -648,11 +663,46 @@ pub struct UserDrift {
     pub actual: i64,
 }
 
+/// How [`Store::reconcile_finish`] left one user.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UserRepair {
+    /// The user's count is the table's truth now; `drift` says what it was before.
+    Repaired(UserDrift),
+    /// The fence expired before the repair (the reconcile took too long). The states and counts
+    /// the truth chunks wrote agree with each other; the user is not repaired: try again.
+    Unfinished,
+}
+
+impl redis::FromRedisValue for UserRepair {
+    /// `{user, 'repaired', before, actual}` or `{user, 'unfinished'}` (see `reconcile_finish.lua`).
+    fn from_redis_value(value: redis::Value) -> Result<Self, redis::ParsingError> {
+        let reply: Vec<redis::Value> = redis::from_redis_value(value)?;
+        let mut fields = reply.into_iter();
+        let mut next = || fields.next().ok_or_else(|| redis::ParsingError::from("a reconcile result cut short"));
+        let user_id: u64 = redis::from_redis_value(next()?)?;
+        let outcome: String = redis::from_redis_value(next()?)?;
+        match outcome.as_str() {
+            "repaired" => Ok(UserRepair::Repaired(UserDrift {
+                user_id,
+                stored: redis::from_redis_value(next()?)?,
+                actual: redis::from_redis_value(next()?)?,
+            })),
+            "unfinished" => Ok(UserRepair::Unfinished),
+            other => Err(format!("an unknown reconcile result {other:?}").into()),
+        }
+    }
+}
+
 impl Store {
     /// Fences `users` for `fence`: until it is lifted or expires, their events are journaled.
     pub async fn reconcile_begin(&self, lease: &Lease, users: &[u64], fence: Duration) -> Result<(), StoreError> {
         let mut invocation = self.fenced_invocation(&self.scripts.reconcile_begin, lease);
-        invocation.key(self.keys.reconciling()).arg(self.keys.journal("")).arg(fence.as_millis() as u64);
+        invocation
+            .key(self.keys.reconciling())
+            .arg(self.keys.journal(""))
+            .arg(fence.as_millis() as u64)
+            .arg(self.keys.reconcile_draft(""))
+            .arg(self.keys.reconcile_tally(""));
         for user in users {
             invocation.arg(*user);
         }
@@ -661,17 +711,61 @@ impl Store {
         Ok(())
     }
 
-    /// Sets the users' state to the table's truth plus the journal, and their pending deltas to
-    /// match; lifts the fence. Returns a drift per user, or `None` for a user whose fence expired.
+    /// Writes one chunk of the table's truth (at most [`TRUTH_STATES_PER_CALL`] notifications in
+    /// all) for fenced users: each state becomes the table's with the journal replayed on top, and
+    /// the users' counts move with them, so states and counts agree after every chunk. Users whose
+    /// fence expired are skipped. Returns how many states were written.
+    pub async fn reconcile_truth(&self, lease: &Lease, chunk: &[TruthPiece<'_>]) -> Result<u64, StoreError> {
+        let total: usize = chunk.iter().map(|(_, piece)| piece.len()).sum();
+        if total > TRUTH_STATES_PER_CALL {
+            return Err(StoreError::Unexpected(format!(
+                "a truth chunk of {total} states (at most {TRUTH_STATES_PER_CALL})"
+            )));
+        }
+        let mut invocation = self.fenced_invocation(&self.scripts.reconcile_truth, lease);
+        invocation
+            .key(self.keys.reconciling())
+            .key(self.keys.pending())
+            .arg(self.keys.journal(""))
+            .arg(self.keys.reconcile_draft(""))
+            .arg(self.keys.reconcile_tally(""))
+            .arg(self.keys.reconciled(""))
+            .arg(self.keys.live_channel());
+        for (user, piece) in chunk {
+            let (bucket, field) = Keys::count_slot(*user);
+            let mut by_shard: std::collections::BTreeMap<u64, Vec<(u64, u8)>> = Default::default();
+            for (id, state) in piece.iter() {
+                let (shard, index) = Keys::state_slot(*id);
+                by_shard.entry(shard).or_default().push((index, *state));
+            }
+            for (shard, states) in by_shard {
+                invocation
+                    .arg(*user)
+                    .arg(self.keys.counts(bucket))
+                    .arg(field)
+                    .arg(self.keys.state(shard))
+                    .arg(states.len());
+                for (index, state) in states {
+                    invocation.arg(index).arg(state);
+                }
+            }
+        }
+        let mut conn = self.conn.clone();
+        Ok(invocation.invoke_async(&mut conn).await?)
+    }
+
+    /// Repairs fenced users whose truth is written ([`Store::reconcile_truth`]): sets each one's
+    /// pending delta so that `stored` (per user, read while no flush can run) plus pending is the
+    /// true count, holds that count, and lifts the fence. Its work is bounded by the journals.
     ///
     /// For `grace` afterwards, an event for a notification Redis knew but the table did not hold
     /// (deleted before the read, its event still on the way) counts nothing.
     pub async fn reconcile_finish(
         &self,
         lease: &Lease,
-        truths: &[UserTruth],
+        stored: &[(u64, i64)],
         grace: Duration,
-    ) -> Result<Vec<(u64, Option<UserDrift>)>, StoreError> {
+    ) -> Result<Vec<(u64, UserRepair)>, StoreError> {
         let mut invocation = self.fenced_invocation(&self.scripts.reconcile_finish, lease);
         invocation
             .key(self.keys.pending())
@@ -679,29 +773,16 @@ impl Store {
             .arg(self.keys.journal(""))
             .arg(self.keys.reconciled(""))
             .arg(grace.as_millis() as u64)
-            .arg(self.keys.live_channel());
-        for truth in truths {
-            let (bucket, field) = Keys::count_slot(truth.user_id);
-            invocation
-                .arg(truth.user_id)
-                .arg(truth.stored)
-                .arg(self.keys.counts(bucket))
-                .arg(field)
-                .arg(truth.notifications.len());
-            for (id, state) in &truth.notifications {
-                let (shard, index) = Keys::state_slot(*id);
-                invocation.arg(self.keys.state(shard)).arg(index).arg(*state);
-            }
+            .arg(self.keys.live_channel())
+            .arg(self.keys.reconcile_draft(""))
+            .arg(self.keys.reconcile_tally(""));
+        for (user, stored) in stored {
+            let (bucket, field) = Keys::count_slot(*user);
+            invocation.arg(*user).arg(*stored).arg(self.keys.counts(bucket)).arg(field);
         }
         let mut conn = self.conn.clone();
-        let rows: Vec<(u64, i64, i64)> = invocation.invoke_async(&mut conn).await?;
-        Ok(rows
-            .into_iter()
-            .map(|(user_id, stored, actual)| {
-                let drift = (stored >= 0).then_some(UserDrift { user_id, stored, actual });
-                (user_id, drift)
-            })
-            .collect())
+        let repairs: Vec<UserRepair> = invocation.invoke_async(&mut conn).await?;
+        Ok(stored.iter().map(|(user, _)| *user).zip(repairs).collect())
     }
 
     /// Asks for users to be recounted (the bulk paths); repeated asks for a user coalesce.
@@ -932,7 +1013,9 @@ impl Store {
         let mut deleted = 0;
         // With the marker gone, no process started with a Notification table (as every process of
         // a deployment that bootstraps must be) installs or changes a count, so none comes back.
-        for pattern in ["counts:*", "state:*", "batch:*", "journal:*", "reconciled:*"] {
+        for pattern in
+            ["counts:*", "state:*", "batch:*", "journal:*", "reconciled:*", "reconcile_draft:*", "reconcile_tally:*"]
+        {
             deleted += self.unlink_matching(pattern).await?;
         }
         let singles = [
