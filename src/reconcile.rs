@@ -7,7 +7,7 @@
 //!    are applied as usual *and* journaled.
 //! 2. **Read the truth.** Their notifications (id, read state, soft delete) and stored counts.
 //! 3. **Write the truth**, a chunk of at most [`TRUTH_STATES_PER_CALL`] notifications per script
-//!    (a heavy user's million take a thousand short scripts, not one that blocks Redis): each
+//!    (a heavy user's million take two thousand short scripts, not one that blocks Redis): each
 //!    notification's state becomes the table's with the journal so far replayed on top (events
 //!    that arrived after step 1 may be newer than the read), and the user's pending delta and
 //!    held count move with it. States and counts agree after every chunk, so a reconcile that
@@ -37,8 +37,9 @@ use crate::store::{
 
 /// Users recounted per step: bounds the memory of one read and the time the flush lease is held.
 pub const USERS_PER_STEP: usize = 200;
-/// How long a user's events are journaled at most; a step takes well under a second, and some
-/// seconds for a user with a million notifications (most of it reading them from the table).
+/// How long a user's events are journaled without progress: the fence expires this long after the
+/// step began or after its last truth chunk. A step takes well under a second; a user with a million
+/// notifications about 11 s (most of it reading them from the table).
 const FENCE: Duration = Duration::from_secs(60);
 /// How long after a reconcile an in-flight event for a notification the table no longer held is
 /// recognised (see `apply_events.lua`): longer than any sender takes to deliver an event.
@@ -383,7 +384,7 @@ impl Reconciler {
             })
             .collect();
         for (n, chunk) in truth_chunks(&truths, TRUTH_STATES_PER_CALL).iter().enumerate() {
-            self.store.reconcile_truth(lease, chunk).await?;
+            self.store.reconcile_truth(lease, chunk, FENCE).await?;
             if n == 0 {
                 crash_point::reach(crash_point::RECONCILE_AFTER_TRUTH_CHUNK);
             }

@@ -83,14 +83,14 @@ async fn a_heavy_user_is_reconciled_in_short_redis_scripts() {
         at(0.99),
         times.iter().filter(|t| **t >= LONGEST_SCRIPT.as_micros() as u64).count()
     );
-    // A script's time in the slow log is wall time: on a machine shared with other work, the odd
-    // script also counts the time Redis waited for a CPU. So the bound holds for 99 in 100
-    // scripts, and no script may take ten times as long; one script doing a heavy user's whole
-    // repair took 11 s at a million notifications.
+    // The bound is the issue's: no script over 50 ms (one script doing a heavy user's whole repair
+    // took 11 s at a million notifications). A script's time in the slow log is wall time, so on a
+    // machine busy with other work a script may also count a wait for a CPU: chunks of 500 take
+    // about 3 ms (longest 13 ms) on this 2-core machine when quiet, which leaves that margin.
     let p99 = at(0.99).unwrap_or(0);
-    assert!(p99 < LONGEST_SCRIPT.as_micros() as u64, "1 script in 100 blocked Redis for {p99} µs or more");
+    assert!(p99 < LONGEST_SCRIPT.as_micros() as u64 / 5, "1 script in 100 blocked Redis for {p99} µs or more");
     assert!(
-        longest < 10 * LONGEST_SCRIPT.as_micros() as u64,
+        longest < LONGEST_SCRIPT.as_micros() as u64,
         "a script blocked Redis for {longest} µs: {:?}",
         scripts.iter().filter(|(micros, _)| *micros >= LONGEST_SCRIPT.as_micros() as u64).collect::<Vec<_>>()
     );

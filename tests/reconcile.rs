@@ -174,7 +174,7 @@ async fn events_inside_and_after_a_reconcile_window_count_exactly_once() {
     store.reconcile_begin(&lease, &[7], Duration::from_secs(60)).await.unwrap();
     // The table, as read: 1 unread, 2 unread, 3 already hard-deleted (its event not yet here).
     let truth = UserTruth { user_id: 7, stored: 0, notifications: vec![(1, 2), (2, 2)] };
-    store.reconcile_truth(&lease, &[(7, &truth.notifications[..])]).await.unwrap();
+    store.reconcile_truth(&lease, &[(7, &truth.notifications[..])], Duration::from_secs(60)).await.unwrap();
     // After the read: notification 2 is marked read and its event lands before the repair.
     store.apply(&[Event::save(2, 7, false, false)]).await.unwrap();
     let drift = store.reconcile_finish(&lease, &[(7, truth.stored)], Duration::from_secs(60)).await.unwrap();
@@ -545,7 +545,7 @@ async fn events_between_the_truth_chunks_and_the_repair_count_exactly_once() {
     // The table, as read: 1-6 unread. Its truth goes to Redis in two chunks.
     let truth = UserTruth { user_id: 7, stored: 0, notifications: (1..=6).map(|id| (id, 2)).collect() };
     let (written, unwritten) = truth.notifications.split_at(3);
-    store.reconcile_truth(&lease, &[(7, written)]).await.unwrap();
+    store.reconcile_truth(&lease, &[(7, written)], Duration::from_secs(60)).await.unwrap();
     // Between the chunks, for notifications already written (2, 3) and not yet written (4, 5),
     // and for one created after the read (10).
     store
@@ -558,7 +558,7 @@ async fn events_between_the_truth_chunks_and_the_repair_count_exactly_once() {
         ])
         .await
         .unwrap();
-    store.reconcile_truth(&lease, &[(7, unwritten)]).await.unwrap();
+    store.reconcile_truth(&lease, &[(7, unwritten)], Duration::from_secs(60)).await.unwrap();
     // After the last chunk, before the repair.
     store
         .apply(&[
@@ -669,7 +669,7 @@ async fn a_reconcile_whose_fence_expires_after_a_truth_chunk_leaves_every_count_
     // The table is read (1 read, 2 read); then 1 is marked unread and its event lands.
     store.apply(&[Event::save(1, 7, true, false)]).await.unwrap();
     let (truth_7, truth_8) = ([(1, 1)], [(2, 1)]);
-    store.reconcile_truth(&lease, &[(7, &truth_7[..]), (8, &truth_8[..])]).await.unwrap();
+    store.reconcile_truth(&lease, &[(7, &truth_7[..]), (8, &truth_8[..])], Duration::from_millis(300)).await.unwrap();
     // The chunk's states are the table's with the journal on top, and the counts moved with them.
     assert_eq!((count(7).await, count(8).await), (1, 0));
     tokio::time::sleep(Duration::from_millis(400)).await;
@@ -706,7 +706,7 @@ async fn a_notification_a_chunk_counted_is_held_by_the_table_though_the_last_rec
     assert_eq!(count().await, 0);
     // The row is there for the next one, which stalls after its first chunk.
     store.reconcile_begin(&lease, &[9], Duration::from_millis(300)).await.unwrap();
-    store.reconcile_truth(&lease, &[(9, &[(5, 2)][..])]).await.unwrap();
+    store.reconcile_truth(&lease, &[(9, &[(5, 2)][..])], Duration::from_millis(300)).await.unwrap();
     assert_eq!(count().await, 1);
     tokio::time::sleep(Duration::from_millis(400)).await;
     let repaired = store.reconcile_finish(&lease, &[(9, 0)], Duration::from_secs(60)).await.unwrap();
@@ -714,4 +714,25 @@ async fn a_notification_a_chunk_counted_is_held_by_the_table_though_the_last_rec
     // Marked read: the count follows.
     let read = store.apply(&[Event::save(5, 9, false, false)]).await.unwrap();
     assert_eq!((read.changed, count().await), (1, 0), "{read:?}");
+}
+
+/// Each truth chunk moves its users' fence ahead: a reconcile that keeps writing (a user with
+/// millions of notifications) outlives its first deadline; one that stalls does not.
+#[tokio::test]
+async fn a_truth_chunk_moves_the_fence_ahead() {
+    let env = TestEnv::sqlite().await;
+    let state = env.state();
+    let store = &state.store;
+    store.apply(&[Event::save(1, 7, true, true)]).await.unwrap();
+    let Acquired::Held(lease) = store.try_acquire_lease(Duration::from_secs(60), 0).await.unwrap() else {
+        panic!("nothing else holds this test's lease")
+    };
+    let fence = Duration::from_millis(400);
+    store.reconcile_begin(&lease, &[7], fence).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    store.reconcile_truth(&lease, &[(7, &[(1, 1)][..])], fence).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    // 500 ms after the fence went up, 250 ms after the chunk.
+    let repaired = store.reconcile_finish(&lease, &[(7, 0)], Duration::from_secs(60)).await.unwrap();
+    assert_eq!(repaired, vec![(7, UserRepair::Repaired(UserDrift { user_id: 7, stored: 1, actual: 0 }))]);
 }

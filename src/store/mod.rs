@@ -635,8 +635,9 @@ impl Store {
 }
 
 /// The most notification states one [`Store::reconcile_truth`] call writes: each call is a short
-/// script (a few milliseconds), however many notifications a user has.
-pub const TRUTH_STATES_PER_CALL: usize = 1000;
+/// script (about 3 ms; 6 ms at 1,000, see docs/design.md *Reconcile*), however many notifications
+/// a user has.
+pub const TRUTH_STATES_PER_CALL: usize = 500;
 
 /// A user's notifications as the Notification table holds them.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -713,9 +714,15 @@ impl Store {
 
     /// Writes one chunk of the table's truth (at most [`TRUTH_STATES_PER_CALL`] notifications in
     /// all) for fenced users: each state becomes the table's with the journal replayed on top, and
-    /// the users' counts move with them, so states and counts agree after every chunk. Users whose
-    /// fence expired are skipped. Returns how many states were written.
-    pub async fn reconcile_truth(&self, lease: &Lease, chunk: &[TruthPiece<'_>]) -> Result<u64, StoreError> {
+    /// the users' counts move with them, so states and counts agree after every chunk. The users'
+    /// fences are moved `fence` ahead; users whose fence had expired are skipped. Returns how many
+    /// states were written.
+    pub async fn reconcile_truth(
+        &self,
+        lease: &Lease,
+        chunk: &[TruthPiece<'_>],
+        fence: Duration,
+    ) -> Result<u64, StoreError> {
         let total: usize = chunk.iter().map(|(_, piece)| piece.len()).sum();
         if total > TRUTH_STATES_PER_CALL {
             return Err(StoreError::Unexpected(format!(
@@ -730,7 +737,8 @@ impl Store {
             .arg(self.keys.reconcile_draft(""))
             .arg(self.keys.reconcile_tally(""))
             .arg(self.keys.reconciled(""))
-            .arg(self.keys.live_channel());
+            .arg(self.keys.live_channel())
+            .arg(fence.as_millis() as u64);
         for (user, piece) in chunk {
             let (bucket, field) = Keys::count_slot(*user);
             let mut by_shard: std::collections::BTreeMap<u64, Vec<(u64, u8)>> = Default::default();

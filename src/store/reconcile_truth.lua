@@ -18,7 +18,10 @@
 -- ARGV[2] the prefix of journal keys, ARGV[3] the prefix of draft keys,
 -- ARGV[4] the prefix of tally keys, ARGV[5] the prefix of reconciled-set keys,
 -- ARGV[6] the pub/sub channel told which users' counts changed (comma-separated ids)
--- ARGV[7..] groups of one user's notifications in one state shard: user id, count bucket key,
+-- ARGV[7] the fence's length in ms: a chunk moves its users' fence deadlines that far ahead, so a
+--         reconcile that keeps writing (a user with millions of notifications) keeps its fence,
+--         and one that stalled loses it that long after its last chunk
+-- ARGV[8..] groups of one user's notifications in one state shard: user id, count bucket key,
 --           field in it, state key, n, then n pairs (index in shard, state)
 -- Returns the number of states written: a user whose fence expired is skipped (their events are
 -- no longer journaled, so a truth written now could be older than an event already applied).
@@ -42,7 +45,8 @@ local function journaled(user)
 end
 
 local written = 0
-local i = 7
+local fence = tonumber(ARGV[7])
+local i = 8
 while i <= #ARGV do
   local user, bucket, field, key, n = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], tonumber(ARGV[i + 4])
   local pairs_at = i + 5
@@ -52,6 +56,11 @@ while i <= #ARGV do
     fenced[user] = deadline ~= false and deadline ~= nil and tonumber(deadline) > now
   end
   if fenced[user] and n > 0 then
+    if deltas[user] == nil then
+      redis.call('ZADD', KEYS[2], 'GT', now + fence, user)
+      redis.call('PEXPIRE', ARGV[3] .. user, 2 * fence)
+      redis.call('PEXPIRE', ARGV[4] .. user, 2 * fence)
+    end
     local ops = journaled(user)
     local gets = {}
     for p = pairs_at, pairs_at + 2 * (n - 1), 2 do
