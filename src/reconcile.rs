@@ -121,12 +121,21 @@ pub struct Reconciler {
     flusher: Flusher,
     source: Option<Arc<Source>>,
     recounts_queued: Arc<tokio::sync::Notify>,
+    /// Wakes [`Reconciler::watch_redis_state`]: an event was refused because Redis restarted.
+    redis_restarted: Arc<tokio::sync::Notify>,
 }
 
 impl Reconciler {
     /// A reconciler over `source`; without one, every reconcile answers [`ReconcileError::NotConfigured`].
     pub fn new(store: Store, db: Db, flusher: Flusher, source: Option<Source>) -> Self {
-        Self { store, db, flusher, source: source.map(Arc::new), recounts_queued: Arc::new(tokio::sync::Notify::new()) }
+        Self {
+            store,
+            db,
+            flusher,
+            source: source.map(Arc::new),
+            recounts_queued: Arc::new(tokio::sync::Notify::new()),
+            redis_restarted: Arc::new(tokio::sync::Notify::new()),
+        }
     }
 
     /// Rebuilds the whole state and every stored count from the table (see [`crate::bootstrap`]).
@@ -140,11 +149,30 @@ impl Reconciler {
         crate::bootstrap::bootstrap(&self.store, &self.db, &self.flusher, &source, batching, rebuild, progress).await
     }
 
-    /// Rebuilds the state whenever it is found missing; runs until the process stops.
-    pub async fn watch_for_lost_state(self, interval: Duration) {
-        if let Some(source) = self.source.clone() {
-            crate::bootstrap::watch(self.store, self.db, self.flusher, (*source).clone(), interval).await;
+    /// Watches the Redis state until the process stops, every `interval` and at once when
+    /// [`Reconciler::wake_redis_watch`] is called: recovers from a Redis restart (see
+    /// `Flusher::recover_if_redis_restarted`) and, with a Notification table and `rebuild`,
+    /// rebuilds a state found missing.
+    pub async fn watch_redis_state(self, interval: Duration, rebuild: bool) {
+        loop {
+            match self.flusher.recover_if_redis_restarted().await {
+                Ok(_) => {}
+                Err(FlushError::Store(e)) if e.is_unavailable() => {}
+                Err(e) => warn!(error = %e, "cannot check whether Redis restarted; trying again"),
+            }
+            if let (Some(source), true) = (&self.source, rebuild) {
+                crate::bootstrap::rebuild_if_missing(&self.store, &self.db, &self.flusher, source).await;
+            }
+            tokio::select! {
+                _ = self.redis_restarted.notified() => {}
+                _ = tokio::time::sleep(interval) => {}
+            }
         }
+    }
+
+    /// Wakes this process's [`Reconciler::watch_redis_state`]: an event found Redis restarted.
+    pub fn wake_redis_watch(&self) {
+        self.redis_restarted.notify_one();
     }
 
     /// Whether a Notification table is configured.

@@ -1,6 +1,6 @@
 -- Applies a batch of events atomically: one state transition per event, then per user one
 -- ZINCRBY of the pending delta and, if the user's real-time count is held, one HINCRBY of it.
--- (transition.lua is prepended.)
+-- (transition.lua and instance.lua are prepended.)
 --
 -- KEYS[1]   the pending sorted set (member = user id, score = pending delta)
 -- KEYS[2]   the idempotency key of this request (its webhook-id)
@@ -9,7 +9,9 @@
 -- KEYS[5]   what the last bootstrap read: "shard index ms", the highest notification slot it
 --           read (-1 -1 for none) and when it finished (unix ms)
 -- KEYS[6]   the users waiting for a recount (stale events and saves after a delete add theirs)
--- KEYS[7..] state shard bitmaps, 2 bits per notification, and held-count buckets (hashes:
+-- KEYS[7]   the instance key: the run id of the Redis server that vouches for the state
+-- KEYS[8]   the hand-off sequence
+-- KEYS[9..] state shard bitmaps, 2 bits per notification, and held-count buckets (hashes:
 --           field = user id within the bucket, value = the user's real-time count)
 -- ARGV[1]   seconds to remember the idempotency key; 0 when the request has none
 -- ARGV[2]   the prefix of journal keys (journal key = prefix .. user id)
@@ -29,10 +31,25 @@
 -- id was seen before, and the counts are then those of its first delivery.
 -- Returns {-1} when the marker is required and missing: the state was lost, nothing is applied.
 -- Returns {-3} when the idempotency key was seen with another body: nothing is applied.
+-- Returns {-4} when this Redis server does not vouch for the state (it restarted, from a snapshot
+-- or empty, since the state was vouched for): nothing is applied until it is rebuilt or resynced.
 local ttl = tonumber(ARGV[1])
 
 if ARGV[4] == '1' and redis.call('EXISTS', KEYS[4]) == 0 then
   return {-1}
+end
+
+local server = this_server()
+local vouched_by = redis.call('GET', KEYS[7])
+if vouched_by ~= server then
+  if vouched_by == false and ARGV[4] == '0'
+    and redis.call('EXISTS', KEYS[8]) == 0 and redis.call('EXISTS', KEYS[1]) == 0 then
+    -- Nothing was ever vouched for, handed off or left pending: a new deployment (or a Redis that
+    -- lost everything, whose pending deltas were all lost with it). This server holds it from now.
+    redis.call('SET', KEYS[7], server)
+  else
+    return {-4}
+  end
 end
 
 if ttl > 0 then

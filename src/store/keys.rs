@@ -102,6 +102,18 @@ impl Keys {
         format!("{}:reconcile_tally:{user}", self.tag)
     }
 
+    /// The run id of the Redis server that vouches for the state: every server start has a new one,
+    /// so another (or none) means the state was restored, failed over or lost since (see
+    /// `instance.lua`).
+    pub fn instance(&self) -> String {
+        format!("{}:instance", self.tag)
+    }
+
+    /// What the last recovery from a Redis restart did, for `/readyz` (see `vouch.lua`).
+    pub fn last_restart(&self) -> String {
+        format!("{}:last_restart", self.tag)
+    }
+
     /// Written by a bootstrap once the state is complete; its absence means the state was lost.
     pub fn ready(&self) -> String {
         format!("{}:ready", self.tag)

@@ -53,6 +53,13 @@ pub enum StoreError {
     /// and another process may hold it now. Nothing was written; the work is the next holder's.
     #[error("{0}; nothing was written, the next holder of the lease does this work")]
     LeaseLost(String),
+    /// The Redis server restarted (from a snapshot, empty, or a replica promoted) since the state
+    /// was vouched for: nothing applies or flushes until it is rebuilt or resynced.
+    #[error(
+        "Redis restarted since its state was vouched for (it may be an older snapshot); nothing was applied: the \
+         state is being rebuilt or resynced, retry shortly"
+    )]
+    RedisRestarted,
     /// A request reused a `webhook-id` applied before with another body; nothing was applied.
     #[error(
         "this webhook-id was applied before with another body; nothing was applied: give every request its own \
@@ -70,6 +77,10 @@ impl From<redis::RedisError> for StoreError {
         if e.code() == Some("LEASE_LOST") {
             // A fenced script's refusal (lease.lua): Redis is fine, the caller is late.
             return StoreError::LeaseLost(e.detail().unwrap_or("the flush lease was lost").to_string());
+        }
+        if e.code() == Some("UNVOUCHED") {
+            // A guarded script's refusal (instance.lua): Redis answers, its state is unvouched.
+            return StoreError::RedisRestarted;
         }
         crate::metrics::dependency_error(crate::metrics::Dependency::Redis);
         StoreError::Redis(e)
@@ -95,7 +106,7 @@ impl StoreError {
                 );
                 passing || e.is_io_error() || e.is_timeout() || e.is_connection_refusal() || e.is_connection_dropped()
             }
-            StoreError::StateMissing | StoreError::CountsReloading => true,
+            StoreError::StateMissing | StoreError::CountsReloading | StoreError::RedisRestarted => true,
             StoreError::LeaseLost(_) | StoreError::IdempotencyKeyReused | StoreError::Unexpected(_) => false,
         }
     }
@@ -189,6 +200,8 @@ struct Scripts {
     take_recounts: Script,
     renew_recounts: Script,
     handoff: Script,
+    vouch: Script,
+    check_instance: Script,
     drop_batch: Script,
     read_batches: Script,
     install_counts: Script,
@@ -201,7 +214,11 @@ struct Scripts {
 fn scripts() -> &'static Scripts {
     static SCRIPTS: std::sync::OnceLock<Scripts> = std::sync::OnceLock::new();
     SCRIPTS.get_or_init(|| Scripts {
-        apply_events: Script::new(concat!(include_str!("transition.lua"), include_str!("apply_events.lua"))),
+        apply_events: Script::new(concat!(
+            include_str!("transition.lua"),
+            include_str!("instance.lua"),
+            include_str!("apply_events.lua")
+        )),
         reconcile_begin: Script::new(concat!(
             include_str!("lease.lua"),
             include_str!("transition.lua"),
@@ -219,7 +236,13 @@ fn scripts() -> &'static Scripts {
         )),
         take_recounts: Script::new(include_str!("take_recounts.lua")),
         renew_recounts: Script::new(include_str!("renew_recounts.lua")),
-        handoff: Script::new(concat!(include_str!("lease.lua"), include_str!("handoff.lua"))),
+        handoff: Script::new(concat!(
+            include_str!("lease.lua"),
+            include_str!("instance.lua"),
+            include_str!("handoff.lua")
+        )),
+        vouch: Script::new(concat!(include_str!("lease.lua"), include_str!("instance.lua"), include_str!("vouch.lua"))),
+        check_instance: Script::new(concat!(include_str!("instance.lua"), include_str!("check_instance.lua"))),
         drop_batch: Script::new(concat!(include_str!("lease.lua"), include_str!("drop_batch.lua"))),
         read_batches: Script::new(include_str!("read_batches.lua")),
         install_counts: Script::new(include_str!("install_counts.lua")),
@@ -304,6 +327,8 @@ impl Store {
             .key(self.keys.ready())
             .key(self.keys.rebuilt())
             .key(self.keys.recounts())
+            .key(self.keys.instance())
+            .key(self.keys.handoff_seq())
             .arg(ttl.as_secs())
             .arg(self.keys.journal(""))
             .arg(self.keys.reconciled(""))
@@ -312,8 +337,8 @@ impl Store {
             .arg(digest)
             .arg(self.keys.reconcile_draft(""))
             .arg(self.keys.reconcile_tally(""));
-        // KEYS[1..6] are taken; each distinct state shard and count bucket gets the next index.
-        let mut next_key = 7;
+        // KEYS[1..8] are taken; each distinct state shard and count bucket gets the next index.
+        let mut next_key = 9;
         let mut shard_index: HashMap<u64, usize> = HashMap::new();
         let mut bucket_index: HashMap<u64, usize> = HashMap::new();
         for event in events {
@@ -344,6 +369,7 @@ impl Store {
         let counts: Vec<u64> = match counts[..] {
             [-1] => return Err(StoreError::StateMissing),
             [-3] => return Err(StoreError::IdempotencyKeyReused),
+            [-4] => return Err(StoreError::RedisRestarted),
             _ => counts.iter().map(|c| *c as u64).collect(),
         };
         match counts[..] {
@@ -523,10 +549,59 @@ impl Store {
             .key(self.keys.batch(batch_id))
             .key(self.keys.batches())
             .key(self.keys.handoff_seq())
+            .key(self.keys.instance())
             .arg(batch_id)
             .invoke_async(&mut conn)
             .await?;
         Ok((seq > 0).then_some(seq))
+    }
+
+    /// Whether this Redis server vouches for the state, and what the last recovery from a restart
+    /// did (see `instance.lua`).
+    pub async fn check_instance(&self) -> Result<InstanceCheck, StoreError> {
+        let mut conn = self.conn.clone();
+        let (server, vouched_by, last_restart, new): (String, String, String, u8) = self
+            .scripts
+            .check_instance
+            .key(self.keys.instance())
+            .key(self.keys.last_restart())
+            .key(self.keys.handoff_seq())
+            .key(self.keys.pending())
+            .invoke_async(&mut conn)
+            .await?;
+        let vouched_by = (!vouched_by.is_empty()).then_some(vouched_by);
+        let last_restart = (!last_restart.is_empty()).then_some(last_restart);
+        let vouched = vouched_by.as_deref() == Some(server.as_str());
+        Ok(InstanceCheck { vouched, new: new == 1, server, vouched_by, last_restart })
+    }
+
+    /// Vouches for the state on this Redis server, from now on.
+    pub async fn claim_instance(&self, lease: &Lease) -> Result<(), StoreError> {
+        self.vouch(lease, "claim").await
+    }
+
+    /// Keeps what a recovery from a Redis restart did (a JSON document), for `/readyz`.
+    pub async fn record_restart(&self, lease: &Lease, record: &str) -> Result<(), StoreError> {
+        let mut writes = self.fenced_writes();
+        writes.command("SET", self.keys.last_restart(), record);
+        self.run_fenced(lease, writes).await
+    }
+
+    /// Vouches for the state as [`Store::claim_instance`] did, if this is still the server that
+    /// claimed it; [`StoreError::RedisRestarted`] if Redis restarted since.
+    pub async fn confirm_instance(&self, lease: &Lease) -> Result<(), StoreError> {
+        self.vouch(lease, "confirm").await
+    }
+
+    async fn vouch(&self, lease: &Lease, mode: &str) -> Result<(), StoreError> {
+        let mut conn = self.conn.clone();
+        let _: String = self
+            .fenced_invocation(&self.scripts.vouch, lease)
+            .key(self.keys.instance())
+            .arg(mode)
+            .invoke_async(&mut conn)
+            .await?;
+        Ok(())
     }
 
     /// Whether the ready marker exists (whether or not this store requires it).
@@ -638,6 +713,22 @@ impl Store {
 /// script (about 3 ms; 6 ms at 1,000, see docs/design.md *Reconcile*), however many notifications
 /// a user has.
 pub const TRUTH_STATES_PER_CALL: usize = 500;
+
+/// Whether the Redis server vouches for the state ([`Store::check_instance`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InstanceCheck {
+    /// The instance key names this server: the state is the one written to it.
+    pub vouched: bool,
+    /// Nothing was ever vouched for, handed off or left pending: a new state (a new deployment,
+    /// or a Redis that lost everything), which the first event or flush vouches for.
+    pub new: bool,
+    /// This server's run id.
+    pub server: String,
+    /// The run id in the instance key (`None`: never vouched for, or lost).
+    pub vouched_by: Option<String>,
+    /// What the last recovery from a restart did, as it recorded it.
+    pub last_restart: Option<String>,
+}
 
 /// A user's notifications as the Notification table holds them.
 #[derive(Debug, Clone, PartialEq, Eq)]
