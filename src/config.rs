@@ -141,6 +141,7 @@ pub struct ServeConfig {
     pub max_read_users: usize,
 
     /// Most requests handled at once; more are answered 503 with `Retry-After` instead of queueing.
+    /// A request takes its slot once its body has arrived; /healthz and /readyz take none.
     #[arg(long, env = "COUNTERSINK_MAX_CONCURRENT_REQUESTS", default_value_t = 256)]
     pub max_concurrent_requests: usize,
 

@@ -139,6 +139,32 @@ async fn silent_half_sent_and_idle_keep_alive_connections_are_closed_after_the_h
     assert_eq!(response.status(), 200);
 }
 
+/// Issue #15: connections were never capped, so a client could open them until the process ran
+/// out of descriptors. At `--max-connections` no more are accepted: the next client waits in the
+/// listen queue until one closes (here the header timeout closes idle and silent ones).
+#[tokio::test]
+async fn past_the_connection_cap_new_clients_wait_until_a_connection_closes() {
+    let env = TestEnv::sqlite().await;
+    let cap = ["--max-connections", "2", "--max-live-streams", "1", "--max-concurrent-requests", "1"];
+    let sidecar = Sidecar::start(&env, options(&[&cap[..], &["--header-timeout-secs", "2"]].concat())).await;
+    // With the idle keep-alive connection Sidecar::start polled /healthz on, these fill the cap
+    // (the second may wait in the queue itself); the header timeout closes them in turn.
+    let target = address(&sidecar);
+    let _silent = [TcpStream::connect(&target).await.unwrap(), TcpStream::connect(&target).await.unwrap()];
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let started = Instant::now();
+    let response = reqwest::Client::new()
+        .get(format!("{}/healthz", sidecar.base))
+        .timeout(Duration::from_secs(10))
+        .send()
+        .await
+        .unwrap();
+    let waited = started.elapsed();
+    assert_eq!(response.status(), 200);
+    println!("a third client waited {waited:?} for one of 2 connections to close");
+    assert!(waited >= Duration::from_millis(1_200), "served at once past the cap ({waited:?})");
+}
+
 /// Issue #15: under systemd's default soft limit of 1,024 descriptors new connections failed with
 /// "Too many open files" and nothing said why. A limit below what `--max-connections` and the
 /// pools need is now named in a start-up warning that says what to do.
