@@ -6,6 +6,8 @@
 mod common;
 
 use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::sidecar::{Sidecar, SidecarOptions, SECRET};
@@ -55,7 +57,8 @@ async fn read_until_closed(stream: &mut TcpStream, limit: Duration) -> (String, 
 /// Issue #15's second reproduction: 256 connections that send `Content-Length: 100000` and then
 /// nothing held every request permit for 30 s, so `/healthz`, reads and signed events were all
 /// answered 503. Now a body is received before its request takes a permit, and within
-/// `--body-timeout-secs`; health checks take no permit at all.
+/// `--body-timeout-secs`; health checks take no permit at all. This is the issue's target load:
+/// the 256 slow POSTs and 2 amplification clients at once.
 #[tokio::test]
 async fn health_checks_and_work_go_on_while_256_slow_posts_are_open_and_the_posts_are_cut_off() {
     let env = TestEnv::sqlite().await;
@@ -74,6 +77,20 @@ async fn health_checks_and_work_go_on_while_256_slow_posts_are_open_and_the_post
     // Let every slow request reach the server's middleware (before the fix: take its permit).
     tokio::time::sleep(Duration::from_millis(500)).await;
 
+    // And the issue's two amplification clients: forged requests with 10,000 signature candidates.
+    let stop = Arc::new(AtomicBool::new(false));
+    let forged_sent = Arc::new(AtomicUsize::new(0));
+    // Threads of their own, so the probes' timings do not include waiting for the amplifiers'
+    // tasks on this test's runtime.
+    let amplifiers: Vec<_> = (0..2)
+        .map(|_| {
+            let (base, stop, sent) = (sidecar.base.clone(), stop.clone(), forged_sent.clone());
+            std::thread::spawn(move || {
+                let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+                runtime.block_on(amplify(base, stop, sent));
+            })
+        })
+        .collect();
     let client = reqwest::Client::new();
     let mut latencies = Vec::with_capacity(HEALTH_PROBES);
     for _ in 0..HEALTH_PROBES {
@@ -82,13 +99,20 @@ async fn health_checks_and_work_go_on_while_256_slow_posts_are_open_and_the_post
         latencies.push(started.elapsed());
         assert_eq!(response.status(), 200, "/healthz under slow POSTs: {:?}", response.text().await);
     }
+    stop.store(true, Ordering::Relaxed);
+    for amplifier in amplifiers {
+        amplifier.join().unwrap();
+    }
+    let forged_sent = forged_sent.load(Ordering::Relaxed);
     latencies.sort();
     let p50 = latencies[HEALTH_PROBES / 2];
     let p99 = latencies[HEALTH_PROBES * 99 / 100];
     println!(
-        "healthz with {SLOW_POSTS} slow POSTs open: p50 {p50:?}, p99 {p99:?}, max {:?}",
+        "healthz with {SLOW_POSTS} slow POSTs open and 2 clients sending {forged_sent} forged requests: \
+         p50 {p50:?}, p99 {p99:?}, max {:?}",
         latencies[HEALTH_PROBES - 1]
     );
+    assert!(forged_sent >= 2, "the amplification clients sent nothing");
     assert!(p99 < HEALTH_P99_BOUND, "/healthz p99 {p99:?} under {SLOW_POSTS} slow POSTs");
 
     // Work is not starved either: a signed event and a read go through.
@@ -108,6 +132,30 @@ async fn health_checks_and_work_go_on_while_256_slow_posts_are_open_and_the_post
     let cut_after = opened.elapsed();
     assert!(cut_after >= body_timeout - Duration::from_millis(600), "cut off too early: {cut_after:?}");
     println!("{SLOW_POSTS} slow POSTs answered 408 and closed {cut_after:?} after they opened");
+}
+
+/// One amplification client of the issue's first reproduction: forged requests whose
+/// `webhook-signature` holds 10,000 candidates, over a 1,000-event body, until `stop`; each must
+/// be refused (401).
+async fn amplify(base: String, stop: Arc<AtomicBool>, sent: Arc<AtomicUsize>) {
+    let client = reqwest::Client::new();
+    let forged = vec!["v1,AAAA"; 10_000].join(" ");
+    let body = format!("[{}]", vec![r#"{"kind":"post_delete","notification_id":1,"user_id":2}"#; 1_000].join(","));
+    while !stop.load(Ordering::Relaxed) {
+        let n = sent.fetch_add(1, Ordering::Relaxed);
+        let answer = client
+            .post(format!("{base}/v1/events"))
+            .header("content-type", "application/json")
+            .header("webhook-id", format!("msg_forged_{n}"))
+            .header("webhook-timestamp", chrono::Utc::now().timestamp().to_string())
+            .header("webhook-signature", &forged)
+            .body(body.clone())
+            .timeout(Duration::from_secs(10))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(answer.status(), 401);
+    }
 }
 
 /// Issue #15's third reproduction: a half-sent request and an idle keep-alive connection were
