@@ -182,9 +182,15 @@ async fn silent_half_sent_and_idle_keep_alive_connections_are_closed_after_the_h
         assert!(closed.is_some(), "the {what} connection was still open {:?} after it opened", opened.elapsed());
         println!("{what} connection closed by {:?} after it opened", opened.elapsed());
     }
-    // A client that keeps to the timeout is served as before.
-    let response = reqwest::get(format!("{}/healthz", sidecar.base)).await.unwrap();
-    assert_eq!(response.status(), 200);
+    // A client that keeps to the timeout is served as before, and the cut-offs are counted.
+    let metrics = reqwest::get(format!("{}/metrics", sidecar.base)).await.unwrap().text().await.unwrap();
+    let sample = |name: &str| {
+        let line =
+            metrics.lines().find(|line| line.starts_with(&format!("{name} "))).unwrap_or_else(|| panic!("{name}"));
+        line.rsplit(' ').next().unwrap().parse::<f64>().unwrap()
+    };
+    assert!(sample("countersink_http_header_timeouts_total") >= 3.0, "{metrics}");
+    assert!(sample("countersink_http_connections_open") >= 1.0, "{metrics}");
 }
 
 /// Issue #15: connections were never capped, so a client could open them until the process ran

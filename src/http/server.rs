@@ -21,6 +21,8 @@ use tokio::sync::{watch, Semaphore};
 use tower::ServiceExt;
 use tracing::{debug, warn};
 
+use crate::metrics;
+
 /// How long to wait after an accept failed for a reason other than the client (the open-file
 /// limit, most often) before trying again: short enough to serve as soon as descriptors free up,
 /// long enough not to spin.
@@ -77,6 +79,7 @@ pub async fn serve(
         });
         let mut stopping = stopping.clone();
         let open = open_rx.clone();
+        metrics::connection_opened();
         tokio::spawn(async move {
             let _slot = slot;
             let _open = open;
@@ -91,10 +94,11 @@ pub async fn serve(
                     connection.await
                 }
             };
-            if let Err(e) = result {
-                // A client that went away, or one cut off by the header timeout.
+            // A client that went away, or one cut off by the header timeout.
+            if let Err(e) = &result {
                 debug!(error = %e, %peer, "connection ended with an error");
             }
+            metrics::connection_closed(result.as_ref().is_err_and(hyper::Error::is_timeout));
         });
     }
     drop(listener);
