@@ -22,6 +22,8 @@
 //! | `countersink_count_loads_total`, `countersink_count_load_retries_total` | counter | |
 //! | `countersink_redis_restarts_total` | counter | `recovery`: `rebuilt`, `resynced` |
 //! | `countersink_redis_state_vouched` | gauge | |
+//! | `countersink_http_connections_open` | gauge | |
+//! | `countersink_http_header_timeouts_total` | counter | |
 
 use std::sync::atomic::AtomicU64;
 use std::sync::LazyLock;
@@ -106,6 +108,8 @@ struct Metrics {
     count_load_retries: Counter,
     redis_restarts: Family<RecoveryLabel, Counter>,
     redis_state_vouched: Gauge,
+    connections_open: Gauge,
+    header_timeouts: Counter,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -139,6 +143,8 @@ impl Metrics {
             count_load_retries: Counter::default(),
             redis_restarts: Family::default(),
             redis_state_vouched: Gauge::default(),
+            connections_open: Gauge::default(),
+            header_timeouts: Counter::default(),
             registry: Registry::default(),
         };
         let m = &metrics;
@@ -229,6 +235,16 @@ impl Metrics {
         for recovery in ["rebuilt", "resynced"] {
             m.redis_restarts.get_or_create(&RecoveryLabel { recovery }).inc_by(0);
         }
+        registry.register(
+            "http_connections_open",
+            "Client connections open now (at most --max-connections)",
+            m.connections_open.clone(),
+        );
+        registry.register(
+            "http_header_timeouts",
+            "Connections closed because no request head arrived within --header-timeout-secs (slow, half-sent or idle)",
+            m.header_timeouts.clone(),
+        );
         // Both series exist from the start, so an alert on their rate has something to compare.
         for dependency in [Dependency::Redis, Dependency::Database] {
             m.dependency_errors.get_or_create(&DependencyLabel { dependency: dependency.label() }).inc_by(0);
@@ -289,6 +305,19 @@ pub fn event_request_rejected(reason: &'static str) {
 pub fn request_finished(method: &str, route: &str, status: u16, elapsed: Duration) {
     let labels = RequestLabels { method: method.to_string(), route: route.to_string(), status };
     METRICS.request_duration.get_or_create(&labels).observe(elapsed.as_secs_f64());
+}
+
+/// A client connection opened.
+pub fn connection_opened() {
+    METRICS.connections_open.inc();
+}
+
+/// A client connection closed; `header_timeout`: closed for sending no request head in time.
+pub fn connection_closed(header_timeout: bool) {
+    METRICS.connections_open.dec();
+    if header_timeout {
+        METRICS.header_timeouts.inc();
+    }
 }
 
 /// Sets the number of users with a pending delta.
