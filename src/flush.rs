@@ -321,7 +321,7 @@ impl Flusher {
         }
         let instance = self.store.check_instance().await?;
         let redis_seq = self.store.handoff_seq().await?;
-        let db_seq = self.db.run(queries::max_handoff_seq).await?;
+        let db_seq = self.recorded_handoff_seq(lease).await?;
         if !instance.vouched {
             return self.recover_from_restart(lease, &instance, redis_seq, db_seq).await;
         }
@@ -356,6 +356,27 @@ impl Flusher {
         Ok(())
     }
 
+    /// The highest hand-off the database recorded, read behind the lease's fence: passing it waits
+    /// for a flush of an earlier holder that is still committing (it holds the fence row), so a
+    /// batch it commits after this read cannot make the restored deltas look unstored.
+    async fn recorded_handoff_seq(&self, lease: &Lease) -> Result<u64, FlushError> {
+        let (fence, token) = (lease.fence(), lease.token().to_string());
+        self.db
+            .run(move |conn| {
+                conn.transaction(|conn| {
+                    if !queries::pass_lease_fence(conn, fence)? {
+                        return Ok(None);
+                    }
+                    queries::max_handoff_seq(conn).map(Some)
+                })
+            })
+            .await?
+            .ok_or_else(|| {
+                let lost = format!("the flush lease {token} passed to a later holder before Redis's state was checked");
+                FlushError::Store(StoreError::LeaseLost(lost))
+            })
+    }
+
     /// Recovers from a state this Redis server does not vouch for (see `check_redis_state`).
     async fn recover_from_restart(
         &self,
@@ -365,18 +386,18 @@ impl Flusher {
         db_seq: u64,
     ) -> Result<(), FlushError> {
         let pending = self.store.pending_users().await? > 0 || !self.store.batch_ids().await?.is_empty();
-        let Some(vouched_by) = instance.vouched_by.as_deref() else {
+        let marker = self.store.has_ready_marker().await?;
+        let vouched_by = match instance.vouched_by.as_deref() {
+            Some(server) => server,
             // Never vouched for: a new deployment, a Redis that lost everything, or a state an
-            // older version wrote (upgrading to instance records). Without a table, a sequence
-            // below the database's with deltas pending is a rollback all the same.
-            let rolled_back = !self.store.requires_bootstrap() && redis_seq < db_seq && pending;
-            if !rolled_back {
-                return self.vouch_for_unrecorded_state(lease, redis_seq, db_seq, pending).await;
-            }
-            return self.resync_after_restart(lease, instance, "none", redis_seq, db_seq).await;
+            // older version wrote (upgrading to instance records). A sequence below the
+            // database's is a rollback all the same, if there is anything to distrust: pending
+            // deltas, or a built state (the marker) with a table to rebuild it from.
+            None if redis_seq < db_seq && (pending || (marker && self.store.requires_bootstrap())) => "none",
+            None => return self.vouch_for_unrecorded_state(lease, redis_seq, db_seq, pending).await,
         };
         if self.store.requires_bootstrap() {
-            if self.store.has_ready_marker().await? {
+            if marker {
                 error!(
                     server = instance.server,
                     vouched_by,
@@ -559,6 +580,11 @@ impl Flusher {
                         .block_on(&mut next.0)
                         .map_err(|e| FlushError::Db(DbError::Task(format!("reading the next chunk: {e}"))))??;
                     start += chunk_users;
+                }
+                // Read whole from the server the flush checked, or not committed: a Redis restarted
+                // from an older snapshot under the flush may have lost the batch mid-read.
+                if !handle.block_on(store.batch_intact(&batch_id, report.users))? {
+                    return Err(FlushError::Store(StoreError::RedisRestarted));
                 }
                 queries::complete_batch(conn, &batch_id, report.users as i64, report.delta_sum)?;
                 Ok(report)

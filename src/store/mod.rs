@@ -202,6 +202,7 @@ struct Scripts {
     handoff: Script,
     vouch: Script,
     check_instance: Script,
+    check_batch: Script,
     drop_batch: Script,
     read_batches: Script,
     install_counts: Script,
@@ -209,6 +210,7 @@ struct Scripts {
     extend_lease: Script,
     release_lease: Script,
     fenced: Script,
+    fenced_on_claimed_instance: Script,
 }
 
 fn scripts() -> &'static Scripts {
@@ -243,6 +245,7 @@ fn scripts() -> &'static Scripts {
         )),
         vouch: Script::new(concat!(include_str!("lease.lua"), include_str!("instance.lua"), include_str!("vouch.lua"))),
         check_instance: Script::new(concat!(include_str!("instance.lua"), include_str!("check_instance.lua"))),
+        check_batch: Script::new(concat!(include_str!("instance.lua"), include_str!("check_batch.lua"))),
         drop_batch: Script::new(concat!(include_str!("lease.lua"), include_str!("drop_batch.lua"))),
         read_batches: Script::new(include_str!("read_batches.lua")),
         install_counts: Script::new(include_str!("install_counts.lua")),
@@ -250,6 +253,12 @@ fn scripts() -> &'static Scripts {
         extend_lease: Script::new(include_str!("extend_lease.lua")),
         release_lease: Script::new(include_str!("release_lease.lua")),
         fenced: Script::new(concat!(include_str!("lease.lua"), include_str!("fenced.lua"))),
+        fenced_on_claimed_instance: Script::new(concat!(
+            include_str!("lease.lua"),
+            include_str!("instance.lua"),
+            include_str!("claimed.lua"),
+            include_str!("fenced.lua")
+        )),
     })
 }
 
@@ -573,6 +582,20 @@ impl Store {
         let last_restart = (!last_restart.is_empty()).then_some(last_restart);
         let vouched = vouched_by.as_deref() == Some(server.as_str());
         Ok(InstanceCheck { vouched, new: new == 1, server, vouched_by, last_restart })
+    }
+
+    /// Whether the batch `batch_id` still holds `users` users on a Redis server that vouches for
+    /// the state: what a flush checks before it commits what it read of the batch.
+    pub async fn batch_intact(&self, batch_id: &str, users: u64) -> Result<bool, StoreError> {
+        let mut conn = self.conn.clone();
+        let (held, vouched): (u64, u8) = self
+            .scripts
+            .check_batch
+            .key(self.keys.batch(batch_id))
+            .key(self.keys.instance())
+            .invoke_async(&mut conn)
+            .await?;
+        Ok(held == users && vouched == 1)
     }
 
     /// Vouches for the state on this Redis server, from now on.
@@ -1019,7 +1042,7 @@ impl Store {
             let (shard, index) = Keys::state_slot(*id);
             by_shard.entry(shard).or_default().push((index, *state));
         }
-        let mut writes = self.fenced_writes();
+        let mut writes = self.fenced_writes_on_claimed_instance();
         for (shard, states) in by_shard {
             for piece in states.chunks(STATES_PER_COMMAND) {
                 // A plain bit offset (2 bits per notification) spares formatting a `#index` per row.
@@ -1044,7 +1067,7 @@ impl Store {
             packed.extend_from_slice(&user.to_le_bytes());
             packed.extend_from_slice(&count.to_le_bytes());
         }
-        let mut writes = self.fenced_writes();
+        let mut writes = self.fenced_writes_on_claimed_instance();
         writes.command("SET", self.keys.bootstrap_counts(), packed).command(
             "SET",
             self.keys.bootstrap_cursor(),
@@ -1089,7 +1112,7 @@ impl Store {
         // runs the bootstrap.
         let (secs, micros): (i64, i64) = redis::cmd("TIME").query_async(&mut self.conn.clone()).await?;
         let finished_ms = secs * 1000 + micros / 1000;
-        let mut writes = self.fenced_writes();
+        let mut writes = self.fenced_writes_on_claimed_instance();
         writes
             .command("SET", self.keys.rebuilt(), format!("{slot} {finished_ms}"))
             .command("SET", self.keys.handoff_seq(), handoff_seq)
