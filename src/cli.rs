@@ -205,7 +205,11 @@ async fn run_serve(core: &CoreConfig, serve: ServeConfig) -> anyhow::Result<()> 
         workers.push(tokio::spawn(state.reconciler.clone().run_recount_worker(RECOUNT_INTERVAL)));
     }
     // Every process watches: a Redis restart is recovered from with a table or without.
-    workers.push(tokio::spawn(state.reconciler.clone().watch_redis_state(REDIS_STATE_CHECK, serve.auto_bootstrap)));
+    workers.push(tokio::spawn(state.reconciler.clone().watch_redis_state(
+        REDIS_STATE_CHECK,
+        serve.auto_bootstrap,
+        serve.allow_redis_eviction,
+    )));
     let schedules = Schedules {
         flush_cron: serve.flush_cron.clone(),
         reconcile_cron: serve.reconcile_cron.clone(),

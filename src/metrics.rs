@@ -22,6 +22,8 @@
 //! | `countersink_count_loads_total`, `countersink_count_load_retries_total` | counter | |
 //! | `countersink_redis_restarts_total` | counter | `recovery`: `rebuilt`, `resynced` |
 //! | `countersink_redis_state_vouched` | gauge | |
+//! | `countersink_redis_persistence` | gauge | `mode`: `none`, `rdb`, `aof_everysec`, `aof_always`, `aof_no_fsync` |
+//! | `countersink_redis_replicas` | gauge | |
 //! | `countersink_http_connections_open` | gauge | |
 //! | `countersink_http_header_timeouts_total` | counter | |
 
@@ -108,6 +110,8 @@ struct Metrics {
     count_load_retries: Counter,
     redis_restarts: Family<RecoveryLabel, Counter>,
     redis_state_vouched: Gauge,
+    redis_persistence: Family<ModeLabel, Gauge>,
+    redis_replicas: Gauge,
     connections_open: Gauge,
     header_timeouts: Counter,
 }
@@ -116,6 +120,14 @@ struct Metrics {
 struct RecoveryLabel {
     recovery: &'static str,
 }
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ModeLabel {
+    mode: &'static str,
+}
+
+/// Every persistence mode [`redis_persistence`] reports.
+const PERSISTENCE_MODES: [&str; 5] = ["none", "rdb", "aof_everysec", "aof_always", "aof_no_fsync"];
 
 static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
 
@@ -143,6 +155,8 @@ impl Metrics {
             count_load_retries: Counter::default(),
             redis_restarts: Family::default(),
             redis_state_vouched: Gauge::default(),
+            redis_persistence: Family::default(),
+            redis_replicas: Gauge::default(),
             connections_open: Gauge::default(),
             header_timeouts: Counter::default(),
             registry: Registry::default(),
@@ -232,6 +246,12 @@ impl Metrics {
             "1 while the Redis server vouches for the state, 0 from a restart until it is rebuilt or resynced",
             m.redis_state_vouched.clone(),
         );
+        registry.register(
+            "redis_persistence",
+            "1 for the persistence mode Redis reported at the last check (what a restart can lose), 0 for the others",
+            m.redis_persistence.clone(),
+        );
+        registry.register("redis_replicas", "Replicas connected to Redis at the last check", m.redis_replicas.clone());
         for recovery in ["rebuilt", "resynced"] {
             m.redis_restarts.get_or_create(&RecoveryLabel { recovery }).inc_by(0);
         }
@@ -354,6 +374,14 @@ pub fn dependency_error(dependency: Dependency) {
 /// Counts one recovery of this process from a Redis restart (`rebuilt` or `resynced`).
 pub fn redis_restart_detected(recovery: &'static str) {
     METRICS.redis_restarts.get_or_create(&RecoveryLabel { recovery }).inc();
+}
+
+/// Redis's persistence mode and replicas, as last read (`/readyz`, the state watch).
+pub fn redis_persistence(mode: &str, replicas: u64) {
+    for known in PERSISTENCE_MODES {
+        METRICS.redis_persistence.get_or_create(&ModeLabel { mode: known }).set(i64::from(known == mode));
+    }
+    METRICS.redis_replicas.set(replicas as i64);
 }
 
 /// Whether the Redis server vouched for the state at the last check (1) or not (0).

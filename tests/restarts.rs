@@ -321,3 +321,32 @@ async fn review_d_an_unrecorded_rolled_back_state_with_a_table_is_rebuilt_not_fl
     }
     assert_eq!(env.stored_counts().await.get(&5).copied(), Some(1), "flushed twice: {outcome:?}");
 }
+
+/// What a restart can lose depends on Redis's persistence: `/readyz` and `/metrics` show the mode
+/// in effect, read again as Redis changes; a policy that may evict keys, set after start-up
+/// (which refuses one), is logged at ERROR within seconds.
+#[tokio::test]
+async fn the_persistence_in_effect_is_shown_and_an_evicting_policy_set_later_is_logged() {
+    let env = TestEnv::sqlite().await;
+    let dir = tempfile::tempdir().unwrap();
+    let redis = OwnRedis::start_with_snapshots(free_port(), dir.path());
+    let options = SidecarOptions { flush_cron: "off".into(), redis_url: Some(redis.url()), ..Default::default() };
+    let sidecar = Sidecar::start(&env, options).await;
+    let (_, body) = readyz(&sidecar).await;
+    assert_eq!(body["redis_persistence"], json!({"mode": "none", "replicas": 0}), "{body}");
+
+    let mut conn = redis::Client::open(redis.url()).unwrap().get_connection().unwrap();
+    redis::cmd("CONFIG").arg("SET").arg("appendonly").arg("yes").exec(&mut conn).unwrap();
+    let (_, body) = readyz(&sidecar).await;
+    assert_eq!(body["redis_persistence"]["mode"], "aof_everysec", "{body}");
+    let metrics = reqwest::get(format!("{}/metrics", sidecar.base)).await.unwrap().text().await.unwrap();
+    assert!(metrics.contains("countersink_redis_persistence{mode=\"aof_everysec\"} 1"), "{metrics}");
+    assert!(metrics.contains("countersink_redis_persistence{mode=\"none\"} 0"), "{metrics}");
+
+    redis::cmd("CONFIG").arg("SET").arg("maxmemory-policy").arg("allkeys-lru").exec(&mut conn).unwrap();
+    let logged = common::eventually(Duration::from_secs(10), || {
+        sidecar.stderr_text().contains("Redis may evict keys now (maxmemory-policy allkeys-lru)")
+    })
+    .await;
+    assert!(logged, "{}", sidecar.stderr_text());
+}

@@ -79,6 +79,10 @@ pub struct Readiness {
     /// snapshot it restarted from are not counted.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub redis_last_restart: Option<crate::flush::RedisRestart>,
+    /// How Redis keeps its data across a restart, if it says (`CONFIG` may be disabled): what a
+    /// restart can lose (docs/deployment.md).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub redis_persistence: Option<crate::store::RedisPersistence>,
 }
 
 /// One readiness check.
@@ -104,8 +108,17 @@ pub struct ReadyCheck {
     )
 )]
 pub async fn get_readyz(State(state): State<AppState>) -> (StatusCode, Json<Readiness>) {
-    let (redis, database, migrations) =
-        tokio::join!(timed(state.store.check_instance()), timed(state.db.ping()), timed(state.db.pending_migrations()));
+    let (redis, database, migrations, persistence) = tokio::join!(
+        timed(state.store.check_instance()),
+        timed(state.db.ping()),
+        timed(state.db.pending_migrations()),
+        timed(state.store.persistence())
+    );
+    // Information, not a check: a Redis that answers the others answers this.
+    let redis_persistence = persistence.ok().flatten();
+    if let Some(persistence) = redis_persistence {
+        crate::metrics::redis_persistence(persistence.mode, persistence.replicas);
+    }
     let (instance, redis) = match redis {
         Ok(instance) => (Some(instance), Ok(())),
         Err(e) => (None, Err(e)),
@@ -132,7 +145,15 @@ pub async fn get_readyz(State(state): State<AppState>) -> (StatusCode, Json<Read
         .and_then(|record| serde_json::from_str::<crate::flush::RedisRestart>(&record).ok());
     let ready = checks.iter().all(|c| c.ok);
     let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
-    (status, Json(Readiness { status: if ready { "ready" } else { "not_ready" }, checks, redis_last_restart }))
+    (
+        status,
+        Json(Readiness {
+            status: if ready { "ready" } else { "not_ready" },
+            checks,
+            redis_last_restart,
+            redis_persistence,
+        }),
+    )
 }
 
 /// A check's result, or "timed out" after [`READY_CHECK_TIMEOUT`].

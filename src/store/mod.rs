@@ -297,9 +297,14 @@ impl Store {
     /// Redis's `maxmemory-policy`; `None` when Redis does not say (a managed Redis that disables
     /// `CONFIG`).
     pub async fn eviction_policy(&self) -> Result<Option<String>, StoreError> {
+        self.config("maxmemory-policy").await
+    }
+
+    /// One of Redis's settings (`CONFIG GET`); `None` when Redis does not say.
+    async fn config(&self, name: &str) -> Result<Option<String>, StoreError> {
         let mut conn = self.conn.clone();
         let reply: Result<Vec<String>, redis::RedisError> =
-            redis::cmd("CONFIG").arg("GET").arg("maxmemory-policy").query_async(&mut conn).await;
+            redis::cmd("CONFIG").arg("GET").arg(name).query_async(&mut conn).await;
         match reply {
             Ok(pair) => Ok(pair.into_iter().nth(1)),
             // Refused, renamed or not permitted (an error reply, not a failure to reach Redis):
@@ -307,6 +312,31 @@ impl Store {
             Err(e) if e.code().is_some() => Ok(None),
             Err(e) => Err(e.into()),
         }
+    }
+
+    /// How Redis keeps its data across a restart, and to how many replicas it is copied (what a
+    /// restart or a failover can lose, see docs/deployment.md); `None` when Redis does not say.
+    pub async fn persistence(&self) -> Result<Option<RedisPersistence>, StoreError> {
+        let (Some(appendonly), Some(appendfsync), Some(save)) =
+            (self.config("appendonly").await?, self.config("appendfsync").await?, self.config("save").await?)
+        else {
+            return Ok(None);
+        };
+        let mode = match (appendonly.as_str(), appendfsync.as_str()) {
+            ("yes", "always") => "aof_always",
+            ("yes", "everysec") => "aof_everysec",
+            ("yes", _) => "aof_no_fsync",
+            _ if !save.trim().is_empty() => "rdb",
+            _ => "none",
+        };
+        let mut conn = self.conn.clone();
+        let replication: String = redis::cmd("INFO").arg("replication").query_async(&mut conn).await?;
+        let replicas = replication
+            .lines()
+            .find_map(|line| line.strip_prefix("connected_slaves:"))
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap_or(0);
+        Ok(Some(RedisPersistence { mode, replicas }))
     }
 
     /// Applies a validated batch of events in one atomic script.
@@ -736,6 +766,16 @@ impl Store {
 /// script (about 3 ms; 6 ms at 1,000, see docs/design.md *Reconcile*), however many notifications
 /// a user has.
 pub const TRUTH_STATES_PER_CALL: usize = 500;
+
+/// How Redis keeps its data ([`Store::persistence`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
+pub struct RedisPersistence {
+    /// `none`, `rdb` (snapshots), `aof_everysec`, `aof_always` or `aof_no_fsync` (the append-only
+    /// file, with its `appendfsync`).
+    pub mode: &'static str,
+    /// Replicas connected to this Redis.
+    pub replicas: u64,
+}
 
 /// Whether the Redis server vouches for the state ([`Store::check_instance`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
