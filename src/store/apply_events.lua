@@ -1,6 +1,6 @@
 -- Applies a batch of events atomically: one state transition per event, then per user one
 -- ZINCRBY of the pending delta and, if the user's real-time count is held, one HINCRBY of it.
--- (transition.lua and instance.lua are prepended.)
+-- (transition.lua, instance.lua and move_counts.lua are prepended.)
 --
 -- KEYS[1]   the pending sorted set (member = user id, score = pending delta)
 -- KEYS[2]   the idempotency key of this request (its webhook-id)
@@ -172,27 +172,7 @@ for i = 9, #ARGV, 7 do
   end
 end
 
-local moved = {}
-for _, user in ipairs(users) do
-  local delta = deltas[user]
-  if delta ~= 0 then
-    moved[#moved + 1] = user
-    -- A user whose pending delta returns to zero leaves the set: nothing to flush.
-    if tonumber(redis.call('ZINCRBY', KEYS[1], delta, user)) == 0 then
-      redis.call('ZREM', KEYS[1], user)
-    end
-    -- A count not held yet is loaded by its first read (install_counts.lua), which adds the
-    -- pending delta as it is then: changing nothing here is what keeps that load exact.
-    local bucket, field = count_at[user][1], count_at[user][2]
-    if redis.call('HEXISTS', bucket, field) == 1 then
-      redis.call('HINCRBY', bucket, field, delta)
-    end
-  end
-end
--- Live streams: one message per request naming the users whose count moved (not per user).
-if #moved > 0 then
-  redis.call('PUBLISH', ARGV[5], table.concat(moved, ','))
-end
+move_counts(KEYS[1], users, deltas, count_at, ARGV[5])
 
 local result = {changed, recorded, outcomes.duplicate, outcomes.stale, outcomes.after_delete}
 if ttl > 0 then

@@ -219,6 +219,7 @@ fn scripts() -> &'static Scripts {
         apply_events: Script::new(concat!(
             include_str!("transition.lua"),
             include_str!("instance.lua"),
+            include_str!("move_counts.lua"),
             include_str!("apply_events.lua")
         )),
         reconcile_begin: Script::new(concat!(
@@ -229,6 +230,7 @@ fn scripts() -> &'static Scripts {
         reconcile_truth: Script::new(concat!(
             include_str!("lease.lua"),
             include_str!("transition.lua"),
+            include_str!("move_counts.lua"),
             include_str!("reconcile_truth.lua")
         )),
         reconcile_finish: Script::new(concat!(

@@ -11,7 +11,8 @@
 -- `corrected`; the notification joins the user's draft
 -- picture, and the tally's `unread` counts it if unread (events after this call keep that count,
 -- see `apply_events.lua`).
--- (lease.lua and transition.lua are prepended: KEYS[1] the lease, ARGV[1] the holder's token.)
+-- (lease.lua, transition.lua and move_counts.lua are prepended: KEYS[1] the lease, ARGV[1] the
+-- holder's token.)
 --
 -- KEYS[2] the users being reconciled (member = user id, score = fence deadline in ms)
 -- KEYS[3] pending (member = user id, score = pending delta)
@@ -113,21 +114,5 @@ while i <= #ARGV do
   end
 end
 
-local moved = {}
-for _, user in ipairs(users) do
-  local delta = deltas[user]
-  if delta ~= 0 then
-    moved[#moved + 1] = user
-    if tonumber(redis.call('ZINCRBY', KEYS[3], delta, user)) == 0 then
-      redis.call('ZREM', KEYS[3], user)
-    end
-    local bucket, field = buckets[user][1], buckets[user][2]
-    if redis.call('HEXISTS', bucket, field) == 1 then
-      redis.call('HINCRBY', bucket, field, delta)
-    end
-  end
-end
-if #moved > 0 then
-  redis.call('PUBLISH', ARGV[6], table.concat(moved, ','))
-end
+move_counts(KEYS[3], users, deltas, buckets, ARGV[6])
 return written
