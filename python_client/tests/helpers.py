@@ -68,7 +68,8 @@ def eventually(read: Callable[[], T], expected: T, timeout: float = RECOUNT_TIME
         time.sleep(0.05)
         value = read()
     if isinstance(value, dict) and isinstance(expected, dict):
-        differ = {k: (value.get(k), expected.get(k)) for k in expected.keys() | value.keys() if value.get(k) != expected.get(k)}
+        keys = expected.keys() | value.keys()
+        differ = {k: (value.get(k), expected.get(k)) for k in keys if value.get(k) != expected.get(k)}
         assert value == expected, f"(read, expected) where they differ after {timeout} s: {differ}"
     assert value == expected
 
