@@ -141,6 +141,10 @@ pub async fn bootstrap(
                     (None, HashMap::new())
                 }
             };
+            // This Redis server holds what is written from here on (a resumed rebuild's
+            // checkpoint and states come from the same server, or the same snapshot of it); a
+            // restart before the end is caught by the confirmation there.
+            store.claim_instance(lease).await?;
             let counted = source.clone();
             let total = db.run(move |conn| counted.rows_after_count(conn, after)).await?;
             let read = |after: Option<i64>| {
@@ -199,6 +203,7 @@ pub async fn bootstrap(
                     return Err(StoreError::LeaseLost(lost).into());
                 }
             };
+            store.confirm_instance(lease).await?;
             store.finish_bootstrap(lease, seq, after.map(|id| id as u64)).await?;
             Ok(report)
         })
@@ -251,23 +256,21 @@ pub fn progress_printer() -> impl FnMut(Progress) + Send + 'static {
     }
 }
 
-/// Watches for a lost state and rebuilds it, every `interval`, for `countersink serve`.
-pub async fn watch(store: Store, db: Db, flusher: Flusher, source: Source, interval: Duration) {
-    loop {
-        match store.is_ready().await {
-            Ok(true) => {}
-            Ok(false) => {
-                warn!("the Redis state is missing (new deployment or Redis lost its data); bootstrapping");
-                let batching = Batching::default();
-                match bootstrap(&store, &db, &flusher, &source, batching, Rebuild::IfMissing, progress_printer()).await
-                {
-                    Ok(_) => continue,
-                    Err(e) => warn!(error = %e, "bootstrap failed; trying again"),
-                }
+/// Rebuilds the state if it is missing (one check of `countersink serve`'s watch, see
+/// `Reconciler::watch_redis_state`); failures are logged, to be tried again at the next check.
+pub async fn rebuild_if_missing(store: &Store, db: &Db, flusher: &Flusher, source: &Source) {
+    match store.is_ready().await {
+        Ok(true) => {}
+        Ok(false) => {
+            warn!("the Redis state is missing (new deployment, Redis lost its data or restarted); bootstrapping");
+            let batching = Batching::default();
+            if let Err(e) =
+                bootstrap(store, db, flusher, source, batching, Rebuild::IfMissing, progress_printer()).await
+            {
+                warn!(error = %e, "bootstrap failed; trying again");
             }
-            Err(e) if e.is_unavailable() => {}
-            Err(e) => warn!(error = %e, "cannot check the Redis state"),
         }
-        tokio::time::sleep(interval).await;
+        Err(e) if e.is_unavailable() => {}
+        Err(e) => warn!(error = %e, "cannot check the Redis state"),
     }
 }

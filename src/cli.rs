@@ -196,16 +196,20 @@ async fn run_serve(core: &CoreConfig, serve: ServeConfig) -> anyhow::Result<()> 
         ),
         Err(e) => warn!(error = %e, "redis is not reachable yet; events will be answered 503 until it is"),
     }
+    if !state.reconciler.is_configured() && serve.reconcile_cron != schedule::CRON_OFF {
+        anyhow::bail!("--reconcile-cron (COUNTERSINK_RECONCILE_CRON) needs --source-table (COUNTERSINK_SOURCE_TABLE)");
+    }
     let mut workers = Vec::new();
     if state.reconciler.is_configured() {
         state.reconciler.check_source().await.context("checking the Notification table (--source-*)")?;
         workers.push(tokio::spawn(state.reconciler.clone().run_recount_worker(RECOUNT_INTERVAL)));
-        if serve.auto_bootstrap {
-            workers.push(tokio::spawn(state.reconciler.clone().watch_for_lost_state(LOST_STATE_CHECK)));
-        }
-    } else if serve.reconcile_cron != schedule::CRON_OFF {
-        anyhow::bail!("--reconcile-cron (COUNTERSINK_RECONCILE_CRON) needs --source-table (COUNTERSINK_SOURCE_TABLE)");
     }
+    // Every process watches: a Redis restart is recovered from with a table or without.
+    workers.push(tokio::spawn(state.reconciler.clone().watch_redis_state(
+        REDIS_STATE_CHECK,
+        serve.auto_bootstrap,
+        serve.allow_redis_eviction,
+    )));
     let schedules = Schedules {
         flush_cron: serve.flush_cron.clone(),
         reconcile_cron: serve.reconcile_cron.clone(),
@@ -299,8 +303,9 @@ async fn shut_down(mut parts: ShutDown<'_>, timeout_secs: u64) -> anyhow::Result
 /// takes seconds at most, and skipping the final flush only delays the stored counts.
 const MIN_FINAL_FLUSH_WAIT: Duration = Duration::from_secs(2);
 
-/// How often `serve` checks that the Redis state is still there.
-const LOST_STATE_CHECK: Duration = Duration::from_secs(2);
+/// How often `serve` checks that the Redis state is still there and that Redis did not restart
+/// (an event refused for a restart wakes the check at once).
+const REDIS_STATE_CHECK: Duration = Duration::from_secs(2);
 
 /// How often queued recounts from other processes are looked for (this process's own start at once).
 const RECOUNT_INTERVAL: Duration = Duration::from_secs(1);

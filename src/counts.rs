@@ -1,9 +1,9 @@
 //! Real-time reads: every user's `stored + pending` count, held in Redis.
 //!
 //! The scripts that change a user's pending delta change the count Redis holds for that user in
-//! the same step (`apply_events.lua`, `reconcile_finish.lua`), and a flush moves deltas from
-//! pending to stored without changing the sum, so a read is one Redis round trip and SQL is not
-//! on the read path.
+//! the same step (`apply_events.lua`, `reconcile_truth.lua`, `reconcile_finish.lua`), and a flush
+//! moves deltas from pending to stored without changing the sum, so a read is one Redis round trip
+//! and SQL is not on the read path.
 //!
 //! A user whose count is not held yet (never read, or counts cleared by a rebuild) is *loaded*:
 //!

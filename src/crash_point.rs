@@ -36,6 +36,7 @@ pub const ALL: &[&str] = &[
     FLUSH_AFTER_COMMIT,
     RECONCILE_AFTER_FENCE,
     RECONCILE_AFTER_RECOUNT,
+    RECONCILE_AFTER_TRUTH_CHUNK,
     RECONCILE_AFTER_REPAIR,
 ];
 
@@ -49,5 +50,7 @@ pub const FLUSH_AFTER_COMMIT: &str = "flush-after-commit";
 pub const RECONCILE_AFTER_FENCE: &str = "reconcile-after-fence";
 /// A reconcile read the Notification table; Redis is not repaired yet.
 pub const RECONCILE_AFTER_RECOUNT: &str = "reconcile-after-recount";
+/// A reconcile wrote the first chunk of the table's truth into Redis; the fence is still up.
+pub const RECONCILE_AFTER_TRUTH_CHUNK: &str = "reconcile-after-truth-chunk";
 /// A reconcile repaired Redis; its flush has not run.
 pub const RECONCILE_AFTER_REPAIR: &str = "reconcile-after-repair";

@@ -149,6 +149,11 @@ impl From<StoreError> for AppError {
         if matches!(e, StoreError::StateMissing) {
             return AppError::Unavailable { dependency: "the Redis state (it is being rebuilt)" };
         }
+        if matches!(e, StoreError::RedisRestarted) {
+            return AppError::Unavailable {
+                dependency: "the Redis state (Redis restarted; it is being rebuilt or resynced)",
+            };
+        }
         if matches!(e, StoreError::CountsReloading) {
             return AppError::Unavailable { dependency: "the held counts (being reloaded after a Redis rollback)" };
         }

@@ -26,7 +26,7 @@ use tracing::{debug, error, info, instrument, warn};
 use crate::crash_point;
 use crate::db::{queries, Db, DbError};
 use crate::metrics;
-use crate::store::{Acquired, Lease, LeaseHolder, LeaseRenewal, Store, StoreError};
+use crate::store::{Acquired, InstanceCheck, Lease, LeaseHolder, LeaseRenewal, Store, StoreError};
 
 /// How long batch records are kept. Records only need to outlive the batch keys they guard,
 /// and every flush recovers leftover batches before it prunes.
@@ -35,6 +35,8 @@ const BATCH_RECORD_RETENTION: chrono::TimeDelta = chrono::TimeDelta::days(7);
 const RENEWAL_RETRY: Duration = Duration::from_millis(250);
 /// How often a flush waiting for another process's lease looks again.
 const LOCK_POLL_INTERVAL: Duration = Duration::from_millis(100);
+/// How long a recovery from a Redis restart waits for the flush lease (a flush, a reconcile step).
+const RECOVERY_LEASE_WAIT: Duration = Duration::from_secs(60);
 
 /// A flush failure.
 #[derive(Debug, thiserror::Error)]
@@ -123,6 +125,44 @@ pub struct FlushReport {
     pub duration_ms: u64,
 }
 
+/// What a recovery from a Redis restart did, kept in Redis for `/readyz` (every process shows the
+/// last one, whichever process recovered).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
+pub struct RedisRestart {
+    /// When a process noticed it.
+    pub detected_at: chrono::DateTime<Utc>,
+    /// The run id of the Redis server that holds the state now.
+    pub server: String,
+    /// The run id of the server that had vouched for the state (`None`: the state did not say).
+    pub vouched_by: Option<String>,
+    /// What was done about it.
+    pub recovery: RestartRecovery,
+}
+
+/// How the state was recovered after a Redis restart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case", tag = "kind")]
+pub enum RestartRecovery {
+    /// Rebuilt from the Notification table (`--source-table`): nothing acknowledged is lost.
+    Rebuilt,
+    /// No Notification table: the hand-off sequence was resynced with the database, and the
+    /// restored pending deltas dropped if they were stored already (`pending_dropped`), else kept.
+    /// Events acknowledged after the snapshot Redis restarted from are not counted.
+    Resynced {
+        /// Whether the restored pending deltas were dropped as stored already.
+        pending_dropped: bool,
+    },
+}
+
+impl RestartRecovery {
+    fn label(&self) -> &'static str {
+        match self {
+            RestartRecovery::Rebuilt => "rebuilt",
+            RestartRecovery::Resynced { .. } => "resynced",
+        }
+    }
+}
+
 /// Runs flushes. Cheap to clone; clones share the local lock.
 #[derive(Clone)]
 pub struct Flusher {
@@ -145,6 +185,25 @@ impl Flusher {
     #[instrument(skip(self))]
     pub async fn flush(&self, when_busy: WhenBusy) -> Result<FlushReport, FlushError> {
         self.run(when_busy, None).await
+    }
+
+    /// Recovers from a Redis restart if this Redis server does not vouch for the state (see
+    /// `check_redis_state`), under the lease; `true` if it was vouched for already. The serve
+    /// process calls it every few seconds, and at once when an event was refused for it.
+    pub async fn recover_if_redis_restarted(&self) -> Result<bool, FlushError> {
+        let instance = self.store.check_instance().await?;
+        metrics::redis_state_vouched(instance.vouched || instance.new);
+        if instance.vouched || instance.new {
+            // A new state is vouched for by its first event or flush: an idle process writes nothing.
+            return Ok(true);
+        }
+        let recovered =
+            self.exclusive(WhenBusy::Wait(RECOVERY_LEASE_WAIT), async |lease| self.check_redis_state(lease).await);
+        // With a Notification table the state is now missing: the bootstrap rebuilds it.
+        match recovered.await {
+            Ok(_) | Err(FlushError::Store(StoreError::StateMissing)) => Ok(false),
+            Err(e) => Err(e),
+        }
     }
 
     /// Runs a flush that stops at `step` as if the process had died there. For tests of the
@@ -233,7 +292,7 @@ impl Flusher {
 
     /// A flush, for a caller holding the lease ([`Flusher::exclusive`]).
     pub async fn flush_locked(&self, lease: &Lease, stop: Option<FlushStep>) -> Result<FlushReport, FlushError> {
-        self.check_redis_did_not_go_back(lease).await?;
+        self.check_redis_state(lease).await?;
         let mut report = self.recover_open_batches(lease).await?;
         let batch_id = random_id();
         if let Some(seq) = self.store.handoff(lease, &batch_id).await? {
@@ -250,17 +309,22 @@ impl Flusher {
         Ok(report)
     }
 
-    /// Notices a Redis that went back in time (restarted from an older snapshot, or a replica
-    /// that lagged): its hand-off sequence is below the highest one the database recorded, so its
-    /// pending deltas may already be stored. A Redis that lost everything is told apart by its
-    /// missing ready marker.
-    async fn check_redis_did_not_go_back(&self, lease: &Lease) -> Result<(), FlushError> {
+    /// Notices a Redis that restarted or went back in time, and recovers (docs/design.md, *Redis
+    /// restarts*): a state this Redis server does not vouch for (restored from a snapshot, on a
+    /// promoted replica, or lost) is rebuilt from the Notification table, or without one resynced
+    /// with the database's record of hand-offs. A hand-off sequence below the highest one the
+    /// database recorded means the same: the pending deltas may already be stored.
+    async fn check_redis_state(&self, lease: &Lease) -> Result<(), FlushError> {
         // A resync that died before it dropped the held counts is finished here, by any process.
         if self.store.finish_reloading_counts().await? {
             warn!("finished dropping the counts held before a Redis rollback; each is loaded again");
         }
+        let instance = self.store.check_instance().await?;
         let redis_seq = self.store.handoff_seq().await?;
-        let db_seq = self.db.run(queries::max_handoff_seq).await?;
+        let db_seq = self.recorded_handoff_seq(lease).await?;
+        if !instance.vouched {
+            return self.recover_from_restart(lease, &instance, redis_seq, db_seq).await;
+        }
         if redis_seq >= db_seq {
             return Ok(());
         }
@@ -289,6 +353,133 @@ impl Flusher {
             warn!(redis_seq, db_seq, "Redis lost its data; continuing from the recorded sequence");
         }
         self.store.resync_after_rollback(lease, db_seq, rolled_back).await?;
+        Ok(())
+    }
+
+    /// The highest hand-off the database recorded, read behind the lease's fence: passing it waits
+    /// for a flush of an earlier holder that is still committing (it holds the fence row), so a
+    /// batch it commits after this read cannot make the restored deltas look unstored.
+    async fn recorded_handoff_seq(&self, lease: &Lease) -> Result<u64, FlushError> {
+        let (fence, token) = (lease.fence(), lease.token().to_string());
+        self.db
+            .run(move |conn| {
+                conn.transaction(|conn| {
+                    if !queries::pass_lease_fence(conn, fence)? {
+                        return Ok(None);
+                    }
+                    queries::max_handoff_seq(conn).map(Some)
+                })
+            })
+            .await?
+            .ok_or_else(|| {
+                let lost = format!("the flush lease {token} passed to a later holder before Redis's state was checked");
+                FlushError::Store(StoreError::LeaseLost(lost))
+            })
+    }
+
+    /// Recovers from a state this Redis server does not vouch for (see `check_redis_state`).
+    async fn recover_from_restart(
+        &self,
+        lease: &Lease,
+        instance: &InstanceCheck,
+        redis_seq: u64,
+        db_seq: u64,
+    ) -> Result<(), FlushError> {
+        let pending = self.store.pending_users().await? > 0 || !self.store.batch_ids().await?.is_empty();
+        let marker = self.store.has_ready_marker().await?;
+        let vouched_by = match instance.vouched_by.as_deref() {
+            Some(server) => server,
+            // Never vouched for: a new deployment, a Redis that lost everything, or a state an
+            // older version wrote (upgrading to instance records). A sequence below the
+            // database's is a rollback all the same, if there is anything to distrust: pending
+            // deltas, or a built state (the marker) with a table to rebuild it from.
+            None if redis_seq < db_seq && (pending || (marker && self.store.requires_bootstrap())) => "none",
+            None => return self.vouch_for_unrecorded_state(lease, redis_seq, db_seq, pending).await,
+        };
+        if self.store.requires_bootstrap() {
+            if marker {
+                error!(
+                    server = instance.server,
+                    vouched_by,
+                    "Redis restarted since its state was vouched for (it may be an older snapshot that lost writes); \
+                     rebuilding it from the Notification table, events answer 503 meanwhile"
+                );
+                self.store.drop_ready_marker(lease).await?;
+                self.record_restart(lease, instance, RestartRecovery::Rebuilt).await?;
+            }
+            // The bootstrap rebuilds the state and vouches for it; until then nothing is flushed.
+            return Err(FlushError::Store(StoreError::StateMissing));
+        }
+        self.resync_after_restart(lease, instance, vouched_by, redis_seq, db_seq).await
+    }
+
+    /// A state no server ever vouched for (see `recover_from_restart`): claimed as it is.
+    async fn vouch_for_unrecorded_state(
+        &self,
+        lease: &Lease,
+        redis_seq: u64,
+        db_seq: u64,
+        pending: bool,
+    ) -> Result<(), FlushError> {
+        if self.store.requires_bootstrap() && !self.store.has_ready_marker().await? {
+            // A bootstrap is due (it vouches for what it builds).
+            return if redis_seq < db_seq { Err(FlushError::Store(StoreError::StateMissing)) } else { Ok(()) };
+        }
+        if redis_seq < db_seq {
+            // Nothing pending: nothing to flush twice, only the sequence to carry on.
+            warn!(redis_seq, db_seq, "Redis lost its data; continuing from the recorded sequence");
+            self.store.resync_after_rollback(lease, db_seq, false).await?;
+        } else if redis_seq > 0 || pending {
+            warn!("the Redis state has no instance record (written by an older version); vouching for it as it is");
+        }
+        self.store.claim_instance(lease).await?;
+        Ok(())
+    }
+
+    /// Without a Notification table: resyncs a state restored from a snapshot (see
+    /// `check_redis_state`) and vouches for it.
+    async fn resync_after_restart(
+        &self,
+        lease: &Lease,
+        instance: &InstanceCheck,
+        vouched_by: &str,
+        redis_seq: u64,
+        db_seq: u64,
+    ) -> Result<(), FlushError> {
+        // Restored from a snapshot (or a replica): every pending delta it holds was handed off
+        // later if the database recorded a later hand-off, so it is stored already.
+        let stored_already = redis_seq < db_seq;
+        error!(
+            server = instance.server,
+            vouched_by,
+            redis_seq,
+            db_seq,
+            pending_deltas = if stored_already { "dropped: stored already" } else { "kept: not stored yet" },
+            "Redis restarted since its state was vouched for (it may be an older snapshot): events acknowledged after \
+             that snapshot are not counted; configure --source-table to rebuild and reconcile"
+        );
+        self.store.resync_after_rollback(lease, db_seq.max(redis_seq), stored_already).await?;
+        let recovery = RestartRecovery::Resynced { pending_dropped: stored_already };
+        self.record_restart(lease, instance, recovery).await?;
+        self.store.claim_instance(lease).await?;
+        Ok(())
+    }
+
+    async fn record_restart(
+        &self,
+        lease: &Lease,
+        instance: &InstanceCheck,
+        recovery: RestartRecovery,
+    ) -> Result<(), FlushError> {
+        metrics::redis_restart_detected(recovery.label());
+        let record = RedisRestart {
+            detected_at: Utc::now(),
+            server: instance.server.clone(),
+            vouched_by: instance.vouched_by.clone(),
+            recovery,
+        };
+        let json = serde_json::to_string(&record).map_err(|e| StoreError::Unexpected(e.to_string()))?;
+        self.store.record_restart(lease, &json).await?;
         Ok(())
     }
 
@@ -389,6 +580,11 @@ impl Flusher {
                         .block_on(&mut next.0)
                         .map_err(|e| FlushError::Db(DbError::Task(format!("reading the next chunk: {e}"))))??;
                     start += chunk_users;
+                }
+                // Read whole from the server the flush checked, or not committed: a Redis restarted
+                // from an older snapshot under the flush may have lost the batch mid-read.
+                if !handle.block_on(store.batch_intact(&batch_id, report.users))? {
+                    return Err(FlushError::Store(StoreError::RedisRestarted));
                 }
                 queries::complete_batch(conn, &batch_id, report.users as i64, report.delta_sum)?;
                 Ok(report)

@@ -20,6 +20,10 @@
 //! | `countersink_recount_corrected_users_total` | counter | |
 //! | `countersink_dependency_errors_total` | counter | `dependency`: `redis`, `database` |
 //! | `countersink_count_loads_total`, `countersink_count_load_retries_total` | counter | |
+//! | `countersink_redis_restarts_total` | counter | `recovery`: `rebuilt`, `resynced` |
+//! | `countersink_redis_state_vouched` | gauge | |
+//! | `countersink_redis_persistence` | gauge | `mode`: `none`, `rdb`, `aof_everysec`, `aof_always`, `aof_no_fsync` |
+//! | `countersink_redis_replicas` | gauge | |
 
 use std::sync::atomic::AtomicU64;
 use std::sync::LazyLock;
@@ -102,7 +106,24 @@ struct Metrics {
     dependency_errors: Family<DependencyLabel, Counter>,
     count_loads: Counter,
     count_load_retries: Counter,
+    redis_restarts: Family<RecoveryLabel, Counter>,
+    redis_state_vouched: Gauge,
+    redis_persistence: Family<ModeLabel, Gauge>,
+    redis_replicas: Gauge,
 }
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RecoveryLabel {
+    recovery: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ModeLabel {
+    mode: &'static str,
+}
+
+/// Every persistence mode [`redis_persistence`] reports.
+const PERSISTENCE_MODES: [&str; 5] = ["none", "rdb", "aof_everysec", "aof_always", "aof_no_fsync"];
 
 static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
 
@@ -128,6 +149,10 @@ impl Metrics {
             dependency_errors: Family::default(),
             count_loads: Counter::default(),
             count_load_retries: Counter::default(),
+            redis_restarts: Family::default(),
+            redis_state_vouched: Gauge::default(),
+            redis_persistence: Family::default(),
+            redis_replicas: Gauge::default(),
             registry: Registry::default(),
         };
         let m = &metrics;
@@ -205,6 +230,25 @@ impl Metrics {
             "Loads started over because a flush handed off meanwhile",
             m.count_load_retries.clone(),
         );
+        registry.register(
+            "redis_restarts",
+            "Redis restarts this process recovered from (the state rebuilt from the table, or resynced without one)",
+            m.redis_restarts.clone(),
+        );
+        registry.register(
+            "redis_state_vouched",
+            "1 while the Redis server vouches for the state, 0 from a restart until it is rebuilt or resynced",
+            m.redis_state_vouched.clone(),
+        );
+        registry.register(
+            "redis_persistence",
+            "1 for the persistence mode Redis reported at the last check (what a restart can lose), 0 for the others",
+            m.redis_persistence.clone(),
+        );
+        registry.register("redis_replicas", "Replicas connected to Redis at the last check", m.redis_replicas.clone());
+        for recovery in ["rebuilt", "resynced"] {
+            m.redis_restarts.get_or_create(&RecoveryLabel { recovery }).inc_by(0);
+        }
         // Both series exist from the start, so an alert on their rate has something to compare.
         for dependency in [Dependency::Redis, Dependency::Database] {
             m.dependency_errors.get_or_create(&DependencyLabel { dependency: dependency.label() }).inc_by(0);
@@ -296,6 +340,24 @@ pub fn reconcile_finished(users_checked: u64, drifted_users: u64, corrected_user
 /// Counts one failed Redis command or database call.
 pub fn dependency_error(dependency: Dependency) {
     METRICS.dependency_errors.get_or_create(&DependencyLabel { dependency: dependency.label() }).inc();
+}
+
+/// Counts one recovery of this process from a Redis restart (`rebuilt` or `resynced`).
+pub fn redis_restart_detected(recovery: &'static str) {
+    METRICS.redis_restarts.get_or_create(&RecoveryLabel { recovery }).inc();
+}
+
+/// Redis's persistence mode and replicas, as last read (`/readyz`, the state watch).
+pub fn redis_persistence(mode: &str, replicas: u64) {
+    for known in PERSISTENCE_MODES {
+        METRICS.redis_persistence.get_or_create(&ModeLabel { mode: known }).set(i64::from(known == mode));
+    }
+    METRICS.redis_replicas.set(replicas as i64);
+}
+
+/// Whether the Redis server vouched for the state at the last check (1) or not (0).
+pub fn redis_state_vouched(vouched: bool) {
+    METRICS.redis_state_vouched.set(i64::from(vouched));
 }
 
 /// Counts users whose real-time count was loaded (not held yet), and loads started over.

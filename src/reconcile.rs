@@ -6,29 +6,40 @@
 //! 1. **Fence.** One script marks the users as being reconciled; from then on, their events
 //!    are applied as usual *and* journaled.
 //! 2. **Read the truth.** Their notifications (id, read state, soft delete) and stored counts.
-//! 3. **Repair.** One script sets each notification's state to the truth, replays the journal
-//!    on top (events that arrived after step 1 may be newer than the read), counts the unread,
-//!    sets the pending delta to `true − stored`, and lifts the fence.
-//! 4. **Flush**, so the stored count is right at once.
+//! 3. **Write the truth**, a chunk of at most [`TRUTH_STATES_PER_CALL`] notifications per script
+//!    (a heavy user's million take two thousand short scripts, not one that blocks Redis): each
+//!    notification's state becomes the table's with the journal so far replayed on top (events
+//!    that arrived after step 1 may be newer than the read), and the user's pending delta and
+//!    held count move with it. States and counts agree after every chunk, so a reconcile that
+//!    stops between two leaves nothing wrong. Events keep applying meanwhile.
+//! 4. **Repair.** One script counts the unread (the chunks' count, kept by later events, plus the
+//!    notifications created after the read, which only the journal names), sets the pending delta
+//!    to `true − stored`, and lifts the fence. Its work is bounded by the journal.
+//! 5. **Flush**, so the stored count is right at once.
 //!
 //! An event that lands during the reconcile is either in the truth (committed before the read;
 //! replaying it changes nothing) or journaled and replayed: it is neither lost nor counted twice.
+//! See `docs/design.md`, *Reconcile*, for why writing the truth in chunks is exact.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tracing::{info, instrument, warn};
+use tracing::{error, info, instrument, warn};
 
 use crate::crash_point;
 use crate::db::{queries, Db, DbError};
 use crate::flush::{FlushError, Flusher, WhenBusy};
 use crate::source::Source;
-use crate::store::{Lease, RecountClaim, Store, StoreError, UserDrift, UserTruth};
+use crate::store::{
+    Lease, RecountClaim, Store, StoreError, TruthPiece, UserDrift, UserRepair, UserTruth, TRUTH_STATES_PER_CALL,
+};
 
 /// Users recounted per step: bounds the memory of one read and the time the flush lease is held.
 pub const USERS_PER_STEP: usize = 200;
-/// How long a user's events are journaled at most; a step takes well under a second.
+/// How long a user's events are journaled without progress: the fence expires this long after the
+/// step began or after its last truth chunk. A step takes well under a second; a user with a million
+/// notifications about 11 s (most of it reading them from the table).
 const FENCE: Duration = Duration::from_secs(60);
 /// How long after a reconcile an in-flight event for a notification the table no longer held is
 /// recognised (see `apply_events.lua`): longer than any sender takes to deliver an event.
@@ -110,12 +121,21 @@ pub struct Reconciler {
     flusher: Flusher,
     source: Option<Arc<Source>>,
     recounts_queued: Arc<tokio::sync::Notify>,
+    /// Wakes [`Reconciler::watch_redis_state`]: an event was refused because Redis restarted.
+    redis_restarted: Arc<tokio::sync::Notify>,
 }
 
 impl Reconciler {
     /// A reconciler over `source`; without one, every reconcile answers [`ReconcileError::NotConfigured`].
     pub fn new(store: Store, db: Db, flusher: Flusher, source: Option<Source>) -> Self {
-        Self { store, db, flusher, source: source.map(Arc::new), recounts_queued: Arc::new(tokio::sync::Notify::new()) }
+        Self {
+            store,
+            db,
+            flusher,
+            source: source.map(Arc::new),
+            recounts_queued: Arc::new(tokio::sync::Notify::new()),
+            redis_restarted: Arc::new(tokio::sync::Notify::new()),
+        }
     }
 
     /// Rebuilds the whole state and every stored count from the table (see [`crate::bootstrap`]).
@@ -129,11 +149,52 @@ impl Reconciler {
         crate::bootstrap::bootstrap(&self.store, &self.db, &self.flusher, &source, batching, rebuild, progress).await
     }
 
-    /// Rebuilds the state whenever it is found missing; runs until the process stops.
-    pub async fn watch_for_lost_state(self, interval: Duration) {
-        if let Some(source) = self.source.clone() {
-            crate::bootstrap::watch(self.store, self.db, self.flusher, (*source).clone(), interval).await;
+    /// Watches the Redis state until the process stops, every `interval` and at once when
+    /// [`Reconciler::wake_redis_watch`] is called: recovers from a Redis restart (see
+    /// `Flusher::recover_if_redis_restarted`) and, with a Notification table and `rebuild`,
+    /// rebuilds a state found missing. It also reads Redis's configuration again (a Redis that
+    /// restarted or was reconfigured may evict keys now, unless `allow_eviction`, or persist less).
+    pub async fn watch_redis_state(self, interval: Duration, rebuild: bool, allow_eviction: bool) {
+        let mut policy_seen: Option<String> = None;
+        loop {
+            self.check_redis_config(allow_eviction, &mut policy_seen).await;
+            match self.flusher.recover_if_redis_restarted().await {
+                Ok(_) => {}
+                Err(FlushError::Store(e)) if e.is_unavailable() => {}
+                Err(e) => warn!(error = %e, "cannot check whether Redis restarted; trying again"),
+            }
+            if let (Some(source), true) = (&self.source, rebuild) {
+                crate::bootstrap::rebuild_if_missing(&self.store, &self.db, &self.flusher, source).await;
+            }
+            tokio::select! {
+                _ = self.redis_restarted.notified() => {}
+                _ = tokio::time::sleep(interval) => {}
+            }
         }
+    }
+
+    /// One look at Redis's configuration for [`Reconciler::watch_redis_state`]: an evicting
+    /// policy is logged at ERROR when first seen (start-up refuses it; this is a Redis changed
+    /// since), and the persistence mode goes to `/metrics`.
+    async fn check_redis_config(&self, allow_eviction: bool, policy_seen: &mut Option<String>) {
+        if let Ok(Some(policy)) = self.store.eviction_policy().await {
+            if policy != "noeviction" && !allow_eviction && policy_seen.as_deref() != Some(policy.as_str()) {
+                error!(
+                    policy,
+                    "Redis may evict keys now (maxmemory-policy {policy}): an evicted state or pending delta is a count \
+                     silently lost; set `maxmemory-policy noeviction` on Redis"
+                );
+            }
+            *policy_seen = Some(policy);
+        }
+        if let Ok(Some(persistence)) = self.store.persistence().await {
+            crate::metrics::redis_persistence(persistence.mode, persistence.replicas);
+        }
+    }
+
+    /// Wakes this process's [`Reconciler::watch_redis_state`]: an event found Redis restarted.
+    pub fn wake_redis_watch(&self) {
+        self.redis_restarted.notify_one();
     }
 
     /// Whether a Notification table is configured.
@@ -331,23 +392,23 @@ impl Reconciler {
             .await?
             .map_err(|reason| ReconcileError::Flush(FlushError::Skipped(reason)))?;
         report.users_checked += users.len() as u64;
-        for (user_id, drift) in repaired {
-            match drift {
-                Some(drift) if drift.stored != drift.actual => report.drift.push(drift),
-                Some(_) => {}
-                None => report.unfinished.push(user_id),
+        for (user_id, repair) in repaired {
+            match repair {
+                UserRepair::Repaired(drift) if drift.stored != drift.actual => report.drift.push(drift),
+                UserRepair::Repaired(_) => {}
+                UserRepair::Unfinished => report.unfinished.push(user_id),
             }
         }
         Ok(())
     }
 
-    /// Steps 1 to 3 for `users`.
+    /// Steps 1 to 4 for `users`.
     async fn repair(
         &self,
         lease: &Lease,
         source: &Arc<Source>,
         users: &[u64],
-    ) -> Result<Vec<(u64, Option<UserDrift>)>, ReconcileError> {
+    ) -> Result<Vec<(u64, UserRepair)>, ReconcileError> {
         self.store.reconcile_begin(lease, users, FENCE).await?;
         crash_point::reach(crash_point::RECONCILE_AFTER_FENCE);
         let (source, wanted) = (source.clone(), users.to_vec());
@@ -372,8 +433,40 @@ impl Reconciler {
                 notifications: by_user.remove(user).unwrap_or_default(),
             })
             .collect();
-        Ok(self.store.reconcile_finish(lease, &truths, GRACE).await?)
+        for (n, chunk) in truth_chunks(&truths, TRUTH_STATES_PER_CALL).iter().enumerate() {
+            self.store.reconcile_truth(lease, chunk, FENCE).await?;
+            if n == 0 {
+                crash_point::reach(crash_point::RECONCILE_AFTER_TRUTH_CHUNK);
+            }
+        }
+        let stored: Vec<(u64, i64)> = truths.iter().map(|truth| (truth.user_id, truth.stored)).collect();
+        Ok(self.store.reconcile_finish(lease, &stored, GRACE).await?)
     }
+}
+
+/// The notifications of `truths` cut into chunks of at most `limit`, in order: each chunk lists
+/// `(user, some of the user's notifications)`, a heavy user's spread over many chunks and light
+/// users sharing one.
+fn truth_chunks(truths: &[UserTruth], limit: usize) -> Vec<Vec<TruthPiece<'_>>> {
+    let limit = limit.max(1);
+    let mut chunks = Vec::new();
+    let (mut chunk, mut room) = (Vec::new(), limit);
+    for truth in truths {
+        let mut rest = &truth.notifications[..];
+        while !rest.is_empty() {
+            let (piece, after) = rest.split_at(rest.len().min(room));
+            chunk.push((truth.user_id, piece));
+            (rest, room) = (after, room - piece.len());
+            if room == 0 {
+                chunks.push(std::mem::take(&mut chunk));
+                room = limit;
+            }
+        }
+    }
+    if !chunk.is_empty() {
+        chunks.push(chunk);
+    }
+    chunks
 }
 
 /// `(drifted, corrected)`: the users of `report` whose count differed, as drift for a reconcile
@@ -422,6 +515,24 @@ fn log_report(report: &ReconcileReport, trigger: Trigger) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn truth_chunks_hold_every_notification_once_and_none_holds_more_than_the_limit() {
+        let truth = |user_id, n: u64| UserTruth {
+            user_id,
+            stored: 0,
+            notifications: (0..n).map(|id| (user_id * 1000 + id, 2)).collect(),
+        };
+        let truths = vec![truth(1, 2), truth(2, 0), truth(3, 7), truth(4, 1)];
+        let chunks = truth_chunks(&truths, 3);
+        let sizes: Vec<usize> = chunks.iter().map(|c| c.iter().map(|(_, p)| p.len()).sum()).collect();
+        assert_eq!(sizes, vec![3, 3, 3, 1]);
+        let flat: Vec<(u64, u64)> =
+            chunks.iter().flatten().flat_map(|(user, piece)| piece.iter().map(|(id, _)| (*user, *id))).collect();
+        let expected: Vec<(u64, u64)> =
+            truths.iter().flat_map(|t| t.notifications.iter().map(|(id, _)| (t.user_id, *id))).collect();
+        assert_eq!(flat, expected);
+    }
 
     #[test]
     fn only_a_reconcile_counts_differences_as_drift() {

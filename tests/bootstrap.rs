@@ -122,7 +122,7 @@ async fn flushall_in_the_middle_of_a_stream_is_recovered_with_exact_counts() {
     let state = env.state();
     state.reconciler.bootstrap(Batching::default(), Rebuild::Always, |_| {}).await.unwrap();
     // The sidecar's watcher, as `serve` runs it.
-    let watcher = tokio::spawn(state.reconciler.clone().watch_for_lost_state(Duration::from_millis(50)));
+    let watcher = tokio::spawn(state.reconciler.clone().watch_redis_state(Duration::from_millis(50), true, false));
     let flushing = Arc::new(AtomicBool::new(true));
     let flusher = tokio::spawn({
         let (state, flushing) = (state.clone(), flushing.clone());

@@ -143,6 +143,11 @@ async fn sigkill_after_a_reconcile_read_the_table_loses_nothing() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_between_the_truth_chunks_of_a_reconcile_loses_nothing() {
+    crash_repeatedly_at(crash_point::RECONCILE_AFTER_TRUTH_CHUNK).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_after_a_reconcile_repaired_redis_loses_nothing() {
     crash_repeatedly_at(crash_point::RECONCILE_AFTER_REPAIR).await;
 }

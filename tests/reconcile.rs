@@ -14,7 +14,7 @@ use countersink::app::AppState;
 use countersink::counts::unread_counts;
 use countersink::events::Event;
 use countersink::flush::WhenBusy;
-use countersink::store::{Acquired, StoreError, UserDrift, UserTruth};
+use countersink::store::{Acquired, StoreError, UserDrift, UserRepair, UserTruth};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -174,10 +174,11 @@ async fn events_inside_and_after_a_reconcile_window_count_exactly_once() {
     store.reconcile_begin(&lease, &[7], Duration::from_secs(60)).await.unwrap();
     // The table, as read: 1 unread, 2 unread, 3 already hard-deleted (its event not yet here).
     let truth = UserTruth { user_id: 7, stored: 0, notifications: vec![(1, 2), (2, 2)] };
+    store.reconcile_truth(&lease, &[(7, &truth.notifications[..])], Duration::from_secs(60)).await.unwrap();
     // After the read: notification 2 is marked read and its event lands before the repair.
     store.apply(&[Event::save(2, 7, false, false)]).await.unwrap();
-    let drift = store.reconcile_finish(&lease, &[truth], Duration::from_secs(60)).await.unwrap();
-    assert_eq!(drift, vec![(7, Some(UserDrift { user_id: 7, stored: 2, actual: 1 }))]);
+    let drift = store.reconcile_finish(&lease, &[(7, truth.stored)], Duration::from_secs(60)).await.unwrap();
+    assert_eq!(drift, vec![(7, UserRepair::Repaired(UserDrift { user_id: 7, stored: 2, actual: 1 }))]);
     assert_eq!(unread_counts(&state.store, &state.db, &[7]).await.unwrap()[0].unread_count, 1);
 
     // The hard delete's event arrives after the repair: the table already left it out.
@@ -191,12 +192,21 @@ async fn events_inside_and_after_a_reconcile_window_count_exactly_once() {
 }
 
 /// One writer's notifications: each change is written to the table, then its event is sent a
-/// moment later, as Django's on-commit hook and the network do.
-async fn writer(env: Arc<TestEnv>, lane: u64, lanes: u64, ops: usize, seed: u64) {
+/// moment later, as Django's on-commit hook and the network do. It changes `existing`
+/// notifications `(id, user)` and creates its own from id `first_id + lane`, `lanes` apart.
+async fn writer(
+    env: Arc<TestEnv>,
+    lane: u64,
+    lanes: u64,
+    ops: usize,
+    seed: u64,
+    existing: Vec<(u64, u64)>,
+    first_id: u64,
+) {
     let state = env.state();
     let mut rng = StdRng::seed_from_u64(seed + lane);
-    let mut live: Vec<(u64, u64)> = Vec::new();
-    let mut next = lane + 1;
+    let mut live = existing;
+    let mut next = first_id + lane;
     for _ in 0..ops {
         if live.is_empty() || rng.random_bool(0.35) {
             let (id, user) = (next, rng.random_range(1..=6u64));
@@ -252,7 +262,7 @@ async fn reconciles_beside_live_writers_lose_nothing_and_count_nothing_twice() {
         });
         let lanes = 4;
         let writers: Vec<_> =
-            (0..lanes).map(|lane| tokio::spawn(writer(env.clone(), lane, lanes, 150, seed))).collect();
+            (0..lanes).map(|lane| tokio::spawn(writer(env.clone(), lane, lanes, 150, seed, Vec::new(), 1))).collect();
         for w in writers {
             w.await.unwrap();
         }
@@ -517,4 +527,212 @@ async fn reconcile_all_goes_on_past_a_failing_step_and_names_its_users() {
     let _: () = redis::Commands::del(&mut redis, env.key("ready")).unwrap();
     let error = state.reconciler.reconcile_all(0, |_| {}).await.unwrap_err();
     assert!(matches!(error, countersink::reconcile::ReconcileError::Store(StoreError::StateMissing)), "{error}");
+}
+
+#[tokio::test]
+async fn events_between_the_truth_chunks_and_the_repair_count_exactly_once() {
+    let env = TestEnv::sqlite().await;
+    let state = env.state();
+    let store = &state.store;
+    // Redis heard of 1-4 and of 9 (all unread); the creations of 5 and 6 were lost, and 9 was
+    // hard-deleted from the table (its event still on the way).
+    let heard: Vec<Event> = [1, 2, 3, 4, 9].iter().map(|id| Event::save(*id, 7, true, true)).collect();
+    store.apply(&heard).await.unwrap();
+    let Acquired::Held(lease) = store.try_acquire_lease(Duration::from_secs(60), 0).await.unwrap() else {
+        panic!("nothing else holds this test's lease")
+    };
+    store.reconcile_begin(&lease, &[7], Duration::from_secs(60)).await.unwrap();
+    // The table, as read: 1-6 unread. Its truth goes to Redis in two chunks.
+    let truth = UserTruth { user_id: 7, stored: 0, notifications: (1..=6).map(|id| (id, 2)).collect() };
+    let (written, unwritten) = truth.notifications.split_at(3);
+    store.reconcile_truth(&lease, &[(7, written)], Duration::from_secs(60)).await.unwrap();
+    // Between the chunks, for notifications already written (2, 3) and not yet written (4, 5),
+    // and for one created after the read (10).
+    store
+        .apply(&[
+            Event::save(2, 7, false, false),
+            Event::save(5, 7, false, false),
+            Event::delete(3, 7),
+            Event::delete(4, 7),
+            Event::save(10, 7, true, true),
+        ])
+        .await
+        .unwrap();
+    store.reconcile_truth(&lease, &[(7, unwritten)], Duration::from_secs(60)).await.unwrap();
+    // After the last chunk, before the repair.
+    store
+        .apply(&[
+            Event::save(6, 7, false, false),
+            Event::save(11, 7, false, true),
+            Event::save(11, 7, true, false),
+            Event::save(2, 7, true, false),
+        ])
+        .await
+        .unwrap();
+    let repaired = store.reconcile_finish(&lease, &[(7, truth.stored)], Duration::from_secs(60)).await.unwrap();
+    // Now unread: 1, 2, 10, 11. (Read: 5, 6; deleted: 3, 4; gone from the table: 9.)
+    let [(7, UserRepair::Repaired(drift))] = repaired[..] else { panic!("{repaired:?}") };
+    assert_eq!(drift.actual, 4);
+    assert_eq!(unread_counts(&state.store, &state.db, &[7]).await.unwrap()[0].unread_count, 4);
+    drop(lease);
+
+    // The state is exact too: every later event moves the count as it should.
+    let late = store.apply(&[Event::delete(9, 7)]).await.unwrap();
+    assert_eq!(late.changed, 0, "9 was gone from the table when it was read");
+    let again = store
+        .apply(&[Event::save(5, 7, false, false), Event::delete(4, 7), Event::save(10, 7, true, true)])
+        .await
+        .unwrap();
+    assert_eq!(again.changed, 0, "{again:?}");
+    store
+        .apply(&[Event::save(1, 7, false, false), Event::save(4, 7, true, false), Event::delete(11, 7)])
+        .await
+        .unwrap();
+    assert_eq!(unread_counts(&state.store, &state.db, &[7]).await.unwrap()[0].unread_count, 2);
+    // Nothing of the reconcile is left but the picture, which expires.
+    let left: Vec<String> =
+        env.redis_keys().into_iter().filter(|k| k.contains("journal") || k.contains("draft")).collect();
+    assert_eq!(left, Vec::<String>::new());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconciles_of_a_heavy_user_beside_live_writers_lose_nothing_and_count_nothing_twice() {
+    let seed: u64 = rand::random();
+    println!("seed {seed}");
+    let env = Arc::new(TestEnv::postgres_with_source().await);
+    // User 1 has 10 chunks of truth to write per reconcile; the writers change them meanwhile.
+    let heavy = 10 * countersink::store::TRUTH_STATES_PER_CALL as u64;
+    env.sql(&format!(
+        "INSERT INTO notifications_notification (id, recipient_id, unread, deleted) \
+         SELECT g, 1, g % 3 <> 0, FALSE FROM generate_series(1, {heavy}) AS g"
+    ))
+    .await;
+    let users: Vec<u64> = (1..=6).collect();
+    env.state().reconciler.reconcile_users(&users).await.unwrap();
+    let writing = Arc::new(AtomicBool::new(true));
+    let reconciles = tokio::spawn({
+        let (state, writing, users) = (env.state(), writing.clone(), users.clone());
+        async move {
+            let mut runs = 0;
+            while writing.load(Ordering::Relaxed) {
+                let report = state.reconciler.reconcile_users(&users).await.unwrap();
+                assert!(report.unfinished.is_empty(), "{report:?}");
+                runs += 1;
+            }
+            runs
+        }
+    });
+    let lanes = 4;
+    let writers: Vec<_> = (0..lanes)
+        .map(|lane| {
+            let existing = (1..=heavy).filter(|id| id % lanes == lane).map(|id| (id, 1)).collect();
+            tokio::spawn(writer(env.clone(), lane, lanes, 100, seed, existing, heavy + 1))
+        })
+        .collect();
+    for w in writers {
+        w.await.unwrap();
+    }
+    writing.store(false, Ordering::Relaxed);
+    let runs = reconciles.await.unwrap();
+    println!("{runs} reconciles beside the writers");
+    assert!(runs > 2, "reconciles ran beside the writers");
+
+    let state = env.state();
+    state.flusher.flush(WAIT).await.unwrap();
+    assert_eq!(env.stored_counts().await, env.true_counts().await, "seed {seed}");
+    let report = state.reconciler.reconcile_users(&users).await.unwrap();
+    assert!(report.drift.is_empty(), "seed {seed}: {:?}", report.drift);
+}
+
+/// A reconcile that stalls after writing a chunk of truth, its fence expiring before the repair,
+/// leaves states and counts agreeing: later events move each count as the table says (a chunk that
+/// wrote states without moving counts, or without replaying the journal, fails here).
+#[tokio::test]
+async fn a_reconcile_whose_fence_expires_after_a_truth_chunk_leaves_every_count_right() {
+    let env = TestEnv::sqlite().await;
+    let state = env.state();
+    let store = &state.store;
+    let count = |user: u64| {
+        let state = state.clone();
+        async move { unread_counts(&state.store, &state.db, &[user]).await.unwrap()[0].unread_count }
+    };
+    // User 7: notification 1, read. User 8: notification 2, heard as unread, marked read since by
+    // raw SQL (the table says read).
+    store.apply(&[Event::save(1, 7, false, true), Event::save(2, 8, true, true)]).await.unwrap();
+    // Both counts are held in Redis from here on.
+    assert_eq!((count(7).await, count(8).await), (0, 1));
+
+    let Acquired::Held(lease) = store.try_acquire_lease(Duration::from_secs(60), 0).await.unwrap() else {
+        panic!("nothing else holds this test's lease")
+    };
+    store.reconcile_begin(&lease, &[7, 8], Duration::from_millis(300)).await.unwrap();
+    // The table is read (1 read, 2 read); then 1 is marked unread and its event lands.
+    store.apply(&[Event::save(1, 7, true, false)]).await.unwrap();
+    let (truth_7, truth_8) = ([(1, 1)], [(2, 1)]);
+    store.reconcile_truth(&lease, &[(7, &truth_7[..]), (8, &truth_8[..])], Duration::from_millis(300)).await.unwrap();
+    // The chunk's states are the table's with the journal on top, and the counts moved with them.
+    assert_eq!((count(7).await, count(8).await), (1, 0));
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let repaired = store.reconcile_finish(&lease, &[(7, 0), (8, 0)], Duration::from_secs(60)).await.unwrap();
+    assert_eq!(repaired, vec![(7, UserRepair::Unfinished), (8, UserRepair::Unfinished)]);
+
+    // A retry of the mark-unread repeats the state; the next changes count from there.
+    let retry = store.apply(&[Event::save(1, 7, true, false)]).await.unwrap();
+    assert_eq!(retry.changed, 0, "{retry:?}");
+    assert_eq!(count(7).await, 1);
+    store.apply(&[Event::save(1, 7, false, false), Event::save(2, 8, true, false)]).await.unwrap();
+    assert_eq!((count(7).await, count(8).await), (0, 1));
+    store.release_lease(lease).await.unwrap();
+    state.flusher.flush(WAIT).await.unwrap();
+    assert_eq!(env.stored_counts().await.get(&8).copied(), Some(1));
+}
+
+/// A notification the last reconcile's table did not hold (a row committed out of order) and
+/// this one's does: once a truth chunk counted it, its events count, even if this reconcile never
+/// finishes (the 2-minute guard against in-flight deletes must not take it for a gone one).
+#[tokio::test]
+async fn a_notification_a_chunk_counted_is_held_by_the_table_though_the_last_reconcile_missed_it() {
+    let env = TestEnv::sqlite().await;
+    let state = env.state();
+    let store = &state.store;
+    let count = || async { unread_counts(&state.store, &state.db, &[9]).await.unwrap()[0].unread_count };
+    store.apply(&[Event::save(5, 9, true, true)]).await.unwrap();
+    let Acquired::Held(lease) = store.try_acquire_lease(Duration::from_secs(60), 0).await.unwrap() else {
+        panic!("nothing else holds this test's lease")
+    };
+    // The first reconcile reads a table without row 5 yet: the count goes to 0.
+    store.reconcile_begin(&lease, &[9], Duration::from_secs(60)).await.unwrap();
+    store.reconcile_finish(&lease, &[(9, 0)], Duration::from_secs(60)).await.unwrap();
+    assert_eq!(count().await, 0);
+    // The row is there for the next one, which stalls after its first chunk.
+    store.reconcile_begin(&lease, &[9], Duration::from_millis(300)).await.unwrap();
+    store.reconcile_truth(&lease, &[(9, &[(5, 2)][..])], Duration::from_millis(300)).await.unwrap();
+    assert_eq!(count().await, 1);
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let repaired = store.reconcile_finish(&lease, &[(9, 0)], Duration::from_secs(60)).await.unwrap();
+    assert_eq!(repaired, vec![(9, UserRepair::Unfinished)]);
+    // Marked read: the count follows.
+    let read = store.apply(&[Event::save(5, 9, false, false)]).await.unwrap();
+    assert_eq!((read.changed, count().await), (1, 0), "{read:?}");
+}
+
+/// Each truth chunk moves its users' fence ahead: a reconcile that keeps writing (a user with
+/// millions of notifications) outlives its first deadline; one that stalls does not.
+#[tokio::test]
+async fn a_truth_chunk_moves_the_fence_ahead() {
+    let env = TestEnv::sqlite().await;
+    let state = env.state();
+    let store = &state.store;
+    store.apply(&[Event::save(1, 7, true, true)]).await.unwrap();
+    let Acquired::Held(lease) = store.try_acquire_lease(Duration::from_secs(60), 0).await.unwrap() else {
+        panic!("nothing else holds this test's lease")
+    };
+    let fence = Duration::from_millis(400);
+    store.reconcile_begin(&lease, &[7], fence).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    store.reconcile_truth(&lease, &[(7, &[(1, 1)][..])], fence).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    // 500 ms after the fence went up, 250 ms after the chunk.
+    let repaired = store.reconcile_finish(&lease, &[(7, 0)], Duration::from_secs(60)).await.unwrap();
+    assert_eq!(repaired, vec![(7, UserRepair::Repaired(UserDrift { user_id: 7, stored: 1, actual: 0 }))]);
 }

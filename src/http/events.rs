@@ -12,7 +12,7 @@ use crate::error::AppError;
 use crate::error::ErrorBody;
 use crate::events::{parse_batch, WireBatch};
 use crate::metrics;
-use crate::store::{ApplyOutcome, Idempotency};
+use crate::store::{ApplyOutcome, Idempotency, StoreError};
 
 /// What a request's events did.
 #[derive(Debug, serde::Serialize, utoipa::ToSchema)]
@@ -72,7 +72,14 @@ pub async fn post_events(
     state.reconciler.queue_recounts(&batch.recounts).await?;
     metrics::recounts_queued(batch.recounts.len());
     let idempotency = webhook_id.map(|id| Idempotency::new(id, &body, state.limits.idempotency_ttl));
-    let applied = state.store.apply_once(&batch.transitions, idempotency).await?;
+    let applied = match state.store.apply_once(&batch.transitions, idempotency).await {
+        Err(StoreError::RedisRestarted) => {
+            // The watch recovers at once rather than at its next check.
+            state.reconciler.wake_redis_watch();
+            return Err(StoreError::RedisRestarted.into());
+        }
+        applied => applied?,
+    };
     metrics::events_applied(&applied);
     let outcomes = applied.outcome;
     if outcomes.after_delete > 0 {

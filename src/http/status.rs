@@ -72,8 +72,17 @@ const READY_CHECK_TIMEOUT: Duration = Duration::from_secs(2);
 pub struct Readiness {
     /// `ready` when every check passed, else `not_ready`.
     pub status: &'static str,
-    /// Each check: `redis`, `database`, `migrations`.
+    /// Each check: `redis`, `database`, `migrations`, and `redis_state` when Redis answered.
     pub checks: Vec<ReadyCheck>,
+    /// What the last recovery from a Redis restart did (any process's), if Redis ever restarted
+    /// under a vouched-for state: without a Notification table, events acknowledged after the
+    /// snapshot it restarted from are not counted.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub redis_last_restart: Option<crate::flush::RedisRestart>,
+    /// How Redis keeps its data across a restart, if it says (`CONFIG` may be disabled): what a
+    /// restart can lose (docs/deployment.md).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub redis_persistence: Option<crate::store::RedisPersistence>,
 }
 
 /// One readiness check.
@@ -99,8 +108,21 @@ pub struct ReadyCheck {
     )
 )]
 pub async fn get_readyz(State(state): State<AppState>) -> (StatusCode, Json<Readiness>) {
-    let (redis, database, migrations) =
-        tokio::join!(timed(state.store.ping()), timed(state.db.ping()), timed(state.db.pending_migrations()));
+    let (redis, database, migrations, persistence) = tokio::join!(
+        timed(state.store.check_instance()),
+        timed(state.db.ping()),
+        timed(state.db.pending_migrations()),
+        timed(state.store.persistence())
+    );
+    // Information, not a check: a Redis that answers the others answers this.
+    let redis_persistence = persistence.ok().flatten();
+    if let Some(persistence) = redis_persistence {
+        crate::metrics::redis_persistence(persistence.mode, persistence.replicas);
+    }
+    let (instance, redis) = match redis {
+        Ok(instance) => (Some(instance), Ok(())),
+        Err(e) => (None, Err(e)),
+    };
     let mut checks = vec![check("redis", redis), check("database", database.map(|_| ()))];
     checks.push(match migrations {
         Ok(pending) if pending.is_empty() => ReadyCheck { name: "migrations", ok: true, error: None },
@@ -111,9 +133,27 @@ pub async fn get_readyz(State(state): State<AppState>) -> (StatusCode, Json<Read
         },
         Err(e) => check("migrations", Err(e)),
     });
+    if let Some(instance) = &instance {
+        // Not a dependency's fault, and nothing secret: answered as it is.
+        let ok = instance.vouched || instance.new;
+        let error = (!ok)
+            .then(|| "Redis restarted since its state was vouched for; the state is being rebuilt or resynced".into());
+        checks.push(ReadyCheck { name: "redis_state", ok, error });
+    }
+    let redis_last_restart = instance
+        .and_then(|i| i.last_restart)
+        .and_then(|record| serde_json::from_str::<crate::flush::RedisRestart>(&record).ok());
     let ready = checks.iter().all(|c| c.ok);
     let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
-    (status, Json(Readiness { status: if ready { "ready" } else { "not_ready" }, checks }))
+    (
+        status,
+        Json(Readiness {
+            status: if ready { "ready" } else { "not_ready" },
+            checks,
+            redis_last_restart,
+            redis_persistence,
+        }),
+    )
 }
 
 /// A check's result, or "timed out" after [`READY_CHECK_TIMEOUT`].

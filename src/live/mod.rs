@@ -1,9 +1,9 @@
 //! Live counts: the fan-out behind `GET /v1/users/{user_id}/unread-count/stream`.
 //!
-//! The scripts that change a user's visible count (`apply_events.lua`, `reconcile_finish.lua`,
-//! and the end of a bootstrap) publish, in the same atomic step, one message on the deployment's
-//! channel ([`crate::store::Keys::live_channel`]) naming the users whose count moved, or `*` for
-//! every user. A flush moves pending into stored without changing a total, so it publishes nothing.
+//! The scripts that change a user's visible count (`apply_events.lua`, `reconcile_truth.lua`,
+//! `reconcile_finish.lua`, and the end of a bootstrap) publish, in the same atomic step, one
+//! message on the deployment's channel ([`crate::store::Keys::live_channel`]) naming the users
+//! whose count moved, or `*` for every user. A flush moves pending into stored without changing a total, so it publishes nothing.
 //!
 //! Each process holds ONE dedicated pub/sub connection ([`Live`]'s subscriber task, started by the
 //! first stream and reconnecting with backoff). For the users that have streams here, it re-reads

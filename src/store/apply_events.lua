@@ -1,6 +1,6 @@
 -- Applies a batch of events atomically: one state transition per event, then per user one
 -- ZINCRBY of the pending delta and, if the user's real-time count is held, one HINCRBY of it.
--- (transition.lua is prepended.)
+-- (transition.lua, instance.lua and move_counts.lua are prepended.)
 --
 -- KEYS[1]   the pending sorted set (member = user id, score = pending delta)
 -- KEYS[2]   the idempotency key of this request (its webhook-id)
@@ -9,7 +9,9 @@
 -- KEYS[5]   what the last bootstrap read: "shard index ms", the highest notification slot it
 --           read (-1 -1 for none) and when it finished (unix ms)
 -- KEYS[6]   the users waiting for a recount (stale events and saves after a delete add theirs)
--- KEYS[7..] state shard bitmaps, 2 bits per notification, and held-count buckets (hashes:
+-- KEYS[7]   the instance key: the run id of the Redis server that vouches for the state
+-- KEYS[8]   the hand-off sequence
+-- KEYS[9..] state shard bitmaps, 2 bits per notification, and held-count buckets (hashes:
 --           field = user id within the bucket, value = the user's real-time count)
 -- ARGV[1]   seconds to remember the idempotency key; 0 when the request has none
 -- ARGV[2]   the prefix of journal keys (journal key = prefix .. user id)
@@ -17,7 +19,9 @@
 -- ARGV[4]   1 if the state must be bootstrapped (the marker must exist), else 0
 -- ARGV[5]   the pub/sub channel told which users' counts changed (comma-separated ids)
 -- ARGV[6]   a digest of the request's body (hex), remembered with its idempotency key
--- ARGV[7..] 7 values per event: op, state key index (into KEYS), index in shard, user id, when
+-- ARGV[7]   the prefix of a reconcile's draft-picture keys (key = prefix .. user id)
+-- ARGV[8]   the prefix of a reconcile's tally keys (key = prefix .. user id)
+-- ARGV[9..] 7 values per event: op, state key index (into KEYS), index in shard, user id, when
 --           it occurred (unix ms, 0 if the sender did not say), the user's count bucket index
 --           (into KEYS) and field in it
 --
@@ -27,10 +31,25 @@
 -- id was seen before, and the counts are then those of its first delivery.
 -- Returns {-1} when the marker is required and missing: the state was lost, nothing is applied.
 -- Returns {-3} when the idempotency key was seen with another body: nothing is applied.
+-- Returns {-4} when this Redis server does not vouch for the state (it restarted, from a snapshot
+-- or empty, since the state was vouched for): nothing is applied until it is rebuilt or resynced.
 local ttl = tonumber(ARGV[1])
 
 if ARGV[4] == '1' and redis.call('EXISTS', KEYS[4]) == 0 then
   return {-1}
+end
+
+local server = this_server()
+local vouched_by = redis.call('GET', KEYS[7])
+if vouched_by ~= server then
+  if vouched_by == false and ARGV[4] == '0'
+    and redis.call('EXISTS', KEYS[8]) == 0 and redis.call('EXISTS', KEYS[1]) == 0 then
+    -- Nothing was ever vouched for, handed off or left pending: a new deployment (or a Redis that
+    -- lost everything, whose pending deltas were all lost with it). This server holds it from now.
+    redis.call('SET', KEYS[7], server)
+  else
+    return {-4}
+  end
 end
 
 if ttl > 0 then
@@ -109,7 +128,7 @@ local changed, recorded = 0, 0
 local deltas, users = {}, {}
 
 local count_at = {}
-for i = 7, #ARGV, 7 do
+for i = 9, #ARGV, 7 do
   local op, key, pos, user = ARGV[i], KEYS[tonumber(ARGV[i + 1])], '#' .. ARGV[i + 2], ARGV[i + 3]
   count_at[user] = {KEYS[tonumber(ARGV[i + 5])], ARGV[i + 6]}
   journal(user, op .. ' ' .. key .. ' ' .. pos)
@@ -145,31 +164,15 @@ for i = 7, #ARGV, 7 do
         users[#users + 1] = user
       end
       deltas[user] = deltas[user] + delta
+      -- A reconcile already wrote this notification's truth: its tally of the unread follows.
+      if fenced[user] and redis.call('SISMEMBER', ARGV[7] .. user, key .. ' ' .. ARGV[i + 2]) == 1 then
+        redis.call('HINCRBY', ARGV[8] .. user, 'unread', delta)
+      end
     end
   end
 end
 
-local moved = {}
-for _, user in ipairs(users) do
-  local delta = deltas[user]
-  if delta ~= 0 then
-    moved[#moved + 1] = user
-    -- A user whose pending delta returns to zero leaves the set: nothing to flush.
-    if tonumber(redis.call('ZINCRBY', KEYS[1], delta, user)) == 0 then
-      redis.call('ZREM', KEYS[1], user)
-    end
-    -- A count not held yet is loaded by its first read (install_counts.lua), which adds the
-    -- pending delta as it is then: changing nothing here is what keeps that load exact.
-    local bucket, field = count_at[user][1], count_at[user][2]
-    if redis.call('HEXISTS', bucket, field) == 1 then
-      redis.call('HINCRBY', bucket, field, delta)
-    end
-  end
-end
--- Live streams: one message per request naming the users whose count moved (not per user).
-if #moved > 0 then
-  redis.call('PUBLISH', ARGV[5], table.concat(moved, ','))
-end
+move_counts(KEYS[1], users, deltas, count_at, ARGV[5])
 
 local result = {changed, recorded, outcomes.duplicate, outcomes.stale, outcomes.after_delete}
 if ttl > 0 then

@@ -1,6 +1,7 @@
 -- Runs a list of commands atomically, only while the caller holds the flush lease: the fenced
 -- form of MULTI/EXEC, for writes under the lease that need no logic of their own (the
--- bootstrap's state writes and checkpoints, a resync after a Redis rollback).
+-- bootstrap's state writes and checkpoints, a resync after a Redis rollback; claimed.lua may come
+-- first, so the commands are read from ARGV[2] and keys are only declared).
 -- (lease.lua is prepended: KEYS[1] the lease, ARGV[1] the holder's token.)
 --
 -- KEYS[2..] the keys the commands write (declared for Redis; all under one hash tag)

@@ -89,6 +89,31 @@ impl Keys {
         format!("{}:reconciled:{user}", self.tag)
     }
 
+    /// The picture of a user being reconciled, while `reconcile_truth.lua` writes it a chunk at a
+    /// time; it becomes [`Keys::reconciled`] when the reconcile finishes.
+    pub fn reconcile_draft(&self, user: &str) -> String {
+        format!("{}:reconcile_draft:{user}", self.tag)
+    }
+
+    /// A reconcile's tally for a user (a hash): `unread`, how many notifications of the user's
+    /// [`Keys::reconcile_draft`] are unread now (kept by the truth chunks and by the events after
+    /// them), and `corrected`, how far the chunks moved the user's count.
+    pub fn reconcile_tally(&self, user: &str) -> String {
+        format!("{}:reconcile_tally:{user}", self.tag)
+    }
+
+    /// The run id of the Redis server that vouches for the state: every server start has a new one,
+    /// so another (or none) means the state was restored, failed over or lost since (see
+    /// `instance.lua`).
+    pub fn instance(&self) -> String {
+        format!("{}:instance", self.tag)
+    }
+
+    /// What the last recovery from a Redis restart did, for `/readyz` (see `vouch.lua`).
+    pub fn last_restart(&self) -> String {
+        format!("{}:last_restart", self.tag)
+    }
+
     /// Written by a bootstrap once the state is complete; its absence means the state was lost.
     pub fn ready(&self) -> String {
         format!("{}:ready", self.tag)

@@ -135,7 +135,13 @@ impl Store {
 
     /// Commands for [`Store::run_fenced`].
     pub(super) fn fenced_writes(&self) -> FencedWrites {
-        FencedWrites { keys: Vec::new(), commands: Vec::new() }
+        FencedWrites { keys: Vec::new(), commands: Vec::new(), on_claimed_instance: false }
+    }
+
+    /// Commands for [`Store::run_fenced`] that also require the instance a rebuild claimed
+    /// (`claimed.lua`): a Redis restarted since gets none of them.
+    pub(super) fn fenced_writes_on_claimed_instance(&self) -> FencedWrites {
+        FencedWrites { keys: vec![self.keys.instance()], commands: Vec::new(), on_claimed_instance: true }
     }
 
     /// Runs `writes` atomically if `lease` is still held (`fenced.lua`).
@@ -143,7 +149,9 @@ impl Store {
         if writes.commands.is_empty() {
             return Ok(());
         }
-        let mut invocation = self.fenced_invocation(&self.scripts.fenced, lease);
+        let script =
+            if writes.on_claimed_instance { &self.scripts.fenced_on_claimed_instance } else { &self.scripts.fenced };
+        let mut invocation = self.fenced_invocation(script, lease);
         for key in &writes.keys {
             invocation.key(key);
         }
@@ -163,6 +171,8 @@ impl Store {
 pub(super) struct FencedWrites {
     keys: Vec<String>,
     commands: Vec<Vec<Vec<u8>>>,
+    /// The instance key is `keys[0]`, checked by `claimed.lua` before the commands run.
+    on_claimed_instance: bool,
 }
 
 impl FencedWrites {

@@ -53,6 +53,13 @@ pub enum StoreError {
     /// and another process may hold it now. Nothing was written; the work is the next holder's.
     #[error("{0}; nothing was written, the next holder of the lease does this work")]
     LeaseLost(String),
+    /// The Redis server restarted (from a snapshot, empty, or a replica promoted) since the state
+    /// was vouched for: nothing applies or flushes until it is rebuilt or resynced.
+    #[error(
+        "Redis restarted since its state was vouched for (it may be an older snapshot); nothing was applied: the \
+         state is being rebuilt or resynced, retry shortly"
+    )]
+    RedisRestarted,
     /// A request reused a `webhook-id` applied before with another body; nothing was applied.
     #[error(
         "this webhook-id was applied before with another body; nothing was applied: give every request its own \
@@ -70,6 +77,10 @@ impl From<redis::RedisError> for StoreError {
         if e.code() == Some("LEASE_LOST") {
             // A fenced script's refusal (lease.lua): Redis is fine, the caller is late.
             return StoreError::LeaseLost(e.detail().unwrap_or("the flush lease was lost").to_string());
+        }
+        if e.code() == Some("UNVOUCHED") {
+            // A guarded script's refusal (instance.lua): Redis answers, its state is unvouched.
+            return StoreError::RedisRestarted;
         }
         crate::metrics::dependency_error(crate::metrics::Dependency::Redis);
         StoreError::Redis(e)
@@ -95,7 +106,7 @@ impl StoreError {
                 );
                 passing || e.is_io_error() || e.is_timeout() || e.is_connection_refusal() || e.is_connection_dropped()
             }
-            StoreError::StateMissing | StoreError::CountsReloading => true,
+            StoreError::StateMissing | StoreError::CountsReloading | StoreError::RedisRestarted => true,
             StoreError::LeaseLost(_) | StoreError::IdempotencyKeyReused | StoreError::Unexpected(_) => false,
         }
     }
@@ -184,10 +195,14 @@ pub struct Store {
 struct Scripts {
     apply_events: Script,
     reconcile_begin: Script,
+    reconcile_truth: Script,
     reconcile_finish: Script,
     take_recounts: Script,
     renew_recounts: Script,
     handoff: Script,
+    vouch: Script,
+    check_instance: Script,
+    check_batch: Script,
     drop_batch: Script,
     read_batches: Script,
     install_counts: Script,
@@ -195,16 +210,28 @@ struct Scripts {
     extend_lease: Script,
     release_lease: Script,
     fenced: Script,
+    fenced_on_claimed_instance: Script,
 }
 
 fn scripts() -> &'static Scripts {
     static SCRIPTS: std::sync::OnceLock<Scripts> = std::sync::OnceLock::new();
     SCRIPTS.get_or_init(|| Scripts {
-        apply_events: Script::new(concat!(include_str!("transition.lua"), include_str!("apply_events.lua"))),
+        apply_events: Script::new(concat!(
+            include_str!("transition.lua"),
+            include_str!("instance.lua"),
+            include_str!("move_counts.lua"),
+            include_str!("apply_events.lua")
+        )),
         reconcile_begin: Script::new(concat!(
             include_str!("lease.lua"),
             include_str!("transition.lua"),
             include_str!("reconcile_begin.lua")
+        )),
+        reconcile_truth: Script::new(concat!(
+            include_str!("lease.lua"),
+            include_str!("transition.lua"),
+            include_str!("move_counts.lua"),
+            include_str!("reconcile_truth.lua")
         )),
         reconcile_finish: Script::new(concat!(
             include_str!("lease.lua"),
@@ -213,7 +240,14 @@ fn scripts() -> &'static Scripts {
         )),
         take_recounts: Script::new(include_str!("take_recounts.lua")),
         renew_recounts: Script::new(include_str!("renew_recounts.lua")),
-        handoff: Script::new(concat!(include_str!("lease.lua"), include_str!("handoff.lua"))),
+        handoff: Script::new(concat!(
+            include_str!("lease.lua"),
+            include_str!("instance.lua"),
+            include_str!("handoff.lua")
+        )),
+        vouch: Script::new(concat!(include_str!("lease.lua"), include_str!("instance.lua"), include_str!("vouch.lua"))),
+        check_instance: Script::new(concat!(include_str!("instance.lua"), include_str!("check_instance.lua"))),
+        check_batch: Script::new(concat!(include_str!("instance.lua"), include_str!("check_batch.lua"))),
         drop_batch: Script::new(concat!(include_str!("lease.lua"), include_str!("drop_batch.lua"))),
         read_batches: Script::new(include_str!("read_batches.lua")),
         install_counts: Script::new(include_str!("install_counts.lua")),
@@ -221,6 +255,12 @@ fn scripts() -> &'static Scripts {
         extend_lease: Script::new(include_str!("extend_lease.lua")),
         release_lease: Script::new(include_str!("release_lease.lua")),
         fenced: Script::new(concat!(include_str!("lease.lua"), include_str!("fenced.lua"))),
+        fenced_on_claimed_instance: Script::new(concat!(
+            include_str!("lease.lua"),
+            include_str!("instance.lua"),
+            include_str!("claimed.lua"),
+            include_str!("fenced.lua")
+        )),
     })
 }
 
@@ -259,9 +299,14 @@ impl Store {
     /// Redis's `maxmemory-policy`; `None` when Redis does not say (a managed Redis that disables
     /// `CONFIG`).
     pub async fn eviction_policy(&self) -> Result<Option<String>, StoreError> {
+        self.config("maxmemory-policy").await
+    }
+
+    /// One of Redis's settings (`CONFIG GET`); `None` when Redis does not say.
+    async fn config(&self, name: &str) -> Result<Option<String>, StoreError> {
         let mut conn = self.conn.clone();
         let reply: Result<Vec<String>, redis::RedisError> =
-            redis::cmd("CONFIG").arg("GET").arg("maxmemory-policy").query_async(&mut conn).await;
+            redis::cmd("CONFIG").arg("GET").arg(name).query_async(&mut conn).await;
         match reply {
             Ok(pair) => Ok(pair.into_iter().nth(1)),
             // Refused, renamed or not permitted (an error reply, not a failure to reach Redis):
@@ -269,6 +314,31 @@ impl Store {
             Err(e) if e.code().is_some() => Ok(None),
             Err(e) => Err(e.into()),
         }
+    }
+
+    /// How Redis keeps its data across a restart, and to how many replicas it is copied (what a
+    /// restart or a failover can lose, see docs/deployment.md); `None` when Redis does not say.
+    pub async fn persistence(&self) -> Result<Option<RedisPersistence>, StoreError> {
+        let (Some(appendonly), Some(appendfsync), Some(save)) =
+            (self.config("appendonly").await?, self.config("appendfsync").await?, self.config("save").await?)
+        else {
+            return Ok(None);
+        };
+        let mode = match (appendonly.as_str(), appendfsync.as_str()) {
+            ("yes", "always") => "aof_always",
+            ("yes", "everysec") => "aof_everysec",
+            ("yes", _) => "aof_no_fsync",
+            _ if !save.trim().is_empty() => "rdb",
+            _ => "none",
+        };
+        let mut conn = self.conn.clone();
+        let replication: String = redis::cmd("INFO").arg("replication").query_async(&mut conn).await?;
+        let replicas = replication
+            .lines()
+            .find_map(|line| line.strip_prefix("connected_slaves:"))
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap_or(0);
+        Ok(Some(RedisPersistence { mode, replicas }))
     }
 
     /// Applies a validated batch of events in one atomic script.
@@ -298,14 +368,18 @@ impl Store {
             .key(self.keys.ready())
             .key(self.keys.rebuilt())
             .key(self.keys.recounts())
+            .key(self.keys.instance())
+            .key(self.keys.handoff_seq())
             .arg(ttl.as_secs())
             .arg(self.keys.journal(""))
             .arg(self.keys.reconciled(""))
             .arg(u8::from(self.requires_bootstrap))
             .arg(self.keys.live_channel())
-            .arg(digest);
-        // KEYS[1..6] are taken; each distinct state shard and count bucket gets the next index.
-        let mut next_key = 7;
+            .arg(digest)
+            .arg(self.keys.reconcile_draft(""))
+            .arg(self.keys.reconcile_tally(""));
+        // KEYS[1..8] are taken; each distinct state shard and count bucket gets the next index.
+        let mut next_key = 9;
         let mut shard_index: HashMap<u64, usize> = HashMap::new();
         let mut bucket_index: HashMap<u64, usize> = HashMap::new();
         for event in events {
@@ -336,6 +410,7 @@ impl Store {
         let counts: Vec<u64> = match counts[..] {
             [-1] => return Err(StoreError::StateMissing),
             [-3] => return Err(StoreError::IdempotencyKeyReused),
+            [-4] => return Err(StoreError::RedisRestarted),
             _ => counts.iter().map(|c| *c as u64).collect(),
         };
         match counts[..] {
@@ -515,10 +590,73 @@ impl Store {
             .key(self.keys.batch(batch_id))
             .key(self.keys.batches())
             .key(self.keys.handoff_seq())
+            .key(self.keys.instance())
             .arg(batch_id)
             .invoke_async(&mut conn)
             .await?;
         Ok((seq > 0).then_some(seq))
+    }
+
+    /// Whether this Redis server vouches for the state, and what the last recovery from a restart
+    /// did (see `instance.lua`).
+    pub async fn check_instance(&self) -> Result<InstanceCheck, StoreError> {
+        let mut conn = self.conn.clone();
+        let (server, vouched_by, last_restart, new): (String, String, String, u8) = self
+            .scripts
+            .check_instance
+            .key(self.keys.instance())
+            .key(self.keys.last_restart())
+            .key(self.keys.handoff_seq())
+            .key(self.keys.pending())
+            .invoke_async(&mut conn)
+            .await?;
+        let vouched_by = (!vouched_by.is_empty()).then_some(vouched_by);
+        let last_restart = (!last_restart.is_empty()).then_some(last_restart);
+        let vouched = vouched_by.as_deref() == Some(server.as_str());
+        Ok(InstanceCheck { vouched, new: new == 1, server, vouched_by, last_restart })
+    }
+
+    /// Whether the batch `batch_id` still holds `users` users on a Redis server that vouches for
+    /// the state: what a flush checks before it commits what it read of the batch.
+    pub async fn batch_intact(&self, batch_id: &str, users: u64) -> Result<bool, StoreError> {
+        let mut conn = self.conn.clone();
+        let (held, vouched): (u64, u8) = self
+            .scripts
+            .check_batch
+            .key(self.keys.batch(batch_id))
+            .key(self.keys.instance())
+            .invoke_async(&mut conn)
+            .await?;
+        Ok(held == users && vouched == 1)
+    }
+
+    /// Vouches for the state on this Redis server, from now on.
+    pub async fn claim_instance(&self, lease: &Lease) -> Result<(), StoreError> {
+        self.vouch(lease, "claim").await
+    }
+
+    /// Keeps what a recovery from a Redis restart did (a JSON document), for `/readyz`.
+    pub async fn record_restart(&self, lease: &Lease, record: &str) -> Result<(), StoreError> {
+        let mut writes = self.fenced_writes();
+        writes.command("SET", self.keys.last_restart(), record);
+        self.run_fenced(lease, writes).await
+    }
+
+    /// Vouches for the state as [`Store::claim_instance`] did, if this is still the server that
+    /// claimed it; [`StoreError::RedisRestarted`] if Redis restarted since.
+    pub async fn confirm_instance(&self, lease: &Lease) -> Result<(), StoreError> {
+        self.vouch(lease, "confirm").await
+    }
+
+    async fn vouch(&self, lease: &Lease, mode: &str) -> Result<(), StoreError> {
+        let mut conn = self.conn.clone();
+        let _: String = self
+            .fenced_invocation(&self.scripts.vouch, lease)
+            .key(self.keys.instance())
+            .arg(mode)
+            .invoke_async(&mut conn)
+            .await?;
+        Ok(())
     }
 
     /// Whether the ready marker exists (whether or not this store requires it).
@@ -626,7 +764,38 @@ impl Store {
     }
 }
 
-/// A user's notifications as the Notification table holds them, for [`Store::reconcile_finish`].
+/// The most notification states one [`Store::reconcile_truth`] call writes: each call is a short
+/// script (about 3 ms; 6 ms at 1,000, see docs/design.md *Reconcile*), however many notifications
+/// a user has.
+pub const TRUTH_STATES_PER_CALL: usize = 500;
+
+/// How Redis keeps its data ([`Store::persistence`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
+pub struct RedisPersistence {
+    /// `none`, `rdb` (snapshots), `aof_everysec`, `aof_always` or `aof_no_fsync` (the append-only
+    /// file, with its `appendfsync`).
+    pub mode: &'static str,
+    /// Replicas connected to this Redis.
+    pub replicas: u64,
+}
+
+/// Whether the Redis server vouches for the state ([`Store::check_instance`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InstanceCheck {
+    /// The instance key names this server: the state is the one written to it.
+    pub vouched: bool,
+    /// Nothing was ever vouched for, handed off or left pending: a new state (a new deployment,
+    /// or a Redis that lost everything), which the first event or flush vouches for.
+    pub new: bool,
+    /// This server's run id.
+    pub server: String,
+    /// The run id in the instance key (`None`: never vouched for, or lost).
+    pub vouched_by: Option<String>,
+    /// What the last recovery from a restart did, as it recorded it.
+    pub last_restart: Option<String>,
+}
+
+/// A user's notifications as the Notification table holds them.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UserTruth {
     /// The user.
@@ -636,6 +805,9 @@ pub struct UserTruth {
     /// Each notification's id and state (1 read, 2 unread, 3 deleted).
     pub notifications: Vec<(u64, u8)>,
 }
+
+/// Some of one user's notifications as the table holds them: one piece of a truth chunk.
+pub type TruthPiece<'a> = (u64, &'a [(u64, u8)]);
 
 /// What a reconcile found for one user.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
@@ -648,11 +820,46 @@ pub struct UserDrift {
     pub actual: i64,
 }
 
+/// How [`Store::reconcile_finish`] left one user.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UserRepair {
+    /// The user's count is the table's truth now; `drift` says what it was before.
+    Repaired(UserDrift),
+    /// The fence expired before the repair (the reconcile took too long). The states and counts
+    /// the truth chunks wrote agree with each other; the user is not repaired: try again.
+    Unfinished,
+}
+
+impl redis::FromRedisValue for UserRepair {
+    /// `{user, 'repaired', before, actual}` or `{user, 'unfinished'}` (see `reconcile_finish.lua`).
+    fn from_redis_value(value: redis::Value) -> Result<Self, redis::ParsingError> {
+        let reply: Vec<redis::Value> = redis::from_redis_value(value)?;
+        let mut fields = reply.into_iter();
+        let mut next = || fields.next().ok_or_else(|| redis::ParsingError::from("a reconcile result cut short"));
+        let user_id: u64 = redis::from_redis_value(next()?)?;
+        let outcome: String = redis::from_redis_value(next()?)?;
+        match outcome.as_str() {
+            "repaired" => Ok(UserRepair::Repaired(UserDrift {
+                user_id,
+                stored: redis::from_redis_value(next()?)?,
+                actual: redis::from_redis_value(next()?)?,
+            })),
+            "unfinished" => Ok(UserRepair::Unfinished),
+            other => Err(format!("an unknown reconcile result {other:?}").into()),
+        }
+    }
+}
+
 impl Store {
     /// Fences `users` for `fence`: until it is lifted or expires, their events are journaled.
     pub async fn reconcile_begin(&self, lease: &Lease, users: &[u64], fence: Duration) -> Result<(), StoreError> {
         let mut invocation = self.fenced_invocation(&self.scripts.reconcile_begin, lease);
-        invocation.key(self.keys.reconciling()).arg(self.keys.journal("")).arg(fence.as_millis() as u64);
+        invocation
+            .key(self.keys.reconciling())
+            .arg(self.keys.journal(""))
+            .arg(fence.as_millis() as u64)
+            .arg(self.keys.reconcile_draft(""))
+            .arg(self.keys.reconcile_tally(""));
         for user in users {
             invocation.arg(*user);
         }
@@ -661,17 +868,68 @@ impl Store {
         Ok(())
     }
 
-    /// Sets the users' state to the table's truth plus the journal, and their pending deltas to
-    /// match; lifts the fence. Returns a drift per user, or `None` for a user whose fence expired.
+    /// Writes one chunk of the table's truth (at most [`TRUTH_STATES_PER_CALL`] notifications in
+    /// all) for fenced users: each state becomes the table's with the journal replayed on top, and
+    /// the users' counts move with them, so states and counts agree after every chunk. The users'
+    /// fences are moved `fence` ahead; users whose fence had expired are skipped. Returns how many
+    /// states were written.
+    pub async fn reconcile_truth(
+        &self,
+        lease: &Lease,
+        chunk: &[TruthPiece<'_>],
+        fence: Duration,
+    ) -> Result<u64, StoreError> {
+        let total: usize = chunk.iter().map(|(_, piece)| piece.len()).sum();
+        if total > TRUTH_STATES_PER_CALL {
+            return Err(StoreError::Unexpected(format!(
+                "a truth chunk of {total} states (at most {TRUTH_STATES_PER_CALL})"
+            )));
+        }
+        let mut invocation = self.fenced_invocation(&self.scripts.reconcile_truth, lease);
+        invocation
+            .key(self.keys.reconciling())
+            .key(self.keys.pending())
+            .arg(self.keys.journal(""))
+            .arg(self.keys.reconcile_draft(""))
+            .arg(self.keys.reconcile_tally(""))
+            .arg(self.keys.reconciled(""))
+            .arg(self.keys.live_channel())
+            .arg(fence.as_millis() as u64);
+        for (user, piece) in chunk {
+            let (bucket, field) = Keys::count_slot(*user);
+            let mut by_shard: std::collections::BTreeMap<u64, Vec<(u64, u8)>> = Default::default();
+            for (id, state) in piece.iter() {
+                let (shard, index) = Keys::state_slot(*id);
+                by_shard.entry(shard).or_default().push((index, *state));
+            }
+            for (shard, states) in by_shard {
+                invocation
+                    .arg(*user)
+                    .arg(self.keys.counts(bucket))
+                    .arg(field)
+                    .arg(self.keys.state(shard))
+                    .arg(states.len());
+                for (index, state) in states {
+                    invocation.arg(index).arg(state);
+                }
+            }
+        }
+        let mut conn = self.conn.clone();
+        Ok(invocation.invoke_async(&mut conn).await?)
+    }
+
+    /// Repairs fenced users whose truth is written ([`Store::reconcile_truth`]): sets each one's
+    /// pending delta so that `stored` (per user, read while no flush can run) plus pending is the
+    /// true count, holds that count, and lifts the fence. Its work is bounded by the journals.
     ///
     /// For `grace` afterwards, an event for a notification Redis knew but the table did not hold
     /// (deleted before the read, its event still on the way) counts nothing.
     pub async fn reconcile_finish(
         &self,
         lease: &Lease,
-        truths: &[UserTruth],
+        stored: &[(u64, i64)],
         grace: Duration,
-    ) -> Result<Vec<(u64, Option<UserDrift>)>, StoreError> {
+    ) -> Result<Vec<(u64, UserRepair)>, StoreError> {
         let mut invocation = self.fenced_invocation(&self.scripts.reconcile_finish, lease);
         invocation
             .key(self.keys.pending())
@@ -679,29 +937,16 @@ impl Store {
             .arg(self.keys.journal(""))
             .arg(self.keys.reconciled(""))
             .arg(grace.as_millis() as u64)
-            .arg(self.keys.live_channel());
-        for truth in truths {
-            let (bucket, field) = Keys::count_slot(truth.user_id);
-            invocation
-                .arg(truth.user_id)
-                .arg(truth.stored)
-                .arg(self.keys.counts(bucket))
-                .arg(field)
-                .arg(truth.notifications.len());
-            for (id, state) in &truth.notifications {
-                let (shard, index) = Keys::state_slot(*id);
-                invocation.arg(self.keys.state(shard)).arg(index).arg(*state);
-            }
+            .arg(self.keys.live_channel())
+            .arg(self.keys.reconcile_draft(""))
+            .arg(self.keys.reconcile_tally(""));
+        for (user, stored) in stored {
+            let (bucket, field) = Keys::count_slot(*user);
+            invocation.arg(*user).arg(*stored).arg(self.keys.counts(bucket)).arg(field);
         }
         let mut conn = self.conn.clone();
-        let rows: Vec<(u64, i64, i64)> = invocation.invoke_async(&mut conn).await?;
-        Ok(rows
-            .into_iter()
-            .map(|(user_id, stored, actual)| {
-                let drift = (stored >= 0).then_some(UserDrift { user_id, stored, actual });
-                (user_id, drift)
-            })
-            .collect())
+        let repairs: Vec<UserRepair> = invocation.invoke_async(&mut conn).await?;
+        Ok(stored.iter().map(|(user, _)| *user).zip(repairs).collect())
     }
 
     /// Asks for users to be recounted (the bulk paths); repeated asks for a user coalesce.
@@ -839,7 +1084,7 @@ impl Store {
             let (shard, index) = Keys::state_slot(*id);
             by_shard.entry(shard).or_default().push((index, *state));
         }
-        let mut writes = self.fenced_writes();
+        let mut writes = self.fenced_writes_on_claimed_instance();
         for (shard, states) in by_shard {
             for piece in states.chunks(STATES_PER_COMMAND) {
                 // A plain bit offset (2 bits per notification) spares formatting a `#index` per row.
@@ -864,7 +1109,7 @@ impl Store {
             packed.extend_from_slice(&user.to_le_bytes());
             packed.extend_from_slice(&count.to_le_bytes());
         }
-        let mut writes = self.fenced_writes();
+        let mut writes = self.fenced_writes_on_claimed_instance();
         writes.command("SET", self.keys.bootstrap_counts(), packed).command(
             "SET",
             self.keys.bootstrap_cursor(),
@@ -909,7 +1154,7 @@ impl Store {
         // runs the bootstrap.
         let (secs, micros): (i64, i64) = redis::cmd("TIME").query_async(&mut self.conn.clone()).await?;
         let finished_ms = secs * 1000 + micros / 1000;
-        let mut writes = self.fenced_writes();
+        let mut writes = self.fenced_writes_on_claimed_instance();
         writes
             .command("SET", self.keys.rebuilt(), format!("{slot} {finished_ms}"))
             .command("SET", self.keys.handoff_seq(), handoff_seq)
@@ -932,7 +1177,9 @@ impl Store {
         let mut deleted = 0;
         // With the marker gone, no process started with a Notification table (as every process of
         // a deployment that bootstraps must be) installs or changes a count, so none comes back.
-        for pattern in ["counts:*", "state:*", "batch:*", "journal:*", "reconciled:*"] {
+        for pattern in
+            ["counts:*", "state:*", "batch:*", "journal:*", "reconciled:*", "reconcile_draft:*", "reconcile_tally:*"]
+        {
             deleted += self.unlink_matching(pattern).await?;
         }
         let singles = [

@@ -326,31 +326,75 @@ pub async fn eventually(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
     f()
 }
 
+/// [`eventually`] for a check that awaits (an HTTP call): true as soon as `check` answers true.
+pub async fn eventually_async<F: std::future::Future<Output = bool>>(
+    limit: Duration,
+    mut check: impl FnMut() -> F,
+) -> bool {
+    let deadline = std::time::Instant::now() + limit;
+    while std::time::Instant::now() < deadline {
+        if check().await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    check().await
+}
+
 /// A throwaway redis-server of the test's own, for tests that kill or flush Redis without
 /// disturbing the tests running beside them.
 pub struct OwnRedis {
     /// Its port on 127.0.0.1.
     pub port: u16,
     child: std::process::Child,
+    /// Where it keeps its snapshot (`dump.rdb`), for [`OwnRedis::restart`].
+    dir: Option<std::path::PathBuf>,
 }
 
 impl OwnRedis {
     /// Starts one on `port` (pick it with [`free_port`]).
     pub fn start(port: u16) -> OwnRedis {
-        let child = std::process::Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .expect("redis-server must be on PATH for these tests");
-        let redis = OwnRedis { port, child };
+        Self::spawn(port, None)
+    }
+
+    /// Starts one on `port` that keeps its snapshot in `dir` (written by [`OwnRedis::save`] only)
+    /// and loads it again when it restarts.
+    pub fn start_with_snapshots(port: u16, dir: &std::path::Path) -> OwnRedis {
+        Self::spawn(port, Some(dir.to_path_buf()))
+    }
+
+    fn spawn(port: u16, dir: Option<std::path::PathBuf>) -> OwnRedis {
+        let mut command = std::process::Command::new("redis-server");
+        command.args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]);
+        if let Some(dir) = &dir {
+            command.arg("--dir").arg(dir).args(["--dbfilename", "dump.rdb"]);
+        }
+        let child =
+            command.stdout(std::process::Stdio::null()).spawn().expect("redis-server must be on PATH for these tests");
+        let redis = OwnRedis { port, child, dir };
         let client = redis::Client::open(redis.url()).unwrap();
-        for _ in 0..100 {
-            if client.get_connection().is_ok() {
-                return redis;
+        for _ in 0..250 {
+            if let Ok(mut conn) = client.get_connection() {
+                // Up, and done loading its snapshot.
+                if redis::cmd("PING").query::<String>(&mut conn).is_ok() {
+                    return redis;
+                }
             }
             std::thread::sleep(Duration::from_millis(20));
         }
         panic!("redis-server did not start on port {port}");
+    }
+
+    /// Writes a snapshot now (`SAVE`).
+    pub fn save(&self) {
+        let mut conn = redis::Client::open(self.url()).unwrap().get_connection().unwrap();
+        redis::cmd("SAVE").exec(&mut conn).unwrap();
+    }
+
+    /// Kills it (nothing saved) and starts it again on the same port, from its last snapshot.
+    pub fn restart(&mut self) {
+        self.kill();
+        *self = Self::spawn(self.port, self.dir.clone());
     }
 
     /// Its URL.

@@ -1,0 +1,29 @@
+-- Moves users' counts by their deltas, prepended to the scripts that change counts
+-- (apply_events.lua, reconcile_truth.lua): per user one ZINCRBY of the pending delta and, if the
+-- user's real-time count is held, one HINCRBY of it; then one message to live streams.
+--
+-- pending: the pending sorted set's key; users: user ids in order; deltas[user]: the delta;
+-- count_at[user]: {count bucket key, field in it}; channel: the live channel.
+local function move_counts(pending, users, deltas, count_at, channel)
+  local moved = {}
+  for _, user in ipairs(users) do
+    local delta = deltas[user]
+    if delta ~= 0 then
+      moved[#moved + 1] = user
+      -- A user whose pending delta returns to zero leaves the set: nothing to flush.
+      if tonumber(redis.call('ZINCRBY', pending, delta, user)) == 0 then
+        redis.call('ZREM', pending, user)
+      end
+      -- A count not held yet is loaded by its first read (install_counts.lua), which adds the
+      -- pending delta as it is then: changing nothing here is what keeps that load exact.
+      local bucket, field = count_at[user][1], count_at[user][2]
+      if redis.call('HEXISTS', bucket, field) == 1 then
+        redis.call('HINCRBY', bucket, field, delta)
+      end
+    end
+  end
+  -- Live streams: one message per script naming the users whose count moved (not per user).
+  if #moved > 0 then
+    redis.call('PUBLISH', channel, table.concat(moved, ','))
+  end
+end
