@@ -88,8 +88,6 @@ async fn invalid_settings_stop_start_up_naming_the_variable() {
     }
 }
 
-/// Issue #15: with a 60 s idempotency TTL inside the 300 s signature tolerance, a captured request
-/// resent after 62 s was applied again. Such a setting no longer starts.
 /// What a `serve` that should stop at start-up printed: it is given 10 s to exit, then killed (a
 /// service that starts instead fails the test's assertions, not its time).
 fn output_within_10_s(mut serve: std::process::Child) -> Output {
@@ -101,6 +99,8 @@ fn output_within_10_s(mut serve: std::process::Child) -> Output {
     serve.wait_with_output().unwrap()
 }
 
+/// Issue #15: with a 60 s idempotency TTL inside the 300 s signature tolerance, a captured request
+/// resent after 62 s was applied again. Such a setting no longer starts.
 #[tokio::test]
 async fn an_idempotency_ttl_shorter_than_the_signature_window_stops_start_up() {
     let env = TestEnv::sqlite().await;
