@@ -67,10 +67,16 @@ def eventually(read: Callable[[], T], expected: T, timeout: float = RECOUNT_TIME
     while value != expected and time.monotonic() < deadline:
         time.sleep(0.05)
         value = read()
-    if isinstance(value, dict) and isinstance(expected, dict):
-        differ = {k: (value.get(k), expected.get(k)) for k in expected.keys() | value.keys() if value.get(k) != expected.get(k)}
-        assert value == expected, f"(read, expected) where they differ after {timeout} s: {differ}"
-    assert value == expected
+    assert value == expected, _difference(value, expected, timeout)
+
+
+def _difference(value: object, expected: object, timeout: float) -> str:
+    """For a failed :func:`eventually`: the keys of two dicts whose values differ (a count per user)."""
+    if not (isinstance(value, dict) and isinstance(expected, dict)):
+        return f"read {value!r}, expected {expected!r} after {timeout} s"
+    keys = expected.keys() | value.keys()
+    differ = {k: (value.get(k), expected.get(k)) for k in keys if value.get(k) != expected.get(k)}
+    return f"(read, expected) where they differ after {timeout} s: {differ}"
 
 
 def eventually_live(user: Any, expected: int) -> None:
