@@ -394,7 +394,7 @@ impl Flusher {
             // database's is a rollback all the same, if there is anything to distrust: pending
             // deltas, or a built state (the marker) with a table to rebuild it from.
             None if redis_seq < db_seq && (pending || (marker && self.store.requires_bootstrap())) => "none",
-            None => return self.vouch_for_unrecorded_state(lease, redis_seq, db_seq, pending).await,
+            None => return self.vouch_for_unrecorded_state(lease, redis_seq, db_seq, pending, marker).await,
         };
         if self.store.requires_bootstrap() {
             if marker {
@@ -420,8 +420,9 @@ impl Flusher {
         redis_seq: u64,
         db_seq: u64,
         pending: bool,
+        marker: bool,
     ) -> Result<(), FlushError> {
-        if self.store.requires_bootstrap() && !self.store.has_ready_marker().await? {
+        if self.store.requires_bootstrap() && !marker {
             // A bootstrap is due (it vouches for what it builds).
             return if redis_seq < db_seq { Err(FlushError::Store(StoreError::StateMissing)) } else { Ok(()) };
         }
