@@ -109,9 +109,14 @@ async fn a_redis_restored_from_a_snapshot_is_rebuilt_from_the_notification_table
     assert_eq!(sidecar.read_counts(&[7]).await, vec![(7, 3)]);
     redis.restart();
 
+    // /readyz checks the dependencies and the instance record, which a rebuild claims at its start:
+    // it can answer 200 with this record while the rebuild still runs. Wait until reads are served.
     let rebuilt = eventually_async(Duration::from_secs(30), || async {
         let (status, body) = readyz(&sidecar).await;
-        status == 200 && body["redis_last_restart"]["recovery"] == json!({"kind": "rebuilt"})
+        let read = reqwest::get(format!("{}/v1/unread-counts?user_ids=7", sidecar.base)).await;
+        status == 200
+            && body["redis_last_restart"]["recovery"] == json!({"kind": "rebuilt"})
+            && read.is_ok_and(|r| r.status() == 200)
     })
     .await;
     assert!(rebuilt, "no rebuild: {:?}\n{}", readyz(&sidecar).await, sidecar.stderr_text());
