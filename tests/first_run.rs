@@ -1,6 +1,7 @@
 //! What a newcomer meets in the first hour, against the real binary (issue #18): database
 //! connection errors that carry what the database said, a `.env.sample` that works as it is,
-//! quiet idle logs, a closed stdout or stderr that stops nothing, and usage lines that hold.
+//! quiet idle logs, a closed stdout or stderr that stops nothing, usage lines that hold, and a
+//! README that explains every status and outcome the code can answer.
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -350,6 +351,42 @@ fn reconcile_usage_needs_a_user_or_all() {
     let rate_alone = countersink().args(["reconcile", "--rate", "5"]).output().unwrap();
     assert_eq!(rate_alone.status.code(), Some(2), "{}", stderr(&rate_alone));
     assert!(stderr(&rate_alone).contains("--user <USER_ID>|--all"), "{}", stderr(&rate_alone));
+}
+
+/// The README's status table has a row for every status the OpenAPI document (generated from the
+/// code) gives any route, and its *Outcomes* table a row for
+/// every outcome `POST /v1/events` reports: a status or an outcome added to the code without its
+/// explanation fails here.
+#[test]
+fn readme_explains_every_status_and_outcome() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+    let row_starts: Vec<&str> = readme.lines().filter_map(|line| line.strip_prefix("| ")).collect();
+    let openapi: serde_json::Value = serde_json::from_str(&countersink::http::openapi::document()).unwrap();
+    let mut statuses = std::collections::BTreeSet::new();
+    for (path, operations) in openapi["paths"].as_object().unwrap() {
+        for (method, operation) in operations.as_object().unwrap() {
+            for status in operation["responses"].as_object().unwrap().keys() {
+                statuses.insert((status.clone(), format!("{method} {path}")));
+            }
+        }
+    }
+    assert!(statuses.len() > 20, "read too few responses from the OpenAPI document: {statuses:?}");
+    for (status, route) in &statuses {
+        assert!(
+            row_starts.iter().any(|row| row.starts_with(&format!("{status} "))),
+            "README.md's status table has no row for {status} (answered by {route})"
+        );
+    }
+    let outcomes = serde_json::to_value(countersink::store::ApplyOutcome::default()).unwrap();
+    let outcomes = outcomes.as_object().unwrap();
+    assert_eq!(outcomes.len(), 5, "{outcomes:?}");
+    for outcome in outcomes.keys() {
+        assert!(
+            row_starts.iter().any(|row| row.starts_with(&format!("`{outcome}` |"))),
+            "README.md's *Outcomes* table has no row for `{outcome}`"
+        );
+    }
 }
 
 /// The README's quick start: its `sh` blocks after `## Quick start`, up to the next section.
