@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import threading
+from typing import Any
+
 import pytest
 from django.db import connection, transaction
 from helpers import assert_counts_exact, eventually_live, live, make_user, notify, orm_unread, settle
@@ -79,6 +82,38 @@ def test_tracked_queryset_update_recounts_the_affected_users() -> None:
     eventually_live(user, 0)
     eventually_live(other, 0)
     eventually_live(bystander, 1)
+    assert_counts_exact()
+
+
+def test_a_row_committed_between_learning_the_users_and_the_update_is_counted() -> None:
+    """The django-notifications-hq workload's "count one too high" (1 run in 30 to 40): a tracked
+    ``update()`` learns the users of the matching rows, then runs its UPDATE. Under READ COMMITTED
+    the UPDATE also changes a row another transaction committed in between, and that row's user,
+    unknown to the query, was never recounted. Here the other transaction commits just before the
+    UPDATE statement runs, every time."""
+    user, newcomer = make_user(), make_user()
+    notify(user, 2)
+    created: list[int] = []
+
+    def create_in_another_transaction() -> None:
+        try:
+            created.append(Notification.objects.create(recipient=newcomer, text="committed in between").pk)
+        finally:
+            connection.close()
+
+    def commit_another_row_first(execute: Any, sql: str, params: Any, many: bool, context: Any) -> Any:
+        if not created and sql.lstrip().upper().startswith("UPDATE") and Notification._meta.db_table in sql:
+            other = threading.Thread(target=create_in_another_transaction)
+            other.start()
+            other.join(10)
+        return execute(sql, params, many, context)
+
+    with connection.execute_wrapper(commit_another_row_first):
+        Notification.tracked.filter(unread=True, recipient__in=[user, newcomer]).update(unread=False)
+    assert created, "the other transaction did not run"
+    assert countersink.wait_for_recounts(10)
+    eventually_live(user, 0)
+    eventually_live(newcomer, orm_unread(newcomer))
     assert_counts_exact()
 
 

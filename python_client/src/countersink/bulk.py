@@ -2,7 +2,8 @@
 
 | path                                  | what is sent                                                |
 |---------------------------------------|-------------------------------------------------------------|
-| ``update()`` touching a tracked field | a ``recount`` per user whose rows matched (learnt first)    |
+| ``update()`` touching a tracked field | a ``recount`` per user whose rows matched (learnt first; the |
+|                                       | UPDATE changes only those users' rows)                      |
 | ``bulk_create()``                     | ``post_save(created=True)`` per row; ``recount`` per user    |
 |                                       | when primary keys are unknown (conflict handling, backends) |
 | ``bulk_update()`` of tracked fields   | ``post_save`` / ``post_delete`` per object; ``recount`` of   |
@@ -55,19 +56,38 @@ def _tracks(model: type[models.Model]) -> conf.ModelMapping | None:
     return m if model._meta.concrete_model is m.model._meta.concrete_model else None
 
 
-def tracked_update(queryset: models.QuerySet[Any], values: dict[str, Any], do_update: Callable[..., int]) -> int:
+#: Users per UPDATE statement of a tracked ``update()``: well under SQLite's variable limit.
+UPDATE_USERS_PER_STATEMENT = 500
+
+#: Runs the untracked ``update(**values)`` of a queryset (the caller's own, or its superclass's).
+Updater = Callable[[models.QuerySet[Any], dict[str, Any]], int]
+
+
+def tracked_update(queryset: models.QuerySet[Any], values: dict[str, Any], do_update: Updater) -> int:
     """``queryset.update(**values)`` via ``do_update``, then a recount of the affected users.
 
     The users are those of the rows matching before the update (learnt in the same
-    transaction), plus the new recipient if the update sets one.
+    transaction), plus the new recipient if the update sets one. The UPDATE itself is limited
+    to those users: under READ COMMITTED it would also change a row another transaction
+    committed after the query, and that row's user, never learnt, would never be recounted.
+    Leaving such a row alone orders the update before that commit, a serialisation as valid as
+    the other; a new row of a learnt user is changed and recounted with them.
     """
     m = _tracks(queryset.model)
     if m is None or not m.tracked_fields.intersection(values):
-        return do_update(**values)
+        return do_update(queryset, values)
+    attname = m.recipient_attname
     with transaction.atomic(using=queryset.db, savepoint=False):
-        users: set[Any] = set(queryset.order_by().values_list(m.recipient_attname, flat=True).distinct())
-        count = do_update(**values)
-        for key in (m.recipient_name, m.recipient_attname):
+        matched: set[Any] = set(queryset.order_by().values_list(attname, flat=True).distinct())
+        known = sorted(user for user in matched if user is not None)
+        count = 0
+        for start in range(0, len(known), UPDATE_USERS_PER_STATEMENT):
+            users_here = known[start : start + UPDATE_USERS_PER_STATEMENT]
+            count += do_update(queryset.filter(**{f"{attname}__in": users_here}), values)
+        if None in matched:
+            count += do_update(queryset.filter(**{f"{attname}__isnull": True}), values)
+        users = set(known)
+        for key in (m.recipient_name, attname):
             if key in values:
                 new_owner = values[key]
                 if isinstance(new_owner, models.Model):
@@ -80,7 +100,6 @@ def tracked_update(queryset: models.QuerySet[Any], values: dict[str, Any], do_up
                         "unknown and need recount_users()",
                         key,
                     )
-        users.discard(None)
         recount_users(users, using=queryset.db)
     return count
 
@@ -150,7 +169,9 @@ class CountersinkQuerySet(models.QuerySet[_M]):
     """
 
     def update(self, **kwargs: Any) -> int:
-        return tracked_update(self, kwargs, super().update)
+        return tracked_update(
+            self, kwargs, lambda queryset, values: super().update(**values)
+        )
 
     def bulk_create(self, objs: Iterable[_M], *args: Any, **kwargs: Any) -> list[_M]:
         kwargs.update(zip(_BULK_CREATE_PARAMS, args, strict=False))
@@ -179,7 +200,7 @@ def update(queryset: models.QuerySet[Any], **values: Any) -> int:
     """``queryset.update(**values)`` for any notification queryset, third-party ones included."""
     if isinstance(queryset, CountersinkQuerySet):
         return queryset.update(**values)
-    return tracked_update(queryset, values, queryset.update)
+    return tracked_update(queryset, values, lambda queryset, values: queryset.update(**values))
 
 
 def bulk_create(objs: Iterable[_M], **kwargs: Any) -> list[_M]:
