@@ -7,6 +7,7 @@ use crate::config::{CoreConfig, ServeConfig};
 use crate::db::Db;
 use crate::flush::Flusher;
 use crate::http::auth::Auth;
+use crate::live::caps::StreamCaps;
 use crate::live::Live;
 use crate::reconcile::Reconciler;
 use crate::store::Store;
@@ -32,6 +33,8 @@ pub struct AppState {
     pub live: Live,
     /// Permits for open live streams (`--max-live-streams`); a stream holds one until it ends.
     pub live_streams: Arc<tokio::sync::Semaphore>,
+    /// Open live streams per user and per client address (`--max-live-streams-per-*`).
+    pub stream_caps: StreamCaps,
 }
 
 /// Request limits, from [`ServeConfig`].
@@ -51,6 +54,16 @@ pub struct Limits {
     pub max_concurrent_requests: usize,
     /// Most live streams open at once.
     pub max_live_streams: usize,
+    /// Most live streams per user.
+    pub max_live_streams_per_user: usize,
+    /// Most live streams per client address.
+    pub max_live_streams_per_address: usize,
+    /// The header holding the client's address for the per-address cap; `None`: the peer's.
+    pub live_address_header: Option<axum::http::HeaderName>,
+    /// The longest lifetime a stream token may claim.
+    pub max_stream_token_lifetime: Duration,
+    /// How long a request's body may take to arrive.
+    pub body_timeout: Duration,
 }
 
 impl From<&ServeConfig> for Limits {
@@ -63,6 +76,15 @@ impl From<&ServeConfig> for Limits {
             idempotency_ttl: Duration::from_secs(serve.idempotency_ttl_secs),
             max_concurrent_requests: serve.max_concurrent_requests,
             max_live_streams: serve.max_live_streams,
+            max_live_streams_per_user: serve.max_live_streams_per_user,
+            max_live_streams_per_address: serve.max_live_streams_per_address,
+            // Validated in ServeConfig::validate; an invalid name cannot reach here.
+            live_address_header: serve
+                .live_address_header
+                .as_deref()
+                .and_then(|name| axum::http::HeaderName::from_bytes(name.as_bytes()).ok()),
+            max_stream_token_lifetime: Duration::from_secs(serve.max_stream_token_secs),
+            body_timeout: Duration::from_secs(serve.body_timeout_secs),
         }
     }
 }
@@ -78,6 +100,11 @@ impl Default for Limits {
             idempotency_ttl: Duration::from_secs(86_400),
             max_concurrent_requests: 256,
             max_live_streams: 1_000,
+            max_live_streams_per_user: 16,
+            max_live_streams_per_address: 100,
+            live_address_header: None,
+            max_stream_token_lifetime: Duration::from_secs(3_600),
+            body_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -113,6 +140,7 @@ impl AppState {
             in_flight: Arc::new(tokio::sync::Semaphore::new(limits.max_concurrent_requests)),
             live,
             live_streams: Arc::new(tokio::sync::Semaphore::new(limits.max_live_streams)),
+            stream_caps: StreamCaps::new(limits.max_live_streams_per_user, limits.max_live_streams_per_address),
             limits: Arc::new(limits),
             auth: Arc::new(auth),
         })
@@ -122,6 +150,7 @@ impl AppState {
     pub fn with_limits(mut self, limits: Limits) -> Self {
         self.in_flight = Arc::new(tokio::sync::Semaphore::new(limits.max_concurrent_requests));
         self.live_streams = Arc::new(tokio::sync::Semaphore::new(limits.max_live_streams));
+        self.stream_caps = StreamCaps::new(limits.max_live_streams_per_user, limits.max_live_streams_per_address);
         self.limits = Arc::new(limits);
         self
     }

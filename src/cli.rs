@@ -1,6 +1,5 @@
 //! The command line: `countersink serve | migrate | flush`.
 
-use std::future::IntoFuture;
 use std::io::Write;
 use std::time::{Duration, Instant};
 
@@ -171,6 +170,7 @@ async fn run_serve(core: &CoreConfig, serve: ServeConfig) -> anyhow::Result<()> 
     schedule::validate_cron(&serve.flush_cron, "--flush-cron", "COUNTERSINK_FLUSH_CRON")?;
     schedule::validate_cron(&serve.reconcile_cron, "--reconcile-cron", "COUNTERSINK_RECONCILE_CRON")?;
     let state = AppState::new(core, Some(&serve))?;
+    warn_if_few_file_descriptors(core, &serve);
     if state.auth.is_open() {
         warn!(listen = %serve.listen, "running without a webhook secret or an admin token (--insecure-no-auth): anyone who reaches the port can change counts");
     }
@@ -222,13 +222,13 @@ async fn run_serve(core: &CoreConfig, serve: ServeConfig) -> anyhow::Result<()> 
     let listener = TcpListener::bind(serve.listen).await.with_context(|| format!("binding {}", serve.listen))?;
     info!(address = %listener.local_addr()?, "listening");
     let (stop, mut stopping) = tokio::sync::watch::channel(false);
-    let mut server = tokio::spawn(
-        axum::serve(listener, router)
-            .with_graceful_shutdown(async move {
-                let _ = stopping.changed().await;
-            })
-            .into_future(),
-    );
+    let connections = http::server::ConnectionLimits {
+        header_timeout: Duration::from_secs(serve.header_timeout_secs),
+        max_connections: serve.max_connections,
+    };
+    let mut server = tokio::spawn(http::server::serve(listener, router, connections, async move {
+        let _ = stopping.changed().await;
+    }));
     tokio::select! {
         result = &mut server => {
             result.context("the HTTP server task")?.context("serving HTTP")?;
@@ -241,6 +241,35 @@ async fn run_serve(core: &CoreConfig, serve: ServeConfig) -> anyhow::Result<()> 
     }
     shut_down(ShutDown { stop, server, scheduler: scheduler.as_mut(), flusher, workers }, serve.shutdown_timeout_secs)
         .await
+}
+
+/// Descriptors the process needs besides client connections and the database pool: Redis
+/// (the shared connection, pub/sub, leases), the listener, stdio, epoll, SQLite files, and headroom.
+const RESERVED_FILE_DESCRIPTORS: u64 = 64;
+
+/// Warns when the open-file limit (RLIMIT_NOFILE, soft) is below what `--max-connections` and
+/// the pools may open: past it, accepts and Redis or database reconnects fail with "Too many
+/// open files" (issue #15: systemd's default soft limit is 1,024).
+fn warn_if_few_file_descriptors(core: &CoreConfig, serve: &ServeConfig) {
+    let needed = (serve.max_connections as u64)
+        .saturating_add(u64::from(core.db_pool_size))
+        .saturating_add(RESERVED_FILE_DESCRIPTORS);
+    let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile);
+    // `None` is RLIM_INFINITY: no limit.
+    let Some(soft) = limit.current else { return };
+    if soft < needed {
+        warn!(
+            nofile_soft_limit = soft,
+            nofile_hard_limit = limit.maximum,
+            needed,
+            max_connections = serve.max_connections,
+            "the open-file limit (RLIMIT_NOFILE soft limit {soft}) is below the {needed} descriptors that \
+             --max-connections ({}) and the pools may need: connections past it fail with \"Too many open files\". \
+             Raise it (systemd: LimitNOFILE=65536, as deploy/countersink.service sets; a shell: ulimit -n 65536) \
+             or lower --max-connections (COUNTERSINK_MAX_CONNECTIONS)",
+            serve.max_connections
+        );
+    }
 }
 
 /// What a graceful shutdown stops, in order.

@@ -26,6 +26,13 @@ pub const MAX_READ_USERS: usize = 10_000;
 /// blocks flushes, reconciles and recounts of the other processes for at most this long.
 pub const DEFAULT_FLUSH_LOCK_TTL_SECS: u64 = 15;
 
+/// The shortest lifetime `--max-stream-token-secs` may allow: a page must get a minute to connect.
+pub const MIN_STREAM_TOKEN_SECS: u64 = 60;
+
+/// The longest lifetime `--max-stream-token-secs` may allow: a token leaked from a URL (a proxy's
+/// access log) must be useless within a day.
+pub const MAX_STREAM_TOKEN_SECS: u64 = 24 * 60 * 60;
+
 /// Settings every subcommand needs: where Redis and the database are.
 #[derive(Debug, Clone, Args)]
 pub struct CoreConfig {
@@ -134,6 +141,7 @@ pub struct ServeConfig {
     pub max_read_users: usize,
 
     /// Most requests handled at once; more are answered 503 with `Retry-After` instead of queueing.
+    /// A request takes its slot once its body has arrived; /healthz and /readyz take none.
     #[arg(long, env = "COUNTERSINK_MAX_CONCURRENT_REQUESTS", default_value_t = 256)]
     pub max_concurrent_requests: usize,
 
@@ -141,6 +149,46 @@ pub struct ServeConfig {
     /// answered 503. Each holds a connection and a little memory, not a request slot.
     #[arg(long, env = "COUNTERSINK_MAX_LIVE_STREAMS", default_value_t = 1_000)]
     pub max_live_streams: usize,
+
+    /// Most live streams one user may have open at once in this process (tabs, devices); more are
+    /// answered 429.
+    #[arg(long, env = "COUNTERSINK_MAX_LIVE_STREAMS_PER_USER", default_value_t = 16)]
+    pub max_live_streams_per_user: usize,
+
+    /// Most live streams one client address may have open at once in this process; more are
+    /// answered 429. Behind a reverse proxy, set --live-address-header, or the proxy's own address
+    /// is what counts.
+    #[arg(long, env = "COUNTERSINK_MAX_LIVE_STREAMS_PER_ADDRESS", default_value_t = 100)]
+    pub max_live_streams_per_address: usize,
+
+    /// A request header holding the client's address for --max-live-streams-per-address (e.g.
+    /// `x-real-ip`, as set by the reverse proxy in front of the streams). Only when every stream
+    /// comes through that proxy: a client reaching the port directly could forge it. Unset: the
+    /// connection's peer address.
+    #[arg(long, env = "COUNTERSINK_LIVE_ADDRESS_HEADER")]
+    pub live_address_header: Option<String>,
+
+    /// Longest lifetime a stream token may claim, in seconds (60 to 86400); a token minted to live
+    /// longer is refused (401). The Django package mints tokens for STREAM_TOKEN_TTL (3600 by default).
+    #[arg(long, env = "COUNTERSINK_MAX_STREAM_TOKEN_SECS", default_value_t = 3_600)]
+    pub max_stream_token_secs: u64,
+
+    /// Most client connections open at once (live streams, requests in flight and idle
+    /// keep-alive connections together); further clients wait in the listen queue. Each is a
+    /// file descriptor: keep it under the open-file limit (LimitNOFILE).
+    #[arg(long, env = "COUNTERSINK_MAX_CONNECTIONS", default_value_t = 4_096)]
+    pub max_connections: usize,
+
+    /// Seconds a connection may take to send a request's line and headers, counted from when it
+    /// opens or from its previous response: a slow or idle (keep-alive) connection is closed after it.
+    #[arg(long, env = "COUNTERSINK_HEADER_TIMEOUT_SECS", default_value_t = 15)]
+    pub header_timeout_secs: u64,
+
+    /// Seconds a request may take to send its whole body after its headers; a slower one is
+    /// answered 408 and closed. The body is received before the request takes a slot of
+    /// --max-concurrent-requests, so slow senders cannot hold those.
+    #[arg(long, env = "COUNTERSINK_BODY_TIMEOUT_SECS", default_value_t = 10)]
+    pub body_timeout_secs: u64,
 
     /// Accepted webhook signing secrets (`whsec_…`, space-separated while rotating). Prefer the
     /// environment variable or the file: command lines are visible to other users of the machine.
@@ -177,7 +225,7 @@ pub struct ServeConfig {
     #[arg(long, env = "COUNTERSINK_IDEMPOTENCY_TTL_SECS", default_value_t = 86_400)]
     pub idempotency_ttl_secs: u64,
 
-    /// Seconds a request may take before it is answered 503.
+    /// Seconds a request may take, once its body has arrived, before it is answered 503.
     #[arg(long, env = "COUNTERSINK_REQUEST_TIMEOUT_SECS", default_value_t = 30)]
     pub request_timeout_secs: u64,
 
@@ -290,6 +338,57 @@ impl ServeConfig {
         }
         if self.max_live_streams == 0 {
             return Err(ConfigError::new("--max-live-streams", "COUNTERSINK_MAX_LIVE_STREAMS", "must be at least 1"));
+        }
+        if self.max_live_streams_per_user == 0 {
+            return Err(ConfigError::new(
+                "--max-live-streams-per-user",
+                "COUNTERSINK_MAX_LIVE_STREAMS_PER_USER",
+                "must be at least 1",
+            ));
+        }
+        if self.max_live_streams_per_address == 0 {
+            return Err(ConfigError::new(
+                "--max-live-streams-per-address",
+                "COUNTERSINK_MAX_LIVE_STREAMS_PER_ADDRESS",
+                "must be at least 1",
+            ));
+        }
+        if let Some(name) = &self.live_address_header {
+            if axum::http::HeaderName::from_bytes(name.as_bytes()).is_err() {
+                return Err(ConfigError::new(
+                    "--live-address-header",
+                    "COUNTERSINK_LIVE_ADDRESS_HEADER",
+                    format!("{name:?} is not a header name"),
+                ));
+            }
+        }
+        if !(MIN_STREAM_TOKEN_SECS..=MAX_STREAM_TOKEN_SECS).contains(&self.max_stream_token_secs) {
+            return Err(ConfigError::new(
+                "--max-stream-token-secs",
+                "COUNTERSINK_MAX_STREAM_TOKEN_SECS",
+                format!("must be from {MIN_STREAM_TOKEN_SECS} to {MAX_STREAM_TOKEN_SECS}"),
+            ));
+        }
+        let streams_and_requests = self.max_live_streams.saturating_add(self.max_concurrent_requests);
+        if self.max_connections < streams_and_requests {
+            return Err(ConfigError::new(
+                "--max-connections",
+                "COUNTERSINK_MAX_CONNECTIONS",
+                format!(
+                    "must be at least --max-live-streams plus --max-concurrent-requests ({streams_and_requests}): \
+                     each stream and each request in flight holds a connection"
+                ),
+            ));
+        }
+        if self.header_timeout_secs == 0 {
+            return Err(ConfigError::new(
+                "--header-timeout-secs",
+                "COUNTERSINK_HEADER_TIMEOUT_SECS",
+                "must be at least 1",
+            ));
+        }
+        if self.body_timeout_secs == 0 {
+            return Err(ConfigError::new("--body-timeout-secs", "COUNTERSINK_BODY_TIMEOUT_SECS", "must be at least 1"));
         }
         // A signed request is accepted while its timestamp is within the tolerance either way of
         // the clock, so a copy can be replayed up to twice the tolerance after the first delivery:

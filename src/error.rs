@@ -34,7 +34,8 @@ pub struct ErrorBody {
 #[derive(Debug, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
 pub struct ErrorDetail {
     /// A stable code: `invalid_event`, `malformed_json`, `invalid_batch`, `invalid_parameter`,
-    /// `unauthorized`, `payload_too_large`, `not_found`, `conflict`, `unavailable`, `timed_out`, `overloaded`, ...
+    /// `unauthorized`, `payload_too_large`, `not_found`, `conflict`, `unavailable`, `timed_out`, `overloaded`,
+    /// `body_timeout`, `too_many_streams`, ...
     pub code: String,
     /// What is wrong, for a person.
     pub message: String,
@@ -75,6 +76,12 @@ pub enum AppError {
     /// Too many requests in flight: retry later.
     #[error("the server is busy; retry later")]
     Overloaded,
+    /// The body did not arrive within `--body-timeout-secs`: nothing was applied; retry.
+    #[error("the request body did not arrive within {} s (--body-timeout-secs); nothing was applied; retry", .0.as_secs())]
+    BodyTimedOut(std::time::Duration),
+    /// A per-user or per-address cap on live streams: close one, or retry later.
+    #[error("{0}")]
+    TooManyStreams(String),
     /// Nothing at this path.
     #[error("no such endpoint")]
     NotFound,
@@ -113,6 +120,8 @@ impl IntoResponse for AppError {
             AppError::PayloadTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", None),
             AppError::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "unauthorized", None),
             AppError::Overloaded => (StatusCode::SERVICE_UNAVAILABLE, "overloaded", None),
+            AppError::BodyTimedOut(_) => (StatusCode::REQUEST_TIMEOUT, "body_timeout", None),
+            AppError::TooManyStreams(_) => (StatusCode::TOO_MANY_REQUESTS, "too_many_streams", None),
             AppError::NotFound => (StatusCode::NOT_FOUND, "not_found", None),
             AppError::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", None),
             AppError::Conflict(_) => (StatusCode::CONFLICT, "conflict", None),
@@ -126,7 +135,7 @@ impl IntoResponse for AppError {
         let body = ErrorBody { error: ErrorDetail { code: code.to_string(), message: self.to_string(), field } };
         let mut response = (status, Json(body)).into_response();
         response.extensions_mut().insert(ErrorCode(code));
-        if status == StatusCode::SERVICE_UNAVAILABLE {
+        if status == StatusCode::SERVICE_UNAVAILABLE || status == StatusCode::TOO_MANY_REQUESTS {
             response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECS));
         }
         response

@@ -24,6 +24,8 @@
 //! | `countersink_redis_state_vouched` | gauge | |
 //! | `countersink_redis_persistence` | gauge | `mode`: `none`, `rdb`, `aof_everysec`, `aof_always`, `aof_no_fsync` |
 //! | `countersink_redis_replicas` | gauge | |
+//! | `countersink_http_connections_open` | gauge | |
+//! | `countersink_http_header_timeouts_total` | counter | |
 
 use std::sync::atomic::AtomicU64;
 use std::sync::LazyLock;
@@ -110,6 +112,8 @@ struct Metrics {
     redis_state_vouched: Gauge,
     redis_persistence: Family<ModeLabel, Gauge>,
     redis_replicas: Gauge,
+    connections_open: Gauge,
+    header_timeouts: Counter,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -153,6 +157,8 @@ impl Metrics {
             redis_state_vouched: Gauge::default(),
             redis_persistence: Family::default(),
             redis_replicas: Gauge::default(),
+            connections_open: Gauge::default(),
+            header_timeouts: Counter::default(),
             registry: Registry::default(),
         };
         let m = &metrics;
@@ -249,6 +255,16 @@ impl Metrics {
         for recovery in ["rebuilt", "resynced"] {
             m.redis_restarts.get_or_create(&RecoveryLabel { recovery }).inc_by(0);
         }
+        registry.register(
+            "http_connections_open",
+            "Client connections open now (at most --max-connections)",
+            m.connections_open.clone(),
+        );
+        registry.register(
+            "http_header_timeouts",
+            "Connections closed because no request head arrived within --header-timeout-secs (slow, half-sent or idle)",
+            m.header_timeouts.clone(),
+        );
         // Both series exist from the start, so an alert on their rate has something to compare.
         for dependency in [Dependency::Redis, Dependency::Database] {
             m.dependency_errors.get_or_create(&DependencyLabel { dependency: dependency.label() }).inc_by(0);
@@ -309,6 +325,19 @@ pub fn event_request_rejected(reason: &'static str) {
 pub fn request_finished(method: &str, route: &str, status: u16, elapsed: Duration) {
     let labels = RequestLabels { method: method.to_string(), route: route.to_string(), status };
     METRICS.request_duration.get_or_create(&labels).observe(elapsed.as_secs_f64());
+}
+
+/// A client connection opened.
+pub fn connection_opened() {
+    METRICS.connections_open.inc();
+}
+
+/// A client connection closed; `header_timeout`: closed for sending no request head in time.
+pub fn connection_closed(header_timeout: bool) {
+    METRICS.connections_open.dec();
+    if header_timeout {
+        METRICS.header_timeouts.inc();
+    }
 }
 
 /// Sets the number of users with a pending delta.

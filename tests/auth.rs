@@ -170,16 +170,27 @@ async fn requests_beyond_the_concurrency_cap_are_shed_with_503() {
     assert!(env.redis_keys().iter().all(|k| !k.contains(":state:")), "the shed request applied something");
 }
 
+/// A body that stops half-way meets `--body-timeout-secs` (408, retried by the Django package),
+/// while it holds no request permit: the one permit here stays free for another request.
 #[tokio::test]
-async fn a_body_that_never_finishes_meets_the_request_deadline() {
+async fn a_body_that_never_finishes_meets_the_body_timeout_without_holding_a_permit() {
     let env = TestEnv::sqlite().await;
-    let state = env.state().with_limits(Limits { request_timeout: Duration::from_millis(500), ..Limits::default() });
-    let app = countersink::http::router(state);
+    let limits = Limits { body_timeout: Duration::from_millis(500), max_concurrent_requests: 1, ..Limits::default() };
+    let app = countersink::http::router(env.state().with_limits(limits));
     let first = Bytes::from(body()[..20].to_string());
     let stalled = futures_util::stream::iter([Ok::<_, std::io::Error>(first)]).chain(futures_util::stream::pending());
     let request = Request::post("/v1/events").body(Body::from_stream(stalled)).unwrap();
-    let (status, answer) = tokio::time::timeout(Duration::from_secs(5), send(&app, request)).await.unwrap();
-    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{answer}");
+    let slow = tokio::spawn({
+        let app = app.clone();
+        async move { tokio::time::timeout(Duration::from_secs(5), send(&app, request)).await }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // A request behind the permit that touches no Redis key.
+    let (status, answer) = send(&app, get("/openapi.json", None)).await;
+    assert_eq!(status, StatusCode::OK, "the slow body held the only permit: {answer}");
+    let (status, answer) = slow.await.unwrap().unwrap();
+    assert_eq!(status, StatusCode::REQUEST_TIMEOUT, "{answer}");
+    assert_eq!(answer["error"]["code"], "body_timeout");
     assert_eq!(env.redis_keys(), Vec::<String>::new());
 }
 

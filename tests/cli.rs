@@ -70,7 +70,7 @@ async fn fresh_mysql_database_is_migrated_by_the_migrate_command() {
 #[tokio::test]
 async fn invalid_settings_stop_start_up_naming_the_variable() {
     let env = TestEnv::sqlite().await;
-    let cases: [(&[&str], &str); 8] = [
+    let cases: [(&[&str], &str); 10] = [
         (&["serve"], "COUNTERSINK_WEBHOOK_SECRET"),
         (&["serve", "--webhook-secret", "not-a-whsec-secret"], "COUNTERSINK_WEBHOOK_SECRET"),
         (&["--database-url", "sqlite://", "migrate"], "COUNTERSINK_DATABASE_URL"),
@@ -79,6 +79,8 @@ async fn invalid_settings_stop_start_up_naming_the_variable() {
         (&["--flush-chunk-users", "20000", "flush"], "COUNTERSINK_FLUSH_CHUNK_USERS"),
         (&["serve", "--flush-cron", "every minute"], "COUNTERSINK_FLUSH_CRON"),
         (&["serve", "--insecure-no-auth", "--max-read-users", "20000"], "COUNTERSINK_MAX_READ_USERS"),
+        (&["serve", "--insecure-no-auth", "--max-connections", "1000"], "COUNTERSINK_MAX_CONNECTIONS"),
+        (&["serve", "--insecure-no-auth", "--max-stream-token-secs", "90000"], "COUNTERSINK_MAX_STREAM_TOKEN_SECS"),
     ];
     for (args, variable) in cases {
         let output = countersink(&env, args);

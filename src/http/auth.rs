@@ -152,7 +152,8 @@ impl Auth {
 }
 
 impl Auth {
-    /// Checks a live stream's credentials, at time `now` (Unix seconds): the read (or admin) token
+    /// Checks a live stream's credentials, at time `now` (Unix seconds), a stream token living at
+    /// most `max_token_lifetime` from now: the read (or admin) token
     /// in `Authorization` when one is configured and sent (a server-side proxy), else a stream
     /// token for `user_id` (a browser; see [`crate::live::token`]). Open only when the sidecar has
     /// neither a webhook secret nor a read token, like reads.
@@ -162,6 +163,7 @@ impl Auth {
         token: Option<&str>,
         user_id: u64,
         now: i64,
+        max_token_lifetime: std::time::Duration,
     ) -> Result<(), AppError> {
         let bearer_configured = self.read_token.is_some() || self.admin_token.is_some();
         if bearer_configured && headers.contains_key(header::AUTHORIZATION) {
@@ -177,7 +179,8 @@ impl Auth {
                 "stream tokens need a webhook secret on the sidecar; send Authorization: Bearer <read token>".into(),
             ));
         }
-        token::verify(&self.webhook_secrets, user_id, token, now).map_err(unauthorized)
+        let max_lifetime_secs = i64::try_from(max_token_lifetime.as_secs()).unwrap_or(i64::MAX);
+        token::verify(&self.webhook_secrets, user_id, token, now, max_lifetime_secs).map_err(unauthorized)
     }
 }
 

@@ -48,6 +48,7 @@ pub struct EventsResponse {
         (status = 401, description = "Missing, forged, stale or future-dated signature; nothing was applied", body = ErrorBody),
         (status = 409, description = "The webhook-id was applied before with another body; nothing was applied", body = ErrorBody),
         (status = 413, description = "The body is too large", body = ErrorBody),
+        (status = 408, description = "The body did not arrive within `--body-timeout-secs`; nothing was applied: retry", body = ErrorBody),
         (status = 503, description = "Redis unavailable, state being rebuilt, or overloaded: retry", body = ErrorBody),
     ),
     security((), ("webhook_signature" = []))

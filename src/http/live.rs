@@ -10,14 +10,16 @@
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::time::Duration;
 
 use axum::extract::rejection::PathRejection;
-use axum::extract::{Path, RawQuery, State};
+use axum::extract::{ConnectInfo, Path, RawQuery, State};
 use axum::http::{header, HeaderMap, HeaderValue};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
+use axum::Extension;
 use futures_util::stream;
 use tokio::sync::OwnedSemaphorePermit;
 use tracing::debug;
@@ -25,6 +27,7 @@ use tracing::debug;
 use super::counts::parse_user_id;
 use crate::app::AppState;
 use crate::error::{AppError, ErrorBody};
+use crate::live::caps::StreamSlot;
 use crate::live::{Reading, Watch};
 
 /// How long a browser waits before reconnecting a dropped stream (the `retry:` field).
@@ -46,6 +49,7 @@ const KEEP_ALIVE: Duration = Duration::from_secs(15);
         (status = 200, description = "Server-Sent Events: `event: count`, `data: {\"user_id\":..,\"unread_count\":..}`, `id: <unread_count>`; the current count first, then each change", content_type = "text/event-stream", body = String),
         (status = 400, description = "Not a user id", body = ErrorBody),
         (status = 401, description = "No valid stream token or bearer token", body = ErrorBody),
+        (status = 429, description = "This user (`--max-live-streams-per-user`) or this client address (`--max-live-streams-per-address`) has too many streams open", body = ErrorBody),
         (status = 503, description = "Too many streams (`--max-live-streams`), or Redis or the database unavailable: retry", body = ErrorBody),
     ),
     security((), ("stream_token" = []), ("read_token" = []))
@@ -54,12 +58,17 @@ pub async fn get_stream(
     State(state): State<AppState>,
     path: Result<Path<String>, PathRejection>,
     RawQuery(query): RawQuery,
+    peer: Option<Extension<ConnectInfo<SocketAddr>>>,
     headers: HeaderMap,
 ) -> Result<Response, AppError> {
     let Path(user_id) = path.map_err(|e| AppError::bad_parameter("user_id", e.body_text()))?;
     let user_id = parse_user_id(&user_id, "user_id")?;
     let token = query.as_deref().unwrap_or("").split('&').find_map(|pair| pair.strip_prefix("token="));
-    state.auth.check_stream(&headers, token, user_id, chrono::Utc::now().timestamp())?;
+    let now = chrono::Utc::now().timestamp();
+    state.auth.check_stream(&headers, token, user_id, now, state.limits.max_stream_token_lifetime)?;
+    let address = client_address(&state, &headers, peer.map(|Extension(ConnectInfo(peer))| peer.ip()));
+    // The per-user and per-address caps first: one client must not take every slot of the process.
+    let slot = state.stream_caps.try_open(user_id, address).map_err(|e| AppError::TooManyStreams(e.to_string()))?;
     let permit = state.live_streams.clone().try_acquire_owned().map_err(|_| AppError::Overloaded)?;
     // Watch before reading, so a change between the read and the first wait is not missed.
     let watch = state.live.watch(user_id);
@@ -78,6 +87,7 @@ pub async fn get_stream(
         first: Some(count_event(user_id, first.count).retry(RECONNECT_HINT)),
         closed: Box::pin(state.live.closed()),
         _permit: permit,
+        _slot: slot,
     };
     let events = stream::unfold(stream, CountStream::next);
     let mut response = Sse::new(events).keep_alive(KeepAlive::new().interval(KEEP_ALIVE)).into_response();
@@ -98,6 +108,21 @@ struct CountStream {
     closed: Pin<Box<dyn Future<Output = ()> + Send>>,
     /// Counts against `--max-live-streams` until the stream ends.
     _permit: OwnedSemaphorePermit,
+    /// Counts against the per-user and per-address caps until the stream ends.
+    _slot: StreamSlot,
+}
+
+/// The address the per-address cap counts: the configured header's (set by the reverse proxy)
+/// when present and an address, else the connection's peer; `None` when neither is known
+/// (in-process tests), and then only the per-user cap applies.
+fn client_address(state: &AppState, headers: &HeaderMap, peer: Option<IpAddr>) -> Option<IpAddr> {
+    let forwarded = state.limits.live_address_header.as_ref().and_then(|name| headers.get(name));
+    // X-Forwarded-For may list several: the last is the one the proxy itself saw.
+    let from_header = forwarded
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.rsplit(',').next())
+        .and_then(|value| value.trim().parse::<IpAddr>().ok());
+    from_header.or(peer)
 }
 
 impl CountStream {

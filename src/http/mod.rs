@@ -13,7 +13,8 @@
 //! | `GET /metrics` (read token, if set)      | `metrics.rs` |
 //! | `GET /openapi.json`                      | `openapi.rs` |
 //!
-//! `user_ids.rs` parses the bulk read's query. `auth.rs` holds the signature check and the bearer-token middleware: reads take the read
+//! `server.rs` accepts connections (hyper's HTTP/1 with a header-read timeout and a connection
+//! cap), in front of this router. `user_ids.rs` parses the bulk read's query. `auth.rs` holds the signature check and the bearer-token middleware: reads take the read
 //! token (when set), flush and status the admin token. `request_id.rs` gives every request an
 //! id for its log lines; `metrics.rs` also times every request.
 
@@ -26,6 +27,7 @@ mod metrics;
 pub mod openapi;
 mod reconcile;
 pub mod request_id;
+pub mod server;
 mod status;
 pub mod user_ids;
 
@@ -42,10 +44,16 @@ use tower_http::trace::TraceLayer;
 use crate::app::AppState;
 use crate::error::AppError;
 
-/// Builds the router over `state`, with its body limit and request deadline.
+/// Builds the router over `state`, with its body limit and deadlines.
+///
+/// Outermost first: a request id, tracing and metrics; then its body is received, within
+/// `--body-timeout-secs` and `--max-body-bytes`, before anything is held for it; then work routes
+/// take a permit of `--max-concurrent-requests` and meet `--request-timeout-secs`. `/healthz` and
+/// `/readyz` take no permit: a loaded or attacked service still answers its health checks.
 pub fn router(state: AppState) -> Router {
     let max_body_bytes = state.limits.max_body_bytes;
     let request_timeout = state.limits.request_timeout;
+    let body_limits = (state.limits.body_timeout, max_body_bytes);
     // Events authenticate by signature, inside the handler (the signature covers the body).
     let events = Router::new().route("/v1/events", post(events::post_events));
     let reads = Router::new()
@@ -61,23 +69,64 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/reconcile", post(reconcile::post_reconcile))
         .route("/v1/status", get(status::get_status))
         .route_layer(middleware::from_fn_with_state(state.clone(), auth::require_admin));
-    Router::new()
+    let work = Router::new()
         .merge(events)
         .merge(reads)
         .merge(live)
         .merge(admin)
+        .route("/openapi.json", get(openapi::get_openapi))
+        .route_layer(middleware::from_fn(move |request: Request, next: Next| deadline(request, next, request_timeout)))
+        .route_layer(middleware::from_fn_with_state(state.clone(), shed_load));
+    let health = Router::new()
         .route("/healthz", get(status::get_healthz))
         .route("/readyz", get(status::get_readyz))
-        .route("/openapi.json", get(openapi::get_openapi))
+        .route_layer(middleware::from_fn(move |request: Request, next: Next| deadline(request, next, request_timeout)));
+    Router::new()
+        .merge(work)
+        .merge(health)
         .fallback(|| async { AppError::NotFound })
         .method_not_allowed_fallback(|| async { AppError::MethodNotAllowed })
         .layer(DefaultBodyLimit::max(max_body_bytes))
-        .layer(middleware::from_fn(move |request: Request, next: Next| deadline(request, next, request_timeout)))
-        .layer(middleware::from_fn_with_state(state.clone(), shed_load))
+        .layer(middleware::from_fn(move |request: Request, next: Next| receive_body(request, next, body_limits)))
         .layer(middleware::from_fn(metrics::record))
         .layer(TraceLayer::new_for_http().make_span_with(request_id::span))
         .layer(middleware::from_fn(request_id::assign))
         .with_state(state)
+}
+
+/// Receives the whole body within `timeout` and at most `limit` bytes, before the request takes
+/// a permit: a client that sends its headers and then stalls (or trickles) holds a connection
+/// until `timeout`, never a slot meant for work. Past the limit: 413; too slow: 408, and hyper
+/// closes the connection (its body was not read to the end).
+async fn receive_body(request: Request, next: Next, (timeout, limit): (Duration, usize)) -> Response {
+    let declared = request
+        .headers()
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|length| length > limit as u64) {
+        return AppError::PayloadTooLarge { limit }.into_response();
+    }
+    let (parts, body) = request.into_parts();
+    let bytes = match tokio::time::timeout(timeout, axum::body::to_bytes(body, limit)).await {
+        Ok(Ok(bytes)) => bytes,
+        Ok(Err(e)) => {
+            let too_large = e.into_inner().downcast_ref::<http_body_util::LengthLimitError>().is_some();
+            return if too_large {
+                AppError::PayloadTooLarge { limit }.into_response()
+            } else {
+                // The client went away or sent a broken chunked body.
+                AppError::BadRequest {
+                    code: "unreadable_body",
+                    message: "the request body could not be read".into(),
+                    field: None,
+                }
+                .into_response()
+            };
+        }
+        Err(_) => return AppError::BodyTimedOut(timeout).into_response(),
+    };
+    next.run(Request::from_parts(parts, axum::body::Body::from(bytes))).await
 }
 
 /// Answers 503 at once when `--max-concurrent-requests` are in flight: no unbounded queue.

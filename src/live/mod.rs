@@ -19,6 +19,7 @@
 //! While the subscription is down, messages are lost; on every (re)subscribe the task re-reads all
 //! local users, so streams catch up with whatever changed meanwhile.
 
+pub mod caps;
 pub mod token;
 
 use std::collections::{HashMap, HashSet};

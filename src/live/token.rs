@@ -22,8 +22,9 @@ use crate::webhook::WebhookSecret;
 
 /// The label the stream-token key is derived with.
 pub const KEY_LABEL: &str = "countersink live stream token v1";
-/// The longest lifetime a token may claim: one leaked from a URL is useless after a day at most.
-pub const MAX_LIFETIME_SECS: i64 = 24 * 60 * 60;
+/// The longest lifetime a token may claim by default (`--max-stream-token-secs`): the Django
+/// package's default STREAM_TOKEN_TTL, so a token leaked from a URL is useless within the hour.
+pub const DEFAULT_MAX_LIFETIME_SECS: i64 = 60 * 60;
 /// Clock skew allowed between Django and the sidecar when checking a token's lifetime.
 const SKEW_SECS: i64 = 5 * 60;
 
@@ -40,8 +41,11 @@ pub enum TokenError {
     #[error("the stream token has expired; mint a new one")]
     Expired,
     /// Its expiry is further ahead than tokens may live.
-    #[error("the stream token claims to live longer than 24 hours")]
-    TooLong,
+    #[error("the stream token claims to live longer than {max_lifetime_secs} s (--max-stream-token-secs); mint shorter-lived tokens (Django: COUNTERSINK['STREAM_TOKEN_TTL'])")]
+    TooLong {
+        /// The longest lifetime accepted.
+        max_lifetime_secs: i64,
+    },
     /// Signed with no accepted secret, or for another user.
     #[error("the stream token does not match this user")]
     Mismatch,
@@ -52,16 +56,23 @@ pub fn mint(secret: &WebhookSecret, user_id: u64, expires: i64) -> String {
     format!("{expires}.{}", BASE64URL.encode(mac(secret, user_id, expires).finalize().into_bytes()))
 }
 
-/// Checks `token` for `user_id` at time `now` (Unix seconds); comparison is constant-time.
-pub fn verify(secrets: &[WebhookSecret], user_id: u64, token: &str, now: i64) -> Result<(), TokenError> {
+/// Checks `token` for `user_id` at time `now` (Unix seconds), refusing one that claims to live
+/// longer than `max_lifetime_secs` from now; comparison is constant-time.
+pub fn verify(
+    secrets: &[WebhookSecret],
+    user_id: u64,
+    token: &str,
+    now: i64,
+    max_lifetime_secs: i64,
+) -> Result<(), TokenError> {
     let (expires, signature) = token.split_once('.').ok_or(TokenError::Malformed)?;
     let expires: i64 = expires.parse().map_err(|_| TokenError::Malformed)?;
     let signature = BASE64URL.decode(signature).map_err(|_| TokenError::Malformed)?;
     if expires < now {
         return Err(TokenError::Expired);
     }
-    if expires > now.saturating_add(MAX_LIFETIME_SECS + SKEW_SECS) {
-        return Err(TokenError::TooLong);
+    if expires > now.saturating_add(max_lifetime_secs.saturating_add(SKEW_SECS)) {
+        return Err(TokenError::TooLong { max_lifetime_secs });
     }
     for secret in secrets {
         if mac(secret, user_id, expires).verify_slice(&signature).is_ok() {
@@ -84,6 +95,7 @@ mod tests {
     use super::*;
 
     const NOW: i64 = 1_700_000_000;
+    const MAX: i64 = DEFAULT_MAX_LIFETIME_SECS;
 
     fn secret() -> WebhookSecret {
         "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw".parse().expect("a valid secret")
@@ -92,14 +104,14 @@ mod tests {
     #[test]
     fn a_token_opens_only_its_own_user_until_it_expires() {
         let token = mint(&secret(), 42, NOW + 60);
-        assert_eq!(verify(&[secret()], 42, &token, NOW), Ok(()));
-        assert_eq!(verify(&[secret()], 42, &token, NOW + 60), Ok(()));
-        assert_eq!(verify(&[secret()], 43, &token, NOW), Err(TokenError::Mismatch));
-        assert_eq!(verify(&[secret()], 42, &token, NOW + 61), Err(TokenError::Expired));
+        assert_eq!(verify(&[secret()], 42, &token, NOW, MAX), Ok(()));
+        assert_eq!(verify(&[secret()], 42, &token, NOW + 60, MAX), Ok(()));
+        assert_eq!(verify(&[secret()], 43, &token, NOW, MAX), Err(TokenError::Mismatch));
+        assert_eq!(verify(&[secret()], 42, &token, NOW + 61, MAX), Err(TokenError::Expired));
         let other = WebhookSecret::from_key(b"another secret of enough length");
-        assert_eq!(verify(std::slice::from_ref(&other), 42, &token, NOW), Err(TokenError::Mismatch));
+        assert_eq!(verify(std::slice::from_ref(&other), 42, &token, NOW, MAX), Err(TokenError::Mismatch));
         // Rotation: any accepted secret will do.
-        assert_eq!(verify(&[other, secret()], 42, &token, NOW), Ok(()));
+        assert_eq!(verify(&[other, secret()], 42, &token, NOW, MAX), Ok(()));
     }
 
     #[test]
@@ -107,11 +119,16 @@ mod tests {
         let s = [secret()];
         let token = mint(&secret(), 42, NOW + 60);
         let (_, signature) = token.split_once('.').expect("two parts");
-        assert_eq!(verify(&s, 42, &format!("{}.{signature}", NOW + 3600), NOW), Err(TokenError::Mismatch));
-        assert_eq!(verify(&s, 42, "", NOW), Err(TokenError::Malformed));
-        assert_eq!(verify(&s, 42, "soon.abc", NOW), Err(TokenError::Malformed));
-        assert_eq!(verify(&s, 42, &format!("{}.!!", NOW + 60), NOW), Err(TokenError::Malformed));
-        let far = NOW + MAX_LIFETIME_SECS + SKEW_SECS + 1;
-        assert_eq!(verify(&s, 42, &mint(&secret(), 42, far), NOW), Err(TokenError::TooLong));
+        assert_eq!(verify(&s, 42, &format!("{}.{signature}", NOW + 3600), NOW, MAX), Err(TokenError::Mismatch));
+        assert_eq!(verify(&s, 42, "", NOW, MAX), Err(TokenError::Malformed));
+        assert_eq!(verify(&s, 42, "soon.abc", NOW, MAX), Err(TokenError::Malformed));
+        assert_eq!(verify(&s, 42, &format!("{}.!!", NOW + 60), NOW, MAX), Err(TokenError::Malformed));
+        let far = NOW + MAX + SKEW_SECS + 1;
+        let too_long = Err(TokenError::TooLong { max_lifetime_secs: MAX });
+        assert_eq!(verify(&s, 42, &mint(&secret(), 42, far), NOW, MAX), too_long);
+        // A lower cap refuses what the default accepts.
+        let hour = mint(&secret(), 42, NOW + 3_600);
+        assert_eq!(verify(&s, 42, &hour, NOW, MAX), Ok(()));
+        assert_eq!(verify(&s, 42, &hour, NOW, 600), Err(TokenError::TooLong { max_lifetime_secs: 600 }));
     }
 }

@@ -51,6 +51,13 @@ impl Default for SidecarOptions {
     }
 }
 
+/// The binary to start: `COUNTERSINK_TEST_BINARY` when set (a release build, for measurements
+/// such as tests/hostile.rs's; it has no crash points, so tests/crash.rs needs the default), else
+/// the one cargo built for the tests.
+pub fn binary() -> std::ffi::OsString {
+    std::env::var_os("COUNTERSINK_TEST_BINARY").unwrap_or_else(|| env!("CARGO_BIN_EXE_countersink").into())
+}
+
 /// A running sidecar process, killed when dropped.
 pub struct Sidecar {
     child: Child,
@@ -64,7 +71,7 @@ impl Sidecar {
     /// Starts the binary over `env` (its source mapping included) and waits until it answers.
     pub async fn start(env: &TestEnv, options: SidecarOptions) -> Sidecar {
         let port = options.port.unwrap_or_else(super::free_port);
-        let mut command = Command::new(env!("CARGO_BIN_EXE_countersink"));
+        let mut command = Command::new(binary());
         command
             .args(["--redis-url", options.redis_url.as_ref().unwrap_or(&env.core.redis_url)])
             .args(["--redis-prefix", &env.core.redis_prefix])

@@ -53,7 +53,8 @@ _NUMBERS: dict[str, tuple[float, bool]] = {
     "STREAM_TOKEN_TTL": (60, True),
 }
 
-#: The longest-lived stream token the sidecar accepts, in seconds.
+#: The longest-lived stream token any sidecar accepts, in seconds (its --max-stream-token-secs
+#: is at most this; 3600 by default).
 MAX_STREAM_TOKEN_TTL = 86_400
 
 
@@ -212,7 +213,8 @@ def _check_numbers(values: dict[str, Any]) -> list[checks.CheckMessage]:
             _error(
                 11,
                 f"{SETTING}['STREAM_TOKEN_TTL'] must be at most {MAX_STREAM_TOKEN_TTL}, got {ttl!r}.",
-                "The sidecar refuses stream tokens that claim to live longer than a day.",
+                "The sidecar refuses stream tokens that claim to live longer than its "
+                "--max-stream-token-secs (3600 by default, at most a day); raise that with this.",
             )
         )
     return errors

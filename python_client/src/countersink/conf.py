@@ -67,7 +67,8 @@ DEFAULTS: dict[str, Any] = {
     # Where browsers reach the live-count stream: the sidecar, or a path of your site proxied to
     # it. None: SIDECAR_URL.
     "STREAM_URL": None,
-    # Seconds a stream token minted for a page stays valid (60 to 86400). An open stream outlives
+    # Seconds a stream token minted for a page stays valid (60 to 86400; above 3600, raise the
+    # sidecar's --max-stream-token-secs to match, or it refuses the tokens). An open stream outlives
     # it; a reconnect after it needs a fresh token (live.js asks the stream-url view for one).
     "STREAM_TOKEN_TTL": 3600,
     # Wrap MODEL's managers at start-up so their querysets' update(), bulk_create() and

@@ -1,0 +1,119 @@
+//! The accept loop in front of the router: hyper's HTTP/1 with a header-read timeout, a cap on
+//! open connections and a graceful stop.
+//!
+//! `axum::serve` gives hyper no timer, so hyper's header-read timeout is off: a client that opens
+//! a connection and sends half a request line, or an idle keep-alive connection, stays open for
+//! ever and holds a file descriptor. Here every connection gets `--header-timeout-secs` to send
+//! each request's head, counted from when it opens or from its previous response, and at most
+//! `--max-connections` are open at once (further clients wait in the kernel's listen queue). Only
+//! HTTP/1.1 is spoken: hyper-util's version sniffing reads the first bytes with no timeout.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::ConnectInfo;
+use axum::Router;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::TcpListener;
+use tokio::sync::{watch, Semaphore};
+use tower::ServiceExt;
+use tracing::{debug, warn};
+
+use crate::metrics;
+
+/// How long to wait after an accept failed for a reason other than the client (the open-file
+/// limit, most often) before trying again: short enough to serve as soon as descriptors free up,
+/// long enough not to spin.
+const ACCEPT_RETRY: Duration = Duration::from_millis(50);
+
+/// The connection-level limits, from [`crate::config::ServeConfig`].
+#[derive(Debug, Clone, Copy)]
+pub struct ConnectionLimits {
+    /// How long a connection may take to send a request's line and headers.
+    pub header_timeout: Duration,
+    /// Most connections open at once.
+    pub max_connections: usize,
+}
+
+/// Serves `router` on `listener` until `shutdown` resolves; then stops accepting, lets every
+/// open connection finish its request in flight (idle ones close at once), and returns.
+pub async fn serve(
+    listener: TcpListener,
+    router: Router,
+    limits: ConnectionLimits,
+    shutdown: impl Future<Output = ()> + Send,
+) -> std::io::Result<()> {
+    let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let (stop, stopping) = watch::channel(false);
+    // Each connection task holds a receiver; `closed()` resolves when the last one ends.
+    let (open_tx, open_rx) = watch::channel(());
+    tokio::pin!(shutdown);
+    loop {
+        let slot = tokio::select! {
+            slot = slots.clone().acquire_owned() => match slot {
+                Ok(slot) => slot,
+                Err(_) => break, // never closed; nothing to serve with if it were
+            },
+            () = &mut shutdown => break,
+        };
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) if is_connection_error(&e) => continue,
+                Err(e) => {
+                    warn!(error = %e, "accepting a connection failed (at the open-file limit? raise LimitNOFILE or lower --max-connections); retrying");
+                    tokio::time::sleep(ACCEPT_RETRY).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        // Small responses go out at once rather than waiting for Nagle's algorithm.
+        let _ = stream.set_nodelay(true);
+        let router = router.clone();
+        let service = hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
+            request.extensions_mut().insert(ConnectInfo(peer));
+            router.clone().oneshot(request.map(axum::body::Body::new))
+        });
+        let mut stopping = stopping.clone();
+        let open = open_rx.clone();
+        metrics::connection_opened();
+        tokio::spawn(async move {
+            let _slot = slot;
+            let _open = open;
+            let mut http = hyper::server::conn::http1::Builder::new();
+            http.timer(TokioTimer::new()).header_read_timeout(limits.header_timeout);
+            let connection = http.serve_connection(TokioIo::new(stream), service);
+            tokio::pin!(connection);
+            let result = tokio::select! {
+                result = connection.as_mut() => result,
+                () = async { let _ = stopping.wait_for(|stop| *stop).await; } => {
+                    connection.as_mut().graceful_shutdown();
+                    connection.await
+                }
+            };
+            // A client that went away, or one cut off by the header timeout.
+            if let Err(e) = &result {
+                debug!(error = %e, %peer, "connection ended with an error");
+            }
+            metrics::connection_closed(result.as_ref().is_err_and(hyper::Error::is_timeout));
+        });
+    }
+    drop(listener);
+    let _ = stop.send(true);
+    drop(open_rx);
+    open_tx.closed().await;
+    Ok(())
+}
+
+/// Errors of one incoming connection (it was reset before we took it), not of the listener.
+fn is_connection_error(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::ConnectionRefused
+            | std::io::ErrorKind::ConnectionAborted
+            | std::io::ErrorKind::ConnectionReset
+    )
+}
