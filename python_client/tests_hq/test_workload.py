@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from django.db import connection, transaction
+from django.db import OperationalError, connection, transaction
 from hqhelpers import make_user, send, users_off
 from notifications.models import Notification
 
@@ -107,7 +107,14 @@ def test_workload_ends_exact_without_a_reconcile(live_sidecar: Any) -> None:
     def work(index: int) -> None:
         rng = random.Random(index)
         for _ in range(OPS_PER_THREAD):
-            one_op(rng, actor, users)
+            try:
+                one_op(rng, actor, users)
+            except OperationalError as e:
+                # The app's mark_all_as_read() and mark_all_as_unread() of one user, racing a save,
+                # can deadlock in PostgreSQL (seen once in 200 runs); the database rolls one back,
+                # which commits nothing and so sends nothing.
+                if "deadlock detected" not in str(e):
+                    raise
 
     in_threads(THREADS, work)
     crasher.join(60)
