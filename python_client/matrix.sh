@@ -9,8 +9,10 @@
 #
 # Interpreters: pythonX.Y on PATH, else pyenv's (~/.pyenv/versions/X.Y.*). A cell whose Python
 # is missing is reported as SKIPPED (the run still fails if any cell that ran failed);
-# COUNTERSINK_MATRIX_STRICT=1 makes a missing Python a failure too.
+# COUNTERSINK_MATRIX_STRICT=1 makes a missing Python a failure too (scripts/test.sh sets it).
 # The default run (run-tests.sh: Python 3.11 with the newest Django it gets, 5.2) is not repeated.
+# COUNTERSINK_MATRIX_FULL=1 adds the cells that give every Django each Python from 3.10 to 3.13 it
+# supports (about 12 minutes more on 2 CPUs, so not in CI; its last result is in README.md).
 set -uo pipefail
 cd "$(dirname "$0")"
 
@@ -21,6 +23,16 @@ cells=(
   "3.12   >=6.0,<6.1  tests"
   "3.13   >=6.1,<6.2  tests"
 )
+if [ "${COUNTERSINK_MATRIX_FULL:-0}" = 1 ]; then
+  cells+=(
+    "3.11   >=4.2,<4.3  tests tests_hq"
+    "3.12   >=4.2,<4.3  tests tests_hq"
+    "3.10   >=5.2,<5.3  tests"
+    "3.12   >=5.2,<5.3  tests"
+    "3.13   >=6.0,<6.1  tests"
+    "3.12   >=6.1,<6.2  tests"
+  )
+fi
 
 find_python() {
   # The first candidate that runs: pyenv's shims on PATH exist for every version but work only
