@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
-from django.db import models, transaction
+from django.db import models, router, transaction
 
 from countersink import collector, conf
 from countersink import events as ev
@@ -56,6 +56,15 @@ def _tracks(model: type[models.Model]) -> conf.ModelMapping | None:
     return m if model._meta.concrete_model is m.model._meta.concrete_model else None
 
 
+def _write_db(queryset: models.QuerySet[Any]) -> str:
+    """The database ``queryset``'s writes go to, as Django's own ``update()`` asks the router.
+
+    ``queryset.db`` names the *read* database until Django marks the queryset for a write: with a
+    replica router, the query, the transaction and the recount would all be on the replica.
+    """
+    return queryset._db or router.db_for_write(queryset.model, **queryset._hints)
+
+
 #: Users per UPDATE statement of a tracked ``update()``: well under SQLite's variable limit.
 UPDATE_USERS_PER_STATEMENT = 500
 
@@ -68,16 +77,19 @@ def tracked_update(queryset: models.QuerySet[Any], values: dict[str, Any], do_up
 
     The users are those of the rows matching before the update (learnt in the same
     transaction), plus the new recipient if the update sets one. The UPDATE itself is limited
-    to those users: under READ COMMITTED it would also change a row another transaction
-    committed after the query, and that row's user, never learnt, would never be recounted.
-    Leaving such a row alone orders the update before that commit, a serialisation as valid as
-    the other; a new row of a learnt user is changed and recounted with them.
+    to those users (one statement per ``UPDATE_USERS_PER_STATEMENT``; none if nothing matched):
+    under READ COMMITTED it would also change a row another transaction committed after the
+    query, and that row's user, never learnt, would never be recounted. Rows of users that had
+    no matching row at the query are left alone; a new row of a learnt user may be changed, and
+    is recounted with them.
     """
     m = _tracks(queryset.model)
     if m is None or not m.tracked_fields.intersection(values):
         return do_update(queryset, values)
     attname = m.recipient_attname
-    with transaction.atomic(using=queryset.db, savepoint=False):
+    db = _write_db(queryset)
+    queryset = queryset.using(db)
+    with transaction.atomic(using=db, savepoint=False):
         matched: set[Any] = set(queryset.order_by().values_list(attname, flat=True).distinct())
         known = sorted(user for user in matched if user is not None)
         count = 0
@@ -100,7 +112,7 @@ def tracked_update(queryset: models.QuerySet[Any], values: dict[str, Any], do_up
                         "unknown and need recount_users()",
                         key,
                     )
-        recount_users(users, using=queryset.db)
+        recount_users(users, using=db)
     return count
 
 
@@ -119,12 +131,13 @@ def tracked_bulk_create(
     m = _tracks(queryset.model)
     if m is None or not created:
         return created
+    db = _write_db(queryset)
     if kwargs.get("ignore_conflicts") or kwargs.get("update_conflicts") or any(o.pk is None for o in created):
-        recount_users((getattr(o, m.recipient_attname) for o in created), using=queryset.db)
+        recount_users((getattr(o, m.recipient_attname) for o in created), using=db)
         return created
     at = time.time()
     batch = [e for e in (instance_event(m, o, True, at) for o in created) if e is not None]
-    collector.add_many(batch, using=queryset.db)
+    collector.add_many(batch, using=db)
     return created
 
 
@@ -144,20 +157,21 @@ def tracked_bulk_update(
     m = _tracks(queryset.model)
     if m is None or not m.tracked_fields.intersection(fields):
         return do_bulk_update(objs, fields, **kwargs)
+    db = _write_db(queryset)
     if m.recipient_name in fields or m.recipient_attname in fields:
-        with transaction.atomic(using=queryset.db, savepoint=False):
+        with transaction.atomic(using=db, savepoint=False):
             old_owners = set(
-                m.model._base_manager.using(queryset.db)
+                m.model._base_manager.using(db)
                 .filter(pk__in=[o.pk for o in objs])
                 .values_list(m.recipient_attname, flat=True)
             )
             count = do_bulk_update(objs, fields, **kwargs)
-            recount_users(old_owners | {getattr(o, m.recipient_attname) for o in objs}, using=queryset.db)
+            recount_users(old_owners | {getattr(o, m.recipient_attname) for o in objs}, using=db)
         return count
     count = do_bulk_update(objs, fields, **kwargs)
     at = time.time()
     batch = [e for e in (instance_event(m, o, False, at) for o in objs) if e is not None]
-    collector.add_many(batch, using=queryset.db)
+    collector.add_many(batch, using=db)
     return count
 
 
@@ -169,9 +183,12 @@ class CountersinkQuerySet(models.QuerySet[_M]):
     """
 
     def update(self, **kwargs: Any) -> int:
-        return tracked_update(
-            self, kwargs, lambda queryset, values: super().update(**values)
-        )
+        return tracked_update(self, kwargs, CountersinkQuerySet._untracked_update)
+
+    def _untracked_update(self, values: dict[str, Any]) -> int:
+        """The next class's ``update()``, on this (filtered) queryset: ``tracked_update`` calls it
+        once per chunk of users, on clones of the queryset ``update()`` was called on."""
+        return super().update(**values)
 
     def bulk_create(self, objs: Iterable[_M], *args: Any, **kwargs: Any) -> list[_M]:
         kwargs.update(zip(_BULK_CREATE_PARAMS, args, strict=False))
