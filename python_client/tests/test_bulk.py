@@ -7,10 +7,12 @@ from typing import Any
 
 import pytest
 from django.db import connection, transaction
+from django.test.utils import CaptureQueriesContext
 from helpers import assert_counts_exact, eventually_live, live, make_user, notify, orm_unread, settle
 from testproject.notifications.models import Notification
 
 import countersink
+from countersink import bulk
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("live_sidecar")]
 
@@ -109,11 +111,27 @@ def test_a_row_committed_between_learning_the_users_and_the_update_is_counted() 
         return execute(sql, params, many, context)
 
     with connection.execute_wrapper(commit_another_row_first):
-        Notification.tracked.filter(unread=True, recipient__in=[user, newcomer]).update(unread=False)
+        changed = Notification.tracked.filter(unread=True, recipient__in=[user, newcomer]).update(unread=False)
     assert created, "the other transaction did not run"
+    assert changed == 2  # the user's two; the newcomer had no row when the users were learnt
     assert countersink.wait_for_recounts(10)
     eventually_live(user, 0)
     eventually_live(newcomer, orm_unread(newcomer))
+    assert_counts_exact()
+
+
+def test_an_update_of_many_users_runs_one_statement_per_chunk_of_users(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(bulk, "UPDATE_USERS_PER_STATEMENT", 2)
+    users = [make_user() for _ in range(5)]
+    for user in users:
+        notify(user, 2)
+    with CaptureQueriesContext(connection) as queries:
+        changed = countersink.update(Notification.objects.filter(recipient__in=users), unread=False)
+    assert changed == 10
+    updates = [q["sql"] for q in queries.captured_queries if q["sql"].lstrip().upper().startswith("UPDATE")]
+    assert len(updates) == 3, updates  # 2 + 2 + 1 users
+    for user in users:
+        eventually_live(user, 0)
     assert_counts_exact()
 
 
