@@ -5,10 +5,11 @@ mark-as-read, soft and hard deletes, rolled-back transactions, the app's own
 
 from __future__ import annotations
 
+import contextlib
 import random
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -29,6 +30,19 @@ RACES = 15
 
 class RolledBack(Exception):
     pass
+
+
+@contextlib.contextmanager
+def bulk_deadlock_allowed() -> Iterator[None]:
+    """The app's mark_all_as_read() and mark_all_as_unread() of one user, two UPDATEs of many rows
+    racing each other and a save, can deadlock in PostgreSQL (seen once on 2026-12-02, in about
+    250 runs). The database rolls one back: it commits nothing, so it sends nothing. Only those
+    calls may deadlock; a deadlock anywhere else still fails the test."""
+    try:
+        yield
+    except OperationalError as e:
+        if "deadlock detected" not in str(e):
+            raise
 
 
 def in_threads(n: int, work: Callable[[int], None]) -> None:
@@ -69,16 +83,18 @@ def one_op(rng: random.Random, actor: Any, users: list[Any]) -> None:
         Notification.objects.filter(pk=rng.choice(mine)).delete()  # a hard delete
     elif op < 0.78:
         try:
-            with transaction.atomic():
+            with bulk_deadlock_allowed(), transaction.atomic():
                 send(actor, user, 2)
                 Notification.objects.mark_all_as_read(recipient=user)
                 raise RolledBack
         except RolledBack:
             pass
     elif op < 0.88:
-        Notification.objects.mark_all_as_read(recipient=user)  # the app's own bulk method
+        with bulk_deadlock_allowed():
+            Notification.objects.mark_all_as_read(recipient=user)  # the app's own bulk method
     elif op < 0.94:
-        user.notifications.mark_all_as_unread()
+        with bulk_deadlock_allowed():
+            user.notifications.mark_all_as_unread()
     else:
         with transaction.atomic():
             note = Notification.objects.filter(pk=rng.choice(mine)).first()
@@ -107,14 +123,7 @@ def test_workload_ends_exact_without_a_reconcile(live_sidecar: Any) -> None:
     def work(index: int) -> None:
         rng = random.Random(index)
         for _ in range(OPS_PER_THREAD):
-            try:
-                one_op(rng, actor, users)
-            except OperationalError as e:
-                # The app's mark_all_as_read() and mark_all_as_unread() of one user, racing a save,
-                # can deadlock in PostgreSQL (seen once in 200 runs); the database rolls one back,
-                # which commits nothing and so sends nothing.
-                if "deadlock detected" not in str(e):
-                    raise
+            one_op(rng, actor, users)
 
     in_threads(THREADS, work)
     crasher.join(60)
