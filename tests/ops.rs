@@ -255,6 +255,33 @@ async fn readyz_names_each_failing_check_without_side_effects() {
     assert_eq!(body["checks"][0]["error"], "unavailable");
 }
 
+/// While the Redis state waits for a rebuild from the Notification table (a bootstrap running, or
+/// waiting for `countersink bootstrap`), events and reads answer 503: `/readyz` says so too, and
+/// why, rather than sending traffic to a process that cannot serve it (issue #14).
+#[tokio::test]
+async fn readyz_is_not_ready_while_the_redis_state_waits_for_a_rebuild() {
+    let env = TestEnv::sqlite_with_source().await;
+    let (status, body) = readyz(env.state()).await;
+    assert_eq!((status, body["status"].as_str()), (StatusCode::OK, Some("ready")), "{body}");
+
+    // The marker a bootstrap sets when it is done, gone: as when Redis lost its data.
+    let _: () = redis::Commands::del(&mut env.redis(), env.key("ready")).unwrap();
+    let (status, body) = readyz(env.state()).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert_eq!(failing_checks(&body), ["redis_state"], "{body}");
+    let error = body["checks"][3]["error"].as_str().unwrap();
+    assert!(error.contains("bootstrap"), "{body}");
+
+    // Once rebuilt, ready again.
+    env.state()
+        .reconciler
+        .bootstrap(countersink::bootstrap::Batching::default(), countersink::bootstrap::Rebuild::Always, |_| {})
+        .await
+        .unwrap();
+    let (status, body) = readyz(env.state()).await;
+    assert_eq!((status, body["status"].as_str()), (StatusCode::OK, Some("ready")), "{body}");
+}
+
 #[tokio::test]
 async fn sigterm_finishes_the_request_in_flight_refuses_new_ones_and_flushes() {
     let env = TestEnv::postgres().await;

@@ -72,7 +72,9 @@ const READY_CHECK_TIMEOUT: Duration = Duration::from_secs(2);
 pub struct Readiness {
     /// `ready` when every check passed, else `not_ready`.
     pub status: &'static str,
-    /// Each check: `redis`, `database`, `migrations`, and `redis_state` when Redis answered.
+    /// Each check: `redis`, `database`, `migrations`, and `redis_state` when Redis answered (not ok
+    /// while the state is rebuilt or resynced after Redis lost it or restarted: events and reads
+    /// answer 503 meanwhile).
     pub checks: Vec<ReadyCheck>,
     /// What the last recovery from a Redis restart did (any process's), if Redis ever restarted
     /// under a vouched-for state: without a Notification table, events acknowledged after the
@@ -97,7 +99,8 @@ pub struct ReadyCheck {
     pub error: Option<String>,
 }
 
-/// Ready to serve: Redis and the database answer and every migration is applied. Read-only.
+/// Ready to serve: Redis and the database answer, every migration is applied and the Redis state
+/// is not being rebuilt. Read-only.
 #[utoipa::path(
     get,
     path = "/readyz",
@@ -108,11 +111,12 @@ pub struct ReadyCheck {
     )
 )]
 pub async fn get_readyz(State(state): State<AppState>) -> (StatusCode, Json<Readiness>) {
-    let (redis, database, migrations, persistence) = tokio::join!(
+    let (redis, database, migrations, persistence, rebuilt) = tokio::join!(
         timed(state.store.check_instance()),
         timed(state.db.ping()),
         timed(state.db.pending_migrations()),
-        timed(state.store.persistence())
+        timed(state.store.persistence()),
+        timed(state.store.is_ready())
     );
     // Information, not a check: a Redis that answers the others answers this.
     let redis_persistence = persistence.ok().flatten();
@@ -135,10 +139,15 @@ pub async fn get_readyz(State(state): State<AppState>) -> (StatusCode, Json<Read
     });
     if let Some(instance) = &instance {
         // Not a dependency's fault, and nothing secret: answered as it is.
-        let ok = instance.vouched || instance.new;
-        let error = (!ok)
-            .then(|| "Redis restarted since its state was vouched for; the state is being rebuilt or resynced".into());
-        checks.push(ReadyCheck { name: "redis_state", ok, error });
+        let error = if !(instance.vouched || instance.new) {
+            Some("Redis restarted since its state was vouched for; the state is being rebuilt or resynced")
+        } else if rebuilt == Ok(false) {
+            // Events and reads answer 503 until a bootstrap marks the state complete.
+            Some("the Redis state is being rebuilt from the Notification table (a bootstrap), or waits for `countersink bootstrap`")
+        } else {
+            None
+        };
+        checks.push(ReadyCheck { name: "redis_state", ok: error.is_none(), error: error.map(String::from) });
     }
     let redis_last_restart = instance
         .and_then(|i| i.last_restart)
