@@ -252,6 +252,14 @@ impl ConfigError {
     }
 }
 
+/// A count or a duration of which 0 means nothing would work: refused, naming the setting.
+fn at_least_one<T: Default + PartialEq>(value: T, flag: &'static str, env: &'static str) -> Result<(), ConfigError> {
+    if value == T::default() {
+        return Err(ConfigError::new(flag, env, "must be at least 1"));
+    }
+    Ok(())
+}
+
 impl CoreConfig {
     /// Checks what clap's types cannot.
     pub fn validate(&self) -> Result<(), ConfigError> {
@@ -274,12 +282,8 @@ impl CoreConfig {
         }
         Backend::from_url(&self.database_url)
             .map_err(|problem| ConfigError::new("--database-url", "COUNTERSINK_DATABASE_URL", problem))?;
-        if self.db_pool_size == 0 {
-            return Err(ConfigError::new("--db-pool-size", "COUNTERSINK_DB_POOL_SIZE", "must be at least 1"));
-        }
-        if self.db_timeout_secs == 0 {
-            return Err(ConfigError::new("--db-timeout-secs", "COUNTERSINK_DB_TIMEOUT_SECS", "must be at least 1"));
-        }
+        at_least_one(self.db_pool_size, "--db-pool-size", "COUNTERSINK_DB_POOL_SIZE")?;
+        at_least_one(self.db_timeout_secs, "--db-timeout-secs", "COUNTERSINK_DB_TIMEOUT_SECS")?;
         if self.flush_chunk_users == 0 || self.flush_chunk_users > MAX_FLUSH_CHUNK_USERS {
             return Err(ConfigError::new(
                 "--flush-chunk-users",
@@ -288,13 +292,7 @@ impl CoreConfig {
             ));
         }
         self.source.resolve()?;
-        if self.flush_timeout_secs == 0 {
-            return Err(ConfigError::new(
-                "--flush-timeout-secs",
-                "COUNTERSINK_FLUSH_TIMEOUT_SECS",
-                "must be at least 1",
-            ));
-        }
+        at_least_one(self.flush_timeout_secs, "--flush-timeout-secs", "COUNTERSINK_FLUSH_TIMEOUT_SECS")?;
         if self.flush_lock_ttl_secs < 3 {
             return Err(ConfigError::new(
                 "--flush-lock-ttl-secs",
@@ -319,9 +317,7 @@ impl ServeConfig {
         if self.max_body_bytes < 1024 {
             return Err(ConfigError::new("--max-body-bytes", "COUNTERSINK_MAX_BODY_BYTES", "must be at least 1024"));
         }
-        if self.max_batch_events == 0 {
-            return Err(ConfigError::new("--max-batch-events", "COUNTERSINK_MAX_BATCH_EVENTS", "must be at least 1"));
-        }
+        at_least_one(self.max_batch_events, "--max-batch-events", "COUNTERSINK_MAX_BATCH_EVENTS")?;
         if self.max_read_users == 0 || self.max_read_users > MAX_READ_USERS {
             return Err(ConfigError::new(
                 "--max-read-users",
@@ -329,30 +325,18 @@ impl ServeConfig {
                 format!("must be from 1 to {MAX_READ_USERS}"),
             ));
         }
-        if self.max_concurrent_requests == 0 {
-            return Err(ConfigError::new(
-                "--max-concurrent-requests",
-                "COUNTERSINK_MAX_CONCURRENT_REQUESTS",
-                "must be at least 1",
-            ));
-        }
-        if self.max_live_streams == 0 {
-            return Err(ConfigError::new("--max-live-streams", "COUNTERSINK_MAX_LIVE_STREAMS", "must be at least 1"));
-        }
-        if self.max_live_streams_per_user == 0 {
-            return Err(ConfigError::new(
-                "--max-live-streams-per-user",
-                "COUNTERSINK_MAX_LIVE_STREAMS_PER_USER",
-                "must be at least 1",
-            ));
-        }
-        if self.max_live_streams_per_address == 0 {
-            return Err(ConfigError::new(
-                "--max-live-streams-per-address",
-                "COUNTERSINK_MAX_LIVE_STREAMS_PER_ADDRESS",
-                "must be at least 1",
-            ));
-        }
+        at_least_one(self.max_concurrent_requests, "--max-concurrent-requests", "COUNTERSINK_MAX_CONCURRENT_REQUESTS")?;
+        at_least_one(self.max_live_streams, "--max-live-streams", "COUNTERSINK_MAX_LIVE_STREAMS")?;
+        at_least_one(
+            self.max_live_streams_per_user,
+            "--max-live-streams-per-user",
+            "COUNTERSINK_MAX_LIVE_STREAMS_PER_USER",
+        )?;
+        at_least_one(
+            self.max_live_streams_per_address,
+            "--max-live-streams-per-address",
+            "COUNTERSINK_MAX_LIVE_STREAMS_PER_ADDRESS",
+        )?;
         if let Some(name) = &self.live_address_header {
             if axum::http::HeaderName::from_bytes(name.as_bytes()).is_err() {
                 return Err(ConfigError::new(
@@ -380,16 +364,8 @@ impl ServeConfig {
                 ),
             ));
         }
-        if self.header_timeout_secs == 0 {
-            return Err(ConfigError::new(
-                "--header-timeout-secs",
-                "COUNTERSINK_HEADER_TIMEOUT_SECS",
-                "must be at least 1",
-            ));
-        }
-        if self.body_timeout_secs == 0 {
-            return Err(ConfigError::new("--body-timeout-secs", "COUNTERSINK_BODY_TIMEOUT_SECS", "must be at least 1"));
-        }
+        at_least_one(self.header_timeout_secs, "--header-timeout-secs", "COUNTERSINK_HEADER_TIMEOUT_SECS")?;
+        at_least_one(self.body_timeout_secs, "--body-timeout-secs", "COUNTERSINK_BODY_TIMEOUT_SECS")?;
         // A signed request is accepted while its timestamp is within the tolerance either way of
         // the clock, so a copy can be replayed up to twice the tolerance after the first delivery:
         // its webhook-id must be remembered at least that long.
@@ -406,20 +382,8 @@ impl ServeConfig {
                 ),
             ));
         }
-        if self.shutdown_timeout_secs == 0 {
-            return Err(ConfigError::new(
-                "--shutdown-timeout-secs",
-                "COUNTERSINK_SHUTDOWN_TIMEOUT_SECS",
-                "must be at least 1",
-            ));
-        }
-        if self.request_timeout_secs == 0 {
-            return Err(ConfigError::new(
-                "--request-timeout-secs",
-                "COUNTERSINK_REQUEST_TIMEOUT_SECS",
-                "must be at least 1",
-            ));
-        }
+        at_least_one(self.shutdown_timeout_secs, "--shutdown-timeout-secs", "COUNTERSINK_SHUTDOWN_TIMEOUT_SECS")?;
+        at_least_one(self.request_timeout_secs, "--request-timeout-secs", "COUNTERSINK_REQUEST_TIMEOUT_SECS")?;
         Ok(())
     }
 }

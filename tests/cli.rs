@@ -101,6 +101,35 @@ fn output_within_10_s(mut serve: std::process::Child) -> Output {
     serve.wait_with_output().unwrap()
 }
 
+/// A count or a timeout of 0, given as a flag or as its variable, stops start-up with an error
+/// naming both (`at_least_one` in config.rs holds them all).
+#[tokio::test]
+async fn a_zero_count_or_timeout_stops_start_up_naming_the_flag_and_the_variable() {
+    let env = TestEnv::sqlite().await;
+    for (flag, variable) in [
+        ("--header-timeout-secs", "COUNTERSINK_HEADER_TIMEOUT_SECS"),
+        ("--max-live-streams-per-user", "COUNTERSINK_MAX_LIVE_STREAMS_PER_USER"),
+        ("--db-pool-size", "COUNTERSINK_DB_POOL_SIZE"),
+    ] {
+        for by_variable in [false, true] {
+            let mut command = Command::new(env!("CARGO_BIN_EXE_countersink"));
+            command
+                .env("COUNTERSINK_DATABASE_URL", &env.core.database_url)
+                .args(["serve", "--insecure-no-auth", "--listen", "127.0.0.1:0"])
+                .stderr(std::process::Stdio::piped());
+            if by_variable {
+                command.env(variable, "0");
+            } else {
+                command.args([flag, "0"]);
+            }
+            let output = output_within_10_s(command.spawn().unwrap());
+            assert!(!output.status.success(), "{flag} 0 started");
+            let stderr = String::from_utf8_lossy(&output.stderr);
+            assert!(stderr.contains(flag) && stderr.contains(variable) && stderr.contains("at least 1"), "{stderr}");
+        }
+    }
+}
+
 /// Issue #15: with a 60 s idempotency TTL inside the 300 s signature tolerance, a captured request
 /// resent after 62 s was applied again. Such a setting no longer starts.
 #[tokio::test]
