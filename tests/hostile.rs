@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::sidecar::{Sidecar, SidecarOptions, SECRET};
+use common::sidecar::{forged_amplification, Sidecar, SidecarOptions, SECRET};
 use common::TestEnv;
 use countersink::live::token;
 use countersink::webhook::WebhookSecret;
@@ -139,21 +139,9 @@ async fn health_checks_and_work_go_on_while_256_slow_posts_are_open_and_the_post
 /// be refused (401).
 async fn amplify(base: String, stop: Arc<AtomicBool>, sent: Arc<AtomicUsize>) {
     let client = reqwest::Client::new();
-    let forged = vec!["v1,AAAA"; 10_000].join(" ");
-    let body = format!("[{}]", vec![r#"{"kind":"post_delete","notification_id":1,"user_id":2}"#; 1_000].join(","));
     while !stop.load(Ordering::Relaxed) {
         let n = sent.fetch_add(1, Ordering::Relaxed);
-        let answer = client
-            .post(format!("{base}/v1/events"))
-            .header("content-type", "application/json")
-            .header("webhook-id", format!("msg_forged_{n}"))
-            .header("webhook-timestamp", chrono::Utc::now().timestamp().to_string())
-            .header("webhook-signature", &forged)
-            .body(body.clone())
-            .timeout(Duration::from_secs(10))
-            .send()
-            .await
-            .unwrap();
+        let answer = forged_amplification(&client, &base, n).send().await.unwrap();
         assert_eq!(answer.status(), 401);
     }
 }

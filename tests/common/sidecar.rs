@@ -257,6 +257,22 @@ pub async fn post_signed(
     Some((status, response.json().await.unwrap_or(Value::Null)))
 }
 
+/// Issue #15's signature-amplification request: a 1,000-event body under a `webhook-signature`
+/// of 10,000 forged `v1,` candidates (one HMAC of the body each, before the fix), as
+/// `webhook-id` `msg_forged_{n}`. The sidecar must refuse it (401) before any HMAC.
+pub fn forged_amplification(client: &reqwest::Client, base: &str, n: usize) -> reqwest::RequestBuilder {
+    let forged = vec!["v1,AAAA"; 10_000].join(" ");
+    let body = format!("[{}]", vec![r#"{"kind":"post_delete","notification_id":1,"user_id":2}"#; 1_000].join(","));
+    client
+        .post(format!("{base}/v1/events"))
+        .header("content-type", "application/json")
+        .header("webhook-id", format!("msg_forged_{n}"))
+        .header("webhook-timestamp", chrono::Utc::now().timestamp().to_string())
+        .header("webhook-signature", forged)
+        .body(body)
+        .timeout(Duration::from_secs(10))
+}
+
 /// Sends one request, retrying it (same `webhook-id`, as the Django package does) on 503 and on
 /// no answer, for up to `limit`; whether it was accepted. Any other refusal panics.
 pub async fn post_until_accepted(client: &reqwest::Client, base: &str, events: &[Value], limit: Duration) -> bool {
