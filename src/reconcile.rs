@@ -85,6 +85,10 @@ pub struct ReconcileReport {
     pub drift: Vec<UserDrift>,
     /// Users whose fence expired before their repair (too slow a step); reconcile them again.
     pub unfinished: Vec<u64>,
+    /// Users repaired and queued for another recount, which runs on its own: an event that
+    /// occurred before the reconcile began arrived during it, so it may be older than the table's
+    /// read (a sender that lagged behind a bulk update, say).
+    pub recount_queued: Vec<u64>,
     /// Steps that failed (only a reconcile of every user goes on past one; any other answers the
     /// error instead): their users were not reconciled. Reconcile them again once the cause is fixed.
     pub failed: Vec<FailedStep>,
@@ -396,6 +400,12 @@ impl Reconciler {
             match repair {
                 UserRepair::Repaired(drift) if drift.stored != drift.actual => report.drift.push(drift),
                 UserRepair::Repaired(_) => {}
+                UserRepair::RepairedRecountQueued(drift) => {
+                    report.recount_queued.push(user_id);
+                    if drift.stored != drift.actual {
+                        report.drift.push(drift);
+                    }
+                }
                 UserRepair::Unfinished => report.unfinished.push(user_id),
             }
         }
@@ -503,6 +513,10 @@ fn log_report(report: &ReconcileReport, trigger: Trigger) {
     }
     if !report.unfinished.is_empty() {
         warn!(users = ?report.unfinished, "reconcile did not finish some users in time; reconcile them again");
+    }
+    if !report.recount_queued.is_empty() {
+        info!(users = ?report.recount_queued,
+            "an event older than the reconcile arrived during it; these users are recounted again");
     }
     for step in &report.failed {
         let users = step.user_ids.len();

@@ -736,3 +736,120 @@ async fn a_truth_chunk_moves_the_fence_ahead() {
     let repaired = store.reconcile_finish(&lease, &[(7, 0)], Duration::from_secs(60)).await.unwrap();
     assert_eq!(repaired, vec![(7, UserRepair::Repaired(UserDrift { user_id: 7, stored: 1, actual: 0 }))]);
 }
+
+/// Takes this test's flush lease (nothing else holds it), for hand-stepped reconciles.
+async fn lease_of(state: &AppState) -> countersink::store::Lease {
+    let Acquired::Held(lease) = state.store.try_acquire_lease(Duration::from_secs(60), 0).await.unwrap() else {
+        panic!("nothing else holds this test's lease")
+    };
+    lease
+}
+
+/// Issue #14's fifth reproduction: a notification deleted by raw SQL (no event), then a reconcile
+/// during whose fence a late retry of its creation arrives. The retry is stale in Redis (the
+/// notification was known), but the repair took every journaled notification the table did not
+/// hold for one created after the read, and counted it: 1 where the truth is 0, reported as no
+/// drift. Now a notification Redis knew before the fence is taken for gone, for good.
+#[tokio::test]
+async fn a_late_creation_retry_during_a_reconcile_of_a_notification_deleted_by_raw_sql_is_not_counted() {
+    let env = TestEnv::sqlite_with_source().await;
+    let state = env.state();
+    create(&env, &state, 1, 7, true, false).await;
+    env.sql("DELETE FROM notifications_notification WHERE id = 1").await;
+    let lease = lease_of(&state).await;
+    state.store.reconcile_begin(&lease, &[7], Duration::from_secs(60)).await.unwrap();
+    let retry = state.store.apply(&[Event::save(1, 7, true, true)]).await.unwrap();
+    assert_eq!(retry.stale, 1, "{retry:?}");
+    // The table, as read, holds nothing of user 7's.
+    state.store.reconcile_truth(&lease, &[(7, &[][..])], Duration::from_secs(60)).await.unwrap();
+    let repaired = state.store.reconcile_finish(&lease, &[(7, 0)], Duration::from_secs(60)).await.unwrap();
+    assert_eq!(repaired, vec![(7, UserRepair::Repaired(UserDrift { user_id: 7, stored: 1, actual: 0 }))]);
+    assert_eq!(unread_counts(&state.store, &state.db, &[7]).await.unwrap()[0].unread_count, 0);
+    state.store.release_lease(lease).await.unwrap();
+    // Its state is deleted: neither its delete, late too, nor a save counts it once the
+    // reconciled picture has expired.
+    for key in env.redis_keys().into_iter().filter(|k| k.contains(":reconciled:")) {
+        let _: () = redis::Commands::del(&mut env.redis(), key).unwrap();
+    }
+    let late = state.store.apply(&[Event::save(1, 7, false, false), Event::delete(1, 7)]).await.unwrap();
+    assert_eq!(late.changed, 0, "{late:?}");
+    state.flusher.flush(WAIT).await.unwrap();
+    assert_eq!(env.stored_counts().await.get(&7).copied().unwrap_or(0), 0);
+}
+
+/// An event that occurred before a reconcile began but arrives during its fence (its sender lagged
+/// behind another process's bulk update, whose recount this is) is replayed on the table's truth,
+/// which already holds that bulk update: here a mark-as-unread, then a bulk mark-all-read that
+/// committed after it, both before the read. The replay makes the notification unread again (1
+/// where the truth is 0). Only the table can tell, so the user is recounted again, and that
+/// recount, which reads the table after the event's commit, ends at the truth. An event that
+/// occurred after the fence began is replayed as before, with no second recount.
+#[tokio::test]
+async fn an_event_older_than_a_reconcile_that_arrives_during_it_is_recounted_again() {
+    let env = TestEnv::sqlite_with_source().await;
+    let state = env.state();
+    create(&env, &state, 1, 7, false, false).await;
+    create(&env, &state, 2, 7, false, false).await;
+    let stamped = |event: Event, at: chrono::DateTime<chrono::Utc>| Event { occurred_at: Some(at), ..event };
+    let before = chrono::Utc::now() - chrono::Duration::seconds(5);
+    let lease = lease_of(&state).await;
+    state.store.reconcile_begin(&lease, &[7], Duration::from_secs(60)).await.unwrap();
+    // Notification 1: marked unread 5 s ago, then read again by the bulk update; the mark-as-unread's
+    // event arrives now. Notification 2: marked unread after the fence began (after the read), as
+    // its event says.
+    env.sql("UPDATE notifications_notification SET unread = (id = 2)").await;
+    let after = chrono::Utc::now() + chrono::Duration::seconds(5);
+    state
+        .store
+        .apply(&[stamped(Event::save(1, 7, true, false), before), stamped(Event::save(2, 7, true, false), after)])
+        .await
+        .unwrap();
+    // The table as read before notification 2 was marked unread: both read.
+    state.store.reconcile_truth(&lease, &[(7, &[(1, 1), (2, 1)][..])], Duration::from_secs(60)).await.unwrap();
+    let repaired = state.store.reconcile_finish(&lease, &[(7, 0)], Duration::from_secs(60)).await.unwrap();
+    let [(7, UserRepair::RepairedRecountQueued(drift))] = repaired[..] else { panic!("{repaired:?}") };
+    assert_eq!(drift.actual, 2, "the replay made both unread");
+    state.store.release_lease(lease).await.unwrap();
+    assert_eq!(state.store.recounts_queued().await.unwrap(), (1, 0));
+    let report = state.reconciler.run_queued_recounts().await.unwrap().unwrap();
+    assert_eq!(report.drift, vec![UserDrift { user_id: 7, stored: 2, actual: 1 }]);
+    assert_eq!(report.recount_queued, Vec::<u64>::new(), "no event arrived during the second recount");
+    assert_eq!(unread_counts(&state.store, &state.db, &[7]).await.unwrap()[0].unread_count, 1);
+    assert_eq!(env.stored_counts().await, env.true_counts().await);
+
+    // Only events older than the fence queue a recount: one stamped after it does not.
+    let lease = lease_of(&state).await;
+    state.store.reconcile_begin(&lease, &[7], Duration::from_secs(60)).await.unwrap();
+    state.store.apply(&[stamped(Event::save(2, 7, false, false), after)]).await.unwrap();
+    env.sql("UPDATE notifications_notification SET unread = FALSE").await;
+    state.store.reconcile_truth(&lease, &[(7, &[(1, 1), (2, 2)][..])], Duration::from_secs(60)).await.unwrap();
+    let repaired = state.store.reconcile_finish(&lease, &[(7, 1)], Duration::from_secs(60)).await.unwrap();
+    assert_eq!(repaired, vec![(7, UserRepair::Repaired(UserDrift { user_id: 7, stored: 0, actual: 0 }))]);
+    assert_eq!(state.store.recounts_queued().await.unwrap(), (0, 0));
+}
+
+/// Issue #14's fourth reproduction: a notification deleted from the table (its delete event on
+/// the way), a reconcile that counts it as gone, and the delete arriving after the reconciled
+/// picture's two minutes: it left unread, so it took the count from 0 to -1, stored as -1. A
+/// decrement with nothing to undo now stops at zero and queues a recount.
+#[tokio::test]
+async fn a_delete_delayed_past_the_reconciled_picture_never_takes_a_count_below_zero() {
+    let env = TestEnv::sqlite_with_source().await;
+    let state = env.state();
+    create(&env, &state, 1, 7, true, false).await;
+    env.sql("DELETE FROM notifications_notification WHERE id = 1").await;
+    let report = state.reconciler.reconcile_users(&[7]).await.unwrap();
+    assert_eq!(report.drift, vec![UserDrift { user_id: 7, stored: 1, actual: 0 }]);
+    // Two minutes later: the reconciled picture has expired.
+    for key in env.redis_keys().into_iter().filter(|k| k.contains(":reconciled:")) {
+        let _: () = redis::Commands::del(&mut env.redis(), key).unwrap();
+    }
+    state.store.apply(&[Event::delete(1, 7)]).await.unwrap();
+    assert_eq!(unread_counts(&state.store, &state.db, &[7]).await.unwrap()[0].unread_count, 0);
+    state.flusher.flush(WAIT).await.unwrap();
+    assert_eq!(env.stored_counts().await.get(&7).copied().unwrap_or(0), 0);
+    assert_eq!(state.store.recounts_queued().await.unwrap(), (1, 0), "the user is recounted");
+    let recount = state.reconciler.run_queued_recounts().await.unwrap().unwrap();
+    assert_eq!(recount.drift, vec![]);
+    assert_eq!(env.stored_counts().await.get(&7).copied().unwrap_or(0), 0);
+}

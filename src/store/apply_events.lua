@@ -8,7 +8,8 @@
 -- KEYS[4]   the marker a bootstrap writes when the state is complete
 -- KEYS[5]   what the last bootstrap read: "shard index ms", the highest notification slot it
 --           read (-1 -1 for none) and when it finished (unix ms)
--- KEYS[6]   the users waiting for a recount (stale events and saves after a delete add theirs)
+-- KEYS[6]   the users waiting for a recount (stale events, saves after a delete and decrements
+--           below zero add theirs)
 -- KEYS[7]   the instance key: the run id of the Redis server that vouches for the state
 -- KEYS[8]   the hand-off sequence
 -- KEYS[9..] state shard bitmaps, 2 bits per notification, and held-count buckets (hashes:
@@ -128,11 +129,29 @@ local changed, recorded = 0, 0
 local deltas, users = {}, {}
 
 local count_at = {}
+-- A decrement that would take a held count below zero undoes nothing Redis counted: the last
+-- reconcile took its notification for gone, and its event came after the reconciled set expired.
+-- The state changes, the count stays at zero and, with the table to ask, the user is recounted.
+-- (A count not held cannot get there: a reconcile holds the counts of the users it repairs, and
+-- only it leaves an unread state uncounted.) Judged event by event, on the count as this request
+-- has moved it so far, so that a request ends as its events would one by one.
+local held = {}
+local function below_zero(user, delta)
+  if delta >= 0 then return false end
+  if held[user] == nil then
+    held[user] = tonumber(redis.call('HGET', count_at[user][1], count_at[user][2])) or false
+  end
+  if held[user] == false or held[user] + (deltas[user] or 0) + delta >= 0 then return false end
+  if ARGV[4] == '1' then redis.call('SADD', KEYS[6], user) end
+  return true
+end
 for i = 9, #ARGV, 7 do
   local op, key, pos, user = ARGV[i], KEYS[tonumber(ARGV[i + 1])], '#' .. ARGV[i + 2], ARGV[i + 3]
   count_at[user] = {KEYS[tonumber(ARGV[i + 5])], ARGV[i + 6]}
-  journal(user, op .. ' ' .. key .. ' ' .. pos)
   local old = redis.call('BITFIELD', key, 'GET', 'u2', pos)[1]
+  -- "op key #pos old occurred": the state before the event tells the reconcile whether Redis knew
+  -- the notification before its fence, and when it occurred whether it may be older than the read.
+  journal(user, op .. ' ' .. key .. ' ' .. pos .. ' ' .. old .. ' ' .. ARGV[i + 4])
   local new, why = transition(old, op)
   if not why and old == UNSEEN and new ~= DELETED
     and should_have_been_rebuilt(key, tonumber(ARGV[i + 2]), tonumber(ARGV[i + 4])) then
@@ -155,6 +174,11 @@ for i = 9, #ARGV, 7 do
   else
     redis.call('BITFIELD', key, 'SET', 'u2', pos, new)
     local delta = (new == UNREAD and 1 or 0) - (old == UNREAD and 1 or 0)
+    -- A reconcile already wrote this notification's truth: its tally of the unread follows the state.
+    if delta ~= 0 and fenced[user] and redis.call('SISMEMBER', ARGV[7] .. user, key .. ' ' .. ARGV[i + 2]) == 1 then
+      redis.call('HINCRBY', ARGV[8] .. user, 'unread', delta)
+    end
+    if below_zero(user, delta) then delta = 0 end
     if delta == 0 then
       recorded = recorded + 1
     else
@@ -164,10 +188,6 @@ for i = 9, #ARGV, 7 do
         users[#users + 1] = user
       end
       deltas[user] = deltas[user] + delta
-      -- A reconcile already wrote this notification's truth: its tally of the unread follows.
-      if fenced[user] and redis.call('SISMEMBER', ARGV[7] .. user, key .. ' ' .. ARGV[i + 2]) == 1 then
-        redis.call('HINCRBY', ARGV[8] .. user, 'unread', delta)
-      end
     end
   end
 end

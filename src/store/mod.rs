@@ -825,13 +825,18 @@ pub struct UserDrift {
 pub enum UserRepair {
     /// The user's count is the table's truth now; `drift` says what it was before.
     Repaired(UserDrift),
+    /// Repaired as [`UserRepair::Repaired`], and queued for another recount: an event journaled
+    /// during the fence occurred before the fence began, so it may be older than the table's read
+    /// and its replay may have undone a change the read saw (see `reconcile_finish.lua`).
+    RepairedRecountQueued(UserDrift),
     /// The fence expired before the repair (the reconcile took too long). The states and counts
     /// the truth chunks wrote agree with each other; the user is not repaired: try again.
     Unfinished,
 }
 
 impl redis::FromRedisValue for UserRepair {
-    /// `{user, 'repaired', before, actual}` or `{user, 'unfinished'}` (see `reconcile_finish.lua`).
+    /// `{user, 'repaired', before, actual, queued again (0 or 1)}` or `{user, 'unfinished'}` (see
+    /// `reconcile_finish.lua`).
     fn from_redis_value(value: redis::Value) -> Result<Self, redis::ParsingError> {
         let reply: Vec<redis::Value> = redis::from_redis_value(value)?;
         let mut fields = reply.into_iter();
@@ -839,11 +844,15 @@ impl redis::FromRedisValue for UserRepair {
         let user_id: u64 = redis::from_redis_value(next()?)?;
         let outcome: String = redis::from_redis_value(next()?)?;
         match outcome.as_str() {
-            "repaired" => Ok(UserRepair::Repaired(UserDrift {
-                user_id,
-                stored: redis::from_redis_value(next()?)?,
-                actual: redis::from_redis_value(next()?)?,
-            })),
+            "repaired" => {
+                let drift = UserDrift {
+                    user_id,
+                    stored: redis::from_redis_value(next()?)?,
+                    actual: redis::from_redis_value(next()?)?,
+                };
+                let queued_again: i64 = redis::from_redis_value(next()?)?;
+                Ok(if queued_again == 1 { UserRepair::RepairedRecountQueued(drift) } else { UserRepair::Repaired(drift) })
+            }
             "unfinished" => Ok(UserRepair::Unfinished),
             other => Err(format!("an unknown reconcile result {other:?}").into()),
         }
@@ -923,7 +932,9 @@ impl Store {
     /// true count, holds that count, and lifts the fence. Its work is bounded by the journals.
     ///
     /// For `grace` afterwards, an event for a notification Redis knew but the table did not hold
-    /// (deleted before the read, its event still on the way) counts nothing.
+    /// (deleted before the read, its event still on the way) counts nothing; one journaled during
+    /// the fence is deleted in Redis for good. A user whose journal holds an event that occurred
+    /// before the fence began is queued for another recount.
     pub async fn reconcile_finish(
         &self,
         lease: &Lease,
@@ -934,6 +945,7 @@ impl Store {
         invocation
             .key(self.keys.pending())
             .key(self.keys.reconciling())
+            .key(self.keys.recounts())
             .arg(self.keys.journal(""))
             .arg(self.keys.reconciled(""))
             .arg(grace.as_millis() as u64)

@@ -1,6 +1,7 @@
 -- Starts reconciling users: from now until the fence deadline, their events are journaled, and
--- each gets an empty draft of its reconciled picture and a zero tally, which
--- `reconcile_truth.lua` fills a chunk at a time.
+-- each gets an empty draft of its reconciled picture and a zero tally (with the time the fence
+-- began, which `reconcile_finish.lua` compares events with), which `reconcile_truth.lua` fills a
+-- chunk at a time.
 -- (lease.lua and transition.lua are prepended: KEYS[1] the lease, ARGV[1] the holder's token.)
 --
 -- KEYS[2] the users being reconciled (member = user id, score = fence deadline in ms)
@@ -23,7 +24,7 @@ for i = 6, #ARGV do
   -- whenever it holds, and expire by themselves after a reconcile that died.
   redis.call('SADD', ARGV[4] .. user, '')
   redis.call('PEXPIRE', ARGV[4] .. user, 2 * fence)
-  redis.call('HSET', ARGV[5] .. user, 'unread', 0, 'corrected', 0)
+  redis.call('HSET', ARGV[5] .. user, 'unread', 0, 'corrected', 0, 'began', now)
   redis.call('PEXPIRE', ARGV[5] .. user, 2 * fence)
   redis.call('ZADD', KEYS[2], deadline, user)
 end

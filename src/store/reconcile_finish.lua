@@ -3,16 +3,27 @@
 -- journal names), sets the pending delta so that stored + pending is that true count, holds
 -- it as the user's real-time count, makes the draft the user's reconciled picture and lifts the
 -- fence. Its work is bounded by the journals, not by the users' notifications.
+--
+-- Two kinds of journaled events are not what the replay assumes (newer than the table's read):
+-- - an event for a notification the table did not hold, which Redis knew before the fence (the
+--   state before its first journaled event was not unseen): the notification was deleted before
+--   the read (a late retry of its creation, or any late event). It is not counted, and its state
+--   becomes deleted, so no event of it counts again once the reconciled picture has expired;
+-- - an event for a notification the table held, which occurred before the fence began (by the
+--   sender's clock against Redis's; a clock ahead of Redis's hides as much, an event with no time
+--   is not judged): it committed before the read, perhaps under a later change the read saw (a
+--   bulk update, raw SQL), which its replay then undid. Its user is queued for another recount,
+--   which reads the table after the event's commit.
 -- (lease.lua and transition.lua are prepended: KEYS[1] the lease, ARGV[1] the holder's token.)
 --
--- KEYS[2] pending, KEYS[3] the users being reconciled
+-- KEYS[2] pending, KEYS[3] the users being reconciled, KEYS[4] the users waiting for a recount
 -- ARGV[2] the prefix of journal keys, ARGV[3] the prefix of reconciled-set keys,
 -- ARGV[4] how long the reconciled set is kept (ms)
 -- ARGV[5] the pub/sub channel told which users' counts changed (comma-separated ids)
 -- ARGV[6] the prefix of draft keys, ARGV[7] the prefix of tally keys
 -- ARGV[8..] per user: user id, stored count, count bucket key, field in it
 -- Returns per user {user id, 'repaired', stored + pending before the reconcile's corrections,
--- true count}, or
+-- true count, 1 if queued for another recount else 0}, or
 -- {user id, 'unfinished'} when the fence expired (the reconcile took too long; states and counts
 -- still agree, as every chunk left them; try that user again).
 local now = now_ms()
@@ -25,17 +36,35 @@ for i = 8, #ARGV, 4 do
   if not deadline or tonumber(deadline) <= now or redis.call('EXISTS', tally) == 0 then
     results[#results + 1] = {user, 'unfinished'}
   else
-    local unread, corrected = unpack(redis.call('HMGET', tally, 'unread', 'corrected'))
+    local unread, corrected, began = unpack(redis.call('HMGET', tally, 'unread', 'corrected', 'began'))
     local actual = tonumber(unread)
-    -- Notifications the journal names that the table did not hold: created after it was read,
-    -- so their state in Redis is already the journal's result. They join the picture.
+    began = tonumber(began) or now
+    local again = 0
+    -- slot -> true for the notifications the table held (already in the draft), false for those
+    -- it did not; decided at each slot's first journaled event.
+    local held = {}
     local journal_key = ARGV[2] .. user
     for _, entry in ipairs(redis.call('LRANGE', journal_key, 0, -1)) do
-      local _, key, pos = string.match(entry, '^(%S+) (%S+) (%S+)$')
+      -- Entries journaled before this format had no state and no time: "" for both.
+      local _, key, pos, old, occurred = string.match(entry, '^(%S+) (%S+) (%S+) ?(%d*) ?(%d*)$')
       local slot = key .. ' ' .. string.sub(pos, 2)
-      if redis.call('SADD', draft, slot) == 1
-        and redis.call('BITFIELD', key, 'GET', 'u2', pos)[1] == UNREAD then
-        actual = actual + 1
+      if held[slot] == nil then
+        held[slot] = redis.call('SISMEMBER', draft, slot) == 1
+        if not held[slot] and (old == '' or tonumber(old) == UNSEEN) then
+          -- Created after the table was read: its state in Redis is already the journal's
+          -- result, and it joins the picture.
+          redis.call('SADD', draft, slot)
+          if redis.call('BITFIELD', key, 'GET', 'u2', pos)[1] == UNREAD then
+            actual = actual + 1
+          end
+        elseif not held[slot] then
+          redis.call('BITFIELD', key, 'SET', 'u2', pos, DELETED)
+        end
+      end
+      local at = tonumber(occurred) or 0
+      if held[slot] and again == 0 and at > 0 and at < began then
+        redis.call('SADD', KEYS[4], user)
+        again = 1
       end
     end
     local reconciled_key = ARGV[3] .. user
@@ -53,7 +82,7 @@ for i = 8, #ARGV, 4 do
     if actual ~= before + tonumber(corrected) then moved[#moved + 1] = user end
     redis.call('UNLINK', journal_key, tally)
     redis.call('ZREM', KEYS[3], user)
-    results[#results + 1] = {user, 'repaired', before, actual}
+    results[#results + 1] = {user, 'repaired', before, actual, again}
   end
 end
 if #moved > 0 then

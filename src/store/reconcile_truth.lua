@@ -35,7 +35,7 @@ local function journaled(user)
   if journals[user] == nil then
     local ops = {}
     for _, entry in ipairs(redis.call('LRANGE', ARGV[2] .. user, 0, -1)) do
-      local op, key, pos = string.match(entry, '^(%S+) (%S+) (%S+)$')
+      local op, key, pos = string.match(entry, '^(%S+) (%S+) (%S+)')
       local slot = key .. ' ' .. string.sub(pos, 2)
       if ops[slot] == nil then ops[slot] = {} end
       table.insert(ops[slot], op)
