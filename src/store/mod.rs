@@ -851,7 +851,11 @@ impl redis::FromRedisValue for UserRepair {
                     actual: redis::from_redis_value(next()?)?,
                 };
                 let queued_again: i64 = redis::from_redis_value(next()?)?;
-                Ok(if queued_again == 1 { UserRepair::RepairedRecountQueued(drift) } else { UserRepair::Repaired(drift) })
+                Ok(if queued_again == 1 {
+                    UserRepair::RepairedRecountQueued(drift)
+                } else {
+                    UserRepair::Repaired(drift)
+                })
             }
             "unfinished" => Ok(UserRepair::Unfinished),
             other => Err(format!("an unknown reconcile result {other:?}").into()),
