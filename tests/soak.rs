@@ -1,7 +1,10 @@
 //! The soak test: steady load from several "Django workers" for a bounded time while faults hit
 //! the service in turn (the sidecar SIGKILLed, SIGKILLed in the middle of a flush, its Redis
 //! killed and restarted empty, its database connection cut), then a final flush and a count of
-//! the users whose stored count differs from the Notification table. It must print 0.
+//! the users whose stored count differs from the Notification table. It must print 0. A second
+//! test runs the same load while Redis goes back in time (restarted from a snapshot taken at a
+//! random moment), loses everything (`FLUSHALL`) and restarts with AOF on; a third runs two
+//! sidecar processes under random SIGKILL and SIGSTOP.
 //!
 //! `COUNTERSINK_SOAK_SECS` sets the load time (default 30; docs/testing.md has a longer run's
 //! result), `COUNTERSINK_SOAK_SEED` replays a run's load:
@@ -32,26 +35,69 @@ const OPERATIONS_PER_REQUEST: usize = 40;
 /// Time between faults.
 const FAULT_EVERY: Duration = Duration::from_secs(3);
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Fault {
     KillSidecar,
     KillSidecarDuringFlush,
+    /// Redis killed and started again empty (no persistence).
     LoseRedis,
     CutDatabase,
+    /// Redis killed and started again from a snapshot (`SAVE`) taken at a random moment since the
+    /// last fault: it has lost the writes since, and comes back with an older state.
+    RestartFromSnapshot,
+    /// `FLUSHALL`: every key gone, the server still the same.
+    FlushAll,
+    /// The append-only file turned on (`appendfsync always`), then Redis killed and started again
+    /// from it: nothing lost, but a new server all the same.
+    RestartWithAof,
 }
 
 const FAULTS: [Fault; 4] = [Fault::KillSidecar, Fault::LoseRedis, Fault::KillSidecarDuringFlush, Fault::CutDatabase];
 
+/// The faults of the Redis soak (issue #14): two restarts from a snapshot for each `FLUSHALL` and
+/// each restart with AOF on.
+const REDIS_FAULTS: [Fault; 4] =
+    [Fault::RestartFromSnapshot, Fault::FlushAll, Fault::RestartFromSnapshot, Fault::RestartWithAof];
+
+fn soak_secs() -> u64 {
+    std::env::var("COUNTERSINK_SOAK_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(30)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn steady_load_with_periodic_faults_ends_with_zero_wrong_users() {
-    let secs: u64 = std::env::var("COUNTERSINK_SOAK_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(30);
+    let secs = soak_secs();
+    println!("soak: {secs} s of load");
+    let faults = soak(&FAULTS, |elapsed, _| elapsed >= Duration::from_secs(secs)).await;
+    assert!(faults.len() as u64 >= secs / FAULT_EVERY.as_secs() / 2, "too few faults were injected");
+}
+
+/// Issue #14's target: 0 wrong users, stored and read, after restarts of Redis from a snapshot
+/// taken at a random point of the load (each one a rollback the sidecar must notice and rebuild
+/// from), `FLUSHALL`s and restarts with AOF on. `COUNTERSINK_SOAK_SNAPSHOT_ROUNDS` sets the
+/// restarts from a snapshot (default 4; docs/testing.md has the 25-round run).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn redis_restarts_from_snapshots_flushall_and_aof_end_with_zero_wrong_users() {
+    let rounds: usize =
+        std::env::var("COUNTERSINK_SOAK_SNAPSHOT_ROUNDS").ok().and_then(|s| s.parse().ok()).unwrap_or(4);
+    println!("soak (Redis): {rounds} restarts from a snapshot");
+    let faults =
+        soak(&REDIS_FAULTS, |_, faults| faults.iter().filter(|f| **f == Fault::RestartFromSnapshot).count() >= rounds)
+            .await;
+    assert!(faults.contains(&Fault::FlushAll) && faults.contains(&Fault::RestartWithAof), "{faults:?}");
+}
+
+/// Runs the load with `faults` in turn, one every [`FAULT_EVERY`], until `enough` (given the time
+/// since the load began and the faults so far) says so; then checks that no user is wrong, and
+/// returns the faults injected.
+async fn soak(fault_cycle: &[Fault], enough: impl Fn(Duration, &[Fault]) -> bool) -> Vec<Fault> {
     let seed: u64 =
         std::env::var("COUNTERSINK_SOAK_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(rand::random);
-    println!("soak: {secs} s of load, seed {seed} (COUNTERSINK_SOAK_SEED replays it)");
+    println!("soak: seed {seed} (COUNTERSINK_SOAK_SEED replays it)");
 
     let env = Arc::new(TestEnv::postgres_with_source().await);
     let redis_port = free_port();
-    let mut redis = OwnRedis::start(redis_port);
+    let snapshots = tempfile::tempdir().unwrap();
+    let mut redis = OwnRedis::start_with_snapshots(redis_port, snapshots.path());
     let proxy_address: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let mut proxy = Proxy::start(proxy_address, "127.0.0.1:5432").await;
     let options = SidecarOptions {
@@ -110,9 +156,16 @@ async fn steady_load_with_periodic_faults_ends_with_zero_wrong_users() {
 
     let started = Instant::now();
     let mut faults = Vec::new();
-    while started.elapsed() < Duration::from_secs(secs) {
-        tokio::time::sleep(FAULT_EVERY).await;
-        let fault = FAULTS[faults.len() % FAULTS.len()];
+    while !enough(started.elapsed(), &faults) {
+        let fault = fault_cycle[faults.len() % fault_cycle.len()];
+        if fault == Fault::RestartFromSnapshot {
+            let at = FAULT_EVERY.mul_f64(rand::random_range(0.0..1.0));
+            tokio::time::sleep(at).await;
+            redis.save();
+            tokio::time::sleep(FAULT_EVERY - at).await;
+        } else {
+            tokio::time::sleep(FAULT_EVERY).await;
+        }
         match fault {
             Fault::KillSidecar => {
                 sidecar.kill();
@@ -131,6 +184,15 @@ async fn steady_load_with_periodic_faults_ends_with_zero_wrong_users() {
                 redis.kill();
                 tokio::time::sleep(Duration::from_millis(500)).await;
                 redis = OwnRedis::start(redis_port);
+            }
+            Fault::RestartFromSnapshot => redis.restart_from_snapshot(),
+            Fault::FlushAll => redis::cmd("FLUSHALL")
+                .exec(&mut redis::Client::open(redis.url()).unwrap().get_connection().unwrap())
+                .unwrap(),
+            Fault::RestartWithAof => {
+                redis.enable_aof();
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                redis.restart();
             }
             Fault::CutDatabase => {
                 proxy.cut();
@@ -160,7 +222,8 @@ async fn steady_load_with_periodic_faults_ends_with_zero_wrong_users() {
     let read: HashMap<u64, i64> = sidecar.read_counts(&users).await.into_iter().collect();
     let read_wrong = wrong_users(&users, &read, &truth);
     println!(
-        "soak: {secs} s, {} events from {WORKERS} workers, {} faults, final flush {report}",
+        "soak: {:.0} s, {} events from {WORKERS} workers, {} faults, final flush {report}",
+        started.elapsed().as_secs_f64(),
         events_sent.load(Ordering::Relaxed),
         faults.len()
     );
@@ -174,7 +237,7 @@ async fn steady_load_with_periodic_faults_ends_with_zero_wrong_users() {
     );
     assert_no_wrong_users(seed, &wrong, &read_wrong, &worlds);
     assert!(reads_answered > 0, "no read was answered during the load");
-    assert!(faults.len() as u64 >= secs / FAULT_EVERY.as_secs() / 2, "too few faults were injected");
+    faults
 }
 
 /// Waits until no recount is queued or claimed (60 s at most).

@@ -222,7 +222,7 @@ impl TestEnv {
 
     /// A Redis connection for inspecting or breaking this test's keys.
     pub fn redis(&self) -> redis::Connection {
-        redis::Client::open(redis_url()).unwrap().get_connection().unwrap()
+        redis::Client::open(self.core.redis_url.as_str()).unwrap().get_connection().unwrap()
     }
 
     /// Every key this test holds in Redis, sorted.
@@ -275,7 +275,7 @@ pub fn core_config(prefix: &str, database_url: &str) -> CoreConfig {
 
 impl Drop for TestEnv {
     fn drop(&mut self) {
-        if let Ok(mut redis) = redis::Client::open(redis_url()).and_then(|c| c.get_connection()) {
+        if let Ok(mut redis) = redis::Client::open(self.core.redis_url.as_str()).and_then(|c| c.get_connection()) {
             let keys = scan_keys(&mut redis, &self.key("*"));
             if !keys.is_empty() {
                 let _: Result<(), _> = redis::cmd("DEL").arg(keys).query(&mut redis);
@@ -349,29 +349,36 @@ pub struct OwnRedis {
     child: std::process::Child,
     /// Where it keeps its snapshot (`dump.rdb`), for [`OwnRedis::restart`].
     dir: Option<std::path::PathBuf>,
+    /// Whether it logs every write to an append-only file (and restarts from it).
+    aof: bool,
 }
 
 impl OwnRedis {
     /// Starts one on `port` (pick it with [`free_port`]).
     pub fn start(port: u16) -> OwnRedis {
-        Self::spawn(port, None)
+        Self::spawn(port, None, false)
     }
 
     /// Starts one on `port` that keeps its snapshot in `dir` (written by [`OwnRedis::save`] only)
     /// and loads it again when it restarts.
     pub fn start_with_snapshots(port: u16, dir: &std::path::Path) -> OwnRedis {
-        Self::spawn(port, Some(dir.to_path_buf()))
+        Self::spawn(port, Some(dir.to_path_buf()), false)
     }
 
-    fn spawn(port: u16, dir: Option<std::path::PathBuf>) -> OwnRedis {
+    fn spawn(port: u16, dir: Option<std::path::PathBuf>, aof: bool) -> OwnRedis {
         let mut command = std::process::Command::new("redis-server");
-        command.args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]);
+        command.args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", ""]);
+        if aof {
+            command.args(["--appendonly", "yes", "--appendfsync", "always"]);
+        } else {
+            command.args(["--appendonly", "no"]);
+        }
         if let Some(dir) = &dir {
             command.arg("--dir").arg(dir).args(["--dbfilename", "dump.rdb"]);
         }
         let child =
             command.stdout(std::process::Stdio::null()).spawn().expect("redis-server must be on PATH for these tests");
-        let redis = OwnRedis { port, child, dir };
+        let redis = OwnRedis { port, child, dir, aof };
         let client = redis::Client::open(redis.url()).unwrap();
         for _ in 0..250 {
             if let Ok(mut conn) = client.get_connection() {
@@ -391,10 +398,38 @@ impl OwnRedis {
         redis::cmd("SAVE").exec(&mut conn).unwrap();
     }
 
-    /// Kills it (nothing saved) and starts it again on the same port, from its last snapshot.
+    /// Kills it (nothing saved) and starts it again on the same port, from its last snapshot (or,
+    /// after [`OwnRedis::enable_aof`], from its append-only file: nothing lost).
     pub fn restart(&mut self) {
         self.kill();
-        *self = Self::spawn(self.port, self.dir.clone());
+        *self = Self::spawn(self.port, self.dir.clone(), self.aof);
+    }
+
+    /// Kills it and starts it again from its last snapshot (`SAVE`), its append-only file, if
+    /// any, left unread and off.
+    pub fn restart_from_snapshot(&mut self) {
+        self.aof = false;
+        self.restart();
+    }
+
+    /// Turns on the append-only file with a sync after every write (`appendfsync always`), once
+    /// it holds everything (its first rewrite done); a later [`OwnRedis::restart`] reads it.
+    pub fn enable_aof(&mut self) {
+        let mut conn = redis::Client::open(self.url()).unwrap().get_connection().unwrap();
+        redis::cmd("CONFIG").arg(&["SET", "appendfsync", "always"][..]).exec(&mut conn).unwrap();
+        redis::cmd("CONFIG").arg(&["SET", "appendonly", "yes"][..]).exec(&mut conn).unwrap();
+        for _ in 0..500 {
+            let info: String = redis::cmd("INFO").arg("persistence").query(&mut conn).unwrap();
+            let rewritten = info.contains("aof_enabled:1")
+                && info.contains("aof_rewrite_in_progress:0")
+                && info.contains("aof_rewrite_scheduled:0");
+            if rewritten {
+                self.aof = true;
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("redis-server on port {} did not finish its first append-only rewrite", self.port);
     }
 
     /// Its URL.
