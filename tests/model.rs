@@ -395,10 +395,7 @@ async fn recover_from_restart(state: &AppState) {
 /// the next reconcile.
 async fn deliver_delayed(env: &TestEnv, state: &AppState, model: &mut Model, late: bool) {
     if late {
-        let pictures: Vec<String> = env.redis_keys().into_iter().filter(|k| k.contains(":reconciled:")).collect();
-        if !pictures.is_empty() {
-            redis::cmd("DEL").arg(pictures).exec(&mut env.redis()).unwrap();
-        }
+        env.expire_reconciled_pictures();
     }
     for (event, reconciled) in std::mem::take(&mut model.delayed) {
         model.send(state, event.clone()).await;

@@ -745,6 +745,16 @@ async fn lease_of(state: &AppState) -> countersink::store::Lease {
     lease
 }
 
+/// User 7's notification 1, created unread (its event delivered), then deleted from the table by
+/// raw SQL (no event, or one still on the way).
+async fn unread_then_deleted_by_raw_sql() -> (TestEnv, AppState) {
+    let env = TestEnv::sqlite_with_source().await;
+    let state = env.state();
+    create(&env, &state, 1, 7, true, false).await;
+    env.sql("DELETE FROM notifications_notification WHERE id = 1").await;
+    (env, state)
+}
+
 /// Issue #14's fifth reproduction: a notification deleted by raw SQL (no event), then a reconcile
 /// during whose fence a late retry of its creation arrives. The retry is stale in Redis (the
 /// notification was known), but the repair took every journaled notification the table did not
@@ -752,10 +762,7 @@ async fn lease_of(state: &AppState) -> countersink::store::Lease {
 /// drift. Now a notification Redis knew before the fence is taken for gone, for good.
 #[tokio::test]
 async fn a_late_creation_retry_during_a_reconcile_of_a_notification_deleted_by_raw_sql_is_not_counted() {
-    let env = TestEnv::sqlite_with_source().await;
-    let state = env.state();
-    create(&env, &state, 1, 7, true, false).await;
-    env.sql("DELETE FROM notifications_notification WHERE id = 1").await;
+    let (env, state) = unread_then_deleted_by_raw_sql().await;
     let lease = lease_of(&state).await;
     state.store.reconcile_begin(&lease, &[7], Duration::from_secs(60)).await.unwrap();
     let retry = state.store.apply(&[Event::save(1, 7, true, true)]).await.unwrap();
@@ -768,9 +775,7 @@ async fn a_late_creation_retry_during_a_reconcile_of_a_notification_deleted_by_r
     state.store.release_lease(lease).await.unwrap();
     // Its state is deleted: neither its delete, late too, nor a save counts it once the
     // reconciled picture has expired.
-    for key in env.redis_keys().into_iter().filter(|k| k.contains(":reconciled:")) {
-        let _: () = redis::Commands::del(&mut env.redis(), key).unwrap();
-    }
+    env.expire_reconciled_pictures();
     let late = state.store.apply(&[Event::save(1, 7, false, false), Event::delete(1, 7)]).await.unwrap();
     assert_eq!(late.changed, 0, "{late:?}");
     state.flusher.flush(WAIT).await.unwrap();
@@ -834,16 +839,11 @@ async fn an_event_older_than_a_reconcile_that_arrives_during_it_is_recounted_aga
 /// decrement with nothing to undo now stops at zero and queues a recount.
 #[tokio::test]
 async fn a_delete_delayed_past_the_reconciled_picture_never_takes_a_count_below_zero() {
-    let env = TestEnv::sqlite_with_source().await;
-    let state = env.state();
-    create(&env, &state, 1, 7, true, false).await;
-    env.sql("DELETE FROM notifications_notification WHERE id = 1").await;
+    let (env, state) = unread_then_deleted_by_raw_sql().await;
     let report = state.reconciler.reconcile_users(&[7]).await.unwrap();
     assert_eq!(report.drift, vec![UserDrift { user_id: 7, stored: 1, actual: 0 }]);
     // Two minutes later: the reconciled picture has expired.
-    for key in env.redis_keys().into_iter().filter(|k| k.contains(":reconciled:")) {
-        let _: () = redis::Commands::del(&mut env.redis(), key).unwrap();
-    }
+    env.expire_reconciled_pictures();
     state.store.apply(&[Event::delete(1, 7)]).await.unwrap();
     assert_eq!(unread_counts(&state.store, &state.db, &[7]).await.unwrap()[0].unread_count, 0);
     state.flusher.flush(WAIT).await.unwrap();

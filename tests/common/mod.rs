@@ -225,6 +225,15 @@ impl TestEnv {
         redis::Client::open(self.core.redis_url.as_str()).unwrap().get_connection().unwrap()
     }
 
+    /// Lets the reconciled pictures of this test's reconciles expire now, as two minutes after
+    /// the reconcile would (`{P}:reconciled:{user}`).
+    pub fn expire_reconciled_pictures(&self) {
+        let pictures: Vec<String> = self.redis_keys().into_iter().filter(|k| k.contains(":reconciled:")).collect();
+        if !pictures.is_empty() {
+            redis::cmd("DEL").arg(pictures).exec(&mut self.redis()).unwrap();
+        }
+    }
+
     /// Every key this test holds in Redis, sorted.
     pub fn redis_keys(&self) -> Vec<String> {
         scan_keys(&mut self.redis(), &self.key("*"))
