@@ -132,8 +132,9 @@ local count_at = {}
 -- A decrement that would take a held count below zero undoes nothing Redis counted: the last
 -- reconcile took its notification for gone, and its event came after the reconciled set expired.
 -- The state changes, the count stays at zero and, with the table to ask, the user is recounted.
--- (A count not held cannot get there: a reconcile holds the counts of the users it repairs, and
--- only it leaves an unread state uncounted.) Judged event by event, on the count as this request
+-- (A count not held cannot get there that way: a reconcile holds the counts of the users it
+-- repairs, and only it leaves an unread state uncounted. A recipient change, which events do not
+-- tell, can; docs/design.md, *Never below zero*.) Judged event by event, on the count as this request
 -- has moved it so far, so that a request ends as its events would one by one.
 local held = {}
 local function below_zero(user, delta)

@@ -134,6 +134,12 @@ impl Keys {
         format!("{}:recounts", self.tag)
     }
 
+    /// Set while a user's recount queued by a reconcile itself is recent (`reconcile_finish.lua`
+    /// queues at most one per user in that time).
+    pub fn recounted_again(&self, user: &str) -> String {
+        format!("{}:recounted_again:{user}", self.tag)
+    }
+
     /// Workers' claims on users they are recounting: member = `"<claim id>:<user id>"`, score =
     /// the claim's deadline (ms, Redis time), renewed while the worker works.
     pub fn recount_claims(&self) -> String {

@@ -16,6 +16,11 @@ use crate::events::{Event, EventKind};
 pub use keys::{Keys, SHARD_BITS};
 pub use lease::{Acquired, Lease, LeaseHolder, LeaseRenewal};
 
+/// How often at most a reconcile queues another recount of the same user (an event older than its
+/// fence may have undone a change the table read saw; see `reconcile_finish.lua`): a sender whose
+/// clock runs behind Redis's would otherwise have a busy user recounted back to back.
+pub const RECOUNT_AGAIN_AT_MOST_EVERY: Duration = Duration::from_secs(600);
+
 /// The 2-bit states of a notification, as `transition.lua` defines them (0 is unseen).
 pub mod state {
     /// Seen, read.
@@ -937,8 +942,9 @@ impl Store {
     ///
     /// For `grace` afterwards, an event for a notification Redis knew but the table did not hold
     /// (deleted before the read, its event still on the way) counts nothing; one journaled during
-    /// the fence is deleted in Redis for good. A user whose journal holds an event that occurred
-    /// before the fence began is queued for another recount.
+    /// the fence is not counted either. A user whose journal holds an event that changed a state
+    /// and occurred before the fence began is queued for another recount, at most once per
+    /// [`RECOUNT_AGAIN_AT_MOST_EVERY`].
     pub async fn reconcile_finish(
         &self,
         lease: &Lease,
@@ -955,7 +961,9 @@ impl Store {
             .arg(grace.as_millis() as u64)
             .arg(self.keys.live_channel())
             .arg(self.keys.reconcile_draft(""))
-            .arg(self.keys.reconcile_tally(""));
+            .arg(self.keys.reconcile_tally(""))
+            .arg(self.keys.recounted_again(""))
+            .arg(RECOUNT_AGAIN_AT_MOST_EVERY.as_millis() as u64);
         for (user, stored) in stored {
             let (bucket, field) = Keys::count_slot(*user);
             invocation.arg(*user).arg(*stored).arg(self.keys.counts(bucket)).arg(field);
