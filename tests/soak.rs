@@ -67,7 +67,7 @@ fn soak_secs() -> u64 {
 async fn steady_load_with_periodic_faults_ends_with_zero_wrong_users() {
     let secs = soak_secs();
     println!("soak: {secs} s of load");
-    let faults = soak(&FAULTS, |elapsed, _| elapsed >= Duration::from_secs(secs)).await;
+    let faults = soak(&FAULTS, false, |elapsed, _| elapsed >= Duration::from_secs(secs)).await;
     assert!(faults.len() as u64 >= secs / FAULT_EVERY.as_secs() / 2, "too few faults were injected");
 }
 
@@ -80,16 +80,23 @@ async fn redis_restarts_from_snapshots_flushall_and_aof_end_with_zero_wrong_user
     let rounds: usize =
         std::env::var("COUNTERSINK_SOAK_SNAPSHOT_ROUNDS").ok().and_then(|s| s.parse().ok()).unwrap_or(4);
     println!("soak (Redis): {rounds} restarts from a snapshot");
-    let faults =
-        soak(&REDIS_FAULTS, |_, faults| faults.iter().filter(|f| **f == Fault::RestartFromSnapshot).count() >= rounds)
-            .await;
+    let faults = soak(&REDIS_FAULTS, true, |_, faults| {
+        faults.iter().filter(|f| **f == Fault::RestartFromSnapshot).count() >= rounds
+    })
+    .await;
     assert!(faults.contains(&Fault::FlushAll) && faults.contains(&Fault::RestartWithAof), "{faults:?}");
 }
 
 /// Runs the load with `faults` in turn, one every [`FAULT_EVERY`], until `enough` (given the time
 /// since the load began and the faults so far) says so; then checks that no user is wrong, and
-/// returns the faults injected.
-async fn soak(fault_cycle: &[Fault], enough: impl Fn(Duration, &[Fault]) -> bool) -> Vec<Fault> {
+/// returns the faults injected. With `check_each_fault`, the load also pauses after each fault
+/// (the workers finish the request they are sending) until the sidecar has recovered, and no user
+/// may be wrong then either: a later fault's rebuild would otherwise hide an earlier one's damage.
+async fn soak(
+    fault_cycle: &[Fault],
+    check_each_fault: bool,
+    enough: impl Fn(Duration, &[Fault]) -> bool,
+) -> Vec<Fault> {
     let seed: u64 =
         std::env::var("COUNTERSINK_SOAK_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(rand::random);
     println!("soak: seed {seed} (COUNTERSINK_SOAK_SEED replays it)");
@@ -114,15 +121,20 @@ async fn soak(fault_cycle: &[Fault], enough: impl Fn(Duration, &[Fault]) -> bool
     // The workers: each writes the table and sends what its signals would, retrying on 503
     // and on no answer as the Django package does, until told to stop.
     let stop = Arc::new(AtomicBool::new(false));
+    // Each worker holds it for reading while it writes and sends; a check after a fault takes it
+    // for writing, so the load pauses between requests.
+    let gate = Arc::new(tokio::sync::RwLock::new(()));
     let events_sent = Arc::new(AtomicU64::new(0));
     let mut workers = Vec::new();
     for worker in 0..WORKERS {
         let (env, stop, events_sent, base) = (env.clone(), stop.clone(), events_sent.clone(), base.clone());
+        let gate = gate.clone();
         workers.push(tokio::spawn(async move {
             let site = env.state();
             let client = reqwest::Client::new();
             let mut world = World::new(seed.wrapping_add(worker), USERS, 1 + worker * 1_000_000_000);
             while !stop.load(Ordering::Relaxed) {
+                let _turn = gate.read().await;
                 let events = world.write(&site.db, OPERATIONS_PER_REQUEST).await;
                 assert!(
                     post_until_accepted(&client, &base, &events, Duration::from_secs(120)).await,
@@ -202,6 +214,12 @@ async fn soak(fault_cycle: &[Fault], enough: impl Fn(Duration, &[Fault]) -> bool
         }
         println!("soak: {:>5.1} s  {fault:?}", started.elapsed().as_secs_f64());
         faults.push(fault);
+        if check_each_fault {
+            let _paused = gate.write().await;
+            let (stored, read) = wrong_now(&env, &redis, &sidecar).await;
+            println!("soak:          after it: wrong users {} stored, {} read", stored.len(), read.len());
+            assert_no_wrong_users(seed, &stored, &read, &[]);
+        }
     }
     stop.store(true, Ordering::Relaxed);
     let mut worlds = Vec::new();
@@ -210,19 +228,11 @@ async fn soak(fault_cycle: &[Fault], enough: impl Fn(Duration, &[Fault]) -> bool
     }
     let reads_answered = reader.await.unwrap();
 
-    // Events the last rebuild could not judge wait for a recount, which the sidecar runs by itself.
-    let mut redis_conn = redis::Client::open(redis.url()).unwrap().get_connection().unwrap();
-    wait_for_queued_recounts(&env, &mut redis_conn, &sidecar).await;
-    // Everything sent was accepted; one flush (after any lease a killed flusher left expires).
-    let report = final_flush(&sidecar).await;
+    let (wrong, read_wrong) = wrong_now(&env, &redis, &sidecar).await;
     let truth = env.true_counts().await;
-    let stored = env.stored_counts().await;
     let users: Vec<u64> = (1..=USERS).collect();
-    let wrong = wrong_users(&users, &stored, &truth);
-    let read: HashMap<u64, i64> = sidecar.read_counts(&users).await.into_iter().collect();
-    let read_wrong = wrong_users(&users, &read, &truth);
     println!(
-        "soak: {:.0} s, {} events from {WORKERS} workers, {} faults, final flush {report}",
+        "soak: {:.0} s, {} events from {WORKERS} workers, {} faults",
         started.elapsed().as_secs_f64(),
         events_sent.load(Ordering::Relaxed),
         faults.len()
@@ -238,6 +248,21 @@ async fn soak(fault_cycle: &[Fault], enough: impl Fn(Duration, &[Fault]) -> bool
     assert_no_wrong_users(seed, &wrong, &read_wrong, &worlds);
     assert!(reads_answered > 0, "no read was answered during the load");
     faults
+}
+
+/// With nothing being sent: waits for the queued recounts (events a rebuild could not judge wait
+/// for one, which the sidecar runs by itself) and a successful flush (after any lease a killed
+/// flusher left expires), then gives the users whose stored count and whose read differ from the
+/// Notification table, as `(user, counted, true)`.
+async fn wrong_now(env: &TestEnv, redis: &OwnRedis, sidecar: &Sidecar) -> (Vec<(u64, i64, i64)>, Vec<(u64, i64, i64)>) {
+    let mut redis_conn = redis::Client::open(redis.url()).unwrap().get_connection().unwrap();
+    wait_for_queued_recounts(env, &mut redis_conn, sidecar).await;
+    final_flush(sidecar).await;
+    let truth = env.true_counts().await;
+    let stored = env.stored_counts().await;
+    let users: Vec<u64> = (1..=USERS).collect();
+    let read: HashMap<u64, i64> = sidecar.read_counts(&users).await.into_iter().collect();
+    (wrong_users(&users, &stored, &truth), wrong_users(&users, &read, &truth))
 }
 
 /// Waits until no recount is queued or claimed (60 s at most).
