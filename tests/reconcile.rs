@@ -181,9 +181,12 @@ async fn events_inside_and_after_a_reconcile_window_count_exactly_once() {
     assert_eq!(drift, vec![(7, UserRepair::Repaired(UserDrift { user_id: 7, stored: 2, actual: 1 }))]);
     assert_eq!(unread_counts(&state.store, &state.db, &[7]).await.unwrap()[0].unread_count, 1);
 
-    // The hard delete's event arrives after the repair: the table already left it out.
-    let late = store.apply(&[Event::delete(3, 7)]).await.unwrap();
-    assert_eq!(late.changed, 0);
+    // The hard delete's event arrives after the repair: the table already left it out. It comes
+    // with another user's event in the same shard, so the script asks about both users'
+    // reconciled sets at once (one EXISTS) and reads the shard once.
+    let late = store.apply(&[Event::delete(3, 7), Event::save(5, 8, true, true)]).await.unwrap();
+    assert_eq!((late.changed, late.after_delete), (1, 1), "{late:?}");
+    assert_eq!(unread_counts(&state.store, &state.db, &[7, 8]).await.unwrap()[1].unread_count, 1);
     // A notification created after the read still counts, and so does its delete.
     store.apply(&[Event::save(4, 7, true, true)]).await.unwrap();
     assert_eq!(unread_counts(&state.store, &state.db, &[7]).await.unwrap()[0].unread_count, 2);

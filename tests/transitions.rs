@@ -230,10 +230,12 @@ fn add(total: &mut countersink::store::ApplyOutcome, one: countersink::store::Ap
 proptest! {
     #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
 
-    /// Invariant: the apply script reads a request's states once and runs its transitions on a
-    /// local copy; a request whose events touch the same notifications several times, across
-    /// shards, has exactly the outcomes and counts of the same events applied one request each.
-    /// One user's count is held in Redis beforehand, so the held-count update is checked too.
+    /// Invariant: the apply script reads the states of a shard that several of a request's events
+    /// touch once, runs the transitions on a local copy and writes it back once (a shard one event
+    /// touches is read and written directly); a request whose events touch the same notifications
+    /// several times, across shards, has exactly the outcomes, counts and states of the same events
+    /// applied one request each. One user's count is held in Redis beforehand, so the held-count
+    /// update is checked too.
     #[test]
     fn a_request_touching_a_notification_many_times_equals_its_events_one_by_one(
         before in proptest::collection::vec(any_event(), 0..12),
@@ -241,8 +243,8 @@ proptest! {
     ) {
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         runtime.block_on(async {
-            let (batched, single) = (TestEnv::sqlite().await, TestEnv::sqlite().await);
-            let (batched, single) = (batched.state(), single.state());
+            let (batched_env, single_env) = (TestEnv::sqlite().await, TestEnv::sqlite().await);
+            let (batched, single) = (batched_env.state(), single_env.state());
             for state in [&batched, &single] {
                 apply(state, &before).await;
                 // Holds user 0's count in Redis (a first read installs it).
@@ -262,6 +264,15 @@ proptest! {
                 async move { store.pending_users().await.unwrap() }
             };
             prop_assert_eq!(pending(&batched).await, pending(&single).await);
+            // The states written back: what later events would find.
+            let states = |env: &TestEnv| {
+                let mut redis = env.redis();
+                [0u64, 1, 40].map(|shard| {
+                    let key = env.state().store.keys().state(shard);
+                    redis::cmd("GET").arg(key).query::<Option<Vec<u8>>>(&mut redis).unwrap()
+                })
+            };
+            prop_assert_eq!(states(&batched_env), states(&single_env));
             Ok(())
         })?;
     }

@@ -2,6 +2,13 @@
 -- ZINCRBY of the pending delta and, if the user's real-time count is held, one HINCRBY of it.
 -- (transition.lua, instance.lua and move_counts.lua are prepended.)
 --
+-- A state shard that one event touches is read and written by that event (one BITFIELD GET, and
+-- one SET if the state changes): the usual single-event request pays nothing more. A shard that
+-- several events touch is read with one BITFIELD of GETs before the first of them, the events
+-- run on that copy in order, and the states that changed are written with one BITFIELD of SETs
+-- after the last. A request with several users asks with one EXISTS whether any of them has a
+-- reconciled set before asking per user.
+--
 -- KEYS[1]   the pending sorted set (member = user id, score = pending delta)
 -- KEYS[2]   the idempotency key of this request (its webhook-id)
 -- KEYS[3]   the users being reconciled (member = user id, score = fence deadline in ms)
@@ -34,7 +41,17 @@
 -- Returns {-3} when the idempotency key was seen with another body: nothing is applied.
 -- Returns {-4} when this Redis server does not vouch for the state (it restarted, from a snapshot
 -- or empty, since the state was vouched for): nothing is applied until it is rebuilt or resynced.
+-- Locals, not globals: each global read is a lookup in the globals table, and ARGV is read
+-- several times per event.
+local KEYS, ARGV = KEYS, ARGV
 local ttl = tonumber(ARGV[1])
+local FIRST_EVENT, EVENT_ARGS = 9, 7
+local events = (#ARGV - FIRST_EVENT + 1) / EVENT_ARGS
+-- Arguments per command built here: unpack() must fit them on Lua's C stack (8,000 slots); a
+-- multiple of both a GET's 3 and a SET's 4.
+local MAX_ARGS = 3000
+-- States as text: Redis formats a Lua number argument with printf, which costs more than a lookup.
+local STATE_TEXT = {[UNSEEN] = '0', [READ] = '1', [UNREAD] = '2', [DELETED] = '3'}
 
 if ARGV[4] == '1' and redis.call('EXISTS', KEYS[4]) == 0 then
   return {-1}
@@ -68,6 +85,83 @@ if ttl > 0 then
   end
 end
 
+-- Runs `command` with `head` and then `args`, at most MAX_ARGS of them per call; calls
+-- `each(reply, offset)` with the offset in `args` of each call's first argument.
+local function call_chunked(command, head, args, each)
+  for s = 1, #args, MAX_ARGS do
+    local part = {}
+    for j = 1, #head do part[j] = head[j] end
+    for j = s, math.min(s + MAX_ARGS - 1, #args) do part[#part + 1] = args[j] end
+    local reply = redis.call(command, unpack(part))
+    if each then each(reply, s) end
+  end
+end
+
+-- The shards several events touch, by key index (as sent): the states read (`was`), the states
+-- as the events leave them (`now`), by index in shard (as sent); `list` the indices read.
+local copies, copied = {}, {}
+-- The request's users, each once, when it has several events.
+local request_users = {}
+if events > 1 then
+  local per_shard, seen = {}, {}
+  for i = FIRST_EVENT, #ARGV, EVENT_ARGS do
+    local key_index, user = ARGV[i + 1], ARGV[i + 3]
+    per_shard[key_index] = (per_shard[key_index] or 0) + 1
+    if not seen[user] then
+      seen[user] = true
+      request_users[#request_users + 1] = user
+    end
+  end
+  for i = FIRST_EVENT, #ARGV, EVENT_ARGS do
+    local key_index, index = ARGV[i + 1], ARGV[i + 2]
+    if per_shard[key_index] > 1 then
+      local copy = copies[key_index]
+      if copy == nil then
+        copy = {was = {}, now = {}, list = {}}
+        copies[key_index] = copy
+        copied[#copied + 1] = key_index
+      end
+      if copy.was[index] == nil then
+        copy.was[index] = false
+        copy.list[#copy.list + 1] = index
+      end
+    end
+  end
+  for _, key_index in ipairs(copied) do
+    local copy = copies[key_index]
+    local gets = {}
+    for _, index in ipairs(copy.list) do
+      gets[#gets + 1] = 'GET'
+      gets[#gets + 1] = 'u2'
+      gets[#gets + 1] = '#' .. index
+    end
+    call_chunked('BITFIELD', {KEYS[tonumber(key_index)]}, gets, function(states, offset)
+      local first = (offset - 1) / 3
+      for j, state in ipairs(states) do
+        local index = copy.list[first + j]
+        copy.was[index] = state
+        copy.now[index] = state
+      end
+    end)
+  end
+end
+
+-- A notification's state: from the shard's copy, or read now.
+local function state_of(key, key_index, index)
+  local copy = copies[key_index]
+  if copy then return copy.now[index] end
+  return redis.call('BITFIELD', key, 'GET', 'u2', '#' .. index)[1]
+end
+-- Sets a notification's state: in the shard's copy (written after the last event), or now.
+local function set_state(key, key_index, index, state)
+  local copy = copies[key_index]
+  if copy then
+    copy.now[index] = state
+  else
+    redis.call('BITFIELD', key, 'SET', 'u2', '#' .. index, STATE_TEXT[state])
+  end
+end
+
 -- While a user is reconciled, their events are also journaled, so the reconcile can replay
 -- what arrived between its read of the Notification table and its write.
 local fenced = {}
@@ -89,11 +183,25 @@ end
 -- For a short while after a reconcile, a user's reconciled set names every notification the
 -- Notification table held for them. An event for a notification that Redis knew but the table
 -- no longer held (deleted before the read, its event still in flight) must not count again.
+-- Nearly always no user of the request has such a set: with several users, one EXISTS over all
+-- their sets says so (this script adds to a set only if it exists, so the answer holds to its end).
 local reconciled = {}
-local function held_by_table(user, key, pos, old)
+local any_reconciled = nil
+local function held_by_table(user, key, index, old)
+  if any_reconciled == nil then
+    any_reconciled = true
+    if #request_users > 1 then
+      local sets = {}
+      for _, u in ipairs(request_users) do sets[#sets + 1] = ARGV[3] .. u end
+      local found = 0
+      call_chunked('EXISTS', {}, sets, function(n) found = found + n end)
+      any_reconciled = found > 0
+    end
+  end
+  if not any_reconciled then return true end
   if reconciled[user] == nil then reconciled[user] = redis.call('EXISTS', ARGV[3] .. user) == 1 end
   if not reconciled[user] then return true end
-  local slot = key .. ' ' .. string.sub(pos, 2)
+  local slot = key .. ' ' .. index
   if redis.call('SISMEMBER', ARGV[3] .. user, slot) == 1 then return true end
   if old == UNSEEN then
     -- Created after the read: from now on it belongs to the reconciled picture.
@@ -118,9 +226,12 @@ if ARGV[4] == '1' then
     rebuilt_shard, rebuilt_index, rebuilt_at = tonumber(shard), tonumber(index), tonumber(at)
   end
 end
-local function should_have_been_rebuilt(key, index, occurred_ms)
+local function should_have_been_rebuilt(key, index, occurred)
+  -- No rebuild recorded: nothing is suspect (and the usual request parses nothing here).
+  if rebuilt_at < 0 then return false end
+  local at, occurred_ms = tonumber(index), tonumber(occurred)
   local shard = tonumber(string.match(key, ':(%d+)$'))
-  return shard < rebuilt_shard or (shard == rebuilt_shard and index <= rebuilt_index)
+  return shard < rebuilt_shard or (shard == rebuilt_shard and at <= rebuilt_index)
     or (occurred_ms > 0 and occurred_ms < rebuilt_at)
 end
 
@@ -146,22 +257,31 @@ local function below_zero(user, delta)
   if ARGV[4] == '1' then redis.call('SADD', KEYS[6], user) end
   return true
 end
-for i = 9, #ARGV, 7 do
-  local op, key, pos, user = ARGV[i], KEYS[tonumber(ARGV[i + 1])], '#' .. ARGV[i + 2], ARGV[i + 3]
-  count_at[user] = {KEYS[tonumber(ARGV[i + 5])], ARGV[i + 6]}
-  local old = redis.call('BITFIELD', key, 'GET', 'u2', pos)[1]
-  -- "op key #pos old occurred": the state before the event tells the reconcile whether Redis knew
-  -- the notification before its fence, and when it occurred whether it may be older than the read.
-  journal(user, op .. ' ' .. key .. ' ' .. pos .. ' ' .. old .. ' ' .. ARGV[i + 4])
+-- Each state shard's key by its index as sent (tonumber is a strtod: once per shard, not per event).
+local key_of = {}
+for i = FIRST_EVENT, #ARGV, EVENT_ARGS do
+  local op, key_index, index, user = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
+  local key = key_of[key_index]
+  if key == nil then
+    key = KEYS[tonumber(key_index)]
+    key_of[key_index] = key
+  end
+  -- A user's count bucket and field follow from the user id: the same in each of their events.
+  if count_at[user] == nil then count_at[user] = {KEYS[tonumber(ARGV[i + 5])], ARGV[i + 6]} end
+  local old = state_of(key, key_index, index)
+  -- "op key #index old occurred": the state before the event tells the reconcile whether Redis
+  -- knew the notification before its fence, and when it occurred whether it may be older than
+  -- the table's read.
+  if fencing then journal(user, op .. ' ' .. key .. ' #' .. index .. ' ' .. old .. ' ' .. ARGV[i + 4]) end
   local new, why = transition(old, op)
   if not why and old == UNSEEN and new ~= DELETED
-    and should_have_been_rebuilt(key, tonumber(ARGV[i + 2]), tonumber(ARGV[i + 4])) then
+    and should_have_been_rebuilt(key, index, ARGV[i + 4]) then
     redis.call('SADD', KEYS[6], user)
     why = 'stale'
   end
-  if not why and not held_by_table(user, key, pos, old) then
+  if not why and not held_by_table(user, key, index, old) then
     -- The reconcile counted it as gone: record that, and count nothing.
-    redis.call('BITFIELD', key, 'SET', 'u2', pos, DELETED)
+    set_state(key, key_index, index, DELETED)
     why = 'after_delete'
   end
   if why == 'after_delete' and op ~= 'D' and ARGV[4] == '1' then
@@ -173,10 +293,10 @@ for i = 9, #ARGV, 7 do
   if why then
     outcomes[why] = outcomes[why] + 1
   else
-    redis.call('BITFIELD', key, 'SET', 'u2', pos, new)
+    set_state(key, key_index, index, new)
     local delta = (new == UNREAD and 1 or 0) - (old == UNREAD and 1 or 0)
     -- A reconcile already wrote this notification's truth: its tally of the unread follows the state.
-    if delta ~= 0 and fenced[user] and redis.call('SISMEMBER', ARGV[7] .. user, key .. ' ' .. ARGV[i + 2]) == 1 then
+    if delta ~= 0 and fenced[user] and redis.call('SISMEMBER', ARGV[7] .. user, key .. ' ' .. index) == 1 then
       redis.call('HINCRBY', ARGV[8] .. user, 'unread', delta)
     end
     if below_zero(user, delta) then delta = 0 end
@@ -191,6 +311,21 @@ for i = 9, #ARGV, 7 do
       deltas[user] = deltas[user] + delta
     end
   end
+end
+
+-- The copied shards' states that the events changed, one BITFIELD of SETs per shard.
+for _, key_index in ipairs(copied) do
+  local copy = copies[key_index]
+  local sets = {}
+  for _, index in ipairs(copy.list) do
+    if copy.now[index] ~= copy.was[index] then
+      sets[#sets + 1] = 'SET'
+      sets[#sets + 1] = 'u2'
+      sets[#sets + 1] = '#' .. index
+      sets[#sets + 1] = STATE_TEXT[copy.now[index]]
+    end
+  end
+  if #sets > 0 then call_chunked('BITFIELD', {KEYS[tonumber(key_index)]}, sets, nil) end
 end
 
 move_counts(KEYS[1], users, deltas, count_at, ARGV[5])

@@ -10,8 +10,14 @@ local function move_counts(pending, users, deltas, count_at, channel)
     local delta = deltas[user]
     if delta ~= 0 then
       moved[#moved + 1] = user
-      -- A user whose pending delta returns to zero leaves the set: nothing to flush.
-      if tonumber(redis.call('ZINCRBY', pending, delta, user)) == 0 then
+      -- Deltas go as text: Redis formats a Lua number argument with printf (%.17g), which costs
+      -- more than the command; the usual ones are looked up.
+      delta = (delta == 1 and '1') or (delta == -1 and '-1') or tostring(delta)
+      -- A user whose pending delta returns to zero leaves the set: nothing to flush. (Redis sends
+      -- an integral score as its digits, so zero is '0', or '-0' for a negative zero; comparing the
+      -- text spares a strtod per user.)
+      local score = redis.call('ZINCRBY', pending, delta, user)
+      if score == '0' or score == '-0' then
         redis.call('ZREM', pending, user)
       end
       -- A count not held yet is loaded by its first read (install_counts.lua), which adds the
