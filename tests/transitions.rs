@@ -206,6 +206,25 @@ proptest! {
     }
 }
 
+/// A request with more states in one shard than one `BITFIELD` of the script takes (1,000 GETs,
+/// 750 SETs): every state is read and written, in several calls.
+#[tokio::test]
+async fn a_request_with_thousands_of_events_in_one_shard_reads_and_writes_every_state() {
+    let env = TestEnv::sqlite().await;
+    let state = env.state();
+    let (user_a, user_b) = (30, 31);
+    let creates: Vec<Event> =
+        (1..=2_500u64).map(|n| Event::save(n, if n % 2 == 0 { user_a } else { user_b }, true, true)).collect();
+    assert_eq!(apply(&state, &creates).await.changed, 2_500);
+    assert_eq!((count(&state, user_a).await, count(&state, user_b).await), (1_250, 1_250));
+    // Every state written above is read back: each mark-as-read changes a count.
+    let reads: Vec<Event> =
+        (1..=2_500u64).map(|n| Event::save(n, if n % 2 == 0 { user_a } else { user_b }, false, false)).collect();
+    assert_eq!(apply(&state, &reads).await.changed, 2_500);
+    assert_eq!((count(&state, user_a).await, count(&state, user_b).await), (0, 0));
+    assert_eq!(apply(&state, &reads).await.duplicate, 2_500);
+}
+
 fn any_event() -> impl Strategy<Value = Event> {
     // Three notifications in each of three shards (shard = id >> 16), two of them far apart, and
     // three users: a request revisits the same notification and the same shard often.
