@@ -3,8 +3,8 @@
 //! requests marking the same notification read at once, a lost signal) interleaved with flushes
 //! (some racing an event), reconciles, hard deletes whose events arrive much later (after the
 //! reconciled picture of a reconcile since has expired), the loss of Redis (rebuilt from the
-//! table) and Redis restarted from a snapshot taken at an earlier step (noticed, and rebuilt), run
-//! against
+//! table), Redis restarted from a snapshot taken at an earlier step (noticed, and rebuilt) and
+//! Redis full (an event refused whole, then retried), run against
 //! the real Redis and database, and compared after every step with a reference model: the
 //! Notification table itself. Queued recounts run before each comparison, as `serve`'s worker
 //! runs them within a second.
@@ -93,6 +93,13 @@ enum Op {
     DeliverDelayed {
         late: bool,
     },
+    /// Redis is full (`maxmemory` reached; it evicts nothing, `noeviction`): the event of a mark
+    /// is refused whole, and the sender's retry (the same `webhook-id`) arrives once memory is
+    /// freed.
+    MarkWhileRedisFull {
+        n: u64,
+        unread: bool,
+    },
     /// Redis writes a snapshot (`SAVE`).
     Snapshot,
     /// Redis dies and starts again from its last snapshot (taken at an earlier step, in an earlier
@@ -117,6 +124,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => Just(Op::LoseRedis),
         1 => n.prop_map(|n| Op::DelayedHardDelete { n }),
         1 => any::<bool>().prop_map(|late| Op::DeliverDelayed { late }),
+        1 => (0..NOTIFICATIONS, any::<bool>()).prop_map(|(n, unread)| Op::MarkWhileRedisFull { n, unread }),
         1 => Just(Op::Snapshot),
         1 => Just(Op::RestartFromSnapshot),
     ]
@@ -304,6 +312,32 @@ async fn run_case(
             }
             Op::DeliverDelayed { late } => {
                 deliver_delayed(env, state, &mut model, late).await;
+            }
+            Op::MarkWhileRedisFull { n, unread } => {
+                let Some(row) = model.live(n) else { continue };
+                let id = ids.notification(n);
+                sql(state, format!("UPDATE notifications_notification SET unread = {unread} WHERE id = {id}")).await;
+                model.rows.insert(n, Row { unread, ..row });
+                let event = stamped(Event::save(id, row.user, unread, false));
+                let webhook_id = format!("msg_{:032x}", rand::random::<u128>());
+                let mut conn = env.redis();
+                let info: String = redis::cmd("INFO").arg("memory").query(&mut conn).unwrap();
+                let used = info.lines().find_map(|l| l.strip_prefix("used_memory:")).unwrap().trim().to_string();
+                redis::cmd("CONFIG").arg("SET").arg("maxmemory").arg(&used).exec(&mut conn).unwrap();
+                let full = state
+                    .store
+                    .apply_once(
+                        std::slice::from_ref(&event),
+                        Some(Idempotency::new(&webhook_id, webhook_id.as_bytes(), IDEMPOTENCY_TTL)),
+                    )
+                    .await;
+                redis::cmd("CONFIG").arg("SET").arg("maxmemory").arg("0").exec(&mut conn).unwrap();
+                match full {
+                    Err(e) if e.is_unavailable() => {}
+                    other => return Err(format!("step {step}: a full Redis answered {other:?}, not a refusal to retry")),
+                }
+                deliver(state, &webhook_id, &event).await;
+                model.last_delivery = Some((webhook_id, event));
             }
             Op::Snapshot => redis.lock().unwrap().save(),
             Op::RestartFromSnapshot => {

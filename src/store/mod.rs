@@ -109,7 +109,15 @@ impl StoreError {
                             | ServerErrorKind::ClusterDown
                     )
                 );
-                passing || e.is_io_error() || e.is_timeout() || e.is_connection_refusal() || e.is_connection_dropped()
+                // A full Redis (`maxmemory` under `noeviction`) refuses a script at its first write,
+                // before it changed anything: the request can be sent again once memory is freed.
+                let full = e.code() == Some("OOM");
+                passing
+                    || full
+                    || e.is_io_error()
+                    || e.is_timeout()
+                    || e.is_connection_refusal()
+                    || e.is_connection_dropped()
             }
             StoreError::StateMissing | StoreError::CountsReloading | StoreError::RedisRestarted => true,
             StoreError::LeaseLost(_) | StoreError::IdempotencyKeyReused | StoreError::Unexpected(_) => false,
