@@ -334,7 +334,9 @@ async fn run_case(
                 redis::cmd("CONFIG").arg("SET").arg("maxmemory").arg("0").exec(&mut conn).unwrap();
                 match full {
                     Err(e) if e.is_unavailable() => {}
-                    other => return Err(format!("step {step}: a full Redis answered {other:?}, not a refusal to retry")),
+                    other => {
+                        return Err(format!("step {step}: a full Redis answered {other:?}, not a refusal to retry"))
+                    }
                 }
                 deliver(state, &webhook_id, &event).await;
                 model.last_delivery = Some((webhook_id, event));
