@@ -52,6 +52,8 @@ if [ "$(cat "$root/.countersink-stamp" 2>/dev/null)" != "$stamp" ]; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq debootstrap >/dev/null
   }
   started=$SECONDS
+  # A debootstrap that was killed leaves the root's /proc (and what else it mounted) mounted.
+  awk -v root="$root/" 'index($2, root) == 1 { print $2 }' /proc/mounts | sort -r | xargs -r umount -l
   rm -rf "$root"
   mkdir -p "$(dirname "$root")"
   debootstrap --variant=minbase --include="$packages" "$suite" "$root" "$(mirror)" >"$root.log" 2>&1 \
