@@ -328,7 +328,8 @@ for _, key_index in ipairs(copied) do
   if #sets > 0 then call_chunked('BITFIELD', {KEYS[tonumber(key_index)]}, sets, nil) end
 end
 
-move_counts(KEYS[1], users, deltas, count_at, ARGV[5])
+-- A decrement's user had its held count read already (below_zero).
+move_counts(KEYS[1], users, deltas, count_at, ARGV[5], held)
 
 local result = {changed, recorded, outcomes.duplicate, outcomes.stale, outcomes.after_delete}
 if ttl > 0 then

@@ -3,8 +3,9 @@
 -- user's real-time count is held, one HINCRBY of it; then one message to live streams.
 --
 -- pending: the pending sorted set's key; users: user ids in order; deltas[user]: the delta;
--- count_at[user]: {count bucket key, field in it}; channel: the live channel.
-local function move_counts(pending, users, deltas, count_at, channel)
+-- count_at[user]: {count bucket key, field in it}; channel: the live channel; known_held: nil, or
+-- per user the held count the caller read in this script (false: not held), so it is not asked again.
+local function move_counts(pending, users, deltas, count_at, channel, known_held)
   local moved = {}
   for _, user in ipairs(users) do
     local delta = deltas[user]
@@ -23,7 +24,9 @@ local function move_counts(pending, users, deltas, count_at, channel)
       -- A count not held yet is loaded by its first read (install_counts.lua), which adds the
       -- pending delta as it is then: changing nothing here is what keeps that load exact.
       local bucket, field = count_at[user][1], count_at[user][2]
-      if redis.call('HEXISTS', bucket, field) == 1 then
+      local held = known_held and known_held[user]
+      if held == nil then held = redis.call('HEXISTS', bucket, field) == 1 end
+      if held then
         redis.call('HINCRBY', bucket, field, delta)
       end
     end
