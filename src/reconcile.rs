@@ -398,10 +398,10 @@ impl Reconciler {
         report.users_checked += users.len() as u64;
         for (user_id, repair) in repaired {
             match repair {
-                UserRepair::Repaired(drift) if drift.stored != drift.actual => report.drift.push(drift),
-                UserRepair::Repaired(_) => {}
-                UserRepair::RepairedRecountQueued(drift) => {
-                    report.recount_queued.push(user_id);
+                UserRepair::Repaired(drift) | UserRepair::RepairedRecountQueued(drift) => {
+                    if matches!(repair, UserRepair::RepairedRecountQueued(_)) {
+                        report.recount_queued.push(user_id);
+                    }
                     if drift.stored != drift.actual {
                         report.drift.push(drift);
                     }
