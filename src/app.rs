@@ -42,6 +42,8 @@ pub struct AppState {
 pub struct Limits {
     /// Most events per request.
     pub max_batch_events: usize,
+    /// Most state shards one request may create.
+    pub max_new_state_shards: usize,
     /// Most users per bulk read.
     pub max_read_users: usize,
     /// Largest request body, in bytes.
@@ -70,6 +72,7 @@ impl From<&ServeConfig> for Limits {
     fn from(serve: &ServeConfig) -> Self {
         Limits {
             max_batch_events: serve.max_batch_events,
+            max_new_state_shards: serve.max_new_state_shards,
             max_read_users: serve.max_read_users,
             max_body_bytes: serve.max_body_bytes,
             request_timeout: Duration::from_secs(serve.request_timeout_secs),
@@ -94,10 +97,11 @@ impl Default for Limits {
     fn default() -> Self {
         Limits {
             max_batch_events: 1_000,
+            max_new_state_shards: 16,
             max_read_users: 1_000,
             max_body_bytes: 1024 * 1024,
             request_timeout: Duration::from_secs(30),
-            idempotency_ttl: Duration::from_secs(86_400),
+            idempotency_ttl: Duration::from_secs(3_600),
             max_concurrent_requests: 256,
             max_live_streams: 1_000,
             max_live_streams_per_user: 16,

@@ -136,6 +136,12 @@ pub struct ServeConfig {
     #[arg(long, env = "COUNTERSINK_MAX_BATCH_EVENTS", default_value_t = 1_000)]
     pub max_batch_events: usize,
 
+    /// Most state shards one request may create. A shard is a Redis string of up to 16 KiB that
+    /// holds 65,536 consecutive notification ids; events with ids far apart would each create one
+    /// (docs/security.md, *Redis memory*). A request over the cap is refused with 400 `too_sparse`.
+    #[arg(long, env = "COUNTERSINK_MAX_NEW_STATE_SHARDS", default_value_t = 16)]
+    pub max_new_state_shards: usize,
+
     /// Most users in one bulk read (at most 10000: the stored counts are read with one bind each).
     #[arg(long, env = "COUNTERSINK_MAX_READ_USERS", default_value_t = 1_000)]
     pub max_read_users: usize,
@@ -221,8 +227,10 @@ pub struct ServeConfig {
     pub insecure_no_auth: bool,
 
     /// Seconds a request's `webhook-id` is remembered, so a replay is answered as already applied.
-    /// Must cover the sender's retry window, and at least 600 (the signature's validity window).
-    #[arg(long, env = "COUNTERSINK_IDEMPOTENCY_TTL_SECS", default_value_t = 86_400)]
+    /// Must cover the sender's retry window (the Django package's is under 2 minutes), and at
+    /// least 600 (the signature's validity window). Each record costs about 200 bytes of Redis for
+    /// this long: at 1,000 requests/s, 0.7 GB for an hour, 17 GB for a day.
+    #[arg(long, env = "COUNTERSINK_IDEMPOTENCY_TTL_SECS", default_value_t = 3_600)]
     pub idempotency_ttl_secs: u64,
 
     /// Seconds a request may take, once its body has arrived, before it is answered 503.
@@ -318,6 +326,7 @@ impl ServeConfig {
             return Err(ConfigError::new("--max-body-bytes", "COUNTERSINK_MAX_BODY_BYTES", "must be at least 1024"));
         }
         at_least_one(self.max_batch_events, "--max-batch-events", "COUNTERSINK_MAX_BATCH_EVENTS")?;
+        at_least_one(self.max_new_state_shards, "--max-new-state-shards", "COUNTERSINK_MAX_NEW_STATE_SHARDS")?;
         if self.max_read_users == 0 || self.max_read_users > MAX_READ_USERS {
             return Err(ConfigError::new(
                 "--max-read-users",

@@ -1,7 +1,8 @@
 //! Redis memory per tracked notification and per user whose count is held, measured with
 //! Redis's own `MEMORY USAGE`.
 //!
-//! Run `cargo test --release --test memory -- --nocapture` to print the figure quoted in the README.
+//! Run `cargo test --release --test memory -- --nocapture` to print the figures quoted in the
+//! README and docs/security.md (*Redis memory*).
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -9,7 +10,8 @@ mod common;
 use common::TestEnv;
 use countersink::counts::unread_counts;
 use countersink::events::Event;
-use countersink::store::SHARD_BITS;
+use countersink::flush::WhenBusy;
+use countersink::store::{Idempotency, SHARD_BITS};
 
 const NOTIFICATIONS: u64 = 1_000_000;
 /// Users read once; the bytes per user do not depend on how many (128 per bucket key).
@@ -86,4 +88,79 @@ async fn a_held_count_of_a_sparse_user_id_costs_a_bucket_key() {
     );
     assert_eq!(keys, users.len());
     assert!(per_user <= 128.0, "{per_user} bytes per sparse user");
+}
+
+/// Redis's `used_memory`: everything, the tables of its key space and its expiry times included,
+/// which `MEMORY USAGE` leaves out.
+fn used_memory(redis: &mut redis::Connection) -> i64 {
+    let info: String = redis::cmd("INFO").arg("memory").query(redis).unwrap();
+    info.lines().find_map(|l| l.strip_prefix("used_memory:")).unwrap().trim().parse().unwrap()
+}
+
+/// What accepted events cost in Redis, by part: the state (2 bits per notification, for good),
+/// the pending set (per dirty user, until the next flush) and the idempotency records (per
+/// request, for `--idempotency-ttl-secs`), for the Django package's requests of 1, 10 and 100
+/// events. Dense ids, as a table's primary key gives them; 20,000 notifications created for
+/// 5,000 users, so 4 events per dirty user between two flushes. On a Redis of the test's own:
+/// `used_memory` would count the tests running beside it.
+///
+/// Issue #15's target is at most 64 bytes per accepted event. A request of one event misses
+/// it: its idempotency record alone costs about 200 bytes (a Redis key with an expiry costs about
+/// 100 at the least, docs/security.md).
+#[tokio::test]
+async fn accepted_events_cost_their_state_pending_deltas_and_idempotency_records() {
+    const EVENTS: u64 = 20_000;
+    const USERS: u64 = 5_000;
+    println!("events per request | state | pending per dirty user | idempotency per request | all, per event");
+    for per_request in [1u64, 10, 100] {
+        // A fresh one each time: tables the key space grew for one round would be free in the next.
+        let own = common::OwnRedis::start(common::free_port());
+        let mut redis = redis::Client::open(own.url()).unwrap().get_connection().unwrap();
+        let mut env = TestEnv::sqlite().await;
+        env.core.redis_url = own.url();
+        let state = env.state();
+        // Loads the script and writes the keys every deployment has (a notification far from
+        // the ones measured).
+        state.store.apply(&[Event::save(u64::MAX >> 2, 1, true, true)]).await.unwrap();
+        state.flusher.flush(WhenBusy::Skip).await.unwrap();
+        let before = used_memory(&mut redis);
+        let (state_before, _) = memory_of(&env, ":state:");
+        let events: Vec<Event> = (1..=EVENTS).map(|id| Event::save(id, id % USERS + 1, true, true)).collect();
+        for (n, chunk) in events.chunks(per_request as usize).enumerate() {
+            let body = format!("request {per_request}/{n}");
+            let id = format!("msg_{:032x}", u128::from(per_request) << 64 | n as u128);
+            let idempotency = Idempotency::new(&id, body.as_bytes(), std::time::Duration::from_secs(3_600));
+            state.store.apply_once(chunk, Some(idempotency)).await.unwrap();
+        }
+        let applied = used_memory(&mut redis);
+        // The state by its keys; the pending set by what the flush frees; the idempotency
+        // records are the rest (deleting them would not free the key space's tables they grew).
+        let state_bytes = memory_of(&env, ":state:").0 - state_before;
+        let records = env.redis_keys().into_iter().filter(|k| k.contains(":webhook:")).count() as u64;
+        assert_eq!(records, EVENTS / per_request);
+        state.flusher.flush(WhenBusy::Skip).await.unwrap();
+        let flushed = used_memory(&mut redis);
+
+        let per_event = (applied - before) as f64 / EVENTS as f64;
+        let per_notification = state_bytes as f64 / EVENTS as f64;
+        let per_dirty_user = (applied - flushed) as f64 / USERS as f64;
+        let per_record = ((flushed - before) as f64 - state_bytes as f64) / records as f64;
+        let record = if records >= 1_000 {
+            format!("{per_record:.0} B")
+        } else {
+            format!("({records} records: too few to tell)")
+        };
+        println!(
+            "{per_request:>18} | {per_notification:.2} B per notification | {per_dirty_user:.0} B | {record} | {per_event:.1} B"
+        );
+        assert!(per_notification <= 1.0, "{per_notification} bytes per notification");
+        assert!(per_dirty_user <= 128.0, "{per_dirty_user} bytes per dirty user");
+        // With 200 records, the rest of what a round leaves (a few KB) would blur their figure.
+        if records >= 1_000 {
+            assert!(per_record <= 256.0, "{per_record} bytes per idempotency record");
+        }
+        if per_request >= 10 {
+            assert!(per_event <= 64.0, "{per_event} bytes per event in requests of {per_request}");
+        }
+    }
 }

@@ -10,9 +10,9 @@ use tracing::debug;
 use crate::app::AppState;
 use crate::error::AppError;
 use crate::error::ErrorBody;
-use crate::events::{parse_batch, WireBatch};
+use crate::events::{parse_batch, Event, WireBatch};
 use crate::metrics;
-use crate::store::{ApplyOutcome, Idempotency, StoreError};
+use crate::store::{ApplyOutcome, Idempotency, Keys, StoreError};
 
 /// What a request's events did.
 #[derive(Debug, serde::Serialize, utoipa::ToSchema)]
@@ -44,7 +44,7 @@ pub struct EventsResponse {
     ),
     responses(
         (status = 200, description = "Applied (or a replay of a request applied before)", body = EventsResponse),
-        (status = 400, description = "The batch is invalid; nothing was applied", body = ErrorBody),
+        (status = 400, description = "The batch is invalid, or would create more state shards than `--max-new-state-shards` (`too_sparse`); nothing was applied", body = ErrorBody),
         (status = 401, description = "Missing, forged, stale or future-dated signature; nothing was applied", body = ErrorBody),
         (status = 409, description = "The webhook-id was applied before with another body; nothing was applied", body = ErrorBody),
         (status = 413, description = "The body is too large", body = ErrorBody),
@@ -69,6 +69,7 @@ pub async fn post_events(
             field: None,
         });
     }
+    refuse_too_sparse(&state, &batch.transitions).await?;
     // Recounts first: asking twice is harmless, and a replayed request finds them queued already.
     state.reconciler.queue_recounts(&batch.recounts).await?;
     metrics::recounts_queued(batch.recounts.len());
@@ -105,4 +106,34 @@ pub async fn post_events(
         replayed: applied.replayed,
         recounts_queued: batch.recounts.len() as u64,
     }))
+}
+
+/// Refuses a request whose events would create more than `--max-new-state-shards` state shards.
+///
+/// A shard is a Redis string of up to 16 KiB for 65,536 consecutive notification ids: dense ids
+/// cost 2 bits each, but ids far apart cost a shard each, 291 times the request's size in Redis.
+/// A request may create at most the cap, so every shard's 16 KiB was paid for by a request that
+/// created few. Redis is asked only when the events touch more shards than the cap, which dense
+/// ids never do.
+async fn refuse_too_sparse(state: &AppState, events: &[Event]) -> Result<(), AppError> {
+    let cap = state.limits.max_new_state_shards;
+    let mut shards: Vec<u64> = events.iter().map(|e| Keys::state_slot(e.notification_id).0).collect();
+    shards.sort_unstable();
+    shards.dedup();
+    if shards.len() <= cap {
+        return Ok(());
+    }
+    let new = state.store.missing_state_shards(&shards).await?;
+    if new <= cap {
+        return Ok(());
+    }
+    Err(AppError::BadRequest {
+        code: "too_sparse",
+        field: Some("events".into()),
+        message: format!(
+            "the events would create {new} state shards in Redis (one per 65,536 notification ids, up to 16 KiB \
+             each); a request may create at most {cap} (--max-new-state-shards, COUNTERSINK_MAX_NEW_STATE_SHARDS): \
+             nothing was applied. Send notifications whose ids are far apart in separate requests"
+        ),
+    })
 }

@@ -435,6 +435,20 @@ impl Store {
         }
     }
 
+    /// How many of the state shards `shards` do not exist yet (an event in one would create it).
+    pub async fn missing_state_shards(&self, shards: &[u64]) -> Result<usize, StoreError> {
+        if shards.is_empty() {
+            return Ok(0);
+        }
+        let mut exists = redis::cmd("EXISTS");
+        for shard in shards {
+            exists.arg(self.keys.state(*shard));
+        }
+        let mut conn = self.conn.clone();
+        let existing: usize = exists.query_async(&mut conn).await?;
+        Ok(shards.len().saturating_sub(existing))
+    }
+
     /// The users' deltas in batches not yet dropped, with the hand-off sequence and the ready
     /// marker, atomically: what loading their counts needs besides the database.
     pub async fn batches_snapshot(&self, user_ids: &[u64]) -> Result<BatchesSnapshot, StoreError> {
