@@ -296,3 +296,82 @@ proptest! {
         })?;
     }
 }
+
+/// One request of the group-commit property: its events and its `webhook-id` (of a few, so ids
+/// repeat), and which of two bodies it claims (the same id with the other body is a reuse).
+#[derive(Debug, Clone)]
+struct Sent {
+    events: Vec<Event>,
+    webhook_id: Option<u8>,
+    body: u8,
+}
+
+fn sent() -> impl Strategy<Value = Sent> {
+    let event = (0u64..8, 0u8..3).prop_map(|(notification, kind)| match kind {
+        0 => Event::save(notification, notification % 3, true, true),
+        1 => Event::save(notification, notification % 3, false, false),
+        _ => Event::delete(notification, notification % 3),
+    });
+    (prop::collection::vec(event, 0..4), prop::option::of(0u8..4), 0u8..2).prop_map(|(events, webhook_id, body)| Sent {
+        events,
+        webhook_id,
+        body,
+    })
+}
+
+/// A request's answer as comparable text: its outcome, or its refusal.
+fn answer(applied: Result<countersink::store::Applied, countersink::store::StoreError>) -> String {
+    match applied {
+        Ok(applied) => format!("{applied:?}"),
+        Err(e) => format!("refused: {e}"),
+    }
+}
+
+fn idempotency(sent: &Sent) -> Option<countersink::store::Idempotency> {
+    // The body is the events' and the claimed body's: another body under one id is a reuse.
+    let body = format!("{:?}/{}", sent.events, sent.body);
+    let ttl = std::time::Duration::from_secs(600);
+    sent.webhook_id.map(|id| countersink::store::Idempotency::new(&format!("msg_{id}"), body.as_bytes(), ttl))
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+    /// A group commit changes nothing but the number of script calls: requests applied together
+    /// by `apply_many`, in groups of any size, get the answers they get applied one by one
+    /// (outcomes, replays of ids seen earlier in the same call or before it, refusals of an id
+    /// reused with another body), and leave every user's count the same.
+    #[test]
+    fn a_group_commit_answers_and_counts_as_the_requests_one_by_one(
+        requests in prop::collection::vec(sent(), 1..12),
+        cuts in prop::collection::vec(1usize..5, 1..12),
+    ) {
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        runtime.block_on(async {
+            let (alone, grouped) = (TestEnv::sqlite().await, TestEnv::sqlite().await);
+            let (alone, grouped) = (alone.state(), grouped.state());
+            let mut one_by_one = Vec::new();
+            for request in &requests {
+                one_by_one.push(answer(alone.store.apply_once(&request.events, idempotency(request)).await));
+            }
+            let mut together = Vec::new();
+            let mut rest = &requests[..];
+            for cut in cuts.iter().cycle() {
+                if rest.is_empty() {
+                    break;
+                }
+                let (group, after) = rest.split_at((*cut).min(rest.len()));
+                let group: Vec<countersink::store::Request> = group
+                    .iter()
+                    .map(|r| countersink::store::Request { events: &r.events, idempotency: idempotency(r) })
+                    .collect();
+                together.extend(grouped.store.apply_many(&group).await.unwrap().into_iter().map(answer));
+                rest = after;
+            }
+            assert_eq!(together, one_by_one);
+            for user in 0..3 {
+                assert_eq!(count(&grouped, user).await, count(&alone, user).await, "user {user}");
+            }
+        });
+    }
+}

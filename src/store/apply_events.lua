@@ -1,89 +1,123 @@
--- Applies a batch of events atomically: one state transition per event, then per user one
--- ZINCRBY of the pending delta and, if the user's real-time count is held, one HINCRBY of it.
+-- Applies the events of one or more requests atomically: one state transition per event, then per
+-- user one ZINCRBY of the pending delta and, if the user's real-time count is held, one HINCRBY of
+-- it. Several requests in one call are a group commit (`store::group_commit`): each keeps its own
+-- idempotency record and outcome, as if each had been its own call, in the order sent.
 -- (transition.lua, instance.lua and move_counts.lua are prepended.)
 --
 -- A state shard that one event touches is read and written by that event (one BITFIELD GET, and
 -- one SET if the state changes): the usual single-event request pays nothing more. A shard that
 -- several events touch is read with one BITFIELD of GETs before the first of them, the events
 -- run on that copy in order, and the states that changed are written with one BITFIELD of SETs
--- after the last. A request with several users asks with one EXISTS whether any of them has a
+-- after the last. A call with several users asks with one EXISTS whether any of them has a
 -- reconciled set before asking per user.
 --
 -- KEYS[1]   the pending sorted set (member = user id, score = pending delta)
--- KEYS[2]   the idempotency key of this request (its webhook-id)
--- KEYS[3]   the users being reconciled (member = user id, score = fence deadline in ms)
--- KEYS[4]   the marker a bootstrap writes when the state is complete
--- KEYS[5]   what the last bootstrap read: "shard index ms", the highest notification slot it
+-- KEYS[2]   the users being reconciled (member = user id, score = fence deadline in ms)
+-- KEYS[3]   the marker a bootstrap writes when the state is complete
+-- KEYS[4]   what the last bootstrap read: "shard index ms", the highest notification slot it
 --           read (-1 -1 for none) and when it finished (unix ms)
--- KEYS[6]   the users waiting for a recount (stale events, saves after a delete and decrements
+-- KEYS[5]   the users waiting for a recount (stale events, saves after a delete and decrements
 --           below zero add theirs)
--- KEYS[7]   the instance key: the run id of the Redis server that vouches for the state
--- KEYS[8]   the hand-off sequence
--- KEYS[9..] state shard bitmaps, 2 bits per notification, and held-count buckets (hashes:
---           field = user id within the bucket, value = the user's real-time count)
--- ARGV[1]   seconds to remember the idempotency key; 0 when the request has none
+-- KEYS[6]   the instance key: the run id of the Redis server that vouches for the state
+-- KEYS[7]   the hand-off sequence
+-- KEYS[8..] the requests' idempotency keys (their webhook-ids), state shard bitmaps (2 bits per
+--           notification) and held-count buckets (hashes: field = user id within the bucket,
+--           value = the user's real-time count)
+-- ARGV[1]   seconds to remember an idempotency key
 -- ARGV[2]   the prefix of journal keys (journal key = prefix .. user id)
 -- ARGV[3]   the prefix of reconciled-set keys (set key = prefix .. user id)
 -- ARGV[4]   1 if the state must be bootstrapped (the marker must exist), else 0
 -- ARGV[5]   the pub/sub channel told which users' counts changed (comma-separated ids)
--- ARGV[6]   a digest of the request's body (hex), remembered with its idempotency key
+-- ARGV[6]   the number of requests, R
 -- ARGV[7]   the prefix of a reconcile's draft-picture keys (key = prefix .. user id)
 -- ARGV[8]   the prefix of a reconcile's tally keys (key = prefix .. user id)
--- ARGV[9..] 7 values per event: op, state key index (into KEYS), index in shard, user id, when
---           it occurred (unix ms, 0 if the sender did not say), the user's count bucket index
---           (into KEYS) and field in it
+-- ARGV[9..] 3 values per request: its idempotency key's index (into KEYS; 0 when it has none),
+--           a digest of its body (hex, remembered with the key) and its number of events
+-- then      7 values per event, the requests' events in order: op, state key index (into KEYS),
+--           index in shard, user id, when it occurred (unix ms, 0 if the sender did not say), the
+--           user's count bucket index (into KEYS) and field in it
 --
--- Returns {changed, recorded, duplicate, stale, after_delete, replayed}: events that changed a
--- count, that changed only the state, that repeated the current state, that were stale
--- creations, that arrived after the notification was deleted; replayed is 1 when the request's
--- id was seen before, and the counts are then those of its first delivery.
+-- Returns 6 numbers per request, in order: {changed, recorded, duplicate, stale, after_delete,
+-- replayed}: events that changed a count, that changed only the state, that repeated the current
+-- state, that were stale creations, that arrived after the notification was deleted; replayed is
+-- 1 when the request's id was seen before (in an earlier call or earlier in this one), and the
+-- counts are then those of its first delivery. {-3, 0, 0, 0, 0, 0} for a request whose
+-- idempotency key was seen with another body: its events are not applied.
 -- Returns {-1} when the marker is required and missing: the state was lost, nothing is applied.
--- Returns {-3} when the idempotency key was seen with another body: nothing is applied.
 -- Returns {-4} when this Redis server does not vouch for the state (it restarted, from a snapshot
 -- or empty, since the state was vouched for): nothing is applied until it is rebuilt or resynced.
 -- Locals, not globals: each global read is a lookup in the globals table, and ARGV is read
 -- several times per event.
 local KEYS, ARGV = KEYS, ARGV
 local ttl = tonumber(ARGV[1])
-local FIRST_EVENT, EVENT_ARGS = 9, 7
-local events = (#ARGV - FIRST_EVENT + 1) / EVENT_ARGS
+local requests = tonumber(ARGV[6])
+local FIRST_REQUEST, REQUEST_ARGS, EVENT_ARGS = 9, 3, 7
+local FIRST_EVENT = FIRST_REQUEST + REQUEST_ARGS * requests
 -- Arguments per command built here: unpack() must fit them on Lua's C stack (8,000 slots); a
 -- multiple of both a GET's 3 and a SET's 4.
 local MAX_ARGS = 3000
 -- States as text: Redis formats a Lua number argument with printf, which costs more than a lookup.
 local STATE_TEXT = {[UNSEEN] = '0', [READ] = '1', [UNREAD] = '2', [DELETED] = '3'}
 
-if ARGV[4] == '1' and redis.call('EXISTS', KEYS[4]) == 0 then
+if ARGV[4] == '1' and redis.call('EXISTS', KEYS[3]) == 0 then
   return {-1}
 end
 
 local server = this_server()
-local vouched_by = redis.call('GET', KEYS[7])
+local vouched_by = redis.call('GET', KEYS[6])
 if vouched_by ~= server then
   if vouched_by == false and ARGV[4] == '0'
-    and redis.call('EXISTS', KEYS[8]) == 0 and redis.call('EXISTS', KEYS[1]) == 0 then
+    and redis.call('EXISTS', KEYS[7]) == 0 and redis.call('EXISTS', KEYS[1]) == 0 then
     -- Nothing was ever vouched for, handed off or left pending: a new deployment (or a Redis that
     -- lost everything, whose pending deltas were all lost with it). This server holds it from now.
-    redis.call('SET', KEYS[7], server)
+    redis.call('SET', KEYS[6], server)
   else
     return {-4}
   end
 end
 
-if ttl > 0 then
-  local first = redis.call('GET', KEYS[2])
-  if first then
-    -- "digest:outcomes"; a record written before digests were kept is the outcomes alone.
-    local digest, outcomes = string.match(first, '^(%x+):(.*)$')
-    if digest and digest ~= ARGV[6] then
-      return {-3}
+-- Each request's idempotency record. A request seen before, in an earlier call or earlier in this
+-- one, is answered as its first delivery was and its events are skipped; `live` lists the ARGV
+-- index of every event to apply, `request_of` the request of each.
+local answers, live, request_of, seen_here = {}, {}, {}, {}
+local REFUSED = {-3, 0, 0, 0, 0, 0}
+local next_event = FIRST_EVENT
+for r = 1, requests do
+  local at = FIRST_REQUEST + REQUEST_ARGS * (r - 1)
+  local key_index, digest, n = tonumber(ARGV[at]), ARGV[at + 1], tonumber(ARGV[at + 2])
+  if key_index > 0 then
+    local key = KEYS[key_index]
+    local earlier = seen_here[key]
+    if earlier then
+      -- Filled in at the end, from the earlier request's outcome.
+      answers[r] = earlier.digest == digest and earlier.r or REFUSED
+    else
+      local first = redis.call('GET', key)
+      if first then
+        -- "digest:outcomes"; a record written before digests were kept is the outcomes alone.
+        local first_digest, outcomes = string.match(first, '^(%x+):(.*)$')
+        if first_digest and first_digest ~= digest then
+          answers[r] = REFUSED
+        else
+          local counts = {}
+          for c in string.gmatch(outcomes or first, '%d+') do counts[#counts + 1] = tonumber(c) end
+          counts[#counts + 1] = 1
+          answers[r] = counts
+        end
+      else
+        seen_here[key] = {r = r, digest = digest}
+      end
     end
-    local counts = {}
-    for n in string.gmatch(outcomes or first, '%d+') do counts[#counts + 1] = tonumber(n) end
-    counts[#counts + 1] = 1
-    return counts
   end
+  if answers[r] == nil then
+    for i = next_event, next_event + (n - 1) * EVENT_ARGS, EVENT_ARGS do
+      live[#live + 1] = i
+      request_of[i] = r
+    end
+  end
+  next_event = next_event + n * EVENT_ARGS
 end
+local events = #live
 
 -- Runs `command` with `head` and then `args`, at most MAX_ARGS of them per call; calls
 -- `each(reply, offset)` with the offset in `args` of each call's first argument.
@@ -104,7 +138,7 @@ local copies, copied = {}, {}
 local request_users = {}
 if events > 1 then
   local per_shard, seen = {}, {}
-  for i = FIRST_EVENT, #ARGV, EVENT_ARGS do
+  for _, i in ipairs(live) do
     local key_index, user = ARGV[i + 1], ARGV[i + 3]
     per_shard[key_index] = (per_shard[key_index] or 0) + 1
     if not seen[user] then
@@ -112,7 +146,7 @@ if events > 1 then
       request_users[#request_users + 1] = user
     end
   end
-  for i = FIRST_EVENT, #ARGV, EVENT_ARGS do
+  for _, i in ipairs(live) do
     local key_index, index = ARGV[i + 1], ARGV[i + 2]
     if per_shard[key_index] > 1 then
       local copy = copies[key_index]
@@ -165,12 +199,12 @@ end
 -- While a user is reconciled, their events are also journaled, so the reconcile can replay
 -- what arrived between its read of the Notification table and its write.
 local fenced = {}
-local fencing = redis.call('EXISTS', KEYS[3]) == 1
+local fencing = redis.call('EXISTS', KEYS[2]) == 1
 local now = fencing and now_ms() or 0
 local function journal(user, entry)
   if not fencing then return end
   if fenced[user] == nil then
-    local deadline = redis.call('ZSCORE', KEYS[3], user)
+    local deadline = redis.call('ZSCORE', KEYS[2], user)
     fenced[user] = deadline ~= false and deadline ~= nil and tonumber(deadline) > now
   end
   if fenced[user] then
@@ -220,7 +254,7 @@ end
 -- queues a recount of its user instead.
 local rebuilt_shard, rebuilt_index, rebuilt_at = -1, -1, -1
 if ARGV[4] == '1' then
-  local rebuilt = redis.call('GET', KEYS[5])
+  local rebuilt = redis.call('GET', KEYS[4])
   if rebuilt then
     local shard, index, at = string.match(rebuilt, '^(-?%d+) (-?%d+) (%d+)$')
     rebuilt_shard, rebuilt_index, rebuilt_at = tonumber(shard), tonumber(index), tonumber(at)
@@ -235,8 +269,9 @@ local function should_have_been_rebuilt(key, index, occurred)
     or (occurred_ms > 0 and occurred_ms < rebuilt_at)
 end
 
-local outcomes = {duplicate = 0, stale = 0, after_delete = 0}
-local changed, recorded = 0, 0
+-- Each request's outcome.
+local tallies = {}
+for r = 1, requests do tallies[r] = {changed = 0, recorded = 0, duplicate = 0, stale = 0, after_delete = 0} end
 local deltas, users = {}, {}
 
 local count_at = {}
@@ -254,12 +289,13 @@ local function below_zero(user, delta)
     held[user] = tonumber(redis.call('HGET', count_at[user][1], count_at[user][2])) or false
   end
   if held[user] == false or held[user] + (deltas[user] or 0) + delta >= 0 then return false end
-  if ARGV[4] == '1' then redis.call('SADD', KEYS[6], user) end
+  if ARGV[4] == '1' then redis.call('SADD', KEYS[5], user) end
   return true
 end
 -- Each state shard's key by its index as sent (tonumber is a strtod: once per shard, not per event).
 local key_of = {}
-for i = FIRST_EVENT, #ARGV, EVENT_ARGS do
+for _, i in ipairs(live) do
+  local tally = tallies[request_of[i]]
   local op, key_index, index, user = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
   local key = key_of[key_index]
   if key == nil then
@@ -276,7 +312,7 @@ for i = FIRST_EVENT, #ARGV, EVENT_ARGS do
   local new, why = transition(old, op)
   if not why and old == UNSEEN and new ~= DELETED
     and should_have_been_rebuilt(key, index, ARGV[i + 4]) then
-    redis.call('SADD', KEYS[6], user)
+    redis.call('SADD', KEYS[5], user)
     why = 'stale'
   end
   if not why and not held_by_table(user, key, index, old) then
@@ -288,10 +324,10 @@ for i = FIRST_EVENT, #ARGV, EVENT_ARGS do
     -- A save of a notification counted as gone: a late save that lost a race with its delete,
     -- an un-soft-delete, or a save that re-inserted a row deleted under it (Django's save() of a
     -- loaded instance). Only the table can tell which, so its user is recounted.
-    redis.call('SADD', KEYS[6], user)
+    redis.call('SADD', KEYS[5], user)
   end
   if why then
-    outcomes[why] = outcomes[why] + 1
+    tally[why] = tally[why] + 1
   else
     set_state(key, key_index, index, new)
     local delta = (new == UNREAD and 1 or 0) - (old == UNREAD and 1 or 0)
@@ -301,9 +337,9 @@ for i = FIRST_EVENT, #ARGV, EVENT_ARGS do
     end
     if below_zero(user, delta) then delta = 0 end
     if delta == 0 then
-      recorded = recorded + 1
+      tally.recorded = tally.recorded + 1
     else
-      changed = changed + 1
+      tally.changed = tally.changed + 1
       if deltas[user] == nil then
         deltas[user] = 0
         users[#users + 1] = user
@@ -331,9 +367,22 @@ end
 -- A decrement's user had its held count read already (below_zero).
 move_counts(KEYS[1], users, deltas, count_at, ARGV[5], held)
 
-local result = {changed, recorded, outcomes.duplicate, outcomes.stale, outcomes.after_delete}
-if ttl > 0 then
-  redis.call('SET', KEYS[2], ARGV[6] .. ':' .. table.concat(result, ' '), 'EX', ttl)
+local reply = {}
+for r = 1, requests do
+  local answer = answers[r]
+  if type(answer) == 'number' then
+    -- The same request twice in this call: the second is a replay of the first.
+    local first = tallies[answer]
+    answer = {first.changed, first.recorded, first.duplicate, first.stale, first.after_delete, 1}
+  elseif answer == nil then
+    local t = tallies[r]
+    answer = {t.changed, t.recorded, t.duplicate, t.stale, t.after_delete}
+    local at = FIRST_REQUEST + REQUEST_ARGS * (r - 1)
+    if ARGV[at] ~= '0' then
+      redis.call('SET', KEYS[tonumber(ARGV[at])], ARGV[at + 1] .. ':' .. table.concat(answer, ' '), 'EX', ttl)
+    end
+    answer[6] = 0
+  end
+  for _, n in ipairs(answer) do reply[#reply + 1] = n end
 end
-result[#result + 1] = 0
-return result
+return reply

@@ -152,9 +152,9 @@ impl ApplyOutcome {
 /// What makes a request idempotent: its `webhook-id`, a digest of its body (a reuse of the id
 /// with another body is refused), and how long both are remembered.
 #[derive(Debug, Clone)]
-pub struct Idempotency<'a> {
+pub struct Idempotency {
     /// The `webhook-id`.
-    pub key: &'a str,
+    pub key: String,
     /// The first 8 bytes of the body's SHA-256, in hex: enough to tell two bodies apart (the
     /// sender signs both), 16 bytes of Redis per request.
     pub body_digest: String,
@@ -162,14 +162,23 @@ pub struct Idempotency<'a> {
     pub ttl: Duration,
 }
 
-impl<'a> Idempotency<'a> {
+impl Idempotency {
     /// The idempotency of a request with id `key` and `body`, remembered for `ttl`.
-    pub fn new(key: &'a str, body: &[u8], ttl: Duration) -> Self {
+    pub fn new(key: &str, body: &[u8], ttl: Duration) -> Self {
         use sha2::Digest;
         let hash = sha2::Sha256::digest(body);
         let body_digest = hash[..8].iter().map(|b| format!("{b:02x}")).collect();
-        Idempotency { key, body_digest, ttl }
+        Idempotency { key: key.to_string(), body_digest, ttl }
     }
+}
+
+/// One request's events and what makes it idempotent, for [`Store::apply_many`].
+#[derive(Debug, Clone)]
+pub struct Request<'a> {
+    /// The request's events, in order.
+    pub events: &'a [Event],
+    /// Its `webhook-id`, if it has one.
+    pub idempotency: Option<Idempotency>,
 }
 
 /// The result of [`Store::apply_once`].
@@ -364,19 +373,25 @@ impl Store {
     /// [`StoreError::IdempotencyKeyReused`] if that delivery had another body. The check, the
     /// transitions and remembering the key are one atomic script.
     #[instrument(level = "debug", skip_all, fields(events = events.len()))]
-    pub async fn apply_once(
-        &self,
-        events: &[Event],
-        idempotency: Option<Idempotency<'_>>,
-    ) -> Result<Applied, StoreError> {
+    pub async fn apply_once(&self, events: &[Event], idempotency: Option<Idempotency>) -> Result<Applied, StoreError> {
+        let request = Request { events, idempotency };
+        match self.apply_many(std::slice::from_ref(&request)).await?.pop() {
+            Some(applied) => applied,
+            None => Err(StoreError::Unexpected("apply_events answered no request".into())),
+        }
+    }
+
+    /// Applies the events of several requests in one atomic script, in order: a group commit.
+    /// Each request keeps its own idempotency record and gets its own answer, as if it had been
+    /// applied alone by [`Store::apply_once`] just after the ones before it. The outer error is
+    /// the call's (Redis unreachable, the state missing or unvouched: nothing was applied); an
+    /// inner one is that request's ([`StoreError::IdempotencyKeyReused`]).
+    #[instrument(level = "debug", skip_all, fields(requests = requests.len()))]
+    pub async fn apply_many(&self, requests: &[Request<'_>]) -> Result<Vec<Result<Applied, StoreError>>, StoreError> {
         let mut invocation = self.scripts.apply_events.prepare_invoke();
-        let (key_id, ttl, digest) = match &idempotency {
-            Some(i) => (i.key, i.ttl, i.body_digest.as_str()),
-            None => ("", Duration::ZERO, ""),
-        };
+        let ttl = requests.iter().filter_map(|r| r.idempotency.as_ref()).map(|i| i.ttl).max().unwrap_or_default();
         invocation
             .key(self.keys.pending())
-            .key(self.keys.webhook(key_id))
             .key(self.keys.reconciling())
             .key(self.keys.ready())
             .key(self.keys.rebuilt())
@@ -388,14 +403,28 @@ impl Store {
             .arg(self.keys.reconciled(""))
             .arg(u8::from(self.requires_bootstrap))
             .arg(self.keys.live_channel())
-            .arg(digest)
+            .arg(requests.len())
             .arg(self.keys.reconcile_draft(""))
             .arg(self.keys.reconcile_tally(""));
-        // KEYS[1..8] are taken; each distinct state shard and count bucket gets the next index.
-        let mut next_key = 9;
+        // KEYS[1..7] are taken; each idempotency key, distinct state shard and count bucket gets
+        // the next index.
+        let mut next_key = 8;
+        for request in requests {
+            match &request.idempotency {
+                Some(i) => {
+                    invocation.key(self.keys.webhook(&i.key));
+                    invocation.arg(next_key).arg(&i.body_digest);
+                    next_key += 1;
+                }
+                None => {
+                    invocation.arg(0).arg("");
+                }
+            }
+            invocation.arg(request.events.len());
+        }
         let mut shard_index: HashMap<u64, usize> = HashMap::new();
         let mut bucket_index: HashMap<u64, usize> = HashMap::new();
-        for event in events {
+        for event in requests.iter().flat_map(|r| r.events) {
             let (shard, index_in_shard) = Keys::state_slot(event.notification_id);
             let state_key = *shard_index.entry(shard).or_insert_with(|| {
                 invocation.key(self.keys.state(shard));
@@ -419,20 +448,35 @@ impl Store {
                 .arg(field);
         }
         let mut conn = self.conn.clone();
-        let counts: Vec<i64> = invocation.invoke_async(&mut conn).await?;
-        let counts: Vec<u64> = match counts[..] {
+        let reply: Vec<i64> = invocation.invoke_async(&mut conn).await?;
+        match reply[..] {
             [-1] => return Err(StoreError::StateMissing),
-            [-3] => return Err(StoreError::IdempotencyKeyReused),
             [-4] => return Err(StoreError::RedisRestarted),
-            _ => counts.iter().map(|c| *c as u64).collect(),
-        };
-        match counts[..] {
-            [changed, recorded, duplicate, stale, after_delete, replayed] => Ok(Applied {
-                outcome: ApplyOutcome { changed, recorded, duplicate, stale, after_delete },
-                replayed: replayed == 1,
-            }),
-            _ => Err(StoreError::Unexpected(format!("apply_events returned {counts:?}"))),
+            _ if reply.len() != 6 * requests.len() => {
+                return Err(StoreError::Unexpected(format!("apply_events returned {reply:?}")))
+            }
+            _ => {}
         }
+        Ok(reply
+            .chunks(6)
+            .map(|answer| match *answer {
+                [-3, ..] => Err(StoreError::IdempotencyKeyReused),
+                [changed, recorded, duplicate, stale, after_delete, replayed] => {
+                    let count = |n: i64| n as u64;
+                    Ok(Applied {
+                        outcome: ApplyOutcome {
+                            changed: count(changed),
+                            recorded: count(recorded),
+                            duplicate: count(duplicate),
+                            stale: count(stale),
+                            after_delete: count(after_delete),
+                        },
+                        replayed: replayed == 1,
+                    })
+                }
+                _ => Err(StoreError::Unexpected(format!("apply_events returned {answer:?}"))),
+            })
+            .collect())
     }
 
     /// How many of the state shards `shards` do not exist yet (an event in one would create it).
