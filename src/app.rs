@@ -10,13 +10,15 @@ use crate::http::auth::Auth;
 use crate::live::caps::StreamCaps;
 use crate::live::Live;
 use crate::reconcile::Reconciler;
-use crate::store::Store;
+use crate::store::{GroupCommit, Store};
 
 /// Everything a handler needs. Cheap to clone.
 #[derive(Clone)]
 pub struct AppState {
     /// The Redis side.
     pub store: Store,
+    /// Applies event requests, merging concurrent ones into shared script calls.
+    pub ingest: GroupCommit,
     /// The SQL side.
     pub db: Db,
     /// Runs flushes; shared so HTTP, the scheduler and shutdown use one local lock.
@@ -44,6 +46,8 @@ pub struct Limits {
     pub max_batch_events: usize,
     /// Most state shards one request may create.
     pub max_new_state_shards: usize,
+    /// Most calls of the apply script at once; requests arriving meanwhile are merged.
+    pub apply_calls_in_flight: usize,
     /// Most users per bulk read.
     pub max_read_users: usize,
     /// Largest request body, in bytes.
@@ -73,6 +77,7 @@ impl From<&ServeConfig> for Limits {
         Limits {
             max_batch_events: serve.max_batch_events,
             max_new_state_shards: serve.max_new_state_shards,
+            apply_calls_in_flight: serve.apply_calls_in_flight,
             max_read_users: serve.max_read_users,
             max_body_bytes: serve.max_body_bytes,
             request_timeout: Duration::from_secs(serve.request_timeout_secs),
@@ -98,6 +103,7 @@ impl Default for Limits {
         Limits {
             max_batch_events: 1_000,
             max_new_state_shards: 16,
+            apply_calls_in_flight: 4,
             max_read_users: 1_000,
             max_body_bytes: 1024 * 1024,
             request_timeout: Duration::from_secs(30),
@@ -136,7 +142,9 @@ impl AppState {
             Some(serve) => Auth::from_config(serve)?,
             None => Auth::open(),
         };
+        let ingest = GroupCommit::new(store.clone(), limits.apply_calls_in_flight, limits.max_batch_events);
         Ok(Self {
+            ingest,
             store,
             db,
             flusher,
@@ -152,6 +160,7 @@ impl AppState {
 
     /// The same state with other limits (tests).
     pub fn with_limits(mut self, limits: Limits) -> Self {
+        self.ingest = GroupCommit::new(self.store.clone(), limits.apply_calls_in_flight, limits.max_batch_events);
         self.in_flight = Arc::new(tokio::sync::Semaphore::new(limits.max_concurrent_requests));
         self.live_streams = Arc::new(tokio::sync::Semaphore::new(limits.max_live_streams));
         self.stream_caps = StreamCaps::new(limits.max_live_streams_per_user, limits.max_live_streams_per_address);

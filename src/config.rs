@@ -142,6 +142,12 @@ pub struct ServeConfig {
     #[arg(long, env = "COUNTERSINK_MAX_NEW_STATE_SHARDS", default_value_t = 16)]
     pub max_new_state_shards: usize,
 
+    /// Most calls of the Redis apply script at once. Event requests that arrive while they all
+    /// run wait for the next call and share it (a group commit, at most --max-batch-events
+    /// events a call): fewer calls in flight merge more, more pipeline more.
+    #[arg(long, env = "COUNTERSINK_APPLY_CALLS_IN_FLIGHT", default_value_t = 4)]
+    pub apply_calls_in_flight: usize,
+
     /// Most users in one bulk read (at most 10000: the stored counts are read with one bind each).
     #[arg(long, env = "COUNTERSINK_MAX_READ_USERS", default_value_t = 1_000)]
     pub max_read_users: usize,
@@ -327,6 +333,7 @@ impl ServeConfig {
         }
         at_least_one(self.max_batch_events, "--max-batch-events", "COUNTERSINK_MAX_BATCH_EVENTS")?;
         at_least_one(self.max_new_state_shards, "--max-new-state-shards", "COUNTERSINK_MAX_NEW_STATE_SHARDS")?;
+        at_least_one(self.apply_calls_in_flight, "--apply-calls-in-flight", "COUNTERSINK_APPLY_CALLS_IN_FLIGHT")?;
         if self.max_read_users == 0 || self.max_read_users > MAX_READ_USERS {
             return Err(ConfigError::new(
                 "--max-read-users",

@@ -11,6 +11,7 @@
 //! | `countersink_events_applied_total` | counter | `outcome`: `changed`, `recorded`, `recount_queued` |
 //! | `countersink_events_duplicate_total` | counter | `reason`: `duplicate`, `stale`, `after_delete`, `replayed` |
 //! | `countersink_event_requests_rejected_total` | counter | `reason`: the error code answered |
+//! | `countersink_apply_calls_total`, `countersink_apply_requests_total` | counter | |
 //! | `countersink_http_request_duration_seconds` | histogram | `method`, `route`, `status` |
 //! | `countersink_pending_users` | gauge | |
 //! | `countersink_flush_duration_seconds` | histogram | |
@@ -92,6 +93,8 @@ fn request_histogram() -> Histogram {
 struct Metrics {
     registry: Registry,
     events_received: Counter,
+    apply_calls: Counter,
+    apply_requests: Counter,
     events_applied: Family<OutcomeLabel, Counter>,
     events_duplicate: Family<ReasonLabel, Counter>,
     event_requests_rejected: Family<ReasonLabel, Counter>,
@@ -136,6 +139,8 @@ impl Metrics {
         let mut registry = Registry::with_prefix("countersink");
         let metrics = Metrics {
             events_received: Counter::default(),
+            apply_calls: Counter::default(),
+            apply_requests: Counter::default(),
             events_applied: Family::default(),
             events_duplicate: Family::default(),
             event_requests_rejected: Family::default(),
@@ -166,6 +171,16 @@ impl Metrics {
             "events_received",
             "Events in requests that passed validation (replays included)",
             m.events_received.clone(),
+        );
+        registry.register(
+            "apply_calls",
+            "Calls of the apply script: each applies one request or a group commit of several",
+            m.apply_calls.clone(),
+        );
+        registry.register(
+            "apply_requests",
+            "Event requests applied by those calls (requests / calls = the mean group size)",
+            m.apply_requests.clone(),
         );
         registry.register(
             "events_applied",
@@ -282,6 +297,12 @@ impl Metrics {
 /// Counts the events of a request that passed validation.
 pub fn events_received(events: usize) {
     METRICS.events_received.inc_by(events as u64);
+}
+
+/// Counts one call of the apply script for `requests` requests (a group commit when more than one).
+pub fn apply_call(requests: usize) {
+    METRICS.apply_calls.inc();
+    METRICS.apply_requests.inc_by(requests as u64);
 }
 
 /// Counts `recount` events whose users were queued.

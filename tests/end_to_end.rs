@@ -207,3 +207,110 @@ async fn random_stream_with_retries_and_races_ends_with_exact_stored_counts() {
     }
     println!("{total} events, {} users checked", USERS);
 }
+
+/// A counter from the sidecar's `/metrics` (no read token is set).
+async fn metric(sidecar: &Sidecar, name: &str) -> u64 {
+    let text = reqwest::get(format!("{}/metrics", sidecar.base)).await.unwrap().text().await.unwrap();
+    let line = text.lines().find(|l| l.starts_with(name)).unwrap_or_else(|| panic!("no {name} in:\n{text}"));
+    line.rsplit(' ').next().unwrap().parse().unwrap()
+}
+
+/// Issue #12's group commit: concurrent single-event requests share script calls (one call in
+/// flight, so all that arrive meanwhile wait for the next), and each is still answered with its
+/// own outcome. Every request is sent twice at once under its `webhook-id`: one copy applies, the
+/// other is a replay with the same answer, whether the two share a call or not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_requests_share_script_calls_and_each_gets_its_own_answer() {
+    // Sent twice each: under the 256 requests a sidecar handles at once.
+    const REQUESTS: u64 = 120;
+    let env = TestEnv::sqlite().await;
+    let options = SidecarOptions {
+        flush_cron: "off".into(),
+        serve_args: vec!["--apply-calls-in-flight".into(), "1".into()],
+        ..SidecarOptions::default()
+    };
+    let sidecar = Sidecar::start(&env, options).await;
+    let client = reqwest::Client::new();
+    let mut sends = Vec::new();
+    for n in 1..=REQUESTS {
+        // Notification n of user n % 10: unread, except every fifth, created read.
+        let event = [
+            json!({"kind": "post_save", "notification_id": n, "user_id": n % 10, "unread": n % 5 != 0, "created": true}),
+        ];
+        let id = common::sidecar::new_webhook_id();
+        for _ in 0..2 {
+            let (client, base, id, event) = (client.clone(), sidecar.base.clone(), id.clone(), event.clone());
+            sends.push(tokio::spawn(async move {
+                (n, common::sidecar::post_signed(&client, &base, &id, &event).await.unwrap())
+            }));
+        }
+    }
+    let mut answers: HashMap<u64, Vec<Value>> = HashMap::new();
+    for send in sends {
+        let (n, (status, body)) = send.await.unwrap();
+        assert_eq!(status, 200, "{body}");
+        answers.entry(n).or_default().push(body);
+    }
+    for (n, pair) in &answers {
+        let (changed, recorded) = if n % 5 != 0 { (1, 0) } else { (0, 1) };
+        let replays = pair.iter().filter(|a| a["replayed"] == json!(true)).count();
+        assert_eq!(replays, 1, "request {n}: {pair:?}");
+        for answer in pair {
+            assert_eq!(
+                (&answer["outcomes"]["changed"], &answer["outcomes"]["recorded"]),
+                (&json!(changed), &json!(recorded)),
+                "request {n}: {pair:?}"
+            );
+        }
+    }
+    let expected: Vec<(u64, i64)> =
+        (0..10).map(|user| (user, (1..=REQUESTS).filter(|n| n % 10 == user && n % 5 != 0).count() as i64)).collect();
+    assert_eq!(sidecar.read_counts(&(0..10).collect::<Vec<_>>()).await, expected);
+    let (calls, requests) = (
+        metric(&sidecar, "countersink_apply_calls_total").await,
+        metric(&sidecar, "countersink_apply_requests_total").await,
+    );
+    println!("{requests} requests in {calls} script calls");
+    assert_eq!(requests, 2 * REQUESTS);
+    assert!(calls < requests, "no request shared a call: {calls} calls for {requests} requests");
+}
+
+/// When a shared call fails, every request in it is answered with the failure (503, retry), and
+/// none is answered as applied: here Redis is gone while 100 requests wait on one call in flight.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_shared_call_answers_each_of_its_requests_unavailable() {
+    let mut redis = common::OwnRedis::start(common::free_port());
+    let env = TestEnv::sqlite().await;
+    let options = SidecarOptions {
+        flush_cron: "off".into(),
+        serve_args: vec!["--apply-calls-in-flight".into(), "1".into()],
+        redis_url: Some(redis.url()),
+        ..SidecarOptions::default()
+    };
+    let sidecar = Sidecar::start(&env, options).await;
+    let event = |n: u64| {
+        vec![json!({"kind": "post_save", "notification_id": n, "user_id": 1, "unread": true, "created": true})]
+    };
+    assert_eq!(sidecar.post_events(&event(1_000)).await.map(|(status, _)| status), Some(200));
+    redis.kill();
+    let client = reqwest::Client::new();
+    let sends: Vec<_> = (1..=100u64)
+        .map(|n| {
+            let (client, base, events) = (client.clone(), sidecar.base.clone(), event(n));
+            tokio::spawn(async move {
+                common::sidecar::post_signed(&client, &base, &common::sidecar::new_webhook_id(), &events).await
+            })
+        })
+        .collect();
+    for send in sends {
+        let (status, body) = send.await.unwrap().expect("every request is answered");
+        assert_eq!(status, 503, "{body}");
+        assert_eq!(body["error"]["code"], "unavailable", "{body}");
+    }
+    let (calls, requests) = (
+        metric(&sidecar, "countersink_apply_calls_total").await,
+        metric(&sidecar, "countersink_apply_requests_total").await,
+    );
+    println!("{requests} requests in {calls} script calls");
+    assert!(calls < requests, "no request shared a call: {calls} calls for {requests} requests");
+}

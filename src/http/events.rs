@@ -74,7 +74,9 @@ pub async fn post_events(
     state.reconciler.queue_recounts(&batch.recounts).await?;
     metrics::recounts_queued(batch.recounts.len());
     let idempotency = webhook_id.map(|id| Idempotency::new(id, &body, state.limits.idempotency_ttl));
-    let applied = match state.store.apply_once(&batch.transitions, idempotency).await {
+    let received = batch.len() as u64;
+    let recounts_queued = batch.recounts.len() as u64;
+    let applied = match state.ingest.apply(batch.transitions, idempotency).await {
         Err(StoreError::RedisRestarted) => {
             // The watch recovers at once rather than at its next check.
             state.reconciler.wake_redis_watch();
@@ -91,20 +93,20 @@ pub async fn post_events(
     // Per request, so at debug: /metrics counts them; at 10,000 requests/s an info line each
     // costs more CPU than the rest of the handler.
     debug!(
-        received = batch.len(),
-        recounts = batch.recounts.len(),
+        received,
+        recounts = recounts_queued,
         changed = outcomes.changed,
         noops = outcomes.noops(),
         replayed = applied.replayed,
         "events applied"
     );
     Ok(Json(EventsResponse {
-        received: batch.len() as u64,
+        received,
         changed: outcomes.changed,
         noops: outcomes.noops(),
         outcomes,
         replayed: applied.replayed,
-        recounts_queued: batch.recounts.len() as u64,
+        recounts_queued,
     }))
 }
 

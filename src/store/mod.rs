@@ -2,6 +2,7 @@
 //! and the flush lease ([`lease`]). Every multi-key change is one Lua script, so it is atomic and costs one
 //! round trip per request, however many events the request holds.
 
+mod group_commit;
 mod keys;
 mod lease;
 
@@ -13,6 +14,7 @@ use redis::{AsyncCommands, Script};
 use tracing::instrument;
 
 use crate::events::{Event, EventKind};
+pub use group_commit::GroupCommit;
 pub use keys::{Keys, SHARD_BITS};
 pub use lease::{Acquired, Lease, LeaseHolder, LeaseRenewal};
 
@@ -43,7 +45,7 @@ const REDIS_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 const STATES_PER_COMMAND: usize = 1000;
 
 /// A Redis failure.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
     /// Redis answered with an error or could not be reached.
     #[error("redis: {0}")]
