@@ -9,6 +9,7 @@
 //! COUNTERSINK_TEST_REDIS_URL=redis://127.0.0.1:6391 cargo run --release --example ingest_redis_cpu
 //! cargo run --release --example ingest_redis_cpu -- 2000000   # another number of events
 //! cargo run --release --example ingest_redis_cpu -- 100000 1   # single-event calls, as Django sends
+//! cargo run --release --example ingest_redis_cpu -- 100000 1 16   # 16 single-event requests per call (group commit)
 //! ```
 //! Keys go under a prefix of its own, deleted at the end.
 
@@ -19,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use countersink::events::Event;
-use countersink::store::{Idempotency, Store};
+use countersink::store::{Idempotency, Request, Store};
 
 /// Events per script call, as the bench's batched scenario sends (a second argument sets another).
 const DEFAULT_BATCH: u64 = 100;
@@ -38,14 +39,23 @@ async fn main() -> anyhow::Result<()> {
         .transpose()
         .context("events per call must be a number")?
         .unwrap_or(DEFAULT_BATCH);
-    anyhow::ensure!(batch >= 1 && events >= batch, "give at least one event per call, and no fewer events than that");
+    let merged: u64 = std::env::args()
+        .nth(3)
+        .map(|s| s.parse())
+        .transpose()
+        .context("requests per call must be a number")?
+        .unwrap_or(1);
+    anyhow::ensure!(
+        batch >= 1 && merged >= 1 && events >= batch * merged,
+        "give at least one event per request and one request per call, and no fewer events than a call holds"
+    );
     let redis_url = std::env::var("COUNTERSINK_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
     let name = format!("csbench_{:08x}", rand::random::<u32>());
     let store = Store::connect(&redis_url, &name)?;
     let mut redis = redis::Client::open(redis_url.as_str())?.get_connection()?;
     let _: () = redis::cmd("CONFIG").arg("RESETSTAT").query(&mut redis)?;
 
-    let calls = events / batch;
+    let calls = events / (batch * merged);
     let next_call = Arc::new(AtomicU64::new(0));
     let cpu_before = redis_cpu(&mut redis)?;
     let started = Instant::now();
@@ -58,17 +68,27 @@ async fn main() -> anyhow::Result<()> {
                 if call >= calls {
                     return anyhow::Ok(());
                 }
-                let first = call * batch + 1;
-                let events: Vec<Event> =
-                    (first..first + batch).map(|n| Event::save(n, rand::random_range(1..=USERS), true, true)).collect();
-                let webhook_id = format!("cpu_{call}");
-                let applied = store
-                    .apply_once(
-                        &events,
-                        Some(Idempotency::new(&webhook_id, webhook_id.as_bytes(), Duration::from_secs(600))),
-                    )
-                    .await?;
-                anyhow::ensure!(applied.outcome.changed == batch, "applied {applied:?}");
+                // `merged` requests of `batch` events each, applied in one call as a group commit does.
+                let requests: Vec<(Vec<Event>, String)> = (0..merged)
+                    .map(|r| {
+                        let first = (call * merged + r) * batch + 1;
+                        let events = (first..first + batch)
+                            .map(|n| Event::save(n, rand::random_range(1..=USERS), true, true))
+                            .collect();
+                        (events, format!("cpu_{call}_{r}"))
+                    })
+                    .collect();
+                let requests: Vec<Request> = requests
+                    .iter()
+                    .map(|(events, id)| Request {
+                        events,
+                        idempotency: Some(Idempotency::new(id, id.as_bytes(), Duration::from_secs(600))),
+                    })
+                    .collect();
+                for applied in store.apply_many(&requests).await? {
+                    let applied = applied?;
+                    anyhow::ensure!(applied.outcome.changed == batch, "applied {applied:?}");
+                }
             }
         }));
     }
@@ -80,8 +100,10 @@ async fn main() -> anyhow::Result<()> {
     let stats: String = redis::cmd("INFO").arg("commandstats").query(&mut redis)?;
     let pending: u64 = redis::cmd("ZCARD").arg(format!("{{{name}}}:pending")).query(&mut redis)?;
 
-    let applied = calls * batch;
-    println!("{applied} events in {calls} calls of {batch}, {TASKS} tasks, {pending} users pending at the end");
+    let applied = calls * merged * batch;
+    println!(
+        "{applied} events in {calls} calls of {merged} requests of {batch}, {TASKS} tasks, {pending} users pending at the end"
+    );
     println!(
         "wall {:.2} s = {:.0} events/s; redis CPU {:.2} s = {:.2} µs per event",
         elapsed.as_secs_f64(),

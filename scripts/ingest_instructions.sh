@@ -6,6 +6,7 @@
 #
 #   scripts/ingest_instructions.sh EVENTS EVENTS_PER_CALL [BINARY...]
 #   scripts/ingest_instructions.sh 5000 1                 # this tree's example (built if needed)
+#   COUNTERSINK_REQUESTS_PER_CALL=16 scripts/ingest_instructions.sh 5000 1   # group commits of 16 requests
 #   scripts/ingest_instructions.sh 50000 100 /tmp/before /tmp/after
 #
 # BINARY is an ingest_redis_cpu binary (default: target/debug/examples/ingest_redis_cpu, built
@@ -39,11 +40,11 @@ done
 
 for binary in "${binaries[@]}"; do
   callgrind_control -z "$server" >/dev/null
-  COUNTERSINK_TEST_REDIS_URL="redis://127.0.0.1:$port" "$binary" "$events" "$per_call" >"$out/run.txt"
+  COUNTERSINK_TEST_REDIS_URL="redis://127.0.0.1:$port" "$binary" "$events" "$per_call" "${COUNTERSINK_REQUESTS_PER_CALL:-1}" >"$out/run.txt"
   callgrind_control -d "$server" >/dev/null
   sleep 1
   dump=$(ls -t "$out"/cg.* | head -1)
   total=$(grep -E '^(summary|totals):' "$dump" | head -1 | awk '{print $2}')
-  echo "$binary: $((total / events)) instructions per event ($events events, $per_call per call)"
+  echo "$binary: $((total / events)) instructions per event ($events events, $per_call per request, ${COUNTERSINK_REQUESTS_PER_CALL:-1} requests per call)"
   rm -f "$dump"
 done
