@@ -322,7 +322,8 @@ async fn run_case(
                 let webhook_id = format!("msg_{:032x}", rand::random::<u128>());
                 let mut conn = env.redis();
                 let info: String = redis::cmd("INFO").arg("memory").query(&mut conn).unwrap();
-                let used: u64 = info.lines().find_map(|l| l.strip_prefix("used_memory:")).unwrap().trim().parse().unwrap();
+                let used: u64 =
+                    info.lines().find_map(|l| l.strip_prefix("used_memory:")).unwrap().trim().parse().unwrap();
                 // Below the memory in use: Redis judges "full" when the script's call arrives, and
                 // its use can shrink a little by then (a client's buffers trimmed), which made
                 // `maxmemory` = the use seen here pass now and then.
