@@ -54,10 +54,16 @@ if [ "$(cat "$root/.countersink-stamp" 2>/dev/null)" != "$stamp" ]; then
   started=$SECONDS
   # A debootstrap that was killed leaves the root's /proc (and what else it mounted) mounted.
   awk -v root="$root/" 'index($2, root) == 1 { print $2 }' /proc/mounts | sort -r | xargs -r umount -l
-  rm -rf "$root"
   mkdir -p "$(dirname "$root")"
-  debootstrap --variant=minbase --include="$packages" "$suite" "$root" "$(mirror)" >"$root.log" 2>&1 \
-    || { tail -n 30 "$root.log"; exit 1; }
+  # Three tries: a mirror that drops a download now and then fails one ("Couldn't download packages").
+  for try in 1 2 3; do
+    rm -rf "$root"
+    debootstrap --variant=minbase --include="$packages" "$suite" "$root" "$(mirror)" >"$root.log" 2>&1 && break
+    awk -v root="$root/" 'index($2, root) == 1 { print $2 }' /proc/mounts | sort -r | xargs -r umount -l
+    [ "$try" -lt 3 ] || { tail -n 30 "$root.log"; exit 1; }
+    echo "debootstrap failed (try $try of 3); trying again"
+    sleep 5
+  done
   echo "$stamp" >"$root/.countersink-stamp"
   echo "made in $((SECONDS - started)) s"
 fi
