@@ -327,19 +327,6 @@ async fn a_stream_token_living_longer_than_the_cap_is_refused() {
     assert_eq!(open_stream(&sidecar, 5, 300).await.status(), 200);
 }
 
-/// Redis's bytes for this test's state shards (`MEMORY USAGE`), and how many shard keys there are.
-fn state_memory(env: &TestEnv) -> (u64, usize) {
-    let mut redis = env.redis();
-    let keys: Vec<String> = env.redis_keys().into_iter().filter(|k| k.contains(":state:")).collect();
-    let bytes = keys
-        .iter()
-        .map(|key| -> u64 {
-            redis::cmd("MEMORY").arg("USAGE").arg(key).arg("SAMPLES").arg(0).query(&mut redis).unwrap()
-        })
-        .sum();
-    (bytes, keys.len())
-}
-
 /// `post_delete` events of notifications `shards` × 65,536 + 65,535: the last id of each shard, so
 /// each event alone would make its shard a full 16 KiB string.
 fn sparse_deletes(shards: std::ops::Range<u64>) -> Vec<Value> {
@@ -369,12 +356,12 @@ async fn a_signed_request_with_sparse_ids_cannot_blow_up_redis() {
     assert_eq!(body["error"]["code"], "too_sparse", "{body}");
     assert_eq!(body["error"]["field"], "events", "{body}");
     assert!(body["error"]["message"].as_str().unwrap().contains("--max-new-state-shards"), "{body}");
-    assert_eq!(state_memory(&env), (0, 0), "a refused request wrote state");
+    assert_eq!(env.memory_of(":state:"), (0, 0), "a refused request wrote state");
 
     // At the cap: accepted, and it costs what 16 full shards cost, not 1,000.
     let (status, body) = post(sparse_deletes(0..16)).await;
     assert_eq!(status, 200, "{body}");
-    let (bytes, keys) = state_memory(&env);
+    let (bytes, keys) = env.memory_of(":state:");
     assert_eq!(keys, 16);
     println!("16 sparse deletes: {bytes} bytes of state in Redis");
     assert!(bytes <= 16 * 24 * 1024, "{bytes} bytes for 16 shards");
@@ -382,10 +369,10 @@ async fn a_signed_request_with_sparse_ids_cannot_blow_up_redis() {
     // The 16 shards exist, so a request touching them and 16 new ones creates only 16.
     let (status, body) = post(sparse_deletes(0..32)).await;
     assert_eq!(status, 200, "{body}");
-    assert_eq!(state_memory(&env).1, 32);
+    assert_eq!(env.memory_of(":state:").1, 32);
     let (status, body) = post(sparse_deletes(32..49)).await;
     assert_eq!((status, &body["error"]["code"]), (400, &json!("too_sparse")), "{body}");
-    assert_eq!(state_memory(&env).1, 32);
+    assert_eq!(env.memory_of(":state:").1, 32);
 
     // Dense ids touch one or two shards however many events: never refused.
     let dense: Vec<Value> = (1..=1_000u64)

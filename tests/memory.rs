@@ -17,19 +17,6 @@ const NOTIFICATIONS: u64 = 1_000_000;
 /// Users read once; the bytes per user do not depend on how many (128 per bucket key).
 const USERS: u64 = 250_000;
 
-/// Sum of `MEMORY USAGE` over this test's keys containing `part`, and how many there are.
-fn memory_of(env: &TestEnv, part: &str) -> (u64, usize) {
-    let mut redis = env.redis();
-    let keys: Vec<String> = env.redis_keys().into_iter().filter(|k| k.contains(part)).collect();
-    let bytes = keys
-        .iter()
-        .map(|key| -> u64 {
-            redis::cmd("MEMORY").arg("USAGE").arg(key).arg("SAMPLES").arg(0).query(&mut redis).unwrap()
-        })
-        .sum();
-    (bytes, keys.len())
-}
-
 #[tokio::test]
 async fn dense_ids_cost_at_most_one_byte_per_notification() {
     let env = TestEnv::sqlite().await;
@@ -38,7 +25,7 @@ async fn dense_ids_cost_at_most_one_byte_per_notification() {
     for chunk in events.chunks(1_000) {
         state.store.apply(chunk).await.unwrap();
     }
-    let (bytes, keys) = memory_of(&env, ":state:");
+    let (bytes, keys) = env.memory_of(":state:");
     assert_eq!(keys as u64, NOTIFICATIONS / (1 << SHARD_BITS) + 1);
     let per_notification = bytes as f64 / NOTIFICATIONS as f64;
     println!("{NOTIFICATIONS} notifications in {keys} state keys: {bytes} bytes, {per_notification:.3} bytes per notification");
@@ -64,7 +51,7 @@ async fn a_held_count_costs_a_few_bytes_per_user() {
         let counts = unread_counts(&state.store, &state.db, chunk).await.unwrap();
         assert!(counts.iter().all(|c| c.unread_count == (c.user_id % 4) as i64));
     }
-    let (bytes, keys) = memory_of(&env, ":counts:");
+    let (bytes, keys) = env.memory_of(":counts:");
     let per_user = bytes as f64 / USERS as f64;
     println!("{USERS} users' counts in {keys} bucket keys: {bytes} bytes, {per_user:.2} bytes per user");
     assert!(per_user <= 8.0, "{per_user} bytes per user");
@@ -80,7 +67,7 @@ async fn a_held_count_of_a_sparse_user_id_costs_a_bucket_key() {
     for chunk in users.chunks(1_000) {
         unread_counts(&state.store, &state.db, chunk).await.unwrap();
     }
-    let (bytes, keys) = memory_of(&env, ":counts:");
+    let (bytes, keys) = env.memory_of(":counts:");
     let per_user = bytes as f64 / users.len() as f64;
     println!(
         "{} sparse user ids read once: {keys} bucket keys, {bytes} bytes, {per_user:.1} bytes per user",
@@ -124,7 +111,7 @@ async fn accepted_events_cost_their_state_pending_deltas_and_idempotency_records
         state.store.apply(&[Event::save(u64::MAX >> 2, 1, true, true)]).await.unwrap();
         state.flusher.flush(WhenBusy::Skip).await.unwrap();
         let before = used_memory(&mut redis);
-        let (state_before, _) = memory_of(&env, ":state:");
+        let (state_before, _) = env.memory_of(":state:");
         let events: Vec<Event> = (1..=EVENTS).map(|id| Event::save(id, id % USERS + 1, true, true)).collect();
         for (n, chunk) in events.chunks(per_request as usize).enumerate() {
             let body = format!("request {per_request}/{n}");
@@ -135,7 +122,7 @@ async fn accepted_events_cost_their_state_pending_deltas_and_idempotency_records
         let applied = used_memory(&mut redis);
         // The state by its keys; the pending set by what the flush frees; the idempotency
         // records are the rest (deleting them would not free the key space's tables they grew).
-        let state_bytes = memory_of(&env, ":state:").0 - state_before;
+        let state_bytes = env.memory_of(":state:").0 - state_before;
         let records = env.redis_keys().into_iter().filter(|k| k.contains(":webhook:")).count() as u64;
         assert_eq!(records, EVENTS / per_request);
         state.flusher.flush(WhenBusy::Skip).await.unwrap();

@@ -378,7 +378,7 @@ for r = 1, requests do
     local t = tallies[r]
     answer = {t.changed, t.recorded, t.duplicate, t.stale, t.after_delete}
     local at = FIRST_REQUEST + REQUEST_ARGS * (r - 1)
-    if ARGV[at] ~= '0' then
+    if ARGV[at] ~= '0' and ttl > 0 then
       redis.call('SET', KEYS[tonumber(ARGV[at])], ARGV[at + 1] .. ':' .. table.concat(answer, ' '), 'EX', ttl)
     end
     answer[6] = 0

@@ -6,9 +6,10 @@
 //! the queue, and the next call to start takes every request waiting (up to `max_events` events)
 //! and applies them together with [`Store::apply_many`]: each keeps its own idempotency record
 //! and answer, as if applied alone in order. There is no timer: an idle service starts a call at
-//! once, and a request waits at most for one call to finish. Calls run in tasks of their own, so
-//! a request whose client went away does not cancel the others merged with it; nothing is
-//! answered before its call has returned.
+//! once, and a request waits for the calls ahead of it (one, unless more than `max_events`
+//! events are waiting). Calls run in tasks of their own, so a request whose client went away
+//! does not cancel the others merged with it; a request whose handler is gone before its call
+//! starts is dropped from the queue unapplied; nothing is answered before its call has returned.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -105,6 +106,12 @@ impl Inner {
         let mut group: Vec<Queued> = Vec::new();
         let mut events = 0;
         while let Some(next) = queue.front() {
+            if next.answer.is_closed() {
+                // Its handler is gone (the request deadline answered it, or the client left): as
+                // a request that never reached Redis, it applies nothing.
+                queue.pop_front();
+                continue;
+            }
             if !group.is_empty() && events + next.events.len() > self.max_events {
                 break;
             }

@@ -386,8 +386,9 @@ impl Store {
     /// Applies the events of several requests in one atomic script, in order: a group commit.
     /// Each request keeps its own idempotency record and gets its own answer, as if it had been
     /// applied alone by [`Store::apply_once`] just after the ones before it. The outer error is
-    /// the call's (Redis unreachable, the state missing or unvouched: nothing was applied); an
-    /// inner one is that request's ([`StoreError::IdempotencyKeyReused`]).
+    /// the call's, for every request (the state missing or unvouched: nothing was applied; Redis
+    /// unreachable or gone during the call: unknown, a retry finds out by its id); an inner one
+    /// is that request's ([`StoreError::IdempotencyKeyReused`]).
     #[instrument(level = "debug", skip_all, fields(requests = requests.len()))]
     pub async fn apply_many(&self, requests: &[Request<'_>]) -> Result<Vec<Result<Applied, StoreError>>, StoreError> {
         let mut invocation = self.scripts.apply_events.prepare_invoke();

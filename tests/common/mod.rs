@@ -234,6 +234,20 @@ impl TestEnv {
         }
     }
 
+    /// Redis's bytes (`MEMORY USAGE`) for this test's keys whose names contain `part`, and how
+    /// many keys there are.
+    pub fn memory_of(&self, part: &str) -> (u64, usize) {
+        let mut redis = self.redis();
+        let keys: Vec<String> = self.redis_keys().into_iter().filter(|k| k.contains(part)).collect();
+        let bytes = keys
+            .iter()
+            .map(|key| -> u64 {
+                redis::cmd("MEMORY").arg("USAGE").arg(key).arg("SAMPLES").arg(0).query(&mut redis).unwrap()
+            })
+            .sum();
+        (bytes, keys.len())
+    }
+
     /// Every key this test holds in Redis, sorted.
     pub fn redis_keys(&self) -> Vec<String> {
         scan_keys(&mut self.redis(), &self.key("*"))
