@@ -1,5 +1,6 @@
 //! The shared state handed to HTTP handlers and jobs.
 
+use std::ops::Deref;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,9 +13,22 @@ use crate::live::Live;
 use crate::reconcile::Reconciler;
 use crate::store::{GroupCommit, Store};
 
-/// Everything a handler needs. Cheap to clone.
+/// Everything a handler needs: one shared [`App`], so the clone that every middleware layer and
+/// extractor makes is one reference count, not a copy of each part.
 #[derive(Clone)]
-pub struct AppState {
+pub struct AppState(Arc<App>);
+
+impl Deref for AppState {
+    type Target = App;
+
+    fn deref(&self) -> &App {
+        &self.0
+    }
+}
+
+/// The parts of the service, each shared by handlers and jobs.
+#[derive(Clone)]
+pub struct App {
     /// The Redis side.
     pub store: Store,
     /// Applies event requests, merging concurrent ones into shared script calls.
@@ -143,7 +157,7 @@ impl AppState {
             None => Auth::open(),
         };
         let ingest = GroupCommit::new(store.clone(), limits.apply_calls_in_flight, limits.max_batch_events);
-        Ok(Self {
+        Ok(Self(Arc::new(App {
             ingest,
             store,
             db,
@@ -155,22 +169,24 @@ impl AppState {
             stream_caps: StreamCaps::new(limits.max_live_streams_per_user, limits.max_live_streams_per_address),
             limits: Arc::new(limits),
             auth: Arc::new(auth),
-        })
+        })))
     }
 
     /// The same state with other limits (tests).
-    pub fn with_limits(mut self, limits: Limits) -> Self {
-        self.ingest = GroupCommit::new(self.store.clone(), limits.apply_calls_in_flight, limits.max_batch_events);
-        self.in_flight = Arc::new(tokio::sync::Semaphore::new(limits.max_concurrent_requests));
-        self.live_streams = Arc::new(tokio::sync::Semaphore::new(limits.max_live_streams));
-        self.stream_caps = StreamCaps::new(limits.max_live_streams_per_user, limits.max_live_streams_per_address);
-        self.limits = Arc::new(limits);
-        self
+    pub fn with_limits(self, limits: Limits) -> Self {
+        let mut app = Arc::unwrap_or_clone(self.0);
+        app.ingest = GroupCommit::new(app.store.clone(), limits.apply_calls_in_flight, limits.max_batch_events);
+        app.in_flight = Arc::new(tokio::sync::Semaphore::new(limits.max_concurrent_requests));
+        app.live_streams = Arc::new(tokio::sync::Semaphore::new(limits.max_live_streams));
+        app.stream_caps = StreamCaps::new(limits.max_live_streams_per_user, limits.max_live_streams_per_address);
+        app.limits = Arc::new(limits);
+        Self(Arc::new(app))
     }
 
     /// The same state with other credentials (tests).
-    pub fn with_auth(mut self, auth: Auth) -> Self {
-        self.auth = Arc::new(auth);
-        self
+    pub fn with_auth(self, auth: Auth) -> Self {
+        let mut app = Arc::unwrap_or_clone(self.0);
+        app.auth = Arc::new(auth);
+        Self(Arc::new(app))
     }
 }

@@ -5,6 +5,10 @@ use std::io::{IsTerminal, Write};
 use countersink::cli::{log_filter, Cli};
 use countersink::config::LogFormat;
 
+// Small, short-lived allocations on every request: see Cargo.toml.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let cli = Cli::parse_args();

@@ -428,7 +428,7 @@ async fn one_workers_done_never_drops_another_workers_claim() {
 #[tokio::test]
 async fn a_renewed_claim_is_kept_and_a_lapsed_one_goes_to_the_worker_that_claimed_it_again() {
     let env = TestEnv::sqlite_with_source().await;
-    let store = env.state().store;
+    let store = env.state().store.clone();
     store.queue_recounts(&[1, 2]).await.unwrap();
     let kept = store.take_recounts(100, Duration::from_millis(300)).await.unwrap();
     assert_eq!(store.renew_recounts(&kept, Duration::from_secs(60)).await.unwrap(), 2);

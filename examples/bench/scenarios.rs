@@ -211,6 +211,8 @@ pub async fn run(args: &Args) -> anyhow::Result<Results> {
     let measure = Duration::from_secs(seconds);
     let warmup = measure / 5;
     let c = args.connections;
+    // The profiles are written here whatever --out says.
+    std::fs::create_dir_all("target/bench")?;
     let mut env = Env {
         name: format!("csbench_{:08x}", rand::random::<u32>()),
         postgres_url: args.postgres_url.clone(),
@@ -527,13 +529,36 @@ pub async fn run(args: &Args) -> anyhow::Result<Results> {
             batch_read,
             Some(check.clone()),
         ),
-        ("reads_peer", "SQL peer: primary-key SELECT per read", peer_addr, c, 1, single_read, Some(check.clone())),
+        (
+            "reads_peer",
+            "SQL peer: primary-key SELECT per read",
+            peer_addr,
+            c,
+            1,
+            single_read.clone(),
+            Some(check.clone()),
+        ),
     ];
     for (id, label, addr, connections, per_request, make, check) in reads {
         let before = procs::sample(&watched);
         let m = load::run_http_checked(addr, connections, warmup, measure, per_request, make, check).await?;
         anyhow::ensure!(m.wrong == 0, "{label}: {} answers differ from the stored counts", m.wrong);
         scenario(id, label, connections, m, procs::cpu_percent(&before, &procs::sample(&watched)));
+    }
+    // The read is the product: its profile too, in a repeat that is not counted.
+    if procs::perf_available() {
+        let data = std::path::PathBuf::from("target/bench/perf-sidecar-reads.data");
+        let mut perf = procs::start_perf(sidecar_pid, seconds, &data)?;
+        load::run_http_checked(sidecar_addr, c, Duration::ZERO, measure, 1, single_read.clone(), Some(check.clone()))
+            .await?;
+        perf.wait()?;
+        let (by_object, by_symbol) = procs::perf_summary(&data)?;
+        profiles.push(Profile {
+            process: "sidecar".into(),
+            scenario: "unread-count reads".into(),
+            by_object,
+            by_symbol,
+        });
     }
     let sidecar_rss_peak_mib = procs::status_kib(sidecar_pid, "VmHWM")?.max(sidecar_hwm_ingest) as f64 / 1024.0;
     stop_child(&mut env, sidecar_pid);
