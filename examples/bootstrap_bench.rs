@@ -68,6 +68,7 @@ async fn run(database_url: &str, redis_url: &str, prefix: &str, rows: u64, users
         flush_lock_ttl_secs: 600,
         flush_timeout_secs: 600,
         source: SourceConfig { source_table: Some("notifications_notification".into()), ..SourceConfig::default() },
+        worker_threads: None,
         log_format: LogFormat::Text,
     };
     let state = AppState::new(&core, None)?;

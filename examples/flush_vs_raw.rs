@@ -43,6 +43,7 @@ async fn main() -> anyhow::Result<()> {
             flush_lock_ttl_secs: 600,
             flush_timeout_secs: 600,
             source: countersink::source::SourceConfig::default(),
+            worker_threads: None,
             log_format: LogFormat::Text,
         };
         let result = run(&core, &url, users).await;

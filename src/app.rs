@@ -117,7 +117,7 @@ impl Default for Limits {
         Limits {
             max_batch_events: 1_000,
             max_new_state_shards: 16,
-            apply_calls_in_flight: 4,
+            apply_calls_in_flight: 1,
             max_read_users: 1_000,
             max_body_bytes: 1024 * 1024,
             request_timeout: Duration::from_secs(30),

@@ -79,6 +79,12 @@ pub struct CoreConfig {
     #[command(flatten)]
     pub source: SourceConfig,
 
+    /// Threads that run the service's tasks; unset: one per core. The service mostly waits on
+    /// Redis and the database, so where Redis, the database or the web workers use the same
+    /// cores, 1 serves as many requests as more would, with less CPU each (docs/benchmarks.md).
+    #[arg(long, global = true, env = "COUNTERSINK_WORKER_THREADS")]
+    pub worker_threads: Option<usize>,
+
     /// Log format: `text` for people, `json` for log shippers.
     #[arg(long, global = true, env = "COUNTERSINK_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -144,8 +150,9 @@ pub struct ServeConfig {
 
     /// Most calls of the Redis apply script at once. Event requests that arrive while they all
     /// run wait for the next call and share it (a group commit, at most --max-batch-events
-    /// events a call): fewer calls in flight merge more, more pipeline more.
-    #[arg(long, env = "COUNTERSINK_APPLY_CALLS_IN_FLIGHT", default_value_t = 4)]
+    /// events a call). Redis runs scripts one at a time, so a second call in flight only waits in
+    /// Redis; one call at a time merges the most (docs/benchmarks.md).
+    #[arg(long, env = "COUNTERSINK_APPLY_CALLS_IN_FLIGHT", default_value_t = 1)]
     pub apply_calls_in_flight: usize,
 
     /// Most users in one bulk read (at most 10000: the stored counts are read with one bind each).
@@ -275,6 +282,17 @@ fn at_least_one<T: Default + PartialEq>(value: T, flag: &'static str, env: &'sta
 }
 
 impl CoreConfig {
+    /// The runtime the service runs on, with `--worker-threads` threads; checked before anything
+    /// else, since everything else runs on it.
+    pub fn runtime(&self) -> anyhow::Result<tokio::runtime::Runtime> {
+        let mut builder = tokio::runtime::Builder::new_multi_thread();
+        if let Some(threads) = self.worker_threads {
+            at_least_one(threads, "--worker-threads", "COUNTERSINK_WORKER_THREADS")?;
+            builder.worker_threads(threads);
+        }
+        Ok(builder.enable_all().build()?)
+    }
+
     /// Checks what clap's types cannot.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if !(self.redis_url.starts_with("redis://") || self.redis_url.starts_with("rediss://")) {

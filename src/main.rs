@@ -9,8 +9,7 @@ use countersink::config::LogFormat;
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-#[tokio::main]
-async fn main() -> std::process::ExitCode {
+fn main() -> std::process::ExitCode {
     let cli = Cli::parse_args();
     let (filter, filter_problem) = log_filter(std::env::var("COUNTERSINK_LOG").ok().as_deref());
     // Colours only for a person at a terminal, not in journald or a log file.
@@ -29,7 +28,8 @@ async fn main() -> std::process::ExitCode {
     if let Some(problem) = filter_problem {
         tracing::warn!("{problem}");
     }
-    match cli.run().await {
+    let outcome = cli.runtime().and_then(|runtime| runtime.block_on(cli.run()));
+    match outcome {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             // Not eprintln!: it panics when stderr is closed.

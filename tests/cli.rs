@@ -110,6 +110,7 @@ async fn a_zero_count_or_timeout_stops_start_up_naming_the_flag_and_the_variable
         ("--header-timeout-secs", "COUNTERSINK_HEADER_TIMEOUT_SECS"),
         ("--max-live-streams-per-user", "COUNTERSINK_MAX_LIVE_STREAMS_PER_USER"),
         ("--db-pool-size", "COUNTERSINK_DB_POOL_SIZE"),
+        ("--worker-threads", "COUNTERSINK_WORKER_THREADS"),
     ] {
         for by_variable in [false, true] {
             let mut command = Command::new(env!("CARGO_BIN_EXE_countersink"));

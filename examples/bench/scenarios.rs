@@ -185,6 +185,7 @@ impl Env {
             flush_lock_ttl_secs: 600,
             flush_timeout_secs: 600,
             source: countersink::source::SourceConfig::default(),
+            worker_threads: None,
             log_format: LogFormat::Text,
         }
     }

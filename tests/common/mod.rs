@@ -292,6 +292,7 @@ pub fn core_config(prefix: &str, database_url: &str) -> CoreConfig {
         flush_lock_ttl_secs: 30,
         flush_timeout_secs: 30,
         source: countersink::source::SourceConfig::default(),
+        worker_threads: None,
         log_format: countersink::config::LogFormat::Text,
     }
 }
