@@ -80,8 +80,9 @@ pub struct CoreConfig {
     pub source: SourceConfig,
 
     /// Threads that run the service's tasks; unset: one per core. The service mostly waits on
-    /// Redis and the database, so where Redis, the database or the web workers use the same
-    /// cores, 1 serves as many requests as more would, with less CPU each (docs/benchmarks.md).
+    /// Redis and the database: on a machine it shares with them or with the web workers, a small
+    /// number keeps its share bounded (on 2 cores, 1 served about as many requests as 2 did:
+    /// docs/benchmarks.md).
     #[arg(long, global = true, env = "COUNTERSINK_WORKER_THREADS")]
     pub worker_threads: Option<usize>,
 

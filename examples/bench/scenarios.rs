@@ -128,7 +128,7 @@ pub struct Results {
     pub first_reads_users: u64,
     /// First reads (loads from SQL and Redis) of every user, 1,000 per request, 4 connections: users/s.
     pub first_reads_users_per_s: f64,
-    /// Bytes of one idempotency key (`webhook-id`, kept 24 h by default).
+    /// Bytes of one idempotency key (`webhook-id`, kept 1 h by default).
     pub redis_webhook_key_bytes: u64,
     /// The sidecar's resident memory when idle before the load, MiB.
     pub sidecar_rss_idle_mib: f64,
