@@ -375,3 +375,49 @@ proptest! {
         });
     }
 }
+
+/// A request whose handler gave up while it waited for a call (the request deadline answered it
+/// 503, or its client left) is dropped from the queue unapplied: a 503 never hides a change that
+/// was applied after all. Here the only call in flight is held in a paused Redis while the second
+/// request gives up; its retry, with the same `webhook-id`, is then applied as a first delivery.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_given_up_while_queued_for_a_call_is_not_applied() {
+    use std::time::Duration;
+
+    use countersink::store::{GroupCommit, Idempotency, Keys, Store};
+    use redis::Commands;
+
+    let redis = common::OwnRedis::start(common::free_port());
+    let store = Store::connect(&redis.url(), "given_up").unwrap();
+    let ingest = GroupCommit::new(store, 1, 1_000);
+    let mut admin = redis::Client::open(redis.url()).unwrap().get_connection().unwrap();
+    let pending =
+        |admin: &mut redis::Connection| -> Option<i64> { admin.zscore(Keys::new("given_up").pending(), 7).unwrap() };
+    let ttl = Duration::from_secs(3_600);
+    let once = |id: &str, notification: u64| {
+        (vec![Event::save(notification, 7, true, true)], Some(Idempotency::new(id, id.as_bytes(), ttl)))
+    };
+
+    let (events, id) = once("first", 1);
+    ingest.apply(events, id).await.unwrap();
+    // Writes wait while Redis is paused, so the next call is held in flight.
+    let _: () = redis::cmd("CLIENT").arg("PAUSE").arg(1_000).arg("WRITE").query(&mut admin).unwrap();
+    let held = {
+        let ingest = ingest.clone();
+        let (events, id) = once("held", 2);
+        tokio::spawn(async move { ingest.apply(events, id).await })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (events, id) = once("given-up", 3);
+    let gave_up = tokio::time::timeout(Duration::from_millis(200), ingest.apply(events, id)).await;
+    assert!(gave_up.is_err(), "the request was answered although the only call was held: {gave_up:?}");
+    assert!(!held.await.unwrap().unwrap().replayed);
+    // Time for a call the given-up request would have had after the held one.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(pending(&mut admin), Some(2), "the given-up request was applied");
+
+    let (events, id) = once("given-up", 3);
+    let retry = ingest.apply(events, id).await.unwrap();
+    assert!(!retry.replayed, "the retry found the given-up request applied");
+    assert_eq!((retry.outcome.changed, pending(&mut admin)), (1, Some(3)));
+}
