@@ -95,8 +95,8 @@ impl Inner {
                 }
                 continue;
             }
-            let inner = Arc::clone(inner);
-            tokio::spawn(async move { Inner::call(inner, group, permit).await });
+            let slot = CallSlot { inner: Arc::clone(inner), permit: Some(permit) };
+            tokio::spawn(async move { slot.call(group).await });
         }
     }
 
@@ -120,12 +120,21 @@ impl Inner {
         }
         group
     }
+}
 
-    async fn call(inner: Arc<Inner>, group: Vec<Queued>, permit: OwnedSemaphorePermit) {
+/// A running call's permit. When the call ends, even by a panic, the permit is given back and the
+/// requests that arrived meanwhile get the next call (not only when a later request comes).
+struct CallSlot {
+    inner: Arc<Inner>,
+    permit: Option<OwnedSemaphorePermit>,
+}
+
+impl CallSlot {
+    async fn call(self, group: Vec<Queued>) {
         let requests: Vec<Request<'_>> =
             group.iter().map(|q| Request { events: &q.events, idempotency: q.idempotency.clone() }).collect();
         metrics::apply_call(requests.len());
-        let answers = inner.store.apply_many(&requests).await;
+        let answers = self.inner.store.apply_many(&requests).await;
         drop(requests);
         match answers {
             Ok(answers) => {
@@ -142,7 +151,12 @@ impl Inner {
                 }
             }
         }
-        drop(permit);
-        Inner::start_calls(&inner);
+    }
+}
+
+impl Drop for CallSlot {
+    fn drop(&mut self) {
+        drop(self.permit.take());
+        Inner::start_calls(&self.inner);
     }
 }
