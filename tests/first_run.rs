@@ -526,3 +526,36 @@ fn django_readme_gets_from_nothing_to_a_running_sidecar() {
     let args: Vec<&str> = command.split_whitespace().collect();
     Cli::try_parse_with(args, |_| None).unwrap_or_else(|e| panic!("{command}: {e}"));
 }
+
+/// The value of `NAME = <integer>` (or `2**N - 1`) in a module of the Python client.
+fn python_constant(module: &str, name: &str) -> u64 {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("python_client/src/countersink").join(module);
+    let text = std::fs::read_to_string(&path).unwrap();
+    let value = text
+        .lines()
+        .find_map(|line| line.strip_prefix(name)?.trim_start().strip_prefix('=').map(str::trim))
+        .unwrap_or_else(|| panic!("no {name} = ... in {}", path.display()));
+    match value.strip_prefix("2**").and_then(|rest| rest.strip_suffix(" - 1")) {
+        Some(power) => (1u64 << power.parse::<u32>().unwrap()) - 1,
+        None => value.replace('_', "").parse().unwrap_or_else(|_| panic!("{name} = {value}: not an integer")),
+    }
+}
+
+/// Issue #19, limits copied across languages and places: `Limits::default()` (what in-process
+/// code and tests assume) is what `countersink serve` parses with no flag set, and the Python
+/// client's hard-coded limits are the sidecar's defaults (a client sending larger batches or
+/// reads than the sidecar takes would have them refused).
+#[test]
+fn the_python_client_and_the_sidecar_agree_on_the_default_limits() {
+    use countersink::app::Limits;
+    use countersink::cli::Command as Subcommand;
+
+    let cli = Cli::try_parse_with(["countersink", "serve"], |_| None).unwrap();
+    let Subcommand::Serve(serve) = cli.command else { panic!("not serve: {:?}", cli.command) };
+    let limits = Limits::from(&*serve);
+    assert_eq!(limits, Limits::default(), "the clap defaults and Limits::default()");
+    assert_eq!(python_constant("events.py", "MAX_EVENTS_PER_REQUEST"), limits.max_batch_events as u64);
+    assert_eq!(python_constant("api.py", "MAX_USERS_PER_READ"), limits.max_read_users as u64);
+    assert_eq!(python_constant("events.py", "MAX_ID"), countersink::events::MAX_ID);
+    assert_eq!(python_constant("checks.py", "MAX_STREAM_TOKEN_TTL"), countersink::config::MAX_STREAM_TOKEN_SECS);
+}

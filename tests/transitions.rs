@@ -421,3 +421,41 @@ async fn a_request_given_up_while_queued_for_a_call_is_not_applied() {
     assert!(!retry.replayed, "the retry found the given-up request applied");
     assert_eq!((retry.outcome.changed, pending(&mut admin)), (1, Some(3)));
 }
+
+/// Issue #19, codes copied across languages: the state codes Rust reads and writes
+/// (`store::state`, used by bootstrap and reconcile) are the ones `transition.lua` defines and the
+/// apply script writes. Each kind of event leaves, in Redis, the state its Rust constant names.
+#[tokio::test]
+async fn rust_and_lua_agree_on_the_state_codes() {
+    use countersink::store::{state, Keys};
+
+    let env = TestEnv::sqlite().await;
+    let app = env.state();
+    let mut redis = env.redis();
+    let lua = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/src/store/transition.lua")).unwrap();
+    let defined: Vec<u8> = redis::cmd("EVAL")
+        .arg(format!("{lua}\nreturn {{UNSEEN, READ, UNREAD, DELETED}}"))
+        .arg(0)
+        .query(&mut redis)
+        .unwrap();
+    assert_eq!(defined, [0, state::READ, state::UNREAD, state::DELETED], "transition.lua's codes");
+    let cases = [
+        (Event::save(1, 5, true, true), state::UNREAD),
+        (Event::save(2, 5, false, true), state::READ),
+        (Event::save(3, 5, true, false), state::UNREAD),
+        (Event::save(4, 5, false, false), state::READ),
+        (Event::delete(5, 5), state::DELETED),
+    ];
+    for (event, expected) in cases {
+        apply(&app, std::slice::from_ref(&event)).await;
+        let (shard, index) = Keys::state_slot(event.notification_id);
+        let written: Vec<u8> = redis::cmd("BITFIELD")
+            .arg(env.key(&format!("state:{shard}")))
+            .arg("GET")
+            .arg("u2")
+            .arg(format!("#{index}"))
+            .query(&mut redis)
+            .unwrap();
+        assert_eq!(written, [expected], "{event:?}");
+    }
+}
