@@ -77,20 +77,24 @@ if vouched_by ~= server then
 end
 
 -- Each request's idempotency record. A request seen before, in an earlier call or earlier in this
--- one, is answered as its first delivery was and its events are skipped; `live` lists the ARGV
--- index of every event to apply, `request_of` the request of each.
-local answers, live, request_of, seen_here = {}, {}, {}, {}
-local REFUSED = {-3, 0, 0, 0, 0, 0}
+-- one, is answered as its first delivery was and its events are skipped. `live` lists the ARGV
+-- index of every event to apply, `live_tally` the outcome of its request, `key_of_request` each
+-- request's idempotency key (false for none). Arrays indexed from 1, not tables keyed by ARGV
+-- index: the call's bookkeeping costs little beside one event's work.
+local answers, live, live_tally, key_of_request, seen_here = {}, {}, {}, {}, {}
+local REFUSED = 'refused'
+local tallies = {}
 local next_event = FIRST_EVENT
 for r = 1, requests do
   local at = FIRST_REQUEST + REQUEST_ARGS * (r - 1)
-  local key_index, digest, n = tonumber(ARGV[at]), ARGV[at + 1], tonumber(ARGV[at + 2])
-  if key_index > 0 then
-    local key = KEYS[key_index]
+  local key_index, digest, n = ARGV[at], ARGV[at + 1], tonumber(ARGV[at + 2])
+  local key = key_index ~= '0' and KEYS[tonumber(key_index)]
+  key_of_request[r] = key
+  if key then
     local earlier = seen_here[key]
     if earlier then
       -- Filled in at the end, from the earlier request's outcome.
-      answers[r] = earlier.digest == digest and earlier.r or REFUSED
+      answers[r] = ARGV[FIRST_REQUEST + REQUEST_ARGS * (earlier - 1) + 1] == digest and earlier or REFUSED
     else
       local first = redis.call('GET', key)
       if first then
@@ -105,14 +109,17 @@ for r = 1, requests do
           answers[r] = counts
         end
       else
-        seen_here[key] = {r = r, digest = digest}
+        seen_here[key] = r
       end
     end
   end
   if answers[r] == nil then
+    local tally = {changed = 0, recorded = 0, duplicate = 0, stale = 0, after_delete = 0}
+    tallies[r] = tally
     for i = next_event, next_event + (n - 1) * EVENT_ARGS, EVENT_ARGS do
-      live[#live + 1] = i
-      request_of[i] = r
+      local k = #live + 1
+      live[k] = i
+      live_tally[k] = tally
     end
   end
   next_event = next_event + n * EVENT_ARGS
@@ -269,9 +276,6 @@ local function should_have_been_rebuilt(key, index, occurred)
     or (occurred_ms > 0 and occurred_ms < rebuilt_at)
 end
 
--- Each request's outcome.
-local tallies = {}
-for r = 1, requests do tallies[r] = {changed = 0, recorded = 0, duplicate = 0, stale = 0, after_delete = 0} end
 local deltas, users = {}, {}
 
 local count_at = {}
@@ -294,8 +298,8 @@ local function below_zero(user, delta)
 end
 -- Each state shard's key by its index as sent (tonumber is a strtod: once per shard, not per event).
 local key_of = {}
-for _, i in ipairs(live) do
-  local tally = tallies[request_of[i]]
+for k, i in ipairs(live) do
+  local tally = live_tally[k]
   local op, key_index, index, user = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
   local key = key_of[key_index]
   if key == nil then
@@ -370,19 +374,21 @@ move_counts(KEYS[1], users, deltas, count_at, ARGV[5], held)
 local reply = {}
 for r = 1, requests do
   local answer = answers[r]
-  if type(answer) == 'number' then
+  if answer == REFUSED then
+    answer = {-3, 0, 0, 0, 0, 0}
+  elseif type(answer) == 'number' then
     -- The same request twice in this call: the second is a replay of the first.
     local first = tallies[answer]
     answer = {first.changed, first.recorded, first.duplicate, first.stale, first.after_delete, 1}
   elseif answer == nil then
     local t = tallies[r]
     answer = {t.changed, t.recorded, t.duplicate, t.stale, t.after_delete}
-    local at = FIRST_REQUEST + REQUEST_ARGS * (r - 1)
-    if ARGV[at] ~= '0' and ttl > 0 then
-      redis.call('SET', KEYS[tonumber(ARGV[at])], ARGV[at + 1] .. ':' .. table.concat(answer, ' '), 'EX', ttl)
+    if key_of_request[r] and ttl > 0 then
+      local digest = ARGV[FIRST_REQUEST + REQUEST_ARGS * (r - 1) + 1]
+      redis.call('SET', key_of_request[r], digest .. ':' .. table.concat(answer, ' '), 'EX', ttl)
     end
     answer[6] = 0
   end
-  for _, n in ipairs(answer) do reply[#reply + 1] = n end
+  for j = 1, 6 do reply[#reply + 1] = answer[j] end
 end
 return reply
