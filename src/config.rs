@@ -81,8 +81,8 @@ pub struct CoreConfig {
 
     /// Threads that run the service's tasks; unset: one per core. The service mostly waits on
     /// Redis and the database: on a machine it shares with them or with the web workers, a small
-    /// number keeps its share bounded (on 2 cores, 1 served about as many requests as 2 did:
-    /// docs/benchmarks.md).
+    /// number keeps its share bounded (on 2 cores, 1 served as many reads as 2 and 11% fewer
+    /// single-event requests: docs/benchmarks.md).
     #[arg(long, global = true, env = "COUNTERSINK_WORKER_THREADS")]
     pub worker_threads: Option<usize>,
 
@@ -151,8 +151,9 @@ pub struct ServeConfig {
 
     /// Most calls of the Redis apply script at once. Event requests that arrive while they all
     /// run wait for the next call and share it (a group commit, at most --max-batch-events
-    /// events a call). Redis runs scripts one at a time, so a second call in flight only waits in
-    /// Redis; one call at a time merges the most (docs/benchmarks.md).
+    /// events a call). Redis runs scripts one at a time, so on loopback a second call in flight
+    /// only waits in Redis and one at a time merges the most (docs/design.md); with Redis across
+    /// a network, 2 hides the round trip.
     #[arg(long, env = "COUNTERSINK_APPLY_CALLS_IN_FLIGHT", default_value_t = 1)]
     pub apply_calls_in_flight: usize,
 

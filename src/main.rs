@@ -28,13 +28,20 @@ fn main() -> std::process::ExitCode {
     if let Some(problem) = filter_problem {
         tracing::warn!("{problem}");
     }
-    let outcome = cli.runtime().and_then(|runtime| runtime.block_on(cli.run()));
-    match outcome {
+    let runtime = match cli.runtime() {
+        Ok(runtime) => runtime,
+        Err(e) => return failed(&e),
+    };
+    // The outcome is reported before the runtime is dropped, which waits for blocking work.
+    match runtime.block_on(cli.run()) {
         Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            // Not eprintln!: it panics when stderr is closed.
-            let _ = writeln!(std::io::stderr(), "countersink: {e:#}");
-            std::process::ExitCode::FAILURE
-        }
+        Err(e) => failed(&e),
     }
+}
+
+/// Reports a failed command on stderr.
+fn failed(e: &anyhow::Error) -> std::process::ExitCode {
+    // Not eprintln!: it panics when stderr is closed.
+    let _ = writeln!(std::io::stderr(), "countersink: {e:#}");
+    std::process::ExitCode::FAILURE
 }
