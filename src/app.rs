@@ -174,19 +174,24 @@ impl AppState {
 
     /// The same state with other limits (tests).
     pub fn with_limits(self, limits: Limits) -> Self {
-        let mut app = Arc::unwrap_or_clone(self.0);
-        app.ingest = GroupCommit::new(app.store.clone(), limits.apply_calls_in_flight, limits.max_batch_events);
-        app.in_flight = Arc::new(tokio::sync::Semaphore::new(limits.max_concurrent_requests));
-        app.live_streams = Arc::new(tokio::sync::Semaphore::new(limits.max_live_streams));
-        app.stream_caps = StreamCaps::new(limits.max_live_streams_per_user, limits.max_live_streams_per_address);
-        app.limits = Arc::new(limits);
-        Self(Arc::new(app))
+        self.changed(|app| {
+            app.ingest = GroupCommit::new(app.store.clone(), limits.apply_calls_in_flight, limits.max_batch_events);
+            app.in_flight = Arc::new(tokio::sync::Semaphore::new(limits.max_concurrent_requests));
+            app.live_streams = Arc::new(tokio::sync::Semaphore::new(limits.max_live_streams));
+            app.stream_caps = StreamCaps::new(limits.max_live_streams_per_user, limits.max_live_streams_per_address);
+            app.limits = Arc::new(limits);
+        })
     }
 
     /// The same state with other credentials (tests).
     pub fn with_auth(self, auth: Auth) -> Self {
+        self.changed(|app| app.auth = Arc::new(auth))
+    }
+
+    /// A copy of the parts with `change` made (the parts themselves stay shared).
+    fn changed(self, change: impl FnOnce(&mut App)) -> Self {
         let mut app = Arc::unwrap_or_clone(self.0);
-        app.auth = Arc::new(auth);
+        change(&mut app);
         Self(Arc::new(app))
     }
 }

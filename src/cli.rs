@@ -159,11 +159,6 @@ impl Cli {
         }
     }
 
-    /// The runtime chosen (`--worker-threads`).
-    pub fn runtime(&self) -> anyhow::Result<tokio::runtime::Runtime> {
-        self.core.runtime()
-    }
-
     /// The log format chosen.
     pub fn log_format(&self) -> LogFormat {
         self.core.log_format

@@ -28,7 +28,7 @@ fn main() -> std::process::ExitCode {
     if let Some(problem) = filter_problem {
         tracing::warn!("{problem}");
     }
-    let runtime = match cli.runtime() {
+    let runtime = match cli.core.runtime() {
         Ok(runtime) => runtime,
         Err(e) => return failed(&e),
     };

@@ -151,6 +151,25 @@ pub struct Profile {
     pub by_symbol: String,
 }
 
+/// `perf record` of `pid` for `seconds` while `load` runs (a repeat of `scenario` that is not counted).
+async fn profiled(
+    process: &str,
+    pid: u32,
+    scenario: &str,
+    seconds: u64,
+    load: impl std::future::Future<Output = anyhow::Result<load::Measured>>,
+) -> anyhow::Result<Profile> {
+    let data = std::path::PathBuf::from(format!(
+        "target/bench/perf-{process}-{}.data",
+        scenario.replace([' ', ',', '/'], "_")
+    ));
+    let mut perf = procs::start_perf(pid, seconds, &data)?;
+    load.await?;
+    perf.wait()?;
+    let (by_object, by_symbol) = procs::perf_summary(&data)?;
+    Ok(Profile { process: process.into(), scenario: scenario.into(), by_object, by_symbol })
+}
+
 /// What a run owns; dropped at the end (or on an error): children killed, keys and schemas removed.
 struct Env {
     name: String,
@@ -323,13 +342,9 @@ pub async fn run(args: &Args) -> anyhow::Result<Results> {
             ("sidecar", sidecar_pid, "ingest, 1 event/request, spread users", 1),
             ("redis-server", redis_pid, "ingest, 100 events/request, spread users", BATCH),
         ] {
-            let data = std::path::PathBuf::from(format!("target/bench/perf-{process}.data"));
-            let mut perf = procs::start_perf(pid, seconds, &data)?;
             let make = signed_events(secret.clone(), sidecar_ids.clone(), per_request, None);
-            load::run_http(sidecar_addr, c, Duration::ZERO, measure, per_request as u64, make).await?;
-            perf.wait()?;
-            let (by_object, by_symbol) = procs::perf_summary(&data)?;
-            profiles.push(Profile { process: process.into(), scenario: scenario.into(), by_object, by_symbol });
+            let load = load::run_http(sidecar_addr, c, Duration::ZERO, measure, per_request as u64, make);
+            profiles.push(profiled(process, pid, scenario, seconds, load).await?);
         }
     } else {
         println!("  perf cannot sample here: no profiles");
@@ -548,18 +563,16 @@ pub async fn run(args: &Args) -> anyhow::Result<Results> {
     }
     // The read is the product: its profile too, in a repeat that is not counted.
     if procs::perf_available() {
-        let data = std::path::PathBuf::from("target/bench/perf-sidecar-reads.data");
-        let mut perf = procs::start_perf(sidecar_pid, seconds, &data)?;
-        load::run_http_checked(sidecar_addr, c, Duration::ZERO, measure, 1, single_read.clone(), Some(check.clone()))
-            .await?;
-        perf.wait()?;
-        let (by_object, by_symbol) = procs::perf_summary(&data)?;
-        profiles.push(Profile {
-            process: "sidecar".into(),
-            scenario: "unread-count reads".into(),
-            by_object,
-            by_symbol,
-        });
+        let load = load::run_http_checked(
+            sidecar_addr,
+            c,
+            Duration::ZERO,
+            measure,
+            1,
+            single_read.clone(),
+            Some(check.clone()),
+        );
+        profiles.push(profiled("sidecar", sidecar_pid, "unread-count reads", seconds, load).await?);
     }
     let sidecar_rss_peak_mib = procs::status_kib(sidecar_pid, "VmHWM")?.max(sidecar_hwm_ingest) as f64 / 1024.0;
     stop_child(&mut env, sidecar_pid);
