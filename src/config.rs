@@ -33,6 +33,10 @@ pub const MIN_STREAM_TOKEN_SECS: u64 = 60;
 /// access log) must be useless within a day.
 pub const MAX_STREAM_TOKEN_SECS: u64 = 24 * 60 * 60;
 
+/// The most `--worker-threads`: each is an OS thread started with the runtime, and a sidecar that
+/// mostly waits on Redis has no use for more.
+pub const MAX_WORKER_THREADS: usize = 1024;
+
 /// Settings every subcommand needs: where Redis and the database are.
 #[derive(Debug, Clone, Args)]
 pub struct CoreConfig {
@@ -79,7 +83,7 @@ pub struct CoreConfig {
     #[command(flatten)]
     pub source: SourceConfig,
 
-    /// Threads that run the service's tasks; unset: one per core. The service mostly waits on
+    /// Threads that run the service's tasks (1 to 1024); unset: one per core. The service mostly waits on
     /// Redis and the database: on a machine it shares with them or with the web workers, a small
     /// number keeps its share bounded (on 2 cores, 1 served as many reads as 2 and 11% fewer
     /// single-event requests: docs/benchmarks.md).
@@ -153,7 +157,7 @@ pub struct ServeConfig {
     /// run wait for the next call and share it (a group commit, at most --max-batch-events
     /// events a call). Redis runs scripts one at a time, so on loopback a second call in flight
     /// only waits in Redis and one at a time merges the most (docs/design.md); with Redis across
-    /// a network, 2 hides the round trip.
+    /// a network, 2 should hide the round trip (not measured).
     #[arg(long, env = "COUNTERSINK_APPLY_CALLS_IN_FLIGHT", default_value_t = 1)]
     pub apply_calls_in_flight: usize,
 
@@ -290,6 +294,14 @@ impl CoreConfig {
         let mut builder = tokio::runtime::Builder::new_multi_thread();
         if let Some(threads) = self.worker_threads {
             at_least_one(threads, "--worker-threads", "COUNTERSINK_WORKER_THREADS")?;
+            if threads > MAX_WORKER_THREADS {
+                return Err(ConfigError::new(
+                    "--worker-threads",
+                    "COUNTERSINK_WORKER_THREADS",
+                    format!("at most {MAX_WORKER_THREADS}, got {threads}"),
+                )
+                .into());
+            }
             builder.worker_threads(threads);
         }
         Ok(builder.enable_all().build()?)

@@ -70,12 +70,13 @@ async fn fresh_mysql_database_is_migrated_by_the_migrate_command() {
 #[tokio::test]
 async fn invalid_settings_stop_start_up_naming_the_variable() {
     let env = TestEnv::sqlite().await;
-    let cases: [(&[&str], &str); 10] = [
+    let cases: [(&[&str], &str); 11] = [
         (&["serve"], "COUNTERSINK_WEBHOOK_SECRET"),
         (&["serve", "--webhook-secret", "not-a-whsec-secret"], "COUNTERSINK_WEBHOOK_SECRET"),
         (&["--database-url", "sqlite://", "migrate"], "COUNTERSINK_DATABASE_URL"),
         (&["--database-url", "http://example", "migrate"], "COUNTERSINK_DATABASE_URL"),
         (&["--redis-url", "localhost:6379", "flush"], "COUNTERSINK_REDIS_URL"),
+        (&["--worker-threads", "100000", "flush"], "COUNTERSINK_WORKER_THREADS"),
         (&["--flush-chunk-users", "20000", "flush"], "COUNTERSINK_FLUSH_CHUNK_USERS"),
         (&["serve", "--flush-cron", "every minute"], "COUNTERSINK_FLUSH_CRON"),
         (&["serve", "--insecure-no-auth", "--max-read-users", "20000"], "COUNTERSINK_MAX_READ_USERS"),
