@@ -84,18 +84,19 @@ end
 local answers, live, live_tally, key_of_request, seen_here = {}, {}, {}, {}, {}
 local REFUSED = 'refused'
 local tallies = {}
-local function digest_of(r) return ARGV[FIRST_REQUEST + REQUEST_ARGS * (r - 1) + 1] end
+-- A request's digest is ARGV[FIRST_REQUEST + REQUEST_ARGS * (r - 1) + 1], written out where it is
+-- read: a helper function is a closure made at every call, 2% of a one-request call's work.
 local next_event = FIRST_EVENT
 for r = 1, requests do
   local at = FIRST_REQUEST + REQUEST_ARGS * (r - 1)
-  local key_index, digest, n = ARGV[at], digest_of(r), tonumber(ARGV[at + 2])
+  local key_index, digest, n = ARGV[at], ARGV[at + 1], tonumber(ARGV[at + 2])
   local key = key_index ~= '0' and KEYS[tonumber(key_index)]
   key_of_request[r] = key
   if key then
     local earlier = seen_here[key]
     if earlier then
       -- Filled in at the end, from the earlier request's outcome.
-      answers[r] = digest_of(earlier) == digest and earlier or REFUSED
+      answers[r] = ARGV[FIRST_REQUEST + REQUEST_ARGS * (earlier - 1) + 1] == digest and earlier or REFUSED
     else
       local first = redis.call('GET', key)
       if first then
@@ -385,7 +386,8 @@ for r = 1, requests do
     local t = tallies[r]
     answer = {t.changed, t.recorded, t.duplicate, t.stale, t.after_delete}
     if key_of_request[r] and ttl > 0 then
-      redis.call('SET', key_of_request[r], digest_of(r) .. ':' .. table.concat(answer, ' '), 'EX', ttl)
+      local digest = ARGV[FIRST_REQUEST + REQUEST_ARGS * (r - 1) + 1]
+      redis.call('SET', key_of_request[r], digest .. ':' .. table.concat(answer, ' '), 'EX', ttl)
     end
     answer[6] = 0
   end
