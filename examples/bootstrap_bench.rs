@@ -13,8 +13,8 @@ use std::time::Instant;
 
 use anyhow::Context;
 use countersink::app::AppState;
+use countersink::config::SourceConfig;
 use countersink::config::{CoreConfig, LogFormat};
-use countersink::source::SourceConfig;
 use diesel::{Connection, PgConnection, RunQueryDsl};
 
 #[tokio::main]

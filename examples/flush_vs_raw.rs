@@ -42,7 +42,7 @@ async fn main() -> anyhow::Result<()> {
             flush_chunk_users: CHUNK,
             flush_lock_ttl_secs: 600,
             flush_timeout_secs: 600,
-            source: countersink::source::SourceConfig::default(),
+            source: countersink::config::SourceConfig::default(),
             worker_threads: None,
             log_format: LogFormat::Text,
         };

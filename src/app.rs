@@ -5,12 +5,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::config::{CoreConfig, ServeConfig};
+use crate::credentials::Auth;
 use crate::db::Db;
 use crate::flush::Flusher;
-use crate::http::auth::Auth;
 use crate::live::caps::StreamCaps;
 use crate::live::Live;
 use crate::reconcile::Reconciler;
+use crate::source::Source;
 use crate::store::{GroupCommit, Store};
 
 /// Everything a handler needs: one shared [`App`], so the clone that every middleware layer and
@@ -137,7 +138,7 @@ impl AppState {
     /// Builds the state; connects lazily, so this succeeds while Redis or the database is down.
     /// Without `serve` (the CLI), requests are not authenticated.
     pub fn new(core: &CoreConfig, serve: Option<&ServeConfig>) -> anyhow::Result<Self> {
-        let source = core.source.resolve()?;
+        let source = Source::from_config(&core.source)?;
         let store = Store::connect(&core.redis_url, &core.redis_prefix)?;
         // With a Notification table to rebuild from, a lost state is refused until rebuilt.
         let store = if source.is_some() { store.requiring_bootstrap() } else { store };

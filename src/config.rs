@@ -10,7 +10,6 @@ use std::time::Duration;
 use clap::{Args, ValueEnum};
 
 use crate::db::{Backend, MAX_BINDS};
-use crate::source::SourceConfig;
 
 /// The most users a flush writes in one upsert statement.
 ///
@@ -93,6 +92,47 @@ pub struct CoreConfig {
     /// Log format: `text` for people, `json` for log shippers.
     #[arg(long, global = true, env = "COUNTERSINK_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+}
+
+/// Where the notifications are. Optional: without `--source-table`, reconcile and recount are off.
+#[derive(Debug, Clone, Args)]
+pub struct SourceConfig {
+    /// The Notification table (Django's `db_table`, e.g. `notifications_notification`).
+    #[arg(long, global = true, env = "COUNTERSINK_SOURCE_TABLE")]
+    pub source_table: Option<String>,
+
+    /// Its primary-key column.
+    #[arg(long, global = true, env = "COUNTERSINK_SOURCE_ID_COLUMN", default_value = "id")]
+    pub source_id_column: String,
+
+    /// Its recipient column (a foreign key's column, e.g. `recipient_id`).
+    #[arg(long, global = true, env = "COUNTERSINK_SOURCE_USER_COLUMN", default_value = "recipient_id")]
+    pub source_user_column: String,
+
+    /// Its read-state column.
+    #[arg(long, global = true, env = "COUNTERSINK_SOURCE_UNREAD_COLUMN", default_value = "unread")]
+    pub source_unread_column: String,
+
+    /// The value of the read-state column that means unread: `true` for `unread`, `false` for `is_read`.
+    #[arg(long, global = true, env = "COUNTERSINK_SOURCE_UNREAD_WHEN", default_value_t = true, action = clap::ArgAction::Set)]
+    pub source_unread_when: bool,
+
+    /// A soft-delete column, if any: a true value counts as deleted.
+    #[arg(long, global = true, env = "COUNTERSINK_SOURCE_DELETED_COLUMN")]
+    pub source_deleted_column: Option<String>,
+}
+
+impl Default for SourceConfig {
+    fn default() -> Self {
+        SourceConfig {
+            source_table: None,
+            source_id_column: "id".into(),
+            source_user_column: "recipient_id".into(),
+            source_unread_column: "unread".into(),
+            source_unread_when: true,
+            source_deleted_column: None,
+        }
+    }
 }
 
 /// How log lines are written.
@@ -337,7 +377,6 @@ impl CoreConfig {
                 format!("must be from 1 to {MAX_FLUSH_CHUNK_USERS}"),
             ));
         }
-        self.source.resolve()?;
         at_least_one(self.flush_timeout_secs, "--flush-timeout-secs", "COUNTERSINK_FLUSH_TIMEOUT_SECS")?;
         if self.flush_lock_ttl_secs < 3 {
             return Err(ConfigError::new(

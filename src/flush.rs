@@ -224,7 +224,7 @@ impl Flusher {
             Ok(report) => report,
             Err(reason) => return Ok(skipped(reason, started)),
         };
-        metrics::flush_succeeded(&report, started.elapsed());
+        metrics::flush_succeeded(report.users_written, report.batches.len(), started.elapsed());
         report.duration_ms = started.elapsed().as_millis() as u64;
         // An idle service flushes nothing every 10 s: that is no news at info.
         if report.batches.is_empty() {

@@ -23,6 +23,7 @@
 //! | [`app`]       | the shared state handed to handlers and jobs                              |
 //! | [`http`]      | the axum router, one file per endpoint group, request authentication      |
 //! | [`live`]      | live counts: the pub/sub subscriber and fan-out behind the SSE stream     |
+//! | [`credentials`] | who may call what: webhook secrets, bearer tokens, their checks       |
 //! | [`webhook`]   | the Standard Webhooks signature scheme                                    |
 //! | [`metrics`]   | the Prometheus registry and the name of every metric                      |
 //! | [`crash_point`] | named steps where the crash tests SIGKILL the process (tests only)      |
@@ -35,6 +36,7 @@ pub mod cli;
 pub mod config;
 pub mod counts;
 pub mod crash_point;
+pub mod credentials;
 pub mod db;
 pub mod error;
 pub mod events;

@@ -39,9 +39,6 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
-use crate::flush::FlushReport;
-use crate::store::{Applied, ApplyOutcome};
-
 /// The content type of [`encode`]'s output (OpenMetrics text, which Prometheus scrapes).
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
@@ -307,34 +304,22 @@ pub fn apply_call(requests: usize) {
 
 /// Counts `recount` events whose users were queued.
 pub fn recounts_queued(users: usize) {
-    if users > 0 {
-        METRICS.events_applied.get_or_create(&OutcomeLabel { outcome: "recount_queued" }).inc_by(users as u64);
+    events_applied("recount_queued", users as u64);
+}
+
+/// Counts `n` events of a request by what they did (`changed`, `recorded`); a zero is not counted.
+pub fn events_applied(outcome: &'static str, n: u64) {
+    if n > 0 {
+        METRICS.events_applied.get_or_create(&OutcomeLabel { outcome }).inc_by(n);
     }
 }
 
-/// Counts what applying a request's transitions did (a replay: all of them as `replayed`).
-pub fn events_applied(applied: &Applied) {
-    let m = &*METRICS;
-    let applied_with = |outcome: &'static str, n: u64| {
-        if n > 0 {
-            m.events_applied.get_or_create(&OutcomeLabel { outcome }).inc_by(n);
-        }
-    };
-    let duplicate_for = |reason: &'static str, n: u64| {
-        if n > 0 {
-            m.events_duplicate.get_or_create(&ReasonLabel { reason }).inc_by(n);
-        }
-    };
-    let ApplyOutcome { changed, recorded, duplicate, stale, after_delete } = applied.outcome;
-    if applied.replayed {
-        duplicate_for("replayed", changed + recorded + duplicate + stale + after_delete);
-        return;
+/// Counts `n` events that changed nothing by why (`duplicate`, `stale`, `after_delete`,
+/// `replayed`); a zero is not counted.
+pub fn events_duplicate(reason: &'static str, n: u64) {
+    if n > 0 {
+        METRICS.events_duplicate.get_or_create(&ReasonLabel { reason }).inc_by(n);
     }
-    applied_with("changed", changed);
-    applied_with("recorded", recorded);
-    duplicate_for("duplicate", duplicate);
-    duplicate_for("stale", stale);
-    duplicate_for("after_delete", after_delete);
 }
 
 /// Counts a rejected `POST /v1/events` request by its error code.
@@ -366,12 +351,12 @@ pub fn set_pending_users(users: u64) {
     METRICS.pending_users.set(i64::try_from(users).unwrap_or(i64::MAX));
 }
 
-/// Records a successful flush.
-pub fn flush_succeeded(report: &FlushReport, elapsed: Duration) {
+/// Records a successful flush that wrote `users_written` rows from `batches` batches.
+pub fn flush_succeeded(users_written: u64, batches: usize, elapsed: Duration) {
     let m = &*METRICS;
     m.flush_duration.observe(elapsed.as_secs_f64());
-    m.flush_rows.inc_by(report.users_written);
-    m.flush_batches.inc_by(report.batches.len() as u64);
+    m.flush_rows.inc_by(users_written);
+    m.flush_batches.inc_by(batches as u64);
     let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
     m.last_flush_success.set(now.as_secs_f64());
 }

@@ -1,55 +1,13 @@
 //! The Notification table: the truth that reconcile reads. Configuration names the table and
 //! its columns; identifiers are validated (letters, digits, `_`, an optional `schema.` prefix)
 //! and quoted, so configuration cannot inject SQL. The SQL is written when a query runs, for the
-//! connection's backend (`Dialect`): how identifiers are quoted, how integers are cast.
+//! connection's backend ([`Backend::quote`], [`Backend::bigint`]).
 
-use clap::Args;
 use diesel::sql_types::{BigInt, Integer};
 use diesel::{QueryableByName, RunQueryDsl};
 
-use crate::config::ConfigError;
-use crate::db::{DbConnection, DbError};
-
-/// Where the notifications are. Optional: without `--source-table`, reconcile and recount are off.
-#[derive(Debug, Clone, Args)]
-pub struct SourceConfig {
-    /// The Notification table (Django's `db_table`, e.g. `notifications_notification`).
-    #[arg(long, global = true, env = "COUNTERSINK_SOURCE_TABLE")]
-    pub source_table: Option<String>,
-
-    /// Its primary-key column.
-    #[arg(long, global = true, env = "COUNTERSINK_SOURCE_ID_COLUMN", default_value = "id")]
-    pub source_id_column: String,
-
-    /// Its recipient column (a foreign key's column, e.g. `recipient_id`).
-    #[arg(long, global = true, env = "COUNTERSINK_SOURCE_USER_COLUMN", default_value = "recipient_id")]
-    pub source_user_column: String,
-
-    /// Its read-state column.
-    #[arg(long, global = true, env = "COUNTERSINK_SOURCE_UNREAD_COLUMN", default_value = "unread")]
-    pub source_unread_column: String,
-
-    /// The value of the read-state column that means unread: `true` for `unread`, `false` for `is_read`.
-    #[arg(long, global = true, env = "COUNTERSINK_SOURCE_UNREAD_WHEN", default_value_t = true, action = clap::ArgAction::Set)]
-    pub source_unread_when: bool,
-
-    /// A soft-delete column, if any: a true value counts as deleted.
-    #[arg(long, global = true, env = "COUNTERSINK_SOURCE_DELETED_COLUMN")]
-    pub source_deleted_column: Option<String>,
-}
-
-impl Default for SourceConfig {
-    fn default() -> Self {
-        SourceConfig {
-            source_table: None,
-            source_id_column: "id".into(),
-            source_user_column: "recipient_id".into(),
-            source_unread_column: "unread".into(),
-            source_unread_when: true,
-            source_deleted_column: None,
-        }
-    }
-}
+use crate::config::{ConfigError, SourceConfig};
+use crate::db::{Backend, DbConnection, DbError};
 
 /// A validated mapping of the Notification table, ready to build queries.
 #[derive(Debug, Clone)]
@@ -70,45 +28,6 @@ struct Identifier(Vec<String>);
 impl std::fmt::Display for Identifier {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(&self.0.join("."))
-    }
-}
-
-/// The SQL that differs between backends in the queries built here.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Dialect {
-    /// PostgreSQL: `"quoted"` identifiers, `CAST(x AS BIGINT)`.
-    Postgres,
-    /// SQLite: `` `quoted` `` identifiers, because a double-quoted name that matches no column is
-    /// read as a string there (a misspelt column would pass the check and count nothing as
-    /// unread); `CAST(x AS BIGINT)`.
-    Sqlite,
-    /// MySQL and MariaDB: `` `quoted` `` identifiers (double quotes are strings), and
-    /// `CAST(x AS SIGNED)`, its 64-bit integer (it has no `CAST(x AS BIGINT)`).
-    Mysql,
-}
-
-impl Dialect {
-    fn of(conn: &DbConnection) -> Dialect {
-        match conn {
-            DbConnection::Pg(_) => Dialect::Postgres,
-            DbConnection::Sqlite(_) => Dialect::Sqlite,
-            DbConnection::Mysql(_) => Dialect::Mysql,
-        }
-    }
-
-    fn quote(self, name: &Identifier) -> String {
-        let mark = match self {
-            Dialect::Postgres => '"',
-            Dialect::Sqlite | Dialect::Mysql => '`',
-        };
-        name.0.iter().map(|part| format!("{mark}{part}{mark}")).collect::<Vec<_>>().join(".")
-    }
-
-    fn bigint(self, expression: &str) -> String {
-        match self {
-            Dialect::Postgres | Dialect::Sqlite => format!("CAST({expression} AS BIGINT)"),
-            Dialect::Mysql => format!("CAST({expression} AS SIGNED)"),
-        }
     }
 }
 
@@ -139,20 +58,25 @@ struct Probe {
     one: i32,
 }
 
-impl SourceConfig {
-    /// The validated mapping, or `None` when no table is configured.
-    pub fn resolve(&self) -> Result<Option<Source>, ConfigError> {
-        let Some(table) = &self.source_table else { return Ok(None) };
+/// `name` quoted for `backend`, each part of `schema.table` on its own.
+fn quote(backend: Backend, name: &Identifier) -> String {
+    name.0.iter().map(|part| backend.quote(part)).collect::<Vec<_>>().join(".")
+}
+
+impl Source {
+    /// The mapping `config` describes, its names checked, or `None` when no table is configured.
+    pub fn from_config(config: &SourceConfig) -> Result<Option<Source>, ConfigError> {
+        let Some(table) = &config.source_table else { return Ok(None) };
         let table =
             identifier(table, true).map_err(|p| ConfigError::new("--source-table", "COUNTERSINK_SOURCE_TABLE", p))?;
         let column = |value: &str, flag, env| identifier(value, false).map_err(|p| ConfigError::new(flag, env, p));
         Ok(Some(Source {
             table,
-            id: column(&self.source_id_column, "--source-id-column", "COUNTERSINK_SOURCE_ID_COLUMN")?,
-            user: column(&self.source_user_column, "--source-user-column", "COUNTERSINK_SOURCE_USER_COLUMN")?,
-            unread: column(&self.source_unread_column, "--source-unread-column", "COUNTERSINK_SOURCE_UNREAD_COLUMN")?,
-            unread_when: self.source_unread_when,
-            deleted: self
+            id: column(&config.source_id_column, "--source-id-column", "COUNTERSINK_SOURCE_ID_COLUMN")?,
+            user: column(&config.source_user_column, "--source-user-column", "COUNTERSINK_SOURCE_USER_COLUMN")?,
+            unread: column(&config.source_unread_column, "--source-unread-column", "COUNTERSINK_SOURCE_UNREAD_COLUMN")?,
+            unread_when: config.source_unread_when,
+            deleted: config
                 .source_deleted_column
                 .as_deref()
                 .map(|c| column(c, "--source-deleted-column", "COUNTERSINK_SOURCE_DELETED_COLUMN"))
@@ -181,29 +105,29 @@ fn identifier(name: &str, allow_schema: bool) -> Result<Identifier, String> {
 
 impl Source {
     /// The expression giving a row's state (see [`crate::store::state`]).
-    fn state_expression(&self, dialect: Dialect) -> String {
+    fn state_expression(&self, backend: Backend) -> String {
         use crate::store::state::{DELETED, READ, UNREAD};
         let deleted =
-            self.deleted.as_ref().map(|d| format!("WHEN {} THEN {DELETED} ", dialect.quote(d))).unwrap_or_default();
-        let unread = dialect.quote(&self.unread);
+            self.deleted.as_ref().map(|d| format!("WHEN {} THEN {DELETED} ", quote(backend, d))).unwrap_or_default();
+        let unread = quote(backend, &self.unread);
         let unread = if self.unread_when { unread } else { format!("NOT {unread}") };
         format!("CASE {deleted}WHEN {unread} THEN {UNREAD} ELSE {READ} END")
     }
 
-    fn select_rows(&self, dialect: Dialect) -> String {
+    fn select_rows(&self, backend: Backend) -> String {
         format!(
             "SELECT {id} AS id, {user} AS user_id, {state} AS state FROM {table}",
-            id = dialect.bigint(&dialect.quote(&self.id)),
-            user = dialect.bigint(&dialect.quote(&self.user)),
-            state = self.state_expression(dialect),
-            table = dialect.quote(&self.table),
+            id = backend.bigint(&quote(backend, &self.id)),
+            user = backend.bigint(&quote(backend, &self.user)),
+            state = self.state_expression(backend),
+            table = quote(backend, &self.table),
         )
     }
 
     /// Fails with a message naming the missing table or column.
     pub fn check(&self, conn: &mut DbConnection) -> Result<(), String> {
-        let dialect = Dialect::of(conn);
-        let table = dialect.quote(&self.table);
+        let backend = conn.backend();
+        let table = quote(backend, &self.table);
         diesel::sql_query(format!("SELECT 1 AS one FROM {table} WHERE 1 = 0"))
             .load::<Probe>(conn)
             .map_err(|e| format!("the source table {} cannot be read: {e}", self.table))?;
@@ -215,12 +139,12 @@ impl Source {
         for (flag, column) in columns {
             diesel::sql_query(format!(
                 "SELECT 1 AS one FROM {table} WHERE 1 = 0 AND {} IS NULL",
-                dialect.quote(column)
+                quote(backend, column)
             ))
             .load::<Probe>(conn)
             .map_err(|e| format!("column {column} ({flag}) is not in {}: {e}", self.table))?;
         }
-        diesel::sql_query(format!("{} WHERE 1 = 0", self.select_rows(dialect)))
+        diesel::sql_query(format!("{} WHERE 1 = 0", self.select_rows(backend)))
             .load::<SourceRow>(conn)
             .map_err(|e| format!("the columns of {} cannot be read as id, user and read state: {e}", self.table))?;
         Ok(())
@@ -231,9 +155,9 @@ impl Source {
         if users.is_empty() {
             return Ok(Vec::new());
         }
-        let dialect = Dialect::of(conn);
+        let backend = conn.backend();
         let list = users.iter().map(u64::to_string).collect::<Vec<_>>().join(",");
-        let sql = format!("{} WHERE {} IN ({list})", self.select_rows(dialect), dialect.quote(&self.user));
+        let sql = format!("{} WHERE {} IN ({list})", self.select_rows(backend), quote(backend, &self.user));
         Ok(diesel::sql_query(sql).load(conn)?)
     }
 
@@ -244,10 +168,10 @@ impl Source {
         after: Option<i64>,
         limit: usize,
     ) -> Result<Vec<SourceRow>, DbError> {
-        let dialect = Dialect::of(conn);
-        let id = dialect.quote(&self.id);
+        let backend = conn.backend();
+        let id = quote(backend, &self.id);
         let floor = after.map(|a| format!(" WHERE {id} > {a}")).unwrap_or_default();
-        let sql = format!("{}{floor} ORDER BY {id} LIMIT {limit}", self.select_rows(dialect));
+        let sql = format!("{}{floor} ORDER BY {id} LIMIT {limit}", self.select_rows(backend));
         Ok(diesel::sql_query(sql).load(conn)?)
     }
 
@@ -258,23 +182,23 @@ impl Source {
             #[diesel(sql_type = BigInt)]
             n: i64,
         }
-        let dialect = Dialect::of(conn);
-        let floor = after.map(|a| format!(" WHERE {} > {a}", dialect.quote(&self.id))).unwrap_or_default();
-        let sql = format!("SELECT {} AS n FROM {}{floor}", dialect.bigint("COUNT(*)"), dialect.quote(&self.table));
+        let backend = conn.backend();
+        let floor = after.map(|a| format!(" WHERE {} > {a}", quote(backend, &self.id))).unwrap_or_default();
+        let sql = format!("SELECT {} AS n FROM {}{floor}", backend.bigint("COUNT(*)"), quote(backend, &self.table));
         let rows: Vec<Count> = diesel::sql_query(sql).load(conn)?;
         Ok(rows.first().map_or(0, |c| c.n as u64))
     }
 
     /// Up to `limit` user ids after `after`, in order: every user with a notification or a stored count.
     pub fn users_after(&self, conn: &mut DbConnection, after: Option<u64>, limit: usize) -> Result<Vec<u64>, DbError> {
-        let dialect = Dialect::of(conn);
+        let backend = conn.backend();
         let floor = after.map(|a| a as i64).unwrap_or(-1);
         let sql = format!(
             "SELECT user_id FROM (SELECT {user} AS user_id FROM {table} \
              UNION SELECT user_id FROM countersink_usernotificationscount) AS users \
              WHERE user_id > {floor} ORDER BY user_id LIMIT {limit}",
-            user = dialect.bigint(&dialect.quote(&self.user)),
-            table = dialect.quote(&self.table),
+            user = backend.bigint(&quote(backend, &self.user)),
+            table = quote(backend, &self.table),
         );
         let rows: Vec<UserRow> = diesel::sql_query(sql).load(conn)?;
         Ok(rows.into_iter().map(|r| r.user_id as u64).collect())
@@ -288,12 +212,12 @@ mod tests {
     #[test]
     fn identifiers_are_quoted_per_backend_and_injection_is_refused() {
         let table = identifier("notifications_notification", true);
-        assert_eq!(table.as_ref().map(|t| Dialect::Postgres.quote(t)), Ok("\"notifications_notification\"".into()));
-        assert_eq!(table.as_ref().map(|t| Dialect::Mysql.quote(t)), Ok("`notifications_notification`".into()));
+        assert_eq!(table.as_ref().map(|t| quote(Backend::Postgres, t)), Ok("\"notifications_notification\"".into()));
+        assert_eq!(table.as_ref().map(|t| quote(Backend::Mysql, t)), Ok("`notifications_notification`".into()));
         let qualified = identifier("app.notification", true);
-        assert_eq!(qualified.as_ref().map(|t| Dialect::Postgres.quote(t)), Ok("\"app\".\"notification\"".into()));
-        assert_eq!(qualified.as_ref().map(|t| Dialect::Mysql.quote(t)), Ok("`app`.`notification`".into()));
-        assert_eq!(qualified.as_ref().map(|t| Dialect::Sqlite.quote(t)), Ok("`app`.`notification`".into()));
+        assert_eq!(qualified.as_ref().map(|t| quote(Backend::Postgres, t)), Ok("\"app\".\"notification\"".into()));
+        assert_eq!(qualified.as_ref().map(|t| quote(Backend::Mysql, t)), Ok("`app`.`notification`".into()));
+        assert_eq!(qualified.as_ref().map(|t| quote(Backend::Sqlite, t)), Ok("`app`.`notification`".into()));
         for bad in ["", "a.b.c", "1abc", "n; DROP TABLE x", "n\"x", "n`x", "a b", "unread--"] {
             assert!(identifier(bad, true).is_err(), "{bad}");
         }
@@ -303,12 +227,12 @@ mod tests {
     #[test]
     fn state_follows_polarity_and_soft_delete() {
         let mut config = SourceConfig { source_table: Some("n".into()), ..SourceConfig::default() };
-        let source = config.resolve().ok().flatten().map(|s| s.state_expression(Dialect::Postgres));
+        let source = Source::from_config(&config).ok().flatten().map(|s| s.state_expression(Backend::Postgres));
         assert_eq!(source.as_deref(), Some("CASE WHEN \"unread\" THEN 2 ELSE 1 END"));
         config.source_unread_column = "is_read".into();
         config.source_unread_when = false;
         config.source_deleted_column = Some("deleted".into());
-        let source = config.resolve().ok().flatten().map(|s| s.state_expression(Dialect::Mysql));
+        let source = Source::from_config(&config).ok().flatten().map(|s| s.state_expression(Backend::Mysql));
         assert_eq!(source.as_deref(), Some("CASE WHEN `deleted` THEN 3 WHEN NOT `is_read` THEN 2 ELSE 1 END"));
     }
 }

@@ -11,7 +11,7 @@ use axum::http::{Request, StatusCode};
 use axum::Router;
 use common::TestEnv;
 use countersink::app::{AppState, Limits};
-use countersink::http::auth::{Auth, BearerToken};
+use countersink::credentials::{Auth, BearerToken};
 use countersink::webhook::WebhookSecret;
 use futures_util::StreamExt;
 use http_body_util::BodyExt;

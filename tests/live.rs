@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use common::{OwnRedis, TestEnv};
 use countersink::app::{AppState, Limits};
-use countersink::http::auth::{Auth, BearerToken};
+use countersink::credentials::{Auth, BearerToken};
 use countersink::live::token;
 use countersink::webhook::WebhookSecret;
 use serde_json::{json, Value};

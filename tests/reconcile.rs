@@ -140,7 +140,7 @@ async fn either_polarity_and_soft_delete_are_read_from_the_table() {
             "INSERT INTO inbox VALUES (1, 5, FALSE, FALSE), (2, 5, TRUE, FALSE), (3, 5, FALSE, TRUE), (4, 5, FALSE, NULL)",
         )
         .await;
-        env.core.source = countersink::source::SourceConfig {
+        env.core.source = countersink::config::SourceConfig {
             source_table: Some("inbox".into()),
             source_id_column: "pk".into(),
             source_user_column: "owner".into(),
@@ -472,9 +472,9 @@ async fn text_backed_inbox() -> TestEnv {
         .await;
     env.sql("CREATE VIEW inbox AS SELECT id, recipient_id, CAST(unread AS BOOLEAN) AS unread FROM legacy_inbox").await;
     env.sql("INSERT INTO legacy_inbox SELECT n, n, 'true' FROM generate_series(1, 450) AS n").await;
-    env.core.source = countersink::source::SourceConfig {
+    env.core.source = countersink::config::SourceConfig {
         source_table: Some("inbox".into()),
-        ..countersink::source::SourceConfig::default()
+        ..countersink::config::SourceConfig::default()
     };
     env.state()
         .reconciler

@@ -203,7 +203,7 @@ impl Env {
             flush_chunk_users: 5_000,
             flush_lock_ttl_secs: 600,
             flush_timeout_secs: 600,
-            source: countersink::source::SourceConfig::default(),
+            source: countersink::config::SourceConfig::default(),
             worker_threads: None,
             log_format: LogFormat::Text,
         }

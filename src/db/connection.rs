@@ -23,6 +23,17 @@ pub enum DbConnection {
     Mysql(MysqlConnection),
 }
 
+impl DbConnection {
+    /// The backend this connection talks to.
+    pub fn backend(&self) -> Backend {
+        match self {
+            DbConnection::Pg(_) => Backend::Postgres,
+            DbConnection::Sqlite(_) => Backend::Sqlite,
+            DbConnection::Mysql(_) => Backend::Mysql,
+        }
+    }
+}
+
 /// Opens connections for the pool to the one backend the URL's scheme named.
 ///
 /// diesel's own `ConnectionManager<DbConnection>` goes through the derived

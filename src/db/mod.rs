@@ -46,6 +46,25 @@ pub enum Backend {
 }
 
 impl Backend {
+    /// A checked identifier (letters, digits and `_`: nothing to escape) quoted for this backend:
+    /// `"name"` on PostgreSQL; `` `name` `` on MySQL, where double quotes are strings, and on
+    /// SQLite, where a double-quoted name that matches no column is read as a string (a misspelt
+    /// column would pass a check and count nothing).
+    pub fn quote(self, identifier: &str) -> String {
+        match self {
+            Backend::Postgres => format!("\"{identifier}\""),
+            Backend::Sqlite | Backend::Mysql => format!("`{identifier}`"),
+        }
+    }
+
+    /// `expression` cast to a 64-bit integer: MySQL and MariaDB have no `CAST(x AS BIGINT)`.
+    pub fn bigint(self, expression: &str) -> String {
+        match self {
+            Backend::Postgres | Backend::Sqlite => format!("CAST({expression} AS BIGINT)"),
+            Backend::Mysql => format!("CAST({expression} AS SIGNED)"),
+        }
+    }
+
     /// Picks the backend from the URL's scheme.
     pub fn from_url(url: &str) -> Result<Backend, String> {
         if url.starts_with("postgres://") || url.starts_with("postgresql://") {

@@ -12,7 +12,7 @@ use crate::error::AppError;
 use crate::error::ErrorBody;
 use crate::events::{parse_batch, Event, WireBatch};
 use crate::metrics;
-use crate::store::{ApplyOutcome, Idempotency, Keys, StoreError};
+use crate::store::{Applied, ApplyOutcome, Idempotency, Keys, StoreError};
 
 /// What a request's events did.
 #[derive(Debug, serde::Serialize, utoipa::ToSchema)]
@@ -84,7 +84,7 @@ pub async fn post_events(
         }
         applied => applied?,
     };
-    metrics::events_applied(&applied);
+    count_outcomes(&applied);
     let outcomes = applied.outcome;
     if outcomes.after_delete > 0 {
         // The script queued the users of saves that came after a delete (apply_events.lua).
@@ -108,6 +108,20 @@ pub async fn post_events(
         replayed: applied.replayed,
         recounts_queued,
     }))
+}
+
+/// Counts what a request's events did in `/metrics` (a replay: all of them as `replayed`).
+fn count_outcomes(applied: &Applied) {
+    let ApplyOutcome { changed, recorded, duplicate, stale, after_delete } = applied.outcome;
+    if applied.replayed {
+        metrics::events_duplicate("replayed", changed + recorded + duplicate + stale + after_delete);
+        return;
+    }
+    metrics::events_applied("changed", changed);
+    metrics::events_applied("recorded", recorded);
+    metrics::events_duplicate("duplicate", duplicate);
+    metrics::events_duplicate("stale", stale);
+    metrics::events_duplicate("after_delete", after_delete);
 }
 
 /// Refuses a request whose events would create more than `--max-new-state-shards` state shards.

@@ -149,10 +149,10 @@ impl TestEnv {
             }
         };
         self.sql(ddl).await;
-        self.core.source = countersink::source::SourceConfig {
+        self.core.source = countersink::config::SourceConfig {
             source_table: Some("notifications_notification".into()),
             source_deleted_column: Some("deleted".into()),
-            ..countersink::source::SourceConfig::default()
+            ..countersink::config::SourceConfig::default()
         };
         // With a source, events wait for a bootstrap; the table is empty, so this is instant.
         self.state()
@@ -291,7 +291,7 @@ pub fn core_config(prefix: &str, database_url: &str) -> CoreConfig {
         flush_chunk_users: 100,
         flush_lock_ttl_secs: 30,
         flush_timeout_secs: 30,
-        source: countersink::source::SourceConfig::default(),
+        source: countersink::config::SourceConfig::default(),
         worker_threads: None,
         log_format: countersink::config::LogFormat::Text,
     }
