@@ -75,7 +75,7 @@ async fn run(database_url: &str, redis_url: &str, prefix: &str, rows: u64, users
     state.db.migrate().await?;
     let started = Instant::now();
     let report = state
-        .reconciler
+        .bootstrapper
         .bootstrap(
             countersink::bootstrap::Batching::default(),
             countersink::bootstrap::Rebuild::Always,

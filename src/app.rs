@@ -4,6 +4,7 @@ use std::ops::Deref;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::bootstrap::Bootstrapper;
 use crate::config::{CoreConfig, ServeConfig};
 use crate::credentials::Auth;
 use crate::db::Db;
@@ -40,6 +41,8 @@ pub struct App {
     pub flusher: Flusher,
     /// Recounts users from the Notification table.
     pub reconciler: Reconciler,
+    /// Rebuilds the state from that table, and watches Redis for restarts.
+    pub bootstrapper: Bootstrapper,
     /// The HTTP limits.
     pub limits: Arc<Limits>,
     /// Who may call what.
@@ -138,7 +141,7 @@ impl AppState {
     /// Builds the state; connects lazily, so this succeeds while Redis or the database is down.
     /// Without `serve` (the CLI), requests are not authenticated.
     pub fn new(core: &CoreConfig, serve: Option<&ServeConfig>) -> anyhow::Result<Self> {
-        let source = Source::from_config(&core.source)?;
+        let source = Source::from_config(&core.source)?.map(Arc::new);
         let store = Store::connect(&core.redis_url, &core.redis_prefix)?;
         // With a Notification table to rebuild from, a lost state is refused until rebuilt.
         let store = if source.is_some() { store.requiring_bootstrap() } else { store };
@@ -150,7 +153,8 @@ impl AppState {
             Duration::from_secs(core.flush_lock_ttl_secs),
             Duration::from_secs(core.flush_timeout_secs),
         );
-        let reconciler = Reconciler::new(store.clone(), db.clone(), flusher.clone(), source);
+        let reconciler = Reconciler::new(store.clone(), db.clone(), flusher.clone(), source.clone());
+        let bootstrapper = Bootstrapper::new(store.clone(), db.clone(), flusher.clone(), source);
         let live = Live::new(&core.redis_url, store.clone(), db.clone())?;
         let limits = serve.map(Limits::from).unwrap_or_default();
         let auth = match serve {
@@ -164,6 +168,7 @@ impl AppState {
             db,
             flusher,
             reconciler,
+            bootstrapper,
             in_flight: Arc::new(tokio::sync::Semaphore::new(limits.max_concurrent_requests)),
             live,
             live_streams: Arc::new(tokio::sync::Semaphore::new(limits.max_live_streams)),

@@ -21,18 +21,134 @@
 
 use std::collections::HashMap;
 use std::io::{IsTerminal, Write};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use diesel::Connection;
 
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::config::MAX_FLUSH_CHUNK_USERS;
 use crate::db::{queries, Db, DbError};
 use crate::flush::{FlushError, Flusher, WhenBusy};
-use crate::reconcile::ReconcileError;
 use crate::source::Source;
 use crate::store::{state, Store, StoreError};
+
+/// A bootstrap failure.
+#[derive(Debug, thiserror::Error)]
+pub enum BootstrapError {
+    /// No `--source-table`: there is nothing to rebuild from.
+    #[error("bootstrap needs the Notification table: set --source-table (COUNTERSINK_SOURCE_TABLE)")]
+    NotConfigured,
+    /// Redis failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The database failed.
+    #[error(transparent)]
+    Db(#[from] DbError),
+    /// Taking the flush lease or flushing failed.
+    #[error(transparent)]
+    Flush(#[from] FlushError),
+}
+
+/// Rebuilds the state from the Notification table, and watches Redis for a restart or a lost
+/// state. Cheap to clone.
+#[derive(Clone)]
+pub struct Bootstrapper {
+    store: Store,
+    db: Db,
+    flusher: Flusher,
+    source: Option<Arc<Source>>,
+    /// Wakes [`Bootstrapper::watch_redis_state`]: an event was refused because Redis restarted.
+    redis_restarted: Arc<tokio::sync::Notify>,
+}
+
+impl Bootstrapper {
+    /// A bootstrapper over `source`; without one, [`Bootstrapper::bootstrap`] answers
+    /// [`BootstrapError::NotConfigured`] and the watch only recovers from Redis restarts.
+    pub fn new(store: Store, db: Db, flusher: Flusher, source: Option<Arc<Source>>) -> Self {
+        Self { store, db, flusher, source, redis_restarted: Arc::new(tokio::sync::Notify::new()) }
+    }
+
+    /// Rebuilds the whole state and every stored count from the table, calling `progress` after
+    /// each chunk (see the module's documentation).
+    pub async fn bootstrap(
+        &self,
+        batching: Batching,
+        rebuild: Rebuild,
+        progress: impl FnMut(Progress) + Send,
+    ) -> Result<BootstrapReport, BootstrapError> {
+        let source = self.source.as_deref().ok_or(BootstrapError::NotConfigured)?;
+        bootstrap(&self.store, &self.db, &self.flusher, source, batching, rebuild, progress).await
+    }
+
+    /// Watches the Redis state until the process stops, every `interval` and at once when
+    /// [`Bootstrapper::wake_redis_watch`] is called: recovers from a Redis restart (see
+    /// `Flusher::recover_if_redis_restarted`) and, with a Notification table and `rebuild`,
+    /// rebuilds a state found missing. It also reads Redis's configuration again (a Redis that
+    /// restarted or was reconfigured may evict keys now, unless `allow_eviction`, or persist less).
+    pub async fn watch_redis_state(self, interval: Duration, rebuild: bool, allow_eviction: bool) {
+        let mut policy_seen: Option<String> = None;
+        loop {
+            self.check_redis_config(allow_eviction, &mut policy_seen).await;
+            match self.flusher.recover_if_redis_restarted().await {
+                Ok(_) => {}
+                Err(FlushError::Store(e)) if e.is_unavailable() => {}
+                Err(e) => warn!(error = %e, "cannot check whether Redis restarted; trying again"),
+            }
+            if let (Some(source), true) = (&self.source, rebuild) {
+                self.rebuild_if_missing(source).await;
+            }
+            tokio::select! {
+                _ = self.redis_restarted.notified() => {}
+                _ = tokio::time::sleep(interval) => {}
+            }
+        }
+    }
+
+    /// Wakes this process's [`Bootstrapper::watch_redis_state`]: an event found Redis restarted.
+    pub fn wake_redis_watch(&self) {
+        self.redis_restarted.notify_one();
+    }
+
+    /// One look at Redis's configuration for [`Bootstrapper::watch_redis_state`]: an evicting
+    /// policy is logged at ERROR when first seen (start-up refuses it; this is a Redis changed
+    /// since), and the persistence mode goes to `/metrics`.
+    async fn check_redis_config(&self, allow_eviction: bool, policy_seen: &mut Option<String>) {
+        if let Ok(Some(policy)) = self.store.eviction_policy().await {
+            if policy != "noeviction" && !allow_eviction && policy_seen.as_deref() != Some(policy.as_str()) {
+                error!(
+                    policy,
+                    "Redis may evict keys now (maxmemory-policy {policy}): an evicted state or pending delta is a count \
+                     silently lost; set `maxmemory-policy noeviction` on Redis"
+                );
+            }
+            *policy_seen = Some(policy);
+        }
+        if let Ok(Some(persistence)) = self.store.persistence().await {
+            crate::metrics::redis_persistence(persistence.mode, persistence.replicas);
+        }
+    }
+
+    /// Rebuilds the state if it is missing (one check of the watch); failures are logged, to be
+    /// tried again at the next check.
+    async fn rebuild_if_missing(&self, source: &Source) {
+        match self.store.is_ready().await {
+            Ok(true) => {}
+            Ok(false) => {
+                warn!("the Redis state is missing (new deployment, Redis lost its data or restarted); bootstrapping");
+                let (store, db, flusher) = (&self.store, &self.db, &self.flusher);
+                let rebuilt =
+                    bootstrap(store, db, flusher, source, Batching::default(), Rebuild::IfMissing, progress_printer());
+                if let Err(e) = rebuilt.await {
+                    warn!(error = %e, "bootstrap failed; trying again");
+                }
+            }
+            Err(e) if e.is_unavailable() => {}
+            Err(e) => warn!(error = %e, "cannot check the Redis state"),
+        }
+    }
+}
 
 /// How a bootstrap reads the table.
 #[derive(Debug, Clone, Copy)]
@@ -109,7 +225,7 @@ impl Progress {
 }
 
 /// Rebuilds the state from `source`, calling `progress` after each chunk.
-pub async fn bootstrap(
+async fn bootstrap(
     store: &Store,
     db: &Db,
     flusher: &Flusher,
@@ -117,10 +233,10 @@ pub async fn bootstrap(
     batching: Batching,
     rebuild: Rebuild,
     mut progress: impl FnMut(Progress) + Send,
-) -> Result<BootstrapReport, ReconcileError> {
+) -> Result<BootstrapReport, BootstrapError> {
     let started = Instant::now();
     let mut report = flusher
-        .exclusive(WhenBusy::Wait(LOCK_WAIT), async |lease| -> Result<BootstrapReport, ReconcileError> {
+        .exclusive(WhenBusy::Wait(LOCK_WAIT), async |lease| -> Result<BootstrapReport, BootstrapError> {
             let mut report = BootstrapReport::default();
             let cursor = store.bootstrap_cursor().await?;
             if rebuild == Rebuild::IfMissing && cursor.is_none() && store.is_ready().await? {
@@ -208,7 +324,7 @@ pub async fn bootstrap(
             Ok(report)
         })
         .await?
-        .map_err(|reason| ReconcileError::Flush(FlushError::Skipped(reason)))?;
+        .map_err(|reason| BootstrapError::Flush(FlushError::Skipped(reason)))?;
     report.duration_ms = started.elapsed().as_millis() as u64;
     info!(
         notifications = report.notifications,
@@ -253,24 +369,5 @@ pub fn progress_printer() -> impl FnMut(Progress) + Send + 'static {
                 "bootstrap progress"
             );
         }
-    }
-}
-
-/// Rebuilds the state if it is missing (one check of `countersink serve`'s watch, see
-/// `Reconciler::watch_redis_state`); failures are logged, to be tried again at the next check.
-pub async fn rebuild_if_missing(store: &Store, db: &Db, flusher: &Flusher, source: &Source) {
-    match store.is_ready().await {
-        Ok(true) => {}
-        Ok(false) => {
-            warn!("the Redis state is missing (new deployment, Redis lost its data or restarted); bootstrapping");
-            let batching = Batching::default();
-            if let Err(e) =
-                bootstrap(store, db, flusher, source, batching, Rebuild::IfMissing, progress_printer()).await
-            {
-                warn!(error = %e, "bootstrap failed; trying again");
-            }
-        }
-        Err(e) if e.is_unavailable() => {}
-        Err(e) => warn!(error = %e, "cannot check the Redis state"),
     }
 }

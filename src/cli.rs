@@ -142,7 +142,7 @@ impl Cli {
                 let state = AppState::new(&self.core, None)?;
                 state.reconciler.check_source().await.context("checking the Notification table (--source-*)")?;
                 let report = state
-                    .reconciler
+                    .bootstrapper
                     .bootstrap(
                         bootstrap::Batching::default(),
                         bootstrap::Rebuild::Always,
@@ -205,7 +205,7 @@ async fn run_serve(core: &CoreConfig, serve: ServeConfig) -> anyhow::Result<()> 
         workers.push(tokio::spawn(state.reconciler.clone().run_recount_worker(RECOUNT_INTERVAL)));
     }
     // Every process watches: a Redis restart is recovered from with a table or without.
-    workers.push(tokio::spawn(state.reconciler.clone().watch_redis_state(
+    workers.push(tokio::spawn(state.bootstrapper.clone().watch_redis_state(
         REDIS_STATE_CHECK,
         serve.auto_bootstrap,
         serve.allow_redis_eviction,

@@ -1,7 +1,9 @@
 //! Every setting, as a CLI flag with a `COUNTERSINK_*` environment variable as fallback.
 //!
 //! clap parses; [`CoreConfig::validate`] and [`ServeConfig::validate`] check what clap's types
-//! cannot, once at start-up, with messages that name both the flag and the variable.
+//! cannot, once at start-up, with messages that name both the flag and the variable. The
+//! Notification table's names ([`SourceConfig`]) are parsed once, into the checked mapping, by
+//! `Source::from_config` when the state is built: this module imports no domain module.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

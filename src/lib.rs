@@ -13,12 +13,12 @@
 //! | [`error`]     | the error policy and the one mapping from errors to HTTP responses        |
 //! | [`events`]    | the wire format of an event and its validation                            |
 //! | [`store`]     | the Redis side: key layout, Lua scripts, transitions, the pending set     |
-//! | [`db`]        | the SQL side: diesel schema, backends (PostgreSQL, SQLite), migrations    |
+//! | [`db`]        | the SQL side: diesel schema, backends (PostgreSQL, MySQL, SQLite), migrations |
 //! | [`flush`]     | the exactly-once hand-off of pending deltas into the count table         |
 //! | [`counts`]    | real-time reads: the counts held in Redis, and a user's first load       |
 //! | [`source`]    | the Notification table: mapping, validation, the queries that read it     |
 //! | [`reconcile`] | recounting users from that table, safely beside live events               |
-//! | [`bootstrap`] | rebuilding the whole state from that table (day one, or Redis lost)       |
+//! | [`bootstrap`] | rebuilding the whole state from that table (day one, or Redis lost), and the watch for Redis restarts |
 //! | [`schedule`]  | the only module that knows tokio-cron-scheduler                           |
 //! | [`app`]       | the shared state handed to handlers and jobs                              |
 //! | [`http`]      | the axum router, one file per endpoint group, request authentication      |
@@ -49,3 +49,6 @@ pub mod schedule;
 pub mod source;
 pub mod store;
 pub mod webhook;
+
+#[cfg(test)]
+mod layering;

@@ -25,7 +25,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tracing::{error, info, instrument, warn};
+use tracing::{info, instrument, warn};
 
 use crate::crash_point;
 use crate::db::{queries, Db, DbError};
@@ -125,80 +125,12 @@ pub struct Reconciler {
     flusher: Flusher,
     source: Option<Arc<Source>>,
     recounts_queued: Arc<tokio::sync::Notify>,
-    /// Wakes [`Reconciler::watch_redis_state`]: an event was refused because Redis restarted.
-    redis_restarted: Arc<tokio::sync::Notify>,
 }
 
 impl Reconciler {
     /// A reconciler over `source`; without one, every reconcile answers [`ReconcileError::NotConfigured`].
-    pub fn new(store: Store, db: Db, flusher: Flusher, source: Option<Source>) -> Self {
-        Self {
-            store,
-            db,
-            flusher,
-            source: source.map(Arc::new),
-            recounts_queued: Arc::new(tokio::sync::Notify::new()),
-            redis_restarted: Arc::new(tokio::sync::Notify::new()),
-        }
-    }
-
-    /// Rebuilds the whole state and every stored count from the table (see [`crate::bootstrap`]).
-    pub async fn bootstrap(
-        &self,
-        batching: crate::bootstrap::Batching,
-        rebuild: crate::bootstrap::Rebuild,
-        progress: impl FnMut(crate::bootstrap::Progress) + Send,
-    ) -> Result<crate::bootstrap::BootstrapReport, ReconcileError> {
-        let source = self.source.clone().ok_or(ReconcileError::NotConfigured)?;
-        crate::bootstrap::bootstrap(&self.store, &self.db, &self.flusher, &source, batching, rebuild, progress).await
-    }
-
-    /// Watches the Redis state until the process stops, every `interval` and at once when
-    /// [`Reconciler::wake_redis_watch`] is called: recovers from a Redis restart (see
-    /// `Flusher::recover_if_redis_restarted`) and, with a Notification table and `rebuild`,
-    /// rebuilds a state found missing. It also reads Redis's configuration again (a Redis that
-    /// restarted or was reconfigured may evict keys now, unless `allow_eviction`, or persist less).
-    pub async fn watch_redis_state(self, interval: Duration, rebuild: bool, allow_eviction: bool) {
-        let mut policy_seen: Option<String> = None;
-        loop {
-            self.check_redis_config(allow_eviction, &mut policy_seen).await;
-            match self.flusher.recover_if_redis_restarted().await {
-                Ok(_) => {}
-                Err(FlushError::Store(e)) if e.is_unavailable() => {}
-                Err(e) => warn!(error = %e, "cannot check whether Redis restarted; trying again"),
-            }
-            if let (Some(source), true) = (&self.source, rebuild) {
-                crate::bootstrap::rebuild_if_missing(&self.store, &self.db, &self.flusher, source).await;
-            }
-            tokio::select! {
-                _ = self.redis_restarted.notified() => {}
-                _ = tokio::time::sleep(interval) => {}
-            }
-        }
-    }
-
-    /// One look at Redis's configuration for [`Reconciler::watch_redis_state`]: an evicting
-    /// policy is logged at ERROR when first seen (start-up refuses it; this is a Redis changed
-    /// since), and the persistence mode goes to `/metrics`.
-    async fn check_redis_config(&self, allow_eviction: bool, policy_seen: &mut Option<String>) {
-        if let Ok(Some(policy)) = self.store.eviction_policy().await {
-            if policy != "noeviction" && !allow_eviction && policy_seen.as_deref() != Some(policy.as_str()) {
-                error!(
-                    policy,
-                    "Redis may evict keys now (maxmemory-policy {policy}): an evicted state or pending delta is a count \
-                     silently lost; set `maxmemory-policy noeviction` on Redis"
-                );
-            }
-            *policy_seen = Some(policy);
-        }
-        if let Ok(Some(persistence)) = self.store.persistence().await {
-            crate::metrics::redis_persistence(persistence.mode, persistence.replicas);
-        }
-    }
-
-    /// Wakes this process's [`Reconciler::watch_redis_state`]: an event found Redis restarted.
-    pub fn wake_redis_watch(&self) {
-        self.redis_restarted.notify_one();
+    pub fn new(store: Store, db: Db, flusher: Flusher, source: Option<Arc<Source>>) -> Self {
+        Self { store, db, flusher, source, recounts_queued: Arc::new(tokio::sync::Notify::new()) }
     }
 
     /// Whether a Notification table is configured.

@@ -43,7 +43,7 @@ async fn bootstrap_on_an_existing_table_gives_exact_counts_and_state() {
         let reported = Arc::new(std::sync::Mutex::new(Vec::new()));
         let progress = reported.clone();
         let report = state
-            .reconciler
+            .bootstrapper
             .bootstrap(
                 Batching { chunk_rows: 700, checkpoint_rows: 1_400 },
                 Rebuild::Always,
@@ -92,7 +92,7 @@ async fn events_are_refused_until_the_state_is_bootstrapped() {
     assert!(env.redis_keys().iter().all(|k| !k.contains(":state:")));
 
     env.core.source.source_table = Some("notifications_notification".into());
-    state.reconciler.bootstrap(Batching::default(), Rebuild::Always, |_| {}).await.unwrap();
+    state.bootstrapper.bootstrap(Batching::default(), Rebuild::Always, |_| {}).await.unwrap();
     assert_eq!(state.store.apply(&[Event::save(1, 1, true, true)]).await.unwrap().changed, 1);
 }
 
@@ -120,9 +120,9 @@ async fn flushall_in_the_middle_of_a_stream_is_recovered_with_exact_counts() {
     env.add_notification_table().await;
     existing_notifications(&env, 500).await;
     let state = env.state();
-    state.reconciler.bootstrap(Batching::default(), Rebuild::Always, |_| {}).await.unwrap();
+    state.bootstrapper.bootstrap(Batching::default(), Rebuild::Always, |_| {}).await.unwrap();
     // The sidecar's watcher, as `serve` runs it.
-    let watcher = tokio::spawn(state.reconciler.clone().watch_redis_state(Duration::from_millis(50), true, false));
+    let watcher = tokio::spawn(state.bootstrapper.clone().watch_redis_state(Duration::from_millis(50), true, false));
     let flushing = Arc::new(AtomicBool::new(true));
     let flusher = tokio::spawn({
         let (state, flushing) = (state.clone(), flushing.clone());
@@ -194,10 +194,13 @@ async fn an_interrupted_bootstrap_resumes_after_its_last_chunk() {
         let state = env.state();
         // The process dies after its second chunk: the future is dropped mid-way.
         let (chunks_tx, mut chunks_rx) = tokio::sync::mpsc::unbounded_channel();
-        let interrupted =
-            state.reconciler.bootstrap(Batching { chunk_rows: 300, checkpoint_rows: 600 }, Rebuild::Always, move |p| {
+        let interrupted = state.bootstrapper.bootstrap(
+            Batching { chunk_rows: 300, checkpoint_rows: 600 },
+            Rebuild::Always,
+            move |p| {
                 let _ = chunks_tx.send(p.done);
-            });
+            },
+        );
         tokio::select! {
             _ = interrupted => panic!("the bootstrap should have been interrupted"),
             _ = async { while chunks_rx.recv().await != Some(600) {} } => {}
@@ -209,7 +212,7 @@ async fn an_interrupted_bootstrap_resumes_after_its_last_chunk() {
         assert!(matches!(state.store.apply(&[Event::delete(1, 1)]).await, Err(StoreError::StateMissing)));
 
         let resumed = state
-            .reconciler
+            .bootstrapper
             .bootstrap(Batching { chunk_rows: 300, checkpoint_rows: 600 }, Rebuild::Always, |_| {})
             .await
             .unwrap();
@@ -243,7 +246,7 @@ async fn a_late_creation_retry_of_a_notification_deleted_before_redis_was_lost_c
         // Redis loses everything; the rebuild cannot know notifications 5 and 7 ever existed.
         let keys = env.redis_keys();
         redis::cmd("DEL").arg(keys).exec(&mut env.redis()).unwrap();
-        state.reconciler.bootstrap(Batching::default(), Rebuild::Always, |_| {}).await.unwrap();
+        state.bootstrapper.bootstrap(Batching::default(), Rebuild::Always, |_| {}).await.unwrap();
 
         // The senders' retries of the creations arrive late, after the rebuild: 5 is below the
         // highest id the rebuild read (unstamped), 7 above it but stamped before the rebuild.
@@ -295,7 +298,7 @@ async fn a_count_loaded_across_a_rebuild_is_loaded_again() {
     let (stored, _) = state.db.run(|conn| countersink::db::queries::stored_counts(conn, &[5], &[])).await.unwrap();
     assert_eq!(stored.get(&5), None, "the table's count before the rebuild");
 
-    state.reconciler.bootstrap(Batching::default(), Rebuild::Always, |_| {}).await.unwrap();
+    state.bootstrapper.bootstrap(Batching::default(), Rebuild::Always, |_| {}).await.unwrap();
     assert_eq!(state.store.install_counts(&snapshot, &[(5, 0)]).await.unwrap(), None);
     assert_eq!(unread_counts(&state.store, &state.db, &[5]).await.unwrap()[0].unread_count, 1);
 }
@@ -315,14 +318,14 @@ async fn of_several_processes_that_find_the_state_missing_one_rebuilds_it() {
     }
     let processes = [env.state(), env.state(), env.state()];
     let batching = Batching { chunk_rows: 300, checkpoint_rows: 600 };
-    let rebuilds = processes.iter().map(|state| state.reconciler.bootstrap(batching, Rebuild::IfMissing, |_| {}));
+    let rebuilds = processes.iter().map(|state| state.bootstrapper.bootstrap(batching, Rebuild::IfMissing, |_| {}));
     let reports: Vec<_> = futures_util::future::join_all(rebuilds).await.into_iter().map(Result::unwrap).collect();
     let rebuilt: Vec<_> = reports.iter().filter(|r| !r.found_rebuilt).collect();
     assert_eq!(rebuilt.len(), 1, "{reports:?}");
     assert_eq!(rebuilt[0].notifications, 3_000);
     assert!(reports.iter().filter(|r| r.found_rebuilt).all(|r| r.notifications == 0));
     // An operator's bootstrap rebuilds even a complete state.
-    let again = processes[0].reconciler.bootstrap(batching, Rebuild::Always, |_| {}).await.unwrap();
+    let again = processes[0].bootstrapper.bootstrap(batching, Rebuild::Always, |_| {}).await.unwrap();
     assert_eq!((again.found_rebuilt, again.notifications), (false, 3_000));
     assert_eq!(env.stored_counts().await, env.true_counts().await);
 }

@@ -253,7 +253,7 @@ async fn a_redis_restored_from_an_older_snapshot_does_not_flush_twice() {
                 "{outcome:?}"
             );
             state
-                .reconciler
+                .bootstrapper
                 .bootstrap(countersink::bootstrap::Batching::default(), countersink::bootstrap::Rebuild::Always, |_| {})
                 .await
                 .unwrap();
@@ -336,7 +336,7 @@ async fn after_a_flush_noticed_a_rollback_reads_wait_for_the_rebuild() {
     .await;
     let state = env.state();
     state
-        .reconciler
+        .bootstrapper
         .bootstrap(countersink::bootstrap::Batching::default(), countersink::bootstrap::Rebuild::Always, |_| {})
         .await
         .unwrap();
@@ -355,7 +355,7 @@ async fn after_a_flush_noticed_a_rollback_reads_wait_for_the_rebuild() {
     let read = unread_counts(&state.store, &state.db, &[5]).await.unwrap_err();
     assert!(read.is_unavailable(), "{read}");
     state
-        .reconciler
+        .bootstrapper
         .bootstrap(countersink::bootstrap::Batching::default(), countersink::bootstrap::Rebuild::Always, |_| {})
         .await
         .unwrap();

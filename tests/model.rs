@@ -355,7 +355,7 @@ async fn run_case(
             Op::LoseRedis => {
                 let keys = env.redis_keys();
                 redis::cmd("DEL").arg(keys).exec(&mut env.redis()).unwrap();
-                state.reconciler.bootstrap(Batching::default(), Rebuild::Always, |_| {}).await.unwrap();
+                state.bootstrapper.bootstrap(Batching::default(), Rebuild::Always, |_| {}).await.unwrap();
                 forget_what_a_rebuild_repaired(&mut model);
             }
             Op::Reconcile { ref users } => {
@@ -427,7 +427,7 @@ async fn recover_from_restart(state: &AppState) {
             Err(e) => panic!("no recovery from the restart: {e}"),
         }
     }
-    state.reconciler.bootstrap(Batching::default(), Rebuild::IfMissing, |_| {}).await.unwrap();
+    state.bootstrapper.bootstrap(Batching::default(), Rebuild::IfMissing, |_| {}).await.unwrap();
 }
 
 /// Delivers the held-back deletes. One that arrives after a reconcile of its user whose

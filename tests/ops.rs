@@ -274,7 +274,7 @@ async fn readyz_is_not_ready_while_the_redis_state_waits_for_a_rebuild() {
 
     // Once rebuilt, ready again.
     env.state()
-        .reconciler
+        .bootstrapper
         .bootstrap(countersink::bootstrap::Batching::default(), countersink::bootstrap::Rebuild::Always, |_| {})
         .await
         .unwrap();

@@ -128,7 +128,8 @@ async fn a_wrong_mapping_names_the_missing_table_or_column() {
         let error = env.state().reconciler.check_source().await.unwrap_err().to_string();
         assert!(error.contains("notifications_missing"), "{error}");
         env.core.source.source_table = Some("x; DROP TABLE y".into());
-        assert!(env.core.validate().unwrap_err().to_string().contains("COUNTERSINK_SOURCE_TABLE"));
+        let refused = countersink::source::Source::from_config(&env.core.source).unwrap_err().to_string();
+        assert!(refused.contains("--source-table") && refused.contains("COUNTERSINK_SOURCE_TABLE"), "{refused}");
     }
 }
 
@@ -477,7 +478,7 @@ async fn text_backed_inbox() -> TestEnv {
         ..countersink::config::SourceConfig::default()
     };
     env.state()
-        .reconciler
+        .bootstrapper
         .bootstrap(countersink::bootstrap::Batching::default(), countersink::bootstrap::Rebuild::Always, |_| {})
         .await
         .unwrap();

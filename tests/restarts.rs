@@ -260,7 +260,7 @@ async fn review_c_a_bootstrap_resumed_after_a_restart_leaves_no_state_holes() {
     let batching = Batching { chunk_rows: 3, checkpoint_rows: 3 };
     let (handle, store, own) = (tokio::runtime::Handle::current(), state.store.clone(), redis.clone());
     let first = state
-        .reconciler
+        .bootstrapper
         .bootstrap(batching, Rebuild::Always, move |progress| match progress.done {
             // Checkpoint 3 written: a snapshot (with the lease in it).
             3 => own.lock().unwrap().save(),
@@ -283,7 +283,7 @@ async fn review_c_a_bootstrap_resumed_after_a_restart_leaves_no_state_holes() {
     assert!(first.is_err(), "the confirmation must notice the restart: {first:?}");
     eprintln!("first bootstrap: {first:?}");
     // The next rebuild (the watch's) finishes.
-    state.reconciler.bootstrap(batching, Rebuild::IfMissing, |_| {}).await.unwrap();
+    state.bootstrapper.bootstrap(batching, Rebuild::IfMissing, |_| {}).await.unwrap();
     assert!(state.store.is_ready().await.unwrap());
     // Notification 5 (of the chunk the restart lost) is deleted: the count must drop to 8.
     env.sql("DELETE FROM notifications_notification WHERE id = 5").await;
@@ -318,7 +318,7 @@ async fn review_d_an_unrecorded_rolled_back_state_with_a_table_is_rebuilt_not_fl
     if outcome.is_err() {
         // The right outcome: the state is rebuilt from the table.
         state
-            .reconciler
+            .bootstrapper
             .bootstrap(countersink::bootstrap::Batching::default(), countersink::bootstrap::Rebuild::IfMissing, |_| {})
             .await
             .unwrap();

@@ -79,7 +79,7 @@ pub async fn post_events(
     let applied = match state.ingest.apply(batch.transitions, idempotency).await {
         Err(StoreError::RedisRestarted) => {
             // The watch recovers at once rather than at its next check.
-            state.reconciler.wake_redis_watch();
+            state.bootstrapper.wake_redis_watch();
             return Err(StoreError::RedisRestarted.into());
         }
         applied => applied?,

@@ -156,7 +156,7 @@ impl TestEnv {
         };
         // With a source, events wait for a bootstrap; the table is empty, so this is instant.
         self.state()
-            .reconciler
+            .bootstrapper
             .bootstrap(countersink::bootstrap::Batching::default(), countersink::bootstrap::Rebuild::Always, |_| {})
             .await
             .unwrap();
