@@ -116,24 +116,9 @@ impl From<&ServeConfig> for Limits {
 }
 
 impl Default for Limits {
-    /// The defaults of `countersink serve`.
+    /// The defaults of `countersink serve`, as its settings declare them.
     fn default() -> Self {
-        Limits {
-            max_batch_events: 1_000,
-            max_new_state_shards: 16,
-            apply_calls_in_flight: 1,
-            max_read_users: 1_000,
-            max_body_bytes: 1024 * 1024,
-            request_timeout: Duration::from_secs(30),
-            idempotency_ttl: Duration::from_secs(3_600),
-            max_concurrent_requests: 256,
-            max_live_streams: 1_000,
-            max_live_streams_per_user: 16,
-            max_live_streams_per_address: 100,
-            live_address_header: None,
-            max_stream_token_lifetime: Duration::from_secs(3_600),
-            body_timeout: Duration::from_secs(10),
-        }
+        Limits::from(&ServeConfig::defaults())
     }
 }
 

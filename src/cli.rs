@@ -9,7 +9,7 @@ use tokio::net::TcpListener;
 use tracing::{error, info, warn};
 
 use crate::app::AppState;
-use crate::config::{CoreConfig, LogFormat, ServeConfig};
+use crate::config::{setting, CoreConfig, LogFormat, ServeConfig};
 use crate::flush::{Flusher, WhenBusy};
 use crate::schedule::Schedules;
 use crate::{bootstrap, http, schedule};
@@ -167,8 +167,8 @@ impl Cli {
 
 async fn run_serve(core: &CoreConfig, serve: ServeConfig) -> anyhow::Result<()> {
     serve.validate()?;
-    schedule::validate_cron(&serve.flush_cron, "--flush-cron", "COUNTERSINK_FLUSH_CRON")?;
-    schedule::validate_cron(&serve.reconcile_cron, "--reconcile-cron", "COUNTERSINK_RECONCILE_CRON")?;
+    schedule::validate_cron(&serve.flush_cron, setting!(ServeConfig.flush_cron))?;
+    schedule::validate_cron(&serve.reconcile_cron, setting!(ServeConfig.reconcile_cron))?;
     let state = AppState::new(core, Some(&serve))?;
     warn_if_few_file_descriptors(core, &serve);
     if state.auth.is_open() {

@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{Args, ValueEnum};
+use clap::{Args, FromArgMatches, ValueEnum};
 
 use crate::db::{Backend, MAX_BINDS};
 
@@ -305,26 +305,55 @@ pub struct ServeConfig {
     pub shutdown_timeout_secs: u64,
 }
 
+/// The setting declared as field `$field` of `$config` (e.g. `setting!(CoreConfig.redis_url)`),
+/// for [`ConfigError::new`]: the compiler checks that the field exists, and the flag and the
+/// variable an error names are read from its `#[arg]`, so no message retypes them.
+macro_rules! setting {
+    ($config:ident . $field:ident) => {{
+        let _declared = |config: $crate::config::$config| {
+            let _ = config.$field;
+        };
+        $crate::config::Setting(stringify!($field))
+    }};
+}
+pub(crate) use setting;
+
+/// A setting, by its field name (clap's id for it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Setting(pub &'static str);
+
+impl Setting {
+    /// The flag and the variable declared for this setting.
+    pub fn names(self) -> (String, String) {
+        let command = ServeConfig::augment_args(CoreConfig::augment_args(clap::Command::new("countersink")));
+        let arg = command.get_arguments().find(|arg| arg.get_id() == self.0);
+        let flag = arg.and_then(|arg| arg.get_long()).map_or_else(|| self.0.to_string(), |long| format!("--{long}"));
+        let env = arg.and_then(|arg| arg.get_env()).map_or_else(String::new, |env| env.to_string_lossy().into_owned());
+        (flag, env)
+    }
+}
+
 /// A setting that failed validation; the message names the flag and the variable.
 #[derive(Debug, thiserror::Error)]
 #[error("invalid setting {flag} ({env}): {problem}")]
 pub struct ConfigError {
-    flag: &'static str,
-    env: &'static str,
+    flag: String,
+    env: String,
     problem: String,
 }
 
 impl ConfigError {
     /// A problem with one setting.
-    pub fn new(flag: &'static str, env: &'static str, problem: impl Into<String>) -> Self {
+    pub fn new(setting: Setting, problem: impl Into<String>) -> Self {
+        let (flag, env) = setting.names();
         Self { flag, env, problem: problem.into() }
     }
 }
 
 /// A count or a duration of which 0 means nothing would work: refused, naming the setting.
-fn at_least_one<T: Default + PartialEq>(value: T, flag: &'static str, env: &'static str) -> Result<(), ConfigError> {
+fn at_least_one<T: Default + PartialEq>(value: T, setting: Setting) -> Result<(), ConfigError> {
     if value == T::default() {
-        return Err(ConfigError::new(flag, env, "must be at least 1"));
+        return Err(ConfigError::new(setting, "must be at least 1"));
     }
     Ok(())
 }
@@ -335,11 +364,10 @@ impl CoreConfig {
     pub fn runtime(&self) -> anyhow::Result<tokio::runtime::Runtime> {
         let mut builder = tokio::runtime::Builder::new_multi_thread();
         if let Some(threads) = self.worker_threads {
-            at_least_one(threads, "--worker-threads", "COUNTERSINK_WORKER_THREADS")?;
+            at_least_one(threads, setting!(CoreConfig.worker_threads))?;
             if threads > MAX_WORKER_THREADS {
                 return Err(ConfigError::new(
-                    "--worker-threads",
-                    "COUNTERSINK_WORKER_THREADS",
+                    setting!(CoreConfig.worker_threads),
                     format!("at most {MAX_WORKER_THREADS}, got {threads}"),
                 )
                 .into());
@@ -353,8 +381,7 @@ impl CoreConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
         if !(self.redis_url.starts_with("redis://") || self.redis_url.starts_with("rediss://")) {
             return Err(ConfigError::new(
-                "--redis-url",
-                "COUNTERSINK_REDIS_URL",
+                setting!(CoreConfig.redis_url),
                 format!("expected a redis:// or rediss:// URL, got {:?}", self.redis_url),
             ));
         }
@@ -363,27 +390,24 @@ impl CoreConfig {
             && self.redis_prefix.chars().all(|c| c.is_ascii_alphanumeric() || "_-.:".contains(c));
         if !prefix_ok {
             return Err(ConfigError::new(
-                "--redis-prefix",
-                "COUNTERSINK_REDIS_PREFIX",
+                setting!(CoreConfig.redis_prefix),
                 "use 1 to 64 letters, digits, '_', '-', '.' or ':'",
             ));
         }
         Backend::from_url(&self.database_url)
-            .map_err(|problem| ConfigError::new("--database-url", "COUNTERSINK_DATABASE_URL", problem))?;
-        at_least_one(self.db_pool_size, "--db-pool-size", "COUNTERSINK_DB_POOL_SIZE")?;
-        at_least_one(self.db_timeout_secs, "--db-timeout-secs", "COUNTERSINK_DB_TIMEOUT_SECS")?;
+            .map_err(|problem| ConfigError::new(setting!(CoreConfig.database_url), problem))?;
+        at_least_one(self.db_pool_size, setting!(CoreConfig.db_pool_size))?;
+        at_least_one(self.db_timeout_secs, setting!(CoreConfig.db_timeout_secs))?;
         if self.flush_chunk_users == 0 || self.flush_chunk_users > MAX_FLUSH_CHUNK_USERS {
             return Err(ConfigError::new(
-                "--flush-chunk-users",
-                "COUNTERSINK_FLUSH_CHUNK_USERS",
+                setting!(CoreConfig.flush_chunk_users),
                 format!("must be from 1 to {MAX_FLUSH_CHUNK_USERS}"),
             ));
         }
-        at_least_one(self.flush_timeout_secs, "--flush-timeout-secs", "COUNTERSINK_FLUSH_TIMEOUT_SECS")?;
+        at_least_one(self.flush_timeout_secs, setting!(CoreConfig.flush_timeout_secs))?;
         if self.flush_lock_ttl_secs < 3 {
             return Err(ConfigError::new(
-                "--flush-lock-ttl-secs",
-                "COUNTERSINK_FLUSH_LOCK_TTL_SECS",
+                setting!(CoreConfig.flush_lock_ttl_secs),
                 "must be at least 3 seconds: the lease is renewed every third of it, and a shorter one \
                  passes to another process on any pause of its holder",
             ));
@@ -398,71 +422,67 @@ impl CoreConfig {
 }
 
 impl ServeConfig {
+    /// `countersink serve` with no flag and no variable set: the defaults declared above, for code
+    /// that runs without a command line (in-process servers, tests).
+    pub fn defaults() -> ServeConfig {
+        let command = ServeConfig::augment_args(clap::Command::new("serve")).mut_args(|arg| arg.env(None::<&str>));
+        let parsed =
+            command.try_get_matches_from(["serve"]).and_then(|matches| ServeConfig::from_arg_matches(&matches));
+        parsed.expect("every setting of serve has a default or is optional")
+    }
+
     /// Checks what clap's types cannot. The cron expression is checked by [`crate::schedule`],
     /// which owns the cron dialect.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.max_body_bytes < 1024 {
-            return Err(ConfigError::new("--max-body-bytes", "COUNTERSINK_MAX_BODY_BYTES", "must be at least 1024"));
+            return Err(ConfigError::new(setting!(ServeConfig.max_body_bytes), "must be at least 1024"));
         }
-        at_least_one(self.max_batch_events, "--max-batch-events", "COUNTERSINK_MAX_BATCH_EVENTS")?;
-        at_least_one(self.max_new_state_shards, "--max-new-state-shards", "COUNTERSINK_MAX_NEW_STATE_SHARDS")?;
-        at_least_one(self.apply_calls_in_flight, "--apply-calls-in-flight", "COUNTERSINK_APPLY_CALLS_IN_FLIGHT")?;
+        at_least_one(self.max_batch_events, setting!(ServeConfig.max_batch_events))?;
+        at_least_one(self.max_new_state_shards, setting!(ServeConfig.max_new_state_shards))?;
+        at_least_one(self.apply_calls_in_flight, setting!(ServeConfig.apply_calls_in_flight))?;
         if self.max_read_users == 0 || self.max_read_users > MAX_READ_USERS {
             return Err(ConfigError::new(
-                "--max-read-users",
-                "COUNTERSINK_MAX_READ_USERS",
+                setting!(ServeConfig.max_read_users),
                 format!("must be from 1 to {MAX_READ_USERS}"),
             ));
         }
-        at_least_one(self.max_concurrent_requests, "--max-concurrent-requests", "COUNTERSINK_MAX_CONCURRENT_REQUESTS")?;
-        at_least_one(self.max_live_streams, "--max-live-streams", "COUNTERSINK_MAX_LIVE_STREAMS")?;
-        at_least_one(
-            self.max_live_streams_per_user,
-            "--max-live-streams-per-user",
-            "COUNTERSINK_MAX_LIVE_STREAMS_PER_USER",
-        )?;
-        at_least_one(
-            self.max_live_streams_per_address,
-            "--max-live-streams-per-address",
-            "COUNTERSINK_MAX_LIVE_STREAMS_PER_ADDRESS",
-        )?;
+        at_least_one(self.max_concurrent_requests, setting!(ServeConfig.max_concurrent_requests))?;
+        at_least_one(self.max_live_streams, setting!(ServeConfig.max_live_streams))?;
+        at_least_one(self.max_live_streams_per_user, setting!(ServeConfig.max_live_streams_per_user))?;
+        at_least_one(self.max_live_streams_per_address, setting!(ServeConfig.max_live_streams_per_address))?;
         if let Some(name) = &self.live_address_header {
             if axum::http::HeaderName::from_bytes(name.as_bytes()).is_err() {
                 return Err(ConfigError::new(
-                    "--live-address-header",
-                    "COUNTERSINK_LIVE_ADDRESS_HEADER",
+                    setting!(ServeConfig.live_address_header),
                     format!("{name:?} is not a header name"),
                 ));
             }
         }
         if !(MIN_STREAM_TOKEN_SECS..=MAX_STREAM_TOKEN_SECS).contains(&self.max_stream_token_secs) {
             return Err(ConfigError::new(
-                "--max-stream-token-secs",
-                "COUNTERSINK_MAX_STREAM_TOKEN_SECS",
+                setting!(ServeConfig.max_stream_token_secs),
                 format!("must be from {MIN_STREAM_TOKEN_SECS} to {MAX_STREAM_TOKEN_SECS}"),
             ));
         }
         let streams_and_requests = self.max_live_streams.saturating_add(self.max_concurrent_requests);
         if self.max_connections < streams_and_requests {
             return Err(ConfigError::new(
-                "--max-connections",
-                "COUNTERSINK_MAX_CONNECTIONS",
+                setting!(ServeConfig.max_connections),
                 format!(
                     "must be at least --max-live-streams plus --max-concurrent-requests ({streams_and_requests}): \
                      each stream and each request in flight holds a connection"
                 ),
             ));
         }
-        at_least_one(self.header_timeout_secs, "--header-timeout-secs", "COUNTERSINK_HEADER_TIMEOUT_SECS")?;
-        at_least_one(self.body_timeout_secs, "--body-timeout-secs", "COUNTERSINK_BODY_TIMEOUT_SECS")?;
+        at_least_one(self.header_timeout_secs, setting!(ServeConfig.header_timeout_secs))?;
+        at_least_one(self.body_timeout_secs, setting!(ServeConfig.body_timeout_secs))?;
         // A signed request is accepted while its timestamp is within the tolerance either way of
         // the clock, so a copy can be replayed up to twice the tolerance after the first delivery:
         // its webhook-id must be remembered at least that long.
         let replayable_secs = 2 * crate::webhook::TIMESTAMP_TOLERANCE_SECS as u64;
         if self.idempotency_ttl_secs < replayable_secs {
             return Err(ConfigError::new(
-                "--idempotency-ttl-secs",
-                "COUNTERSINK_IDEMPOTENCY_TTL_SECS",
+                setting!(ServeConfig.idempotency_ttl_secs),
                 format!(
                     "must be at least {replayable_secs} seconds: a signed request stays valid for that long \
                      (its timestamp may be {} s either side of the clock), and a replay within it must be \
@@ -471,8 +491,38 @@ impl ServeConfig {
                 ),
             ));
         }
-        at_least_one(self.shutdown_timeout_secs, "--shutdown-timeout-secs", "COUNTERSINK_SHUTDOWN_TIMEOUT_SECS")?;
-        at_least_one(self.request_timeout_secs, "--request-timeout-secs", "COUNTERSINK_REQUEST_TIMEOUT_SECS")?;
+        at_least_one(self.shutdown_timeout_secs, setting!(ServeConfig.shutdown_timeout_secs))?;
+        at_least_one(self.request_timeout_secs, setting!(ServeConfig.request_timeout_secs))?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_error_names_the_flag_and_the_variable_declared_for_its_setting() {
+        let error = ConfigError::new(setting!(CoreConfig.redis_url), "bad");
+        assert_eq!(error.to_string(), "invalid setting --redis-url (COUNTERSINK_REDIS_URL): bad");
+        let error = ConfigError::new(setting!(SourceConfig.source_table), "bad");
+        assert_eq!(error.to_string(), "invalid setting --source-table (COUNTERSINK_SOURCE_TABLE): bad");
+        let error = ConfigError::new(setting!(ServeConfig.max_connections), "bad");
+        assert_eq!(error.to_string(), "invalid setting --max-connections (COUNTERSINK_MAX_CONNECTIONS): bad");
+    }
+
+    /// What lets every error name both: each setting has a flag and a variable of its own name.
+    #[test]
+    fn every_setting_is_a_flag_and_a_variable_of_the_same_name() {
+        let command = ServeConfig::augment_args(CoreConfig::augment_args(clap::Command::new("countersink")));
+        let mut settings = 0;
+        for arg in command.get_arguments() {
+            let long = arg.get_long().unwrap_or_else(|| panic!("{} has no flag", arg.get_id()));
+            let env = arg.get_env().unwrap_or_else(|| panic!("--{long} has no variable")).to_string_lossy();
+            assert_eq!(env, format!("COUNTERSINK_{}", long.replace('-', "_").to_uppercase()));
+            assert_eq!(Setting(arg.get_id().as_str().to_owned().leak()).names(), (format!("--{long}"), env.into()));
+            settings += 1;
+        }
+        assert!(settings > 40, "{settings} settings");
     }
 }

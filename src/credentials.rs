@@ -9,7 +9,7 @@ use std::path::Path;
 use axum::http::{header, HeaderMap};
 use subtle::ConstantTimeEq;
 
-use crate::config::{ConfigError, ServeConfig};
+use crate::config::{setting, ConfigError, ServeConfig, Setting};
 use crate::error::AppError;
 use crate::live::token::{self, TokenError};
 use crate::webhook::{self, SignedHeaders, WebhookSecret};
@@ -61,46 +61,40 @@ impl Auth {
         let webhook = secret_setting(
             serve.webhook_secret.as_deref(),
             serve.webhook_secret_file.as_deref(),
-            ("--webhook-secret", "COUNTERSINK_WEBHOOK_SECRET"),
+            setting!(ServeConfig.webhook_secret),
         )?;
         let webhook_secrets = match webhook {
             Some(text) => WebhookSecret::parse_list(&text)
-                .map_err(|problem| ConfigError::new("--webhook-secret", "COUNTERSINK_WEBHOOK_SECRET", problem))?,
+                .map_err(|problem| ConfigError::new(setting!(ServeConfig.webhook_secret), problem))?,
             None => Vec::new(),
         };
         let admin_token = token_setting(
             serve.admin_token.as_deref(),
             serve.admin_token_file.as_deref(),
-            ("--admin-token", "COUNTERSINK_ADMIN_TOKEN"),
+            setting!(ServeConfig.admin_token),
         )?;
         let read_token = token_setting(
             serve.read_token.as_deref(),
             serve.read_token_file.as_deref(),
-            ("--read-token", "COUNTERSINK_READ_TOKEN"),
+            setting!(ServeConfig.read_token),
         )?;
         if !serve.insecure_no_auth {
             if webhook_secrets.is_empty() {
                 return Err(ConfigError::new(
-                    "--webhook-secret",
-                    "COUNTERSINK_WEBHOOK_SECRET",
+                    setting!(ServeConfig.webhook_secret),
                     "required: set a whsec_ secret (or COUNTERSINK_WEBHOOK_SECRET_FILE), or pass --insecure-no-auth for local development",
                 ));
             }
             if admin_token.is_none() {
                 return Err(ConfigError::new(
-                    "--admin-token",
-                    "COUNTERSINK_ADMIN_TOKEN",
+                    setting!(ServeConfig.admin_token),
                     "required: set a token of at least 16 characters (or COUNTERSINK_ADMIN_TOKEN_FILE), or pass --insecure-no-auth for local development",
                 ));
             }
         }
         if let (Some(admin), Some(read)) = (&admin_token, &read_token) {
             if admin.matches(&read.0) {
-                return Err(ConfigError::new(
-                    "--read-token",
-                    "COUNTERSINK_READ_TOKEN",
-                    "must differ from the admin token",
-                ));
+                return Err(ConfigError::new(setting!(ServeConfig.read_token), "must differ from the admin token"));
             }
         }
         Ok(Auth { webhook_secrets, admin_token, read_token })
@@ -182,17 +176,16 @@ impl Auth {
 }
 
 /// A secret given as a value or as a file, not both.
-fn secret_setting(
-    value: Option<&str>,
-    file: Option<&Path>,
-    (flag, env): (&'static str, &'static str),
-) -> Result<Option<String>, ConfigError> {
+fn secret_setting(value: Option<&str>, file: Option<&Path>, setting: Setting) -> Result<Option<String>, ConfigError> {
     match (value, file) {
-        (Some(_), Some(_)) => Err(ConfigError::new(flag, env, format!("give it or {env}_FILE, not both"))),
+        (Some(_), Some(_)) => {
+            let (flag, env) = setting.names();
+            Err(ConfigError::new(setting, format!("give it or {flag}-file ({env}_FILE), not both")))
+        }
         (Some(value), None) => Ok(Some(value.to_string())),
         (None, Some(path)) => std::fs::read_to_string(path)
             .map(|text| Some(text.trim().to_string()))
-            .map_err(|e| ConfigError::new(flag, env, format!("cannot read {}: {e}", path.display()))),
+            .map_err(|e| ConfigError::new(setting, format!("cannot read {}: {e}", path.display()))),
         (None, None) => Ok(None),
     }
 }
@@ -200,15 +193,14 @@ fn secret_setting(
 fn token_setting(
     value: Option<&str>,
     file: Option<&Path>,
-    names: (&'static str, &'static str),
+    setting: Setting,
 ) -> Result<Option<BearerToken>, ConfigError> {
-    let Some(token) = secret_setting(value, file, names)? else {
+    let Some(token) = secret_setting(value, file, setting)? else {
         return Ok(None);
     };
     if token.len() < MIN_TOKEN_LEN || !token.bytes().all(|b| b.is_ascii_graphic()) {
         return Err(ConfigError::new(
-            names.0,
-            names.1,
+            setting,
             format!("must be at least {MIN_TOKEN_LEN} printable characters without spaces"),
         ));
     }

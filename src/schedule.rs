@@ -11,7 +11,7 @@ use std::sync::Arc;
 use tokio_cron_scheduler::{Job, JobScheduler};
 use tracing::{error, info};
 
-use crate::config::ConfigError;
+use crate::config::{ConfigError, Setting};
 use crate::flush::{Flusher, WhenBusy};
 use crate::reconcile::Reconciler;
 
@@ -19,14 +19,13 @@ use crate::reconcile::Reconciler;
 pub const CRON_OFF: &str = "off";
 
 /// Checks a cron expression in the scheduler's dialect (six fields, seconds first).
-pub fn validate_cron(expression: &str, flag: &'static str, env: &'static str) -> Result<(), ConfigError> {
+pub fn validate_cron(expression: &str, setting: Setting) -> Result<(), ConfigError> {
     if expression == CRON_OFF {
         return Ok(());
     }
     Job::new_async(expression, |_, _| Box::pin(async {})).map(|_| ()).map_err(|e| {
         ConfigError::new(
-            flag,
-            env,
+            setting,
             format!(
                 "{expression:?} is not a cron expression with seconds, e.g. \"*/10 * * * * *\" ({e:?}), or \"off\""
             ),

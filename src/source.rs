@@ -6,7 +6,7 @@
 use diesel::sql_types::{BigInt, Integer};
 use diesel::{QueryableByName, RunQueryDsl};
 
-use crate::config::{ConfigError, SourceConfig};
+use crate::config::{setting, ConfigError, SourceConfig};
 use crate::db::{Backend, DbConnection, DbError};
 
 /// A validated mapping of the Notification table, ready to build queries.
@@ -67,19 +67,18 @@ impl Source {
     /// The mapping `config` describes, its names checked, or `None` when no table is configured.
     pub fn from_config(config: &SourceConfig) -> Result<Option<Source>, ConfigError> {
         let Some(table) = &config.source_table else { return Ok(None) };
-        let table =
-            identifier(table, true).map_err(|p| ConfigError::new("--source-table", "COUNTERSINK_SOURCE_TABLE", p))?;
-        let column = |value: &str, flag, env| identifier(value, false).map_err(|p| ConfigError::new(flag, env, p));
+        let table = identifier(table, true).map_err(|p| ConfigError::new(setting!(SourceConfig.source_table), p))?;
+        let column = |value: &str, setting| identifier(value, false).map_err(|p| ConfigError::new(setting, p));
         Ok(Some(Source {
             table,
-            id: column(&config.source_id_column, "--source-id-column", "COUNTERSINK_SOURCE_ID_COLUMN")?,
-            user: column(&config.source_user_column, "--source-user-column", "COUNTERSINK_SOURCE_USER_COLUMN")?,
-            unread: column(&config.source_unread_column, "--source-unread-column", "COUNTERSINK_SOURCE_UNREAD_COLUMN")?,
+            id: column(&config.source_id_column, setting!(SourceConfig.source_id_column))?,
+            user: column(&config.source_user_column, setting!(SourceConfig.source_user_column))?,
+            unread: column(&config.source_unread_column, setting!(SourceConfig.source_unread_column))?,
             unread_when: config.source_unread_when,
             deleted: config
                 .source_deleted_column
                 .as_deref()
-                .map(|c| column(c, "--source-deleted-column", "COUNTERSINK_SOURCE_DELETED_COLUMN"))
+                .map(|c| column(c, setting!(SourceConfig.source_deleted_column)))
                 .transpose()?,
         }))
     }
