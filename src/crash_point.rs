@@ -1,4 +1,10 @@
-//! Named points where the crash tests kill the process.
+//! Named points where a test stops the work as a crash would: the one failpoint mechanism.
+//!
+//! A point is reached with [`reach_or_stop`], in two ways a test chooses:
+//! - **in process**: the caller passes the point it wants as `stop` (`Flusher::flush_stopping_after`);
+//!   the work returns [`Stopped`] there, leaving Redis and the database as a process that died
+//!   there would (the flush tests and the model);
+//! - **the real binary**, as follows.
 //!
 //! Built only with the `failpoints` feature, which the test suite turns on (a dev-dependency of
 //! the crate on itself); a normal build compiles [`reach`] to nothing. With the feature, a process
@@ -9,6 +15,22 @@
 //! SIGSTOPs the process meanwhile, to stall it there (the lease tests). Cargo turns the feature on for
 //! every build that includes tests or examples (`--all-targets`); `cargo build --bin` and
 //! `cargo install` leave it off, and without `COUNTERSINK_CRASH_POINT` it does nothing.
+
+/// The work stopped at a point because an in-process test asked it to, as if the process had
+/// died there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("stopped at {0} on request, as a crash there would")]
+pub struct Stopped(pub &'static str);
+
+/// Reaches `point`: answers [`Stopped`] when it is the point an in-process test asked for
+/// (`stop`), and otherwise [`reach`]es it.
+pub fn reach_or_stop(point: &'static str, stop: Option<&'static str>) -> Result<(), Stopped> {
+    if stop == Some(point) {
+        return Err(Stopped(point));
+    }
+    reach(point);
+    Ok(())
+}
 
 /// Stops the process at `point` for the crash tests; does nothing in a normal build.
 pub fn reach(point: &str) {

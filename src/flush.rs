@@ -60,9 +60,9 @@ pub enum FlushError {
     /// the batch stays in Redis for the next flush.
     #[error("writing the batch took longer than {0:?} (--flush-timeout-secs); rolled back, the next flush applies it")]
     TimedOut(Duration),
-    /// A test asked the flush to stop at a step, as if the process had died there.
-    #[error("flush stopped after {0:?} on request")]
-    Stopped(FlushStep),
+    /// A test asked the flush to stop at a crash point, as if the process had died there.
+    #[error("flush {0}")]
+    Stopped(#[from] crash_point::Stopped),
 }
 
 impl FlushError {
@@ -84,17 +84,6 @@ pub enum WhenBusy {
     Skip,
     /// Wait up to this long for it to finish, then flush (a person or a script asked).
     Wait(Duration),
-}
-
-/// The steps of a flush at which a test can stop it, as a crash would.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FlushStep {
-    /// After the pending set became a batch, before any database write.
-    Handoff,
-    /// After the first chunk was written, before the commit (the transaction rolls back).
-    FirstChunk,
-    /// After the commit, before the batch key is dropped.
-    Commit,
 }
 
 /// What one batch did.
@@ -206,13 +195,14 @@ impl Flusher {
         }
     }
 
-    /// Runs a flush that stops at `step` as if the process had died there. For tests of the
-    /// exactly-once protocol; the lease is released as its expiry would.
-    pub async fn flush_stopping_after(&self, step: FlushStep) -> Result<FlushReport, FlushError> {
-        self.run(WhenBusy::Wait(Duration::from_secs(30)), Some(step)).await
+    /// Runs a flush that stops at crash point `point` (one of `crash_point::FLUSH_*`) as if the
+    /// process had died there. For tests of the exactly-once protocol; the lease is released as
+    /// its expiry would.
+    pub async fn flush_stopping_after(&self, point: &'static str) -> Result<FlushReport, FlushError> {
+        self.run(WhenBusy::Wait(Duration::from_secs(30)), Some(point)).await
     }
 
-    async fn run(&self, when_busy: WhenBusy, stop: Option<FlushStep>) -> Result<FlushReport, FlushError> {
+    async fn run(&self, when_busy: WhenBusy, stop: Option<&'static str>) -> Result<FlushReport, FlushError> {
         let started = Instant::now();
         let outcome =
             self.exclusive(when_busy, async |lease| self.flush_locked(lease, stop).await).await.inspect_err(|e| {
@@ -291,15 +281,12 @@ impl Flusher {
     }
 
     /// A flush, for a caller holding the lease ([`Flusher::exclusive`]).
-    pub async fn flush_locked(&self, lease: &Lease, stop: Option<FlushStep>) -> Result<FlushReport, FlushError> {
+    pub async fn flush_locked(&self, lease: &Lease, stop: Option<&'static str>) -> Result<FlushReport, FlushError> {
         self.check_redis_state(lease).await?;
         let mut report = self.recover_open_batches(lease).await?;
         let batch_id = random_id();
         if let Some(seq) = self.store.handoff(lease, &batch_id).await? {
-            if stop == Some(FlushStep::Handoff) {
-                return Err(FlushError::Stopped(FlushStep::Handoff));
-            }
-            crash_point::reach(crash_point::FLUSH_AFTER_HANDOFF);
+            crash_point::reach_or_stop(crash_point::FLUSH_AFTER_HANDOFF, stop)?;
             let batch = self.apply_and_drop(lease, &batch_id, seq, false, stop).await?;
             report.users_written += batch.users;
             report.batches.push(batch);
@@ -503,14 +490,11 @@ impl Flusher {
         batch_id: &str,
         seq: u64,
         recovered: bool,
-        stop: Option<FlushStep>,
+        stop: Option<&'static str>,
     ) -> Result<BatchReport, FlushError> {
         let mut report = self.apply_batch(lease, batch_id, seq, stop).await?;
         report.recovered = recovered;
-        if stop == Some(FlushStep::Commit) {
-            return Err(FlushError::Stopped(FlushStep::Commit));
-        }
-        crash_point::reach(crash_point::FLUSH_AFTER_COMMIT);
+        crash_point::reach_or_stop(crash_point::FLUSH_AFTER_COMMIT, stop)?;
         self.store.drop_batch(lease, batch_id).await?;
         Ok(report)
     }
@@ -522,7 +506,7 @@ impl Flusher {
         lease: &Lease,
         batch_id: &str,
         seq: u64,
-        stop: Option<FlushStep>,
+        stop: Option<&'static str>,
     ) -> Result<BatchReport, FlushError> {
         let store = self.store.clone();
         let db = self.db.clone();
@@ -572,10 +556,7 @@ impl Flusher {
                     queries::add_deltas(conn, &chunk)?;
                     report.users += chunk.len() as u64;
                     report.delta_sum += chunk.iter().map(|(_, delta)| delta).sum::<i64>();
-                    if stop == Some(FlushStep::FirstChunk) {
-                        return Err(FlushError::Stopped(FlushStep::FirstChunk));
-                    }
-                    crash_point::reach(crash_point::FLUSH_MID_WRITE);
+                    crash_point::reach_or_stop(crash_point::FLUSH_MID_WRITE, stop)?;
                     let Some(mut next) = next else { break };
                     chunk = handle
                         .block_on(&mut next.0)

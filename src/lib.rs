@@ -26,7 +26,7 @@
 //! | [`credentials`] | who may call what: webhook secrets, bearer tokens, their checks       |
 //! | [`webhook`]   | the Standard Webhooks signature scheme                                    |
 //! | [`metrics`]   | the Prometheus registry and the name of every metric                      |
-//! | [`crash_point`] | named steps where the crash tests SIGKILL the process (tests only)      |
+//! | [`crash_point`] | named steps where a test stops the work as a crash would: in process, or the real binary SIGKILLed |
 //!
 //! `docs/design.md` describes the Redis key layout, the state machine and the flush protocol.
 

@@ -13,9 +13,10 @@ use common::TestEnv;
 use countersink::app::AppState;
 use countersink::config::MAX_FLUSH_CHUNK_USERS;
 use countersink::counts::unread_counts;
+use countersink::crash_point::{self, Stopped};
 use countersink::db::queries;
 use countersink::events::Event;
-use countersink::flush::{FlushError, FlushStep, WhenBusy};
+use countersink::flush::{FlushError, WhenBusy};
 use countersink::store::Acquired;
 use diesel::prelude::*;
 
@@ -98,13 +99,13 @@ async fn a_flush_of_more_users_than_one_statement_can_carry_is_chunked() {
 
 #[tokio::test]
 async fn a_flush_stopped_after_any_step_loses_nothing_and_applies_nothing_twice() {
-    for step in [FlushStep::Handoff, FlushStep::FirstChunk, FlushStep::Commit] {
+    for step in [crash_point::FLUSH_AFTER_HANDOFF, crash_point::FLUSH_MID_WRITE, crash_point::FLUSH_AFTER_COMMIT] {
         for env in TestEnv::each_backend().await {
             let state = env.state();
             let per_user: Vec<u64> = (0..230).map(|i| i % 3 + 1).collect();
             let next_id = create_unread(&state, 1, &per_user).await;
             let stopped = state.flusher.flush_stopping_after(step).await;
-            assert!(matches!(stopped, Err(FlushError::Stopped(s)) if s == step), "{step:?}");
+            assert!(matches!(stopped, Err(FlushError::Stopped(Stopped(s))) if s == step), "{step:?}");
 
             // Reads stay exact while the batch is stranded.
             let read = unread_counts(&state.store, &state.db, &[1, 2, 3]).await.unwrap();
@@ -116,7 +117,7 @@ async fn a_flush_stopped_after_any_step_loses_nothing_and_applies_nothing_twice(
             let report = env.state().flusher.flush(WAIT).await.unwrap();
             let recovered = &report.batches[0];
             assert!(recovered.recovered, "{step:?}: {report:?}");
-            assert_eq!(recovered.already_applied, step == FlushStep::Commit, "{step:?}");
+            assert_eq!(recovered.already_applied, step == crash_point::FLUSH_AFTER_COMMIT, "{step:?}");
 
             let mut want = expected(&per_user);
             *want.get_mut(&2).unwrap() += 5;
