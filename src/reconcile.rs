@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 use tracing::{info, instrument, warn};
 
 use crate::crash_point;
-use crate::db::{queries, Db, DbError};
+use crate::db::{queries, Db, DbConnection, DbError};
 use crate::flush::{FlushError, Flusher, WhenBusy};
 use crate::source::Source;
 use crate::store::{
@@ -58,6 +58,22 @@ pub const RECOUNT_CLAIM_TTL: Duration = Duration::from_secs(10);
 /// How often a worker renews its claim while it recounts (or waits for the flush lease): three
 /// chances before the claim lapses.
 const RECOUNT_CLAIM_RENEWAL: Duration = Duration::from_secs(3);
+
+/// Up to `limit` user ids after `after`, in order: every user with a notification or a stored
+/// count (a user whose notifications are all gone may still have a count to repair).
+fn users_after(
+    conn: &mut DbConnection,
+    source: &Source,
+    after: Option<u64>,
+    limit: usize,
+) -> Result<Vec<u64>, DbError> {
+    let mut users = source.users_after(conn, after, limit)?;
+    users.extend(queries::stored_users_after(conn, after, limit)?);
+    users.sort_unstable();
+    users.dedup();
+    users.truncate(limit);
+    Ok(users)
+}
 
 /// A reconcile failure.
 #[derive(Debug, thiserror::Error)]
@@ -183,7 +199,7 @@ impl Reconciler {
         loop {
             let step_started = Instant::now();
             let source = source.clone();
-            let users = self.db.run(move |conn| source.users_after(conn, after, USERS_PER_STEP)).await?;
+            let users = self.db.run(move |conn| users_after(conn, &source, after, USERS_PER_STEP)).await?;
             let Some(last) = users.last() else { break };
             after = Some(*last);
             match self.step(&users, &mut report).await {

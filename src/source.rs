@@ -188,15 +188,15 @@ impl Source {
         Ok(rows.first().map_or(0, |c| c.n as u64))
     }
 
-    /// Up to `limit` user ids after `after`, in order: every user with a notification or a stored count.
+    /// Up to `limit` recipients after `after`, in order. Grouped on the column itself, so an
+    /// index on it is walked in order and the scan stops after `limit` users.
     pub fn users_after(&self, conn: &mut DbConnection, after: Option<u64>, limit: usize) -> Result<Vec<u64>, DbError> {
         let backend = conn.backend();
         let floor = after.map(|a| a as i64).unwrap_or(-1);
+        let user = quote(backend, &self.user);
         let sql = format!(
-            "SELECT user_id FROM (SELECT {user} AS user_id FROM {table} \
-             UNION SELECT user_id FROM countersink_usernotificationscount) AS users \
-             WHERE user_id > {floor} ORDER BY user_id LIMIT {limit}",
-            user = backend.bigint(&quote(backend, &self.user)),
+            "SELECT {cast} AS user_id FROM {table} WHERE {user} > {floor} GROUP BY {user} ORDER BY {user} LIMIT {limit}",
+            cast = backend.bigint(&user),
             table = quote(backend, &self.table),
         );
         let rows: Vec<UserRow> = diesel::sql_query(sql).load(conn)?;

@@ -91,6 +91,33 @@ async fn reconcile_all_walks_every_user_including_those_with_only_a_stored_count
     }
 }
 
+/// Users come from two tables, read a page at a time: a page holds the lowest ids of both,
+/// whichever table they are in, and no user is skipped or checked twice across pages.
+#[tokio::test]
+async fn reconcile_all_pages_through_users_of_both_tables_in_order() {
+    for env in TestEnv::each_backend_with_source().await {
+        let state = env.state();
+        // Even users have notifications (two each, one unread), odd users only a stored count;
+        // 3 users to a page of the walk's 200 would not cross a page.
+        let rows: Vec<String> =
+            (0..500u64).map(|n| format!("({}, {}, {}, FALSE)", n + 1, 2 * (n / 2), n % 2 == 0)).collect();
+        env.sql(&format!(
+            "INSERT INTO notifications_notification (id, recipient_id, unread, deleted) VALUES {}",
+            rows.join(", ")
+        ))
+        .await;
+        let stored: Vec<String> = (0..250u64).map(|n| format!("({}, 1)", 2 * n + 1)).collect();
+        env.sql(&format!(
+            "INSERT INTO countersink_usernotificationscount (user_id, unread_count) VALUES {}",
+            stored.join(", ")
+        ))
+        .await;
+        let report = state.reconciler.reconcile_all(0, |_| {}).await.unwrap();
+        assert_eq!(report.users_checked, 500, "250 users with notifications, 250 with a count, on {:?}", env.backend());
+        assert_eq!(env.stored_counts().await, env.true_counts().await, "{:?}", env.backend());
+    }
+}
+
 #[tokio::test]
 async fn recount_events_are_coalesced_and_repair_through_the_reconcile_path() {
     let env = TestEnv::sqlite_with_source().await;

@@ -9,7 +9,7 @@ use diesel::upsert::excluded;
 
 use super::schema::{
     countersink_flush_batches as batches, countersink_lease_fence as fence,
-    countersink_usernotificationscount as counts,
+    countersink_usernotificationscount as counts, COUNTS_TABLE,
 };
 use super::{DbConnection, DbError};
 
@@ -102,6 +102,18 @@ pub fn lease_fence(conn: &mut DbConnection) -> Result<i64, DbError> {
     Ok(fence::table.filter(fence::id.eq(1)).select(fence::token).first(conn).optional()?.unwrap_or(0))
 }
 
+/// Up to `limit` users with a stored count after `after`, in order.
+pub fn stored_users_after(conn: &mut DbConnection, after: Option<u64>, limit: usize) -> Result<Vec<u64>, DbError> {
+    let floor = after.map_or(-1, |a| a as i64);
+    let users: Vec<i64> = counts::table
+        .select(counts::user_id)
+        .filter(counts::user_id.gt(floor))
+        .order(counts::user_id)
+        .limit(limit as i64)
+        .load(conn)?;
+    Ok(users.into_iter().map(|u| u as u64).collect())
+}
+
 /// Stores the totals of a claimed batch.
 pub fn complete_batch(conn: &mut DbConnection, batch_id: &str, users: i64, delta_sum: i64) -> Result<(), DbError> {
     diesel::update(batches::table.find(batch_id))
@@ -118,12 +130,10 @@ pub fn add_deltas(conn: &mut DbConnection, deltas: &[(u64, i64)]) -> Result<(), 
         // PostgreSQL: two array binds, where the multi-row VALUES form has two per row (10,000
         // parameters for a 5,000-user chunk, built by diesel and parsed by PostgreSQL each time).
         let (users, values): (Vec<i64>, Vec<i64>) = deltas.iter().map(|(user, delta)| (*user as i64, *delta)).unzip();
-        diesel::sql_query(
-            "INSERT INTO countersink_usernotificationscount (user_id, unread_count) \
-             SELECT * FROM unnest($1::bigint[], $2::bigint[]) \
-             ON CONFLICT (user_id) DO UPDATE \
-             SET unread_count = countersink_usernotificationscount.unread_count + EXCLUDED.unread_count",
-        )
+        diesel::sql_query(format!(
+            "INSERT INTO {COUNTS_TABLE} (user_id, unread_count) SELECT * FROM unnest($1::bigint[], $2::bigint[]) \
+             ON CONFLICT (user_id) DO UPDATE SET unread_count = {COUNTS_TABLE}.unread_count + EXCLUDED.unread_count"
+        ))
         .bind::<diesel::sql_types::Array<diesel::sql_types::BigInt>, _>(&users)
         .bind::<diesel::sql_types::Array<diesel::sql_types::BigInt>, _>(&values)
         .execute(c)?;

@@ -1,5 +1,9 @@
 //! The diesel schema of the tables the migrations create (the same on every backend).
 
+/// The count table's name, for the one statement diesel cannot build (PostgreSQL's `unnest`
+/// upsert in `queries::add_deltas`); a test checks it is the table declared below.
+pub const COUNTS_TABLE: &str = "countersink_usernotificationscount";
+
 diesel::table! {
     /// user id → unread count; Django reads it through an unmanaged model.
     countersink_usernotificationscount (user_id) {
@@ -34,5 +38,17 @@ diesel::table! {
         id -> SmallInt,
         /// The numeric part of the holder's fencing token.
         token -> BigInt,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use diesel::prelude::*;
+
+    #[test]
+    fn the_count_table_name_is_the_declared_table() {
+        use super::countersink_usernotificationscount as counts;
+        let sql = diesel::debug_query::<diesel::pg::Pg, _>(&counts::table.select(counts::user_id)).to_string();
+        assert!(sql.contains(&format!("FROM \"{}\"", super::COUNTS_TABLE)), "{sql}");
     }
 }
