@@ -82,6 +82,12 @@ impl Bootstrapper {
         bootstrap(&self.store, &self.db, &self.flusher, source, batching, rebuild, progress).await
     }
 
+    /// Checks the Notification table's mapping against the database, naming what is missing.
+    pub async fn check_source(&self) -> Result<(), anyhow::Error> {
+        let source = self.source.clone().ok_or(BootstrapError::NotConfigured)?;
+        self.db.run(move |conn| Ok(source.check(conn))).await?.map_err(anyhow::Error::msg)
+    }
+
     /// Watches the Redis state until the process stops, every `interval` and at once when
     /// [`Bootstrapper::wake_redis_watch`] is called: recovers from a Redis restart (see
     /// `Flusher::recover_if_redis_restarted`) and, with a Notification table and `rebuild`,

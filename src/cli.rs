@@ -140,7 +140,7 @@ impl Cli {
             Command::Reconcile(args) => run_reconcile(&self.core, args).await,
             Command::Bootstrap => {
                 let state = AppState::new(&self.core, None)?;
-                state.reconciler.check_source().await.context("checking the Notification table (--source-*)")?;
+                state.bootstrapper.check_source().await.context("checking the Notification table (--source-*)")?;
                 let report = state
                     .bootstrapper
                     .bootstrap(
@@ -169,6 +169,9 @@ async fn run_serve(core: &CoreConfig, serve: ServeConfig) -> anyhow::Result<()> 
     serve.validate()?;
     schedule::validate_cron(&serve.flush_cron, setting!(ServeConfig.flush_cron))?;
     schedule::validate_cron(&serve.reconcile_cron, setting!(ServeConfig.reconcile_cron))?;
+    if core.source.source_table.is_none() && serve.reconcile_cron != schedule::CRON_OFF {
+        anyhow::bail!("--reconcile-cron (COUNTERSINK_RECONCILE_CRON) needs --source-table (COUNTERSINK_SOURCE_TABLE)");
+    }
     let state = AppState::new(core, Some(&serve))?;
     warn_if_few_file_descriptors(core, &serve);
     if state.auth.is_open() {
@@ -195,9 +198,6 @@ async fn run_serve(core: &CoreConfig, serve: ServeConfig) -> anyhow::Result<()> 
              be lost when Redis is full"
         ),
         Err(e) => warn!(error = %e, "redis is not reachable yet; events will be answered 503 until it is"),
-    }
-    if !state.reconciler.is_configured() && serve.reconcile_cron != schedule::CRON_OFF {
-        anyhow::bail!("--reconcile-cron (COUNTERSINK_RECONCILE_CRON) needs --source-table (COUNTERSINK_SOURCE_TABLE)");
     }
     let mut workers = Vec::new();
     if state.reconciler.is_configured() {

@@ -327,6 +327,7 @@ impl Setting {
     pub fn names(self) -> (String, String) {
         let command = ServeConfig::augment_args(CoreConfig::augment_args(clap::Command::new("countersink")));
         let arg = command.get_arguments().find(|arg| arg.get_id() == self.0);
+        debug_assert!(arg.is_some(), "{} is not a setting (a field with #[arg])", self.0);
         let flag = arg.and_then(|arg| arg.get_long()).map_or_else(|| self.0.to_string(), |long| format!("--{long}"));
         let env = arg.and_then(|arg| arg.get_env()).map_or_else(String::new, |env| env.to_string_lossy().into_owned());
         (flag, env)

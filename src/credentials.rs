@@ -61,7 +61,7 @@ impl Auth {
         let webhook = secret_setting(
             serve.webhook_secret.as_deref(),
             serve.webhook_secret_file.as_deref(),
-            setting!(ServeConfig.webhook_secret),
+            (setting!(ServeConfig.webhook_secret), setting!(ServeConfig.webhook_secret_file)),
         )?;
         let webhook_secrets = match webhook {
             Some(text) => WebhookSecret::parse_list(&text)
@@ -71,24 +71,26 @@ impl Auth {
         let admin_token = token_setting(
             serve.admin_token.as_deref(),
             serve.admin_token_file.as_deref(),
-            setting!(ServeConfig.admin_token),
+            (setting!(ServeConfig.admin_token), setting!(ServeConfig.admin_token_file)),
         )?;
         let read_token = token_setting(
             serve.read_token.as_deref(),
             serve.read_token_file.as_deref(),
-            setting!(ServeConfig.read_token),
+            (setting!(ServeConfig.read_token), setting!(ServeConfig.read_token_file)),
         )?;
         if !serve.insecure_no_auth {
             if webhook_secrets.is_empty() {
-                return Err(ConfigError::new(
+                return Err(required(
                     setting!(ServeConfig.webhook_secret),
-                    "required: set a whsec_ secret (or COUNTERSINK_WEBHOOK_SECRET_FILE), or pass --insecure-no-auth for local development",
+                    "a whsec_ secret",
+                    setting!(ServeConfig.webhook_secret_file),
                 ));
             }
             if admin_token.is_none() {
-                return Err(ConfigError::new(
+                return Err(required(
                     setting!(ServeConfig.admin_token),
-                    "required: set a token of at least 16 characters (or COUNTERSINK_ADMIN_TOKEN_FILE), or pass --insecure-no-auth for local development",
+                    "a token of at least 16 characters",
+                    setting!(ServeConfig.admin_token_file),
                 ));
             }
         }
@@ -175,12 +177,26 @@ impl Auth {
     }
 }
 
+/// A secret the service refuses to run without (unless `--insecure-no-auth`).
+fn required(setting: Setting, what: &str, file_setting: Setting) -> ConfigError {
+    let (file_flag, file_env) = file_setting.names();
+    let (open_flag, _) = setting!(ServeConfig.insecure_no_auth).names();
+    ConfigError::new(
+        setting,
+        format!("required: set {what} (or {file_flag} / {file_env}), or pass {open_flag} for local development"),
+    )
+}
+
 /// A secret given as a value or as a file, not both.
-fn secret_setting(value: Option<&str>, file: Option<&Path>, setting: Setting) -> Result<Option<String>, ConfigError> {
+fn secret_setting(
+    value: Option<&str>,
+    file: Option<&Path>,
+    (setting, file_setting): (Setting, Setting),
+) -> Result<Option<String>, ConfigError> {
     match (value, file) {
         (Some(_), Some(_)) => {
-            let (flag, env) = setting.names();
-            Err(ConfigError::new(setting, format!("give it or {flag}-file ({env}_FILE), not both")))
+            let (flag, env) = file_setting.names();
+            Err(ConfigError::new(setting, format!("give it or {flag} ({env}), not both")))
         }
         (Some(value), None) => Ok(Some(value.to_string())),
         (None, Some(path)) => std::fs::read_to_string(path)
@@ -193,9 +209,10 @@ fn secret_setting(value: Option<&str>, file: Option<&Path>, setting: Setting) ->
 fn token_setting(
     value: Option<&str>,
     file: Option<&Path>,
-    setting: Setting,
+    settings: (Setting, Setting),
 ) -> Result<Option<BearerToken>, ConfigError> {
-    let Some(token) = secret_setting(value, file, setting)? else {
+    let setting = settings.0;
+    let Some(token) = secret_setting(value, file, settings)? else {
         return Ok(None);
     };
     if token.len() < MIN_TOKEN_LEN || !token.bytes().all(|b| b.is_ascii_graphic()) {

@@ -16,7 +16,6 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use tracing::error;
 
-use crate::bootstrap::BootstrapError;
 use crate::counts::ReadError;
 use crate::db::DbError;
 use crate::events::EventError;
@@ -212,17 +211,6 @@ impl From<ReadError> for AppError {
             ReadError::Store(e) => e.into(),
             ReadError::Db(e) => e.into(),
             ReadError::Contended => AppError::Unavailable { dependency: "flush" },
-        }
-    }
-}
-
-impl From<BootstrapError> for AppError {
-    fn from(e: BootstrapError) -> Self {
-        match e {
-            BootstrapError::NotConfigured => AppError::Conflict(e.to_string()),
-            BootstrapError::Store(e) => e.into(),
-            BootstrapError::Db(e) => e.into(),
-            BootstrapError::Flush(e) => e.into(),
         }
     }
 }

@@ -199,6 +199,9 @@ impl Flusher {
     /// process had died there. For tests of the exactly-once protocol; the lease is released as
     /// its expiry would.
     pub async fn flush_stopping_after(&self, point: &'static str) -> Result<FlushReport, FlushError> {
+        let flush_points =
+            [crash_point::FLUSH_AFTER_HANDOFF, crash_point::FLUSH_MID_WRITE, crash_point::FLUSH_AFTER_COMMIT];
+        debug_assert!(flush_points.contains(&point), "{point} is not a crash point of a flush");
         self.run(WhenBusy::Wait(Duration::from_secs(30)), Some(point)).await
     }
 

@@ -28,8 +28,8 @@
 //! | [`metrics`]   | the Prometheus registry and the name of every metric                      |
 //! | [`crash_point`] | named steps where a test stops the work as a crash would: in process, or the real binary SIGKILLed |
 //!
-//! `docs/architecture.md` shows the layers (each imports only those below it; `src/layering.rs`
-//! checks) and the data flow; `docs/design.md` describes the Redis key layout, the state machine
+//! `docs/architecture.md` shows the layers (no module cycle, metrics and config at the bottom:
+//! `src/layering.rs` checks) and the data flow; `docs/design.md` describes the Redis key layout, the state machine
 //! and the flush protocol.
 
 pub mod app;

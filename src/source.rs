@@ -146,6 +146,11 @@ impl Source {
         diesel::sql_query(format!("{} WHERE 1 = 0", self.select_rows(backend)))
             .load::<SourceRow>(conn)
             .map_err(|e| format!("the columns of {} cannot be read as id, user and read state: {e}", self.table))?;
+        // The walk of every user compares and orders the recipient column itself: PostgreSQL
+        // refuses that for a column that is not an integer, here rather than mid-reconcile.
+        diesel::sql_query(self.users_after_sql(backend, -1, 0))
+            .load::<UserRow>(conn)
+            .map_err(|e| format!("the recipient column {} (--source-user-column) is not an integer: {e}", self.user))?;
         Ok(())
     }
 
@@ -191,16 +196,18 @@ impl Source {
     /// Up to `limit` recipients after `after`, in order. Grouped on the column itself, so an
     /// index on it is walked in order and the scan stops after `limit` users.
     pub fn users_after(&self, conn: &mut DbConnection, after: Option<u64>, limit: usize) -> Result<Vec<u64>, DbError> {
-        let backend = conn.backend();
         let floor = after.map(|a| a as i64).unwrap_or(-1);
+        let rows: Vec<UserRow> = diesel::sql_query(self.users_after_sql(conn.backend(), floor, limit)).load(conn)?;
+        Ok(rows.into_iter().map(|r| r.user_id as u64).collect())
+    }
+
+    fn users_after_sql(&self, backend: Backend, floor: i64, limit: usize) -> String {
         let user = quote(backend, &self.user);
-        let sql = format!(
+        format!(
             "SELECT {cast} AS user_id FROM {table} WHERE {user} > {floor} GROUP BY {user} ORDER BY {user} LIMIT {limit}",
             cast = backend.bigint(&user),
             table = quote(backend, &self.table),
-        );
-        let rows: Vec<UserRow> = diesel::sql_query(sql).load(conn)?;
-        Ok(rows.into_iter().map(|r| r.user_id as u64).collect())
+        )
     }
 }
 

@@ -97,8 +97,8 @@ async fn reconcile_all_walks_every_user_including_those_with_only_a_stored_count
 async fn reconcile_all_pages_through_users_of_both_tables_in_order() {
     for env in TestEnv::each_backend_with_source().await {
         let state = env.state();
-        // Even users have notifications (two each, one unread), odd users only a stored count;
-        // 3 users to a page of the walk's 200 would not cross a page.
+        // Even users have notifications (two each, one unread), odd users only a stored count:
+        // 500 users interleaved across the two tables, walked in pages of 200.
         let rows: Vec<String> =
             (0..500u64).map(|n| format!("({}, {}, {}, FALSE)", n + 1, 2 * (n / 2), n % 2 == 0)).collect();
         env.sql(&format!(
