@@ -61,6 +61,8 @@ async fn run(database_url: &str, redis_url: &str, prefix: &str, rows: u64, users
     let core = CoreConfig {
         redis_url: redis_url.to_string(),
         redis_prefix: prefix.to_string(),
+        redis_sentinels: Vec::new(),
+        redis_sentinel_master: None,
         database_url: database_url.to_string(),
         db_pool_size: 4,
         db_timeout_secs: 30,

@@ -36,6 +36,8 @@ async fn main() -> anyhow::Result<()> {
         let core = CoreConfig {
             redis_url: redis_url.clone(),
             redis_prefix: name.clone(),
+            redis_sentinels: Vec::new(),
+            redis_sentinel_master: None,
             database_url: url.clone(),
             db_pool_size: 4,
             db_timeout_secs: 10,

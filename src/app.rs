@@ -13,7 +13,7 @@ use crate::live::caps::StreamCaps;
 use crate::live::Live;
 use crate::reconcile::Reconciler;
 use crate::source::Source;
-use crate::store::{GroupCommit, Store};
+use crate::store::{GroupCommit, RedisTarget, Store};
 
 /// Everything a handler needs: one shared [`App`], so the clone that every middleware layer and
 /// extractor makes is one reference count, not a copy of each part.
@@ -127,7 +127,7 @@ impl AppState {
     /// Without `serve` (the CLI), requests are not authenticated.
     pub fn new(core: &CoreConfig, serve: Option<&ServeConfig>) -> anyhow::Result<Self> {
         let source = Source::from_config(&core.source)?.map(Arc::new);
-        let store = Store::connect(&core.redis_url, &core.redis_prefix)?;
+        let store = Store::open(&RedisTarget::from_config(core), &core.redis_prefix)?;
         // With a Notification table to rebuild from, a lost state is refused until rebuilt.
         let store = if source.is_some() { store.requiring_bootstrap() } else { store };
         let db = Db::connect(&core.database_url, core.db_pool_size, core.db_timeout())?;
@@ -140,7 +140,7 @@ impl AppState {
         );
         let reconciler = Reconciler::new(store.clone(), db.clone(), flusher.clone(), source.clone());
         let bootstrapper = Bootstrapper::new(store.clone(), db.clone(), flusher.clone(), source);
-        let live = Live::new(&core.redis_url, store.clone(), db.clone())?;
+        let live = Live::new(store.clone(), db.clone());
         let limits = serve.map(Limits::from).unwrap_or_default();
         let auth = match serve {
             Some(serve) => Auth::from_config(serve)?,

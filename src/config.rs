@@ -45,6 +45,16 @@ pub struct CoreConfig {
     #[arg(long, global = true, env = "COUNTERSINK_REDIS_URL", default_value = "redis://127.0.0.1:6379")]
     pub redis_url: String,
 
+    /// Redis Sentinel addresses (`host:port`, comma-separated): the master is then found through
+    /// them by `--redis-sentinel-master` and followed across failovers, and `--redis-url` gives
+    /// only the database number and the credentials of the master.
+    #[arg(long, global = true, env = "COUNTERSINK_REDIS_SENTINELS", value_delimiter = ',')]
+    pub redis_sentinels: Vec<String>,
+
+    /// The name Sentinel monitors the master under (its `sentinel monitor <name> ...` line).
+    #[arg(long, global = true, env = "COUNTERSINK_REDIS_SENTINEL_MASTER")]
+    pub redis_sentinel_master: Option<String>,
+
     /// Prefix of every Redis key; several deployments can share one Redis under different prefixes.
     /// Letters, digits and `_ - . :` only (braces are added by countersink as a Redis Cluster hash tag).
     #[arg(long, global = true, env = "COUNTERSINK_REDIS_PREFIX", default_value = "countersink")]
@@ -386,6 +396,38 @@ impl CoreConfig {
                 format!("expected a redis:// or rediss:// URL, got {:?}", self.redis_url),
             ));
         }
+        for address in &self.redis_sentinels {
+            let port = address.rsplit_once(':').and_then(|(host, port)| (!host.is_empty()).then_some(port));
+            if !port.is_some_and(|port| port.parse::<u16>().is_ok_and(|port| port > 0)) {
+                return Err(ConfigError::new(
+                    setting!(CoreConfig.redis_sentinels),
+                    format!("expected host:port addresses, comma-separated; got {address:?}"),
+                ));
+            }
+        }
+        match (self.redis_sentinels.is_empty(), &self.redis_sentinel_master) {
+            (false, None) => {
+                let (flag, env) = setting!(CoreConfig.redis_sentinel_master).names();
+                return Err(ConfigError::new(
+                    setting!(CoreConfig.redis_sentinels),
+                    format!("also set {flag} ({env}): the name Sentinel monitors the master under"),
+                ));
+            }
+            (true, Some(_)) => {
+                let (flag, env) = setting!(CoreConfig.redis_sentinels).names();
+                return Err(ConfigError::new(
+                    setting!(CoreConfig.redis_sentinel_master),
+                    format!("is used only with {flag} ({env}): set both or neither"),
+                ));
+            }
+            (false, Some(name)) if name.is_empty() || name.contains(char::is_whitespace) => {
+                return Err(ConfigError::new(
+                    setting!(CoreConfig.redis_sentinel_master),
+                    "must be a name without spaces",
+                ));
+            }
+            _ => {}
+        }
         let prefix_ok = !self.redis_prefix.is_empty()
             && self.redis_prefix.len() <= 64
             && self.redis_prefix.chars().all(|c| c.is_ascii_alphanumeric() || "_-.:".contains(c));
@@ -525,5 +567,28 @@ mod tests {
             settings += 1;
         }
         assert!(settings > 40, "{settings} settings");
+    }
+
+    fn core(args: &[&str]) -> CoreConfig {
+        #[derive(clap::Parser)]
+        struct Args {
+            #[command(flatten)]
+            core: CoreConfig,
+        }
+        let args = std::iter::once("countersink").chain(args.iter().copied());
+        <Args as clap::Parser>::try_parse_from(args).map(|a| a.core).expect("parses")
+    }
+
+    #[test]
+    fn sentinel_addresses_need_a_master_name_and_the_other_way_round() {
+        let both = core(&["--redis-sentinels", "127.0.0.1:26379,[::1]:26380", "--redis-sentinel-master", "m"]);
+        assert!(both.validate().is_ok());
+        assert_eq!(both.redis_sentinels, ["127.0.0.1:26379", "[::1]:26380"]);
+        let no_name = core(&["--redis-sentinels", "127.0.0.1:26379"]).validate().unwrap_err().to_string();
+        assert!(no_name.starts_with("invalid setting --redis-sentinels (COUNTERSINK_REDIS_SENTINELS): also set --redis-sentinel-master (COUNTERSINK_REDIS_SENTINEL_MASTER)"), "{no_name}");
+        let no_sentinels = core(&["--redis-sentinel-master", "m"]).validate().unwrap_err().to_string();
+        assert!(no_sentinels.contains("is used only with --redis-sentinels"), "{no_sentinels}");
+        let no_port = core(&["--redis-sentinels", "127.0.0.1", "--redis-sentinel-master", "m"]).validate().unwrap_err();
+        assert!(no_port.to_string().contains("expected host:port"), "{no_port}");
     }
 }

@@ -197,6 +197,8 @@ impl Env {
         CoreConfig {
             redis_url: self.redis_url.clone(),
             redis_prefix: prefix.to_string(),
+            redis_sentinels: Vec::new(),
+            redis_sentinel_master: None,
             database_url: self.schema_url(schema),
             db_pool_size: 8,
             db_timeout_secs: 30,

@@ -35,7 +35,7 @@ use tracing::{info, warn};
 
 use crate::counts::{unread_counts, ReadError};
 use crate::db::Db;
-use crate::store::{Store, StoreError, ALL_USERS};
+use crate::store::{RedisConnection, Store, ALL_USERS};
 
 /// First wait before resubscribing after the connection was lost; doubles up to the maximum.
 const RECONNECT_MIN: Duration = Duration::from_millis(100);
@@ -68,7 +68,6 @@ pub struct Live {
 }
 
 struct Inner {
-    client: redis::Client,
     channel: String,
     store: Store,
     db: Db,
@@ -82,12 +81,10 @@ struct Inner {
 
 impl Live {
     /// A hub over `store`'s deployment; its subscriber starts with the first stream.
-    pub fn new(redis_url: &str, store: Store, db: Db) -> Result<Live, StoreError> {
-        let client = redis::Client::open(redis_url)?;
+    pub fn new(store: Store, db: Db) -> Live {
         let channel = store.keys().live_channel();
-        Ok(Live {
+        Live {
             inner: Arc::new(Inner {
-                client,
                 channel,
                 store,
                 db,
@@ -97,7 +94,7 @@ impl Live {
                 closing: watch::channel(false).0,
                 subscribed: watch::channel(false).0,
             }),
-        })
+        }
     }
 
     /// Starts watching `user_id`'s count (and the subscriber, if this is the first stream).
@@ -154,7 +151,7 @@ impl Live {
             let closing = self.inner.closing.subscribe();
             tokio::spawn(run_subscriber(
                 Arc::downgrade(&self.inner),
-                self.inner.client.clone(),
+                self.inner.store.connection().clone(),
                 self.inner.channel.clone(),
                 closing,
             ));
@@ -235,13 +232,13 @@ impl Inner {
 /// hub is dropped.
 async fn run_subscriber(
     inner: Weak<Inner>,
-    client: redis::Client,
+    redis: RedisConnection,
     channel: String,
     mut closing: watch::Receiver<bool>,
 ) {
     let mut backoff = RECONNECT_MIN;
     loop {
-        let ended = subscription(&inner, &client, &channel, &mut closing, &mut backoff).await;
+        let ended = subscription(&inner, &redis, &channel, &mut closing, &mut backoff).await;
         if let Some(hub) = inner.upgrade() {
             hub.subscribed.send_replace(false);
         }
@@ -262,7 +259,7 @@ async fn run_subscriber(
 /// One subscription, until the connection fails (`Err`) or the hub closes (`Ok`).
 async fn subscription(
     inner: &Weak<Inner>,
-    client: &redis::Client,
+    redis: &RedisConnection,
     channel: &str,
     closing: &mut watch::Receiver<bool>,
     backoff: &mut Duration,
@@ -270,6 +267,11 @@ async fn subscription(
     if *closing.borrow() {
         return Ok(());
     }
+    // Asked at every (re)subscription: under Sentinel, the master may have changed.
+    let client = tokio::time::timeout(CONNECT_TIMEOUT, redis.client())
+        .await
+        .context("finding the redis master timed out")?
+        .context("finding the redis master")?;
     let pubsub = tokio::time::timeout(CONNECT_TIMEOUT, client.get_async_pubsub())
         .await
         .context("connecting to redis timed out")?

@@ -2,6 +2,7 @@
 //! and the flush lease ([`lease`]). Every multi-key change is one Lua script, so it is atomic and costs one
 //! round trip per request, however many events the request holds.
 
+mod connection;
 mod group_commit;
 mod keys;
 mod lease;
@@ -9,11 +10,11 @@ mod lease;
 use std::collections::HashMap;
 use std::time::Duration;
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{AsyncCommands, Script};
 use tracing::instrument;
 
 use crate::events::{Event, EventKind};
+pub use connection::{RedisConnection, RedisTarget};
 pub use group_commit::GroupCommit;
 pub use keys::{Keys, SHARD_BITS};
 pub use lease::{Acquired, Lease, LeaseHolder, LeaseRenewal};
@@ -36,10 +37,6 @@ pub mod state {
 /// The payload on [`Keys::live_channel`] that means "every user's count may have changed".
 pub const ALL_USERS: &str = "*";
 
-/// How long one Redis command may take before the request fails over to 503.
-const REDIS_RESPONSE_TIMEOUT: Duration = Duration::from_secs(5);
-/// How long connecting may take; short, so an outage is answered quickly.
-const REDIS_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// States per `BITFIELD` of [`Store::write_states`]: a script passes a command's words through
 /// Lua's `unpack`, which takes at most a few thousand.
 const STATES_PER_COMMAND: usize = 1000;
@@ -110,6 +107,10 @@ impl StoreError {
                             | ServerErrorKind::ReadOnly
                             | ServerErrorKind::ClusterDown
                     )
+                ) || matches!(
+                    // Sentinel does not name a master (yet): a failover is under way.
+                    e.kind(),
+                    ErrorKind::MasterNameNotFoundBySentinel | ErrorKind::NoValidReplicasFoundBySentinel
                 );
                 // A full Redis (`maxmemory` under `noeviction`) refuses a script at its first write,
                 // before it changed anything: the request can be sent again once memory is freed.
@@ -210,7 +211,7 @@ pub struct BatchesSnapshot {
 /// The Redis store of one deployment (one key prefix).
 #[derive(Clone)]
 pub struct Store {
-    conn: ConnectionManager,
+    conn: RedisConnection,
     keys: Keys,
     scripts: &'static Scripts,
     requires_bootstrap: bool,
@@ -292,13 +293,19 @@ impl Store {
     /// A store that connects lazily and reconnects by itself, so the service starts and
     /// recovers while Redis is down.
     pub fn connect(redis_url: &str, prefix: &str) -> Result<Self, StoreError> {
-        let client = redis::Client::open(redis_url)?;
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(REDIS_CONNECT_TIMEOUT))
-            .set_response_timeout(Some(REDIS_RESPONSE_TIMEOUT))
-            .set_number_of_retries(1);
-        let conn = ConnectionManager::new_lazy_with_config(client, config)?;
+        Self::open(&RedisTarget::Address(redis_url.to_string()), prefix)
+    }
+
+    /// [`Store::connect`] to wherever `target` says the master is (under Sentinel, followed
+    /// across failovers).
+    pub fn open(target: &RedisTarget, prefix: &str) -> Result<Self, StoreError> {
+        let conn = RedisConnection::open(target)?;
         Ok(Self { conn, keys: Keys::new(prefix), scripts: scripts(), requires_bootstrap: false })
+    }
+
+    /// The connection to the master, for what needs a connection of its own (pub/sub).
+    pub fn connection(&self) -> &RedisConnection {
+        &self.conn
     }
 
     /// The same store, refusing events until a bootstrap has marked the state complete.

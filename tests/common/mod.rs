@@ -3,6 +3,7 @@
 #![allow(dead_code, clippy::unwrap_used)]
 
 pub mod proxy;
+pub mod sentinel;
 pub mod sidecar;
 pub mod world;
 
@@ -285,6 +286,8 @@ pub fn core_config(prefix: &str, database_url: &str) -> CoreConfig {
     CoreConfig {
         redis_url: redis_url(),
         redis_prefix: prefix.to_string(),
+        redis_sentinels: Vec::new(),
+        redis_sentinel_master: None,
         database_url: database_url.to_string(),
         db_pool_size: 4,
         db_timeout_secs: 5,

@@ -1,0 +1,132 @@
+//! A Redis Sentinel set-up of the test's own on loopback ports: a master, one replica and three
+//! Sentinels (quorum 2) that fail over a second after the master stops answering.
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use super::free_port;
+
+/// The name the Sentinels monitor the master under.
+pub const MASTER_NAME: &str = "countersink-test";
+
+/// The processes of one set-up, killed when dropped.
+pub struct SentinelSetup {
+    /// The first master's port (the replica's is `replica_port`).
+    pub master_port: u16,
+    /// The replica's port: the master after a failover.
+    pub replica_port: u16,
+    /// The Sentinels' ports.
+    pub sentinel_ports: Vec<u16>,
+    master: Child,
+    replica: Child,
+    sentinels: Vec<Child>,
+    _dir: tempfile::TempDir,
+}
+
+impl SentinelSetup {
+    /// Starts every process and waits until the Sentinels know the master, its replica and each
+    /// other (what a failover needs).
+    pub fn start() -> SentinelSetup {
+        let dir = tempfile::tempdir().unwrap();
+        let (master_port, replica_port) = (free_port(), free_port());
+        let master = redis_server(&["--port", &master_port.to_string()]);
+        let replica =
+            redis_server(&["--port", &replica_port.to_string(), "--replicaof", "127.0.0.1", &master_port.to_string()]);
+        wait_for(Duration::from_secs(10), "the replica to sync", || {
+            info(replica_port, "replication").is_some_and(|info| info.contains("master_link_status:up"))
+        });
+        let sentinel_ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+        let sentinels = sentinel_ports
+            .iter()
+            .map(|port| {
+                let conf = dir.path().join(format!("sentinel-{port}.conf"));
+                std::fs::write(
+                    &conf,
+                    format!(
+                        "port {port}\nbind 127.0.0.1\ndir {dir}\n\
+                         sentinel monitor {MASTER_NAME} 127.0.0.1 {master_port} 2\n\
+                         sentinel down-after-milliseconds {MASTER_NAME} 1000\n\
+                         sentinel failover-timeout {MASTER_NAME} 10000\n",
+                        dir = dir.path().display()
+                    ),
+                )
+                .unwrap();
+                let child = Command::new("redis-server")
+                    .arg(&conf)
+                    .arg("--sentinel")
+                    .stdout(Stdio::null())
+                    .spawn()
+                    .expect("redis-server must be on PATH for these tests");
+                child
+            })
+            .collect();
+        let setup = SentinelSetup { master_port, replica_port, sentinel_ports, master, replica, sentinels, _dir: dir };
+        for &port in &setup.sentinel_ports {
+            wait_for(Duration::from_secs(20), "each Sentinel to know the replica and the other Sentinels", || {
+                let known = |what: &str| {
+                    sentinel_query::<Vec<redis::Value>>(port, &[what, MASTER_NAME]).map_or(0, |list| list.len())
+                };
+                known("replicas") == 1 && known("sentinels") == 2
+            });
+        }
+        setup
+    }
+
+    /// The Sentinels' addresses, as `--redis-sentinels` takes them.
+    pub fn addresses(&self) -> String {
+        self.sentinel_ports.iter().map(|port| format!("127.0.0.1:{port}")).collect::<Vec<_>>().join(",")
+    }
+
+    /// The master's port, as the first Sentinel that answers says.
+    pub fn master_port_now(&self) -> Option<u16> {
+        self.sentinel_ports.iter().find_map(|&port| {
+            let (_, master_port): (String, u16) = sentinel_query(port, &["get-master-addr-by-name", MASTER_NAME])?;
+            Some(master_port)
+        })
+    }
+
+    /// Kills the master without a word (SIGKILL): the Sentinels then promote the replica.
+    pub fn kill_master(&mut self) {
+        let _ = self.master.kill();
+        let _ = self.master.wait();
+    }
+}
+
+impl Drop for SentinelSetup {
+    fn drop(&mut self) {
+        for child in self.sentinels.iter_mut().chain([&mut self.master, &mut self.replica]) {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn redis_server(args: &[&str]) -> Child {
+    let port: u16 = args[1].parse().unwrap();
+    let child = Command::new("redis-server")
+        .args(args)
+        .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("redis-server must be on PATH for these tests");
+    wait_for(Duration::from_secs(5), "redis-server to start", || info(port, "server").is_some());
+    child
+}
+
+fn info(port: u16, section: &str) -> Option<String> {
+    let mut conn = redis::Client::open(format!("redis://127.0.0.1:{port}")).ok()?.get_connection().ok()?;
+    redis::cmd("INFO").arg(section).query(&mut conn).ok()
+}
+
+fn sentinel_query<T: redis::FromRedisValue>(port: u16, args: &[&str]) -> Option<T> {
+    let mut conn = redis::Client::open(format!("redis://127.0.0.1:{port}")).ok()?.get_connection().ok()?;
+    redis::cmd("SENTINEL").arg(args).query(&mut conn).ok()
+}
+
+fn wait_for(limit: Duration, what: &str, mut done: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !done() {
+        assert!(start.elapsed() < limit, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
