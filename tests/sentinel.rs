@@ -42,10 +42,31 @@ async fn post_until_accepted(sidecar: &Sidecar, events: &[Value], round: usize) 
     panic!("round {round}: events were not accepted within 60 s:\n{}", sidecar.stderr_text());
 }
 
+/// How the master goes away.
+#[derive(Debug, Clone, Copy)]
+enum Failover {
+    /// SIGKILL: Sentinel promotes the replica a second later.
+    MasterKilled,
+    /// `SENTINEL FAILOVER`: the master is demoted to a replica of the promoted one and answers
+    /// writes with `READONLY`.
+    Requested,
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failover_under_load_is_followed_without_a_restart_and_leaves_no_user_wrong() {
+    failover_under_load(Failover::MasterKilled).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_requested_failover_is_followed_away_from_the_demoted_master() {
+    failover_under_load(Failover::Requested).await;
+}
+
+/// Events in rounds, a flush, then the failover between two requests with deltas pending, more
+/// rounds (retried through the 503s), and every user's count read and stored checked.
+async fn failover_under_load(failover: Failover) {
     let seed: u64 = rand::random();
-    println!("seed {seed}");
+    println!("{failover:?}: seed {seed}");
     let env = TestEnv::postgres_with_source().await;
     let mut redis = SentinelSetup::start();
     let options = SidecarOptions {
@@ -74,8 +95,18 @@ async fn a_failover_under_load_is_followed_without_a_restart_and_leaves_no_user_
             sidecar.flush().await;
         }
         if round == 4 {
-            // Under load: the master dies between two requests, with deltas pending.
-            redis.kill_master();
+            match failover {
+                Failover::MasterKilled => redis.kill_master(),
+                Failover::Requested => {
+                    redis.request_failover();
+                    // The next write goes to the demoted master, still up: it must be left.
+                    let demoted = eventually_async(Duration::from_secs(30), || async {
+                        redis.master_port_now() == Some(redis.replica_port) && redis.old_master_is_a_replica()
+                    })
+                    .await;
+                    assert!(demoted, "Sentinel did not swap the master and the replica");
+                }
+            }
         }
         let events: Vec<Value> = world.write(&site.db, OPERATIONS).await;
         for chunk in events.chunks(50) {

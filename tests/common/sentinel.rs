@@ -85,6 +85,18 @@ impl SentinelSetup {
         })
     }
 
+    /// Asks a Sentinel to fail over now (`SENTINEL FAILOVER`): the replica is promoted and the
+    /// master, still running, becomes its replica.
+    pub fn request_failover(&self) {
+        let answer: Option<String> = sentinel_query(self.sentinel_ports[0], &["failover", MASTER_NAME]);
+        assert_eq!(answer.as_deref(), Some("OK"), "SENTINEL FAILOVER was refused");
+    }
+
+    /// Whether the first master now says it is a replica (after [`SentinelSetup::request_failover`]).
+    pub fn old_master_is_a_replica(&self) -> bool {
+        info(self.master_port, "replication").is_some_and(|info| info.contains("role:slave"))
+    }
+
     /// Kills the master without a word (SIGKILL): the Sentinels then promote the replica.
     pub fn kill_master(&mut self) {
         let _ = self.master.kill();
