@@ -25,6 +25,7 @@
 //! | `countersink_redis_state_vouched` | gauge | |
 //! | `countersink_redis_persistence` | gauge | `mode`: `none`, `rdb`, `aof_everysec`, `aof_always`, `aof_no_fsync` |
 //! | `countersink_redis_replicas` | gauge | |
+//! | `countersink_redis_masters_found` | counter | |
 //! | `countersink_http_connections_open` | gauge | |
 //! | `countersink_http_header_timeouts_total` | counter | |
 
@@ -112,6 +113,7 @@ struct Metrics {
     redis_state_vouched: Gauge,
     redis_persistence: Family<ModeLabel, Gauge>,
     redis_replicas: Gauge,
+    redis_masters_found: Counter,
     connections_open: Gauge,
     header_timeouts: Counter,
 }
@@ -159,6 +161,7 @@ impl Metrics {
             redis_state_vouched: Gauge::default(),
             redis_persistence: Family::default(),
             redis_replicas: Gauge::default(),
+            redis_masters_found: Counter::default(),
             connections_open: Gauge::default(),
             header_timeouts: Counter::default(),
             registry: Registry::default(),
@@ -264,6 +267,11 @@ impl Metrics {
             m.redis_persistence.clone(),
         );
         registry.register("redis_replicas", "Replicas connected to Redis at the last check", m.redis_replicas.clone());
+        registry.register(
+            "redis_masters_found",
+            "Times Sentinel was asked for the Redis master and named one (at start-up, then after each failover)",
+            m.redis_masters_found.clone(),
+        );
         for recovery in ["rebuilt", "resynced"] {
             m.redis_restarts.get_or_create(&RecoveryLabel { recovery }).inc_by(0);
         }
@@ -336,6 +344,11 @@ pub fn request_finished(method: &str, route: &str, status: u16, elapsed: Duratio
 /// A client connection opened.
 pub fn connection_opened() {
     METRICS.connections_open.inc();
+}
+
+/// Sentinel named the Redis master (at the first command, then after each failover).
+pub fn redis_master_found() {
+    METRICS.redis_masters_found.inc();
 }
 
 /// A client connection closed; `header_timeout`: closed for sending no request head in time.

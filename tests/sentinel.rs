@@ -128,6 +128,13 @@ async fn failover_under_load(failover: Failover) {
     let stored = env.stored_counts().await;
     let wrong = wrong_users(&world.user_ids(), &stored, &want);
     assert!(wrong.is_empty(), "{} users stored wrong, e.g. (user, stored, true) {:?}", wrong.len(), &wrong[..1]);
+    let metrics = reqwest::get(format!("{}/metrics", sidecar.base)).await.unwrap().text().await.unwrap();
+    let found: u64 = metrics
+        .lines()
+        .find_map(|line| line.strip_prefix("countersink_redis_masters_found_total "))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no countersink_redis_masters_found_total in\n{metrics}"));
+    assert!(found >= 2, "{found} masters found: the first and the promoted replica at least");
     assert!(
         sidecar.stderr_text().contains("asking Sentinel for the master again"),
         "the failover was not noticed as one:\n{}",

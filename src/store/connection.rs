@@ -130,6 +130,7 @@ impl RedisConnection {
             .await
             .map_err(|_| RedisError::from(std::io::Error::from(std::io::ErrorKind::TimedOut)))??;
         tracing::info!(master = %client.get_connection_info().addr(), "redis: the master, as Sentinel says");
+        crate::metrics::redis_master_found();
         let generation = self.shared.found.fetch_add(1, Ordering::Relaxed) + 1;
         let master = Master { manager: manager(client.clone())?, client, generation };
         *self.lock_current() = Some(master.clone());
