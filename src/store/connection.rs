@@ -12,7 +12,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::sentinel::{SentinelClient, SentinelNodeConnectionInfo, SentinelServerType};
@@ -25,6 +25,10 @@ const REDIS_RESPONSE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long connecting (or asking Sentinel for the master) may take; short, so an outage is
 /// answered quickly.
 const REDIS_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a failed question to Sentinel is answered for the commands behind it without asking
+/// again: Sentinels that do not answer would otherwise hold every command for the connect timeout
+/// in turn.
+const SENTINEL_RETRY_AFTER: Duration = Duration::from_millis(250);
 
 /// Where the Redis master is.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -69,7 +73,13 @@ struct Shared {
     current: Mutex<Option<Master>>,
     /// Masters found so far: a failure forgets the master it met only if no later one was found.
     found: AtomicU64,
-    sentinel: Option<tokio::sync::Mutex<SentinelClient>>,
+    sentinel: Option<tokio::sync::Mutex<Sentinel>>,
+}
+
+/// The Sentinel client, and its last failure while no master is known.
+struct Sentinel {
+    client: SentinelClient,
+    failed: Option<(Instant, RedisError)>,
 }
 
 #[derive(Clone)]
@@ -100,7 +110,7 @@ impl RedisConnection {
                 let shared = Shared {
                     current: Mutex::new(None),
                     found: AtomicU64::new(0),
-                    sentinel: Some(tokio::sync::Mutex::new(client)),
+                    sentinel: Some(tokio::sync::Mutex::new(Sentinel { client, failed: None })),
                 };
                 Ok(RedisConnection { shared: Arc::new(shared), db })
             }
@@ -126,9 +136,22 @@ impl RedisConnection {
         if let Some(master) = self.current() {
             return Ok(master);
         }
-        let client = tokio::time::timeout(REDIS_CONNECT_TIMEOUT, sentinel.async_get_client())
+        if let Some((at, error)) = &sentinel.failed {
+            if at.elapsed() < SENTINEL_RETRY_AFTER {
+                return Err(error.clone());
+            }
+        }
+        let asked = tokio::time::timeout(REDIS_CONNECT_TIMEOUT, sentinel.client.async_get_client())
             .await
-            .map_err(|_| RedisError::from(std::io::Error::from(std::io::ErrorKind::TimedOut)))??;
+            .unwrap_or_else(|_| Err(RedisError::from(std::io::Error::from(std::io::ErrorKind::TimedOut))));
+        let client = match asked {
+            Ok(client) => client,
+            Err(error) => {
+                sentinel.failed = Some((Instant::now(), error.clone()));
+                return Err(error);
+            }
+        };
+        sentinel.failed = None;
         tracing::info!(master = %client.get_connection_info().addr(), "redis: the master, as Sentinel says");
         crate::metrics::redis_master_found();
         let generation = self.shared.found.fetch_add(1, Ordering::Relaxed) + 1;
