@@ -2,13 +2,10 @@
 //! is rebuilt, and counts end exact after a `FLUSHALL` in the middle of a stream of events.
 #![allow(clippy::unwrap_used)]
 
-mod common;
-
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{free_port, OwnRedis, TestEnv};
 use countersink::app::AppState;
 use countersink::bootstrap::{Batching, Rebuild};
 use countersink::counts::unread_counts;
@@ -17,6 +14,7 @@ use countersink::flush::WhenBusy;
 use countersink::store::StoreError;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+use support::{free_port, OwnRedis, TestEnv};
 
 const WAIT: WhenBusy = WhenBusy::Wait(Duration::from_secs(30));
 

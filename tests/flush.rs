@@ -2,14 +2,11 @@
 //! flushers at once, and read from while it runs.
 #![allow(clippy::unwrap_used)]
 
-mod common;
-
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::TestEnv;
 use countersink::app::AppState;
 use countersink::config::MAX_FLUSH_CHUNK_USERS;
 use countersink::counts::unread_counts;
@@ -19,6 +16,7 @@ use countersink::events::Event;
 use countersink::flush::{FlushError, WhenBusy};
 use countersink::store::Acquired;
 use diesel::prelude::*;
+use support::TestEnv;
 
 const WAIT: WhenBusy = WhenBusy::Wait(Duration::from_secs(30));
 

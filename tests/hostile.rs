@@ -3,18 +3,16 @@
 //! bounded in time (its waits are explicit) and isolated (its own prefix and database).
 #![allow(clippy::unwrap_used)]
 
-mod common;
-
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::sidecar::{forged_amplification, Sidecar, SidecarOptions, SECRET};
-use common::TestEnv;
 use countersink::live::token;
 use countersink::webhook::WebhookSecret;
 use serde_json::{json, Value};
+use support::sidecar::{forged_amplification, Sidecar, SidecarOptions, SECRET};
+use support::TestEnv;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -347,7 +345,7 @@ async fn a_signed_request_with_sparse_ids_cannot_blow_up_redis() {
     let post = |events: Vec<Value>| {
         let (client, base) = (client.clone(), sidecar.base.clone());
         async move {
-            common::sidecar::post_signed(&client, &base, &common::sidecar::new_webhook_id(), &events).await.unwrap()
+            support::sidecar::post_signed(&client, &base, &support::sidecar::new_webhook_id(), &events).await.unwrap()
         }
     };
 

@@ -2,17 +2,15 @@
 //! request applies nothing.
 #![allow(clippy::unwrap_used)]
 
-mod common;
-
 use std::time::Duration;
 
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use axum::Router;
-use common::TestEnv;
 use countersink::app::{AppState, Limits};
 use http_body_util::BodyExt;
 use serde_json::{json, Value};
+use support::TestEnv;
 use tower::ServiceExt;
 
 fn router(state: AppState) -> Router {

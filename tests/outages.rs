@@ -4,18 +4,16 @@
 //! restart. `tests/soak.rs` runs these faults over and over under load.
 #![allow(clippy::unwrap_used)]
 
-mod common;
-
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use common::proxy::Proxy;
-use common::{free_port, OwnRedis, TestEnv};
 use countersink::app::AppState;
 use countersink::counts::unread_counts;
 use countersink::events::Event;
 use countersink::flush::WhenBusy;
+use support::proxy::Proxy;
+use support::{free_port, OwnRedis, TestEnv};
 
 const WAIT: WhenBusy = WhenBusy::Wait(Duration::from_secs(10));
 

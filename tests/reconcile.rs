@@ -3,13 +3,10 @@
 //! reconciles running beside live writers lose nothing and count nothing twice.
 #![allow(clippy::unwrap_used)]
 
-mod common;
-
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::TestEnv;
 use countersink::app::AppState;
 use countersink::counts::unread_counts;
 use countersink::events::Event;
@@ -17,6 +14,7 @@ use countersink::flush::WhenBusy;
 use countersink::store::{Acquired, StoreError, UserDrift, UserRepair, UserTruth};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+use support::TestEnv;
 
 const WAIT: WhenBusy = WhenBusy::Wait(Duration::from_secs(30));
 
