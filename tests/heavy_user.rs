@@ -1,7 +1,8 @@
 //! A heavy user: reconciling (or recounting) a user with a million notifications must never
-//! block Redis for long (issue #13), and must end exact. Apart from `tests/reconcile.rs` because it
-//! is slow (20-30 s, most of it PostgreSQL writing and reading the million rows) and because it
-//! times Redis scripts, which other tests running beside it would slow down.
+//! block Redis for long (issue #13), and must end exact. A binary of its own, apart from
+//! `tests/integration/reconcile.rs`, because it is slow (20-30 s, most of it PostgreSQL writing and
+//! reading the million rows) and because it times Redis scripts, which other tests running beside
+//! it would slow down.
 #![allow(clippy::unwrap_used)]
 
 use std::time::Duration;

@@ -1,8 +1,9 @@
 //! The real binary, end to end: a random stream of 100,000+ events for 1,000 users, with
 //! duplicates, late retries of creations and concurrent double mark-as-read, sent by several
 //! concurrent senders while scheduled and on-demand flushes run. At the end, every user's
-//! stored count must equal the count computed from the final state of the notifications.
-#![allow(clippy::unwrap_used)]
+//! stored count must equal the count computed from the final state of the notifications. Also the
+//! group commit: concurrent requests share script calls and each gets its own answer, and a
+//! failed shared call answers each of its requests 503.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -1,6 +1,7 @@
 //! Bootstrap from the Notification table, and losing Redis: events wait (503) until the state
-//! is rebuilt, and counts end exact after a `FLUSHALL` in the middle of a stream of events.
-#![allow(clippy::unwrap_used)]
+//! is rebuilt, and counts end exact after a `FLUSHALL` in the middle of a stream of events; an
+//! interrupted bootstrap resumes after its last chunk, a late creation retry of a notification
+//! deleted before the loss counts nothing, and of several processes one rebuilds.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;

@@ -1,7 +1,7 @@
 //! Redis restarts (issue #14): a Redis server restarted from a snapshot, or empty, never leaves a
-//! silently wrong count. Each test runs the real binary against a redis-server of its own, which
-//! it snapshots (`SAVE`), kills and starts again from that snapshot.
-#![allow(clippy::unwrap_used)]
+//! silently wrong count, also when it restarts in the middle of a flush or of a bootstrap; the
+//! persistence in effect is shown. Each test runs the real binary against a redis-server of its
+//! own, which it snapshots (`SAVE`), kills and starts again from that snapshot.
 
 use std::time::Duration;
 

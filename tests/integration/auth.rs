@@ -1,6 +1,7 @@
-//! The trust boundary: signed events, replays, bearer tokens, load shedding and slow bodies.
-//! Every rejection must leave Redis untouched: no state, no pending delta, no idempotency key.
-#![allow(clippy::unwrap_used)]
+//! The trust boundary: signed events, replays, a `webhook-id` reused with another body, forged
+//! requests with thousands of signatures, bearer tokens, load shedding and slow bodies. Every
+//! rejection must leave Redis untouched: no state, no pending delta, no idempotency key. In-process
+//! (`Router::oneshot`) on SQLite, and the real binary where a socket or a CPU figure matters.
 
 use std::time::Duration;
 

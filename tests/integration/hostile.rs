@@ -1,7 +1,7 @@
-//! Issue #15, hostile clients, against the real binary on loopback: slow POSTs, half-sent and
-//! idle connections, a low open-file limit, and one client hoarding live streams. Each test is
-//! bounded in time (its waits are explicit) and isolated (its own prefix and database).
-#![allow(clippy::unwrap_used)]
+//! Issue #15, hostile clients, against the real binary on loopback: slow POSTs, silent, half-sent
+//! and idle connections, the connection cap, a low open-file limit, one user or address hoarding
+//! live streams, stream tokens that live too long, and signed requests with sparse ids. Each test
+//! is bounded in time (its waits are explicit) and isolated (its own prefix and database).
 
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};

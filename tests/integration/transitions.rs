@@ -1,6 +1,7 @@
 //! The per-notification state machine, against the real Redis: each event changes a count
-//! only on a real transition, however it is repeated, raced or reordered.
-#![allow(clippy::unwrap_used)]
+//! only on a real transition, however it is repeated, raced or reordered (proptests over event
+//! sequences); a request of thousands of events, and a group commit, count as the events one by
+//! one; the apply script writes the state codes Rust reads.
 
 use countersink::app::AppState;
 use countersink::counts::unread_counts;

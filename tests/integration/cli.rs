@@ -1,5 +1,6 @@
-//! The binary's subcommands: `migrate`, `flush`, and start-up validation.
-#![allow(clippy::unwrap_used)]
+//! The binary's subcommands (`migrate` on a fresh database of each backend, `flush`) and the
+//! settings that stop start-up, naming the flag and the variable: invalid values, zero counts and
+//! timeouts, an idempotency TTL shorter than the signature window, a Redis that may evict keys.
 
 use std::process::{Command, Output};
 

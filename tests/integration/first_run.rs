@@ -2,7 +2,6 @@
 //! connection errors that carry what the database said, a `.env.sample` that works as it is,
 //! quiet idle logs, a closed stdout or stderr that stops nothing, usage lines that hold, and a
 //! README that explains every status and outcome the code can answer.
-#![allow(clippy::unwrap_used)]
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};

@@ -2,7 +2,6 @@
 //! move with the events, request ids in headers and logs, readiness, and a graceful shutdown
 //! that finishes the request in flight, refuses new connections, flushes and exits 0, and that
 //! stops waiting for a request at its deadline.
-#![allow(clippy::unwrap_used)]
 
 use std::collections::HashMap;
 use std::process::{Child, Command, Stdio};

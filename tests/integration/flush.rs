@@ -1,6 +1,7 @@
-//! The flush, exactly once, on PostgreSQL and SQLite: stopped after each step, run by several
-//! flushers at once, and read from while it runs.
-#![allow(clippy::unwrap_used)]
+//! The flush, exactly once, on every backend: stopped after each step, run by several flushers at
+//! once, chunked past what one statement carries, and read from while it runs; its lease renewed
+//! during long work and fenced in the database against an older holder; Redis restored from an
+//! older snapshot or rolled back (no batch flushed twice, reads wait for the rebuild).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -1,7 +1,8 @@
 //! Live counts over Server-Sent Events: two "processes" (two app states and servers on one
 //! prefix) against the real Redis and PostgreSQL; an event posted to one moves the stream on the
-//! other, duplicates push nothing, reconnects start with the current count, rejections.
-#![allow(clippy::unwrap_used)]
+//! other, duplicates push nothing, reconnects start with the current count, a reconcile's repair
+//! is pushed, the stream cap and tokens, and streams catch up after a lost subscription or a
+//! rollback resync.
 
 use std::net::SocketAddr;
 use std::time::Duration;
