@@ -25,4 +25,5 @@ mod ops;
 mod outages;
 mod reconcile;
 mod restarts;
+mod sentinel;
 mod transitions;

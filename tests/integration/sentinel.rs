@@ -2,7 +2,6 @@
 //! a failover without a restart; events during it answer 503 and are accepted once a master is
 //! found again, and no user's count is wrong afterwards (a promoted replica does not vouch for
 //! the state, so what it lacks is rebuilt from the Notification table, as after a restart).
-#![allow(clippy::unwrap_used)]
 
 use std::collections::HashMap;
 use std::time::Duration;
