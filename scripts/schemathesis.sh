@@ -31,7 +31,7 @@ for _ in $(seq 1 100); do
   curl -fs "http://127.0.0.1:$port/healthz" >/dev/null 2>&1 && break
   sleep 0.1
 done
-# The live stream never ends by design (Server-Sent Events); tests/live.rs covers it.
+# The live stream never ends by design (Server-Sent Events); tests/integration/live.rs covers it.
 "$venv/bin/st" run "http://127.0.0.1:$port/openapi.json" \
   --exclude-path '/v1/users/{user_id}/unread-count/stream' \
   --checks not_a_server_error,response_schema_conformance,status_code_conformance,content_type_conformance \

@@ -9,16 +9,14 @@
 //! replays a run.
 #![allow(clippy::unwrap_used)]
 
-mod common;
-
 use std::collections::HashMap;
 use std::time::Duration;
 
-use common::sidecar::{Sidecar, SidecarOptions};
-use common::world::{wrong_users, World};
-use common::TestEnv;
 use countersink::crash_point;
 use serde_json::json;
+use support::sidecar::{Sidecar, SidecarOptions};
+use support::world::{wrong_users, World};
+use support::TestEnv;
 
 const USERS: u64 = 200;
 const OPERATIONS_PER_ROUND: usize = 400;
@@ -63,7 +61,7 @@ async fn crash_repeatedly_at(point: &'static str) {
         let trigger = tokio::spawn(async move {
             reqwest::Client::new()
                 .post(format!("{base}{path}"))
-                .bearer_auth(common::sidecar::ADMIN_TOKEN)
+                .bearer_auth(support::sidecar::ADMIN_TOKEN)
                 .json(&body)
                 .send()
                 .await
@@ -181,7 +179,7 @@ async fn after_the_lease_holder_is_killed_another_process_flushes_and_recounts_w
 
     let base = holder.base.clone();
     tokio::spawn(async move {
-        common::sidecar::admin_post(&reqwest::Client::new(), &base, "/v1/flush", json!(null), Duration::from_secs(60))
+        support::sidecar::admin_post(&reqwest::Client::new(), &base, "/v1/flush", json!(null), Duration::from_secs(60))
             .await
     });
     assert!(holder.reached_crash_point(Duration::from_secs(30)).await, "{}", holder.stderr_text());
@@ -240,7 +238,7 @@ async fn a_reconcile_stalled_past_its_lease_changes_nothing_when_it_wakes_up() {
     let base = stalling.base.clone();
     let reconcile = tokio::spawn(async move {
         let body = json!({ "user_ids": [7] });
-        common::sidecar::admin_post(&reqwest::Client::new(), &base, "/v1/reconcile", body, Duration::from_secs(60))
+        support::sidecar::admin_post(&reqwest::Client::new(), &base, "/v1/reconcile", body, Duration::from_secs(60))
             .await
     });
     assert!(stalling.reached_crash_point(Duration::from_secs(30)).await, "{}", stalling.stderr_text());

@@ -1,17 +1,16 @@
 //! A heavy user: reconciling (or recounting) a user with a million notifications must never
-//! block Redis for long (issue #13), and must end exact. Apart from `tests/reconcile.rs` because it
-//! is slow (20-30 s, most of it PostgreSQL writing and reading the million rows) and because it
-//! times Redis scripts, which other tests running beside it would slow down.
+//! block Redis for long (issue #13), and must end exact. A binary of its own, apart from
+//! `tests/integration/reconcile.rs`, because it is slow (20-30 s, most of it PostgreSQL writing and
+//! reading the million rows) and because it times Redis scripts, which other tests running beside
+//! it would slow down.
 #![allow(clippy::unwrap_used)]
-
-mod common;
 
 use std::time::Duration;
 
-use common::TestEnv;
 use countersink::counts::unread_counts;
 use countersink::events::Event;
 use countersink::store::UserDrift;
+use support::TestEnv;
 
 /// Notifications of the heavy user in `a_heavy_user_is_reconciled_in_short_redis_scripts`:
 /// `COUNTERSINK_TEST_HEAVY_NOTIFICATIONS`, 1,000,000 by default (the bound of issue #13). Before
@@ -28,7 +27,7 @@ const LONGEST_SCRIPT: Duration = Duration::from_millis(50);
 async fn a_heavy_user_is_reconciled_in_short_redis_scripts() {
     // A Redis of the test's own: its slow log is reconfigured and read, which would see (and
     // disturb) the tests running beside it on the shared one.
-    let redis = common::OwnRedis::start(common::free_port());
+    let redis = support::OwnRedis::start(support::free_port());
     let mut env = TestEnv::postgres().await;
     env.core.redis_url = redis.url();
     env.add_notification_table().await;

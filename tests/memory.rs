@@ -5,13 +5,11 @@
 //! README and docs/security.md (*Redis memory*).
 #![allow(clippy::unwrap_used)]
 
-mod common;
-
-use common::TestEnv;
 use countersink::counts::unread_counts;
 use countersink::events::Event;
 use countersink::flush::WhenBusy;
 use countersink::store::{Idempotency, SHARD_BITS};
+use support::TestEnv;
 
 const NOTIFICATIONS: u64 = 1_000_000;
 /// Users read once; the bytes per user do not depend on how many (128 per bucket key).
@@ -101,7 +99,7 @@ async fn accepted_events_cost_their_state_pending_deltas_and_idempotency_records
     println!("events per request | state | pending per dirty user | idempotency per request | all, per event");
     for per_request in [1u64, 10, 100] {
         // A fresh one each time: tables the key space grew for one round would be free in the next.
-        let own = common::OwnRedis::start(common::free_port());
+        let own = support::OwnRedis::start(support::free_port());
         let mut redis = redis::Client::open(own.url()).unwrap().get_connection().unwrap();
         let mut env = TestEnv::sqlite().await;
         env.core.redis_url = own.url();

@@ -21,13 +21,10 @@
 //! (default 700). A failure shrinks to a minimal sequence of operations, printed in full.
 #![allow(clippy::unwrap_used)]
 
-mod common;
-
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
-use common::{free_port, OwnRedis, TestEnv};
 use countersink::app::AppState;
 use countersink::bootstrap::{Batching, Rebuild};
 use countersink::counts::unread_counts;
@@ -36,6 +33,7 @@ use countersink::flush::WhenBusy;
 use countersink::store::Idempotency;
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestError, TestRunner};
+use support::{free_port, OwnRedis, TestEnv};
 
 /// Users and notifications per case: few, so sequences revisit them often.
 const USERS: u64 = 3;

@@ -14,8 +14,6 @@
 //! ```
 #![allow(clippy::unwrap_used)]
 
-mod common;
-
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -24,10 +22,10 @@ use std::time::{Duration, Instant};
 
 use rand::{Rng, SeedableRng};
 
-use common::proxy::Proxy;
-use common::sidecar::{admin_post, post_until_accepted, Sidecar, SidecarOptions};
-use common::world::{wrong_users, World};
-use common::{free_port, OwnRedis, TestEnv};
+use support::proxy::Proxy;
+use support::sidecar::{admin_post, post_until_accepted, Sidecar, SidecarOptions};
+use support::world::{wrong_users, World};
+use support::{free_port, OwnRedis, TestEnv};
 
 const USERS: u64 = 2_000;
 const WORKERS: u64 = 4;
@@ -326,14 +324,14 @@ async fn post_to_any(
     events: &[serde_json::Value],
     limit: Duration,
 ) -> bool {
-    let webhook_id = common::sidecar::new_webhook_id();
+    let webhook_id = support::sidecar::new_webhook_id();
     let deadline = Instant::now() + limit;
     let mut attempt = rand::random_range(0..bases.len());
     while Instant::now() < deadline {
         let base = &bases[attempt % bases.len()];
         let sent = tokio::time::timeout(
             Duration::from_secs(2),
-            common::sidecar::post_signed(client, base, &webhook_id, events),
+            support::sidecar::post_signed(client, base, &webhook_id, events),
         )
         .await;
         match sent {

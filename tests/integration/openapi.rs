@@ -1,6 +1,5 @@
 //! The contracts with the outside: the OpenAPI document is generated from the code and the copy in
 //! docs/ must match it; the Python client agrees with the sidecar on the codes both spell.
-#![allow(clippy::unwrap_used)]
 
 #[test]
 fn checked_in_openapi_document_matches_the_code() {

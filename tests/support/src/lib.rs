@@ -1,6 +1,12 @@
+//! What countersink's test binaries share (`support::` in them), compiled once for all of them.
+//!
 //! Test isolation: each test gets its own Redis key prefix and its own PostgreSQL schema (or
-//! MySQL database, or SQLite file), against the real services, and removes them when it ends.
-#![allow(dead_code, clippy::unwrap_used)]
+//! MySQL database, or SQLite file), against the real services, and removes them when it ends
+//! ([`TestEnv`]). Beside it: a redis-server of a test's own ([`OwnRedis`]), the real binary
+//! ([`sidecar`]), a TCP proxy that cuts a database away ([`proxy`]) and a stand-in for a Django
+//! site ([`world`]).
+// A helper that cannot set up what a test asked for fails that test: it panics.
+#![allow(clippy::unwrap_used)]
 
 pub mod proxy;
 pub mod sentinel;

@@ -1,21 +1,20 @@
 //! The real binary, end to end: a random stream of 100,000+ events for 1,000 users, with
 //! duplicates, late retries of creations and concurrent double mark-as-read, sent by several
 //! concurrent senders while scheduled and on-demand flushes run. At the end, every user's
-//! stored count must equal the count computed from the final state of the notifications.
-#![allow(clippy::unwrap_used)]
-
-mod common;
+//! stored count must equal the count computed from the final state of the notifications. Also the
+//! group commit: concurrent requests share script calls and each gets its own answer, and a
+//! failed shared call answers each of its requests 503.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::sidecar::{Sidecar, SidecarOptions, ADMIN_TOKEN};
-use common::TestEnv;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
+use support::sidecar::{Sidecar, SidecarOptions, ADMIN_TOKEN};
+use support::TestEnv;
 
 const USERS: u64 = 1_000;
 const BASE_EVENTS: usize = 100_000;
@@ -237,11 +236,11 @@ async fn concurrent_requests_share_script_calls_and_each_gets_its_own_answer() {
         let event = [
             json!({"kind": "post_save", "notification_id": n, "user_id": n % 10, "unread": n % 5 != 0, "created": true}),
         ];
-        let id = common::sidecar::new_webhook_id();
+        let id = support::sidecar::new_webhook_id();
         for _ in 0..2 {
             let (client, base, id, event) = (client.clone(), sidecar.base.clone(), id.clone(), event.clone());
             sends.push(tokio::spawn(async move {
-                (n, common::sidecar::post_signed(&client, &base, &id, &event).await.unwrap())
+                (n, support::sidecar::post_signed(&client, &base, &id, &event).await.unwrap())
             }));
         }
     }
@@ -279,7 +278,7 @@ async fn concurrent_requests_share_script_calls_and_each_gets_its_own_answer() {
 /// none is answered as applied: here Redis is gone while 100 requests wait on one call in flight.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_shared_call_answers_each_of_its_requests_unavailable() {
-    let mut redis = common::OwnRedis::start(common::free_port());
+    let mut redis = support::OwnRedis::start(support::free_port());
     let env = TestEnv::sqlite().await;
     let options = SidecarOptions {
         flush_cron: "off".into(),
@@ -298,7 +297,7 @@ async fn a_failed_shared_call_answers_each_of_its_requests_unavailable() {
         .map(|n| {
             let (client, base, events) = (client.clone(), sidecar.base.clone(), event(n));
             tokio::spawn(async move {
-                common::sidecar::post_signed(&client, &base, &common::sidecar::new_webhook_id(), &events).await
+                support::sidecar::post_signed(&client, &base, &support::sidecar::new_webhook_id(), &events).await
             })
         })
         .collect();

@@ -2,18 +2,15 @@
 //! a failover without a restart; events during it answer 503 and are accepted once a master is
 //! found again, and no user's count is wrong afterwards (a promoted replica does not vouch for
 //! the state, so what it lacks is rebuilt from the Notification table, as after a restart).
-#![allow(clippy::unwrap_used)]
-
-mod common;
 
 use std::collections::HashMap;
 use std::time::Duration;
 
-use common::sentinel::{SentinelSetup, MASTER_NAME};
-use common::sidecar::{new_webhook_id, post_signed, Sidecar, SidecarOptions};
-use common::world::{wrong_users, World};
-use common::{eventually_async, TestEnv};
 use serde_json::Value;
+use support::sentinel::{SentinelSetup, MASTER_NAME};
+use support::sidecar::{new_webhook_id, post_signed, Sidecar, SidecarOptions};
+use support::world::{wrong_users, World};
+use support::{eventually_async, TestEnv};
 
 const USERS: u64 = 200;
 const OPERATIONS: usize = 150;

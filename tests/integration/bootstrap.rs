@@ -1,14 +1,12 @@
 //! Bootstrap from the Notification table, and losing Redis: events wait (503) until the state
-//! is rebuilt, and counts end exact after a `FLUSHALL` in the middle of a stream of events.
-#![allow(clippy::unwrap_used)]
-
-mod common;
+//! is rebuilt, and counts end exact after a `FLUSHALL` in the middle of a stream of events; an
+//! interrupted bootstrap resumes after its last chunk, a late creation retry of a notification
+//! deleted before the loss counts nothing, and of several processes one rebuilds.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{free_port, OwnRedis, TestEnv};
 use countersink::app::AppState;
 use countersink::bootstrap::{Batching, Rebuild};
 use countersink::counts::unread_counts;
@@ -17,6 +15,7 @@ use countersink::flush::WhenBusy;
 use countersink::store::StoreError;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+use support::{free_port, OwnRedis, TestEnv};
 
 const WAIT: WhenBusy = WhenBusy::Wait(Duration::from_secs(30));
 

@@ -1,21 +1,19 @@
 //! Outages of real dependencies: a Redis server of the test's own that is killed and
 //! restarted, a PostgreSQL or MySQL connection cut by a TCP proxy, a database too slow for a
-//! flush. The service answers 503 while a dependency is gone and recovers by itself, without a
-//! restart. `tests/soak.rs` runs these faults over and over under load.
-#![allow(clippy::unwrap_used)]
-
-mod common;
+//! flush. The service answers 503 while a dependency is gone (held counts still answer) and
+//! recovers by itself, without a restart. `tests/soak.rs` runs these faults over and over under
+//! load.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use common::proxy::Proxy;
-use common::{free_port, OwnRedis, TestEnv};
 use countersink::app::AppState;
 use countersink::counts::unread_counts;
 use countersink::events::Event;
 use countersink::flush::WhenBusy;
+use support::proxy::Proxy;
+use support::{free_port, OwnRedis, TestEnv};
 
 const WAIT: WhenBusy = WhenBusy::Wait(Duration::from_secs(10));
 

@@ -1,15 +1,13 @@
 //! Redis restarts (issue #14): a Redis server restarted from a snapshot, or empty, never leaves a
-//! silently wrong count. Each test runs the real binary against a redis-server of its own, which
-//! it snapshots (`SAVE`), kills and starts again from that snapshot.
-#![allow(clippy::unwrap_used)]
-
-mod common;
+//! silently wrong count, also when it restarts in the middle of a flush or of a bootstrap; the
+//! persistence in effect is shown. Each test runs the real binary against a redis-server of its
+//! own, which it snapshots (`SAVE`), kills and starts again from that snapshot.
 
 use std::time::Duration;
 
-use common::sidecar::{Sidecar, SidecarOptions};
-use common::{eventually_async, free_port, OwnRedis, TestEnv};
 use serde_json::{json, Value};
+use support::sidecar::{Sidecar, SidecarOptions};
+use support::{eventually_async, free_port, OwnRedis, TestEnv};
 
 fn created(id: u64, user: u64) -> Value {
     json!({"kind": "post_save", "notification_id": id, "user_id": user, "unread": true, "created": true})
@@ -151,7 +149,7 @@ async fn review_a_restart_mid_flush_does_not_commit_a_truncated_batch() {
     redis.save();
     let base = sidecar.base.clone();
     tokio::spawn(async move {
-        common::sidecar::admin_post(&reqwest::Client::new(), &base, "/v1/flush", Value::Null, Duration::from_secs(60))
+        support::sidecar::admin_post(&reqwest::Client::new(), &base, "/v1/flush", Value::Null, Duration::from_secs(60))
             .await
     });
     assert!(sidecar.reached_crash_point(Duration::from_secs(30)).await, "{}", sidecar.stderr_text());
@@ -200,7 +198,7 @@ async fn review_b_a_recovery_beside_an_uncommitted_flush_loses_no_later_event() 
     redis.save();
     let base = p1.base.clone();
     let p1_flush = tokio::spawn(async move {
-        common::sidecar::admin_post(&reqwest::Client::new(), &base, "/v1/flush", Value::Null, Duration::from_secs(60))
+        support::sidecar::admin_post(&reqwest::Client::new(), &base, "/v1/flush", Value::Null, Duration::from_secs(60))
             .await
     });
     assert!(p1.reached_crash_point(Duration::from_secs(30)).await, "{}", p1.stderr_text());
@@ -349,7 +347,7 @@ async fn the_persistence_in_effect_is_shown_and_an_evicting_policy_set_later_is_
     assert!(metrics.contains("countersink_redis_persistence{mode=\"none\"} 0"), "{metrics}");
 
     redis::cmd("CONFIG").arg("SET").arg("maxmemory-policy").arg("allkeys-lru").exec(&mut conn).unwrap();
-    let logged = common::eventually(Duration::from_secs(10), || {
+    let logged = support::eventually(Duration::from_secs(10), || {
         sidecar.stderr_text().contains("Redis may evict keys now (maxmemory-policy allkeys-lru)")
     })
     .await;

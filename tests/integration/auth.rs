@@ -1,21 +1,20 @@
-//! The trust boundary: signed events, replays, bearer tokens, load shedding and slow bodies.
-//! Every rejection must leave Redis untouched: no state, no pending delta, no idempotency key.
-#![allow(clippy::unwrap_used)]
-
-mod common;
+//! The trust boundary: signed events, replays, a `webhook-id` reused with another body, forged
+//! requests with thousands of signatures, bearer tokens, load shedding and slow bodies. Every
+//! rejection must leave Redis untouched: no state, no pending delta, no idempotency key. In-process
+//! (`Router::oneshot`) on SQLite, and the real binary where a socket or a CPU figure matters.
 
 use std::time::Duration;
 
 use axum::body::{Body, Bytes};
 use axum::http::{Request, StatusCode};
 use axum::Router;
-use common::TestEnv;
 use countersink::app::{AppState, Limits};
 use countersink::credentials::{Auth, BearerToken};
 use countersink::webhook::WebhookSecret;
 use futures_util::StreamExt;
 use http_body_util::BodyExt;
 use serde_json::{json, Value};
+use support::TestEnv;
 use tower::ServiceExt;
 
 const ADMIN: &str = "admin-token-0123456789";
@@ -200,11 +199,11 @@ async fn a_body_that_never_finishes_meets_the_body_timeout_without_holding_a_per
 #[tokio::test]
 async fn a_forged_request_with_thousands_of_signatures_costs_next_to_no_cpu() {
     let env = TestEnv::sqlite().await;
-    let sidecar = common::sidecar::Sidecar::start(&env, common::sidecar::SidecarOptions::default()).await;
+    let sidecar = support::sidecar::Sidecar::start(&env, support::sidecar::SidecarOptions::default()).await;
     let client = reqwest::Client::new();
     let before = sidecar.cpu_time();
     for n in 0..2 {
-        let answer = common::sidecar::forged_amplification(&client, &sidecar.base, n).send().await.unwrap();
+        let answer = support::sidecar::forged_amplification(&client, &sidecar.base, n).send().await.unwrap();
         assert_eq!(answer.status(), reqwest::StatusCode::UNAUTHORIZED);
         let error: Value = answer.json().await.unwrap();
         assert!(error["error"]["message"].as_str().unwrap().contains("more than 8 signatures"), "{error}");
@@ -220,16 +219,16 @@ async fn a_forged_request_with_thousands_of_signatures_costs_next_to_no_cpu() {
 #[tokio::test]
 async fn a_webhook_id_reused_with_another_body_is_refused_and_applies_nothing() {
     let env = TestEnv::sqlite().await;
-    let sidecar = common::sidecar::Sidecar::start(&env, common::sidecar::SidecarOptions::default()).await;
-    let (client, id) = (reqwest::Client::new(), common::sidecar::new_webhook_id());
+    let sidecar = support::sidecar::Sidecar::start(&env, support::sidecar::SidecarOptions::default()).await;
+    let (client, id) = (reqwest::Client::new(), support::sidecar::new_webhook_id());
     let first = [json!({"kind": "post_save", "notification_id": 1, "user_id": 9, "unread": true, "created": true})];
     let other = [json!({"kind": "post_save", "notification_id": 2, "user_id": 9, "unread": true, "created": true})];
-    let (status, _) = common::sidecar::post_signed(&client, &sidecar.base, &id, &first).await.unwrap();
+    let (status, _) = support::sidecar::post_signed(&client, &sidecar.base, &id, &first).await.unwrap();
     assert_eq!(status, 200);
-    let (status, body) = common::sidecar::post_signed(&client, &sidecar.base, &id, &other).await.unwrap();
+    let (status, body) = support::sidecar::post_signed(&client, &sidecar.base, &id, &other).await.unwrap();
     assert_eq!(status, 409, "{body}");
     assert!(body["error"]["message"].as_str().unwrap().contains("webhook-id"), "{body}");
-    let (status, body) = common::sidecar::post_signed(&client, &sidecar.base, &id, &first).await.unwrap();
+    let (status, body) = support::sidecar::post_signed(&client, &sidecar.base, &id, &first).await.unwrap();
     assert_eq!((status, &body["replayed"]), (200, &json!(true)), "{body}");
     assert_eq!(sidecar.read_counts(&[9]).await, [(9, 1)], "the second body's event was applied");
 }

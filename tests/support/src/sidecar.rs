@@ -52,10 +52,26 @@ impl Default for SidecarOptions {
 }
 
 /// The binary to start: `COUNTERSINK_TEST_BINARY` when set (a release build, for measurements
-/// such as tests/hostile.rs's; it has no crash points, so tests/crash.rs needs the default), else
-/// the one cargo built for the tests.
+/// such as tests/integration/hostile.rs's; it has no crash points, so tests/crash.rs needs the
+/// default), else the one cargo built for the tests. This crate is not a test of countersink's, so
+/// `env!("CARGO_BIN_EXE_countersink")` is not set when it compiles: cargo sets that variable when
+/// it runs a test (cargo 1.94 and later, rust-lang/cargo#16421), and a test executable started by hand (or by an older cargo)
+/// finds the binary where cargo puts both, `target/<profile>/` above its own `deps/`.
 pub fn binary() -> std::ffi::OsString {
-    std::env::var_os("COUNTERSINK_TEST_BINARY").unwrap_or_else(|| env!("CARGO_BIN_EXE_countersink").into())
+    if let Some(binary) =
+        std::env::var_os("COUNTERSINK_TEST_BINARY").or_else(|| std::env::var_os("CARGO_BIN_EXE_countersink"))
+    {
+        return binary;
+    }
+    let test = std::env::current_exe().unwrap();
+    let beside = test.parent().and_then(std::path::Path::parent).map(|profile| profile.join("countersink"));
+    match beside {
+        Some(binary) if binary.is_file() => binary.into_os_string(),
+        _ => panic!(
+            "no countersink binary beside {}: run the tests with cargo, or set COUNTERSINK_TEST_BINARY",
+            test.display()
+        ),
+    }
 }
 
 /// A running sidecar process, killed when dropped.

@@ -1,14 +1,13 @@
 //! The per-notification state machine, against the real Redis: each event changes a count
-//! only on a real transition, however it is repeated, raced or reordered.
-#![allow(clippy::unwrap_used)]
+//! only on a real transition, however it is repeated, raced or reordered (proptests over event
+//! sequences); a request of thousands of events, and a group commit, count as the events one by
+//! one; the apply script writes the state codes Rust reads.
 
-mod common;
-
-use common::TestEnv;
 use countersink::app::AppState;
 use countersink::counts::unread_counts;
 use countersink::events::{Event, MAX_ID};
 use proptest::prelude::*;
+use support::TestEnv;
 
 async fn count(state: &AppState, user: u64) -> i64 {
     unread_counts(&state.store, &state.db, &[user]).await.unwrap()[0].unread_count
@@ -387,7 +386,7 @@ async fn a_request_given_up_while_queued_for_a_call_is_not_applied() {
     use countersink::store::{GroupCommit, Idempotency, Keys, Store};
     use redis::Commands;
 
-    let redis = common::OwnRedis::start(common::free_port());
+    let redis = support::OwnRedis::start(support::free_port());
     let store = Store::connect(&redis.url(), "given_up").unwrap();
     let ingest = GroupCommit::new(store, 1, 1_000);
     let mut admin = redis::Client::open(redis.url()).unwrap().get_connection().unwrap();

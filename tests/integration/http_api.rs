@@ -1,18 +1,17 @@
-//! The HTTP API in-process (`Router::oneshot`): answers, error shapes, and that a rejected
-//! request applies nothing.
-#![allow(clippy::unwrap_used)]
-
-mod common;
+//! The HTTP API in-process (`Router::oneshot`), on SQLite: answers, error shapes, that a rejected
+//! request applies nothing, 503s while Redis or the database is unreachable, a flush cut short by
+//! the request deadline, bulk-read parameters; and one round trip through the database on each
+//! backend.
 
 use std::time::Duration;
 
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use axum::Router;
-use common::TestEnv;
 use countersink::app::{AppState, Limits};
 use http_body_util::BodyExt;
 use serde_json::{json, Value};
+use support::TestEnv;
 use tower::ServiceExt;
 
 fn router(state: AppState) -> Router {
@@ -31,41 +30,65 @@ async fn call(app: &Router, method: &str, uri: &str, body: impl Into<Body>) -> (
 
 #[tokio::test]
 async fn events_are_applied_and_counted_in_the_answer() {
+    let env = TestEnv::sqlite().await;
+    let app = router(env.state());
+    let batch = json!([
+        {"kind": "post_save", "notification_id": 1, "user_id": 5, "unread": true, "created": true},
+        {"kind": "post_save", "notification_id": 2, "user_id": 5, "unread": true, "created": true,
+         "occurred_at": "2026-11-22T10:00:00Z"},
+        {"kind": "post_save", "notification_id": 2, "user_id": 5, "unread": true, "created": true},
+        {"kind": "post_delete", "notification_id": 1, "user_id": 5},
+    ]);
+    let (status, body, _) = call(&app, "POST", "/v1/events", batch.to_string()).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(
+        (body["received"].as_u64(), body["changed"].as_u64(), body["noops"].as_u64()),
+        (Some(4), Some(3), Some(1))
+    );
+    assert_eq!(body["outcomes"]["stale"], 1);
+
+    let (status, body, _) = call(&app, "GET", "/v1/users/5/unread-count", Body::empty()).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body, json!({"user_id": 5, "unread_count": 1}));
+
+    let (_, flushed, _) = call(&app, "POST", "/v1/flush", Body::empty()).await;
+    assert_eq!(flushed["users_written"], 1);
+    let (status, body, _) = call(&app, "GET", "/v1/unread-counts?user_ids=5,6", Body::empty()).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        body["counts"],
+        json!([
+            {"user_id": 5, "unread_count": 1},
+            {"user_id": 6, "unread_count": 0},
+        ])
+    );
+    let (_, status_body, _) = call(&app, "GET", "/v1/status", Body::empty()).await;
+    assert_eq!(status_body["pending_users"], 0);
+    assert_eq!(status_body["last_flush"]["users"], 1);
+}
+
+/// What the API does in the database differs by backend (the flush's upsert, the read of a count
+/// no Redis holds): one round trip on each.
+#[tokio::test]
+async fn a_count_flushed_through_the_api_reads_back_on_every_backend() {
     for env in TestEnv::each_backend().await {
         let app = router(env.state());
-        let batch = json!([
-            {"kind": "post_save", "notification_id": 1, "user_id": 5, "unread": true, "created": true},
-            {"kind": "post_save", "notification_id": 2, "user_id": 5, "unread": true, "created": true,
-             "occurred_at": "2026-11-22T10:00:00Z"},
-            {"kind": "post_save", "notification_id": 2, "user_id": 5, "unread": true, "created": true},
-            {"kind": "post_delete", "notification_id": 1, "user_id": 5},
-        ]);
-        let (status, body, _) = call(&app, "POST", "/v1/events", batch.to_string()).await;
-        assert_eq!(status, StatusCode::OK, "{body}");
-        assert_eq!(
-            (body["received"].as_u64(), body["changed"].as_u64(), body["noops"].as_u64()),
-            (Some(4), Some(3), Some(1))
-        );
-        assert_eq!(body["outcomes"]["stale"], 1);
-
-        let (status, body, _) = call(&app, "GET", "/v1/users/5/unread-count", Body::empty()).await;
-        assert_eq!(status, StatusCode::OK);
-        assert_eq!(body, json!({"user_id": 5, "unread_count": 1}));
-
+        let created =
+            json!([{"kind": "post_save", "notification_id": 1, "user_id": 5, "unread": true, "created": true}]);
+        let (status, body, _) = call(&app, "POST", "/v1/events", created.to_string()).await;
+        assert_eq!((status, &body["changed"]), (StatusCode::OK, &json!(1)), "{:?}: {body}", env.backend());
         let (_, flushed, _) = call(&app, "POST", "/v1/flush", Body::empty()).await;
-        assert_eq!(flushed["users_written"], 1);
+        assert_eq!(flushed["users_written"], 1, "{:?}: {flushed}", env.backend());
+        assert_eq!(env.stored_counts().await, [(5, 1)].into(), "{:?}", env.backend());
+        // Neither user was read before: both counts are loaded from the count table.
         let (status, body, _) = call(&app, "GET", "/v1/unread-counts?user_ids=5,6", Body::empty()).await;
-        assert_eq!(status, StatusCode::OK);
+        assert_eq!(status, StatusCode::OK, "{:?}: {body}", env.backend());
         assert_eq!(
             body["counts"],
-            json!([
-                {"user_id": 5, "unread_count": 1},
-                {"user_id": 6, "unread_count": 0},
-            ])
+            json!([{"user_id": 5, "unread_count": 1}, {"user_id": 6, "unread_count": 0}]),
+            "{:?}",
+            env.backend()
         );
-        let (_, status_body, _) = call(&app, "GET", "/v1/status", Body::empty()).await;
-        assert_eq!(status_body["pending_users"], 0);
-        assert_eq!(status_body["last_flush"]["users"], 1);
     }
 }
 

@@ -1,13 +1,12 @@
-//! The binary's subcommands: `migrate`, `flush`, and start-up validation.
-#![allow(clippy::unwrap_used)]
-
-mod common;
+//! The binary's subcommands (`migrate` on a fresh database of each backend, `flush`) and the
+//! settings that stop start-up, naming the flag and the variable: invalid values, zero counts and
+//! timeouts, an idempotency TTL shorter than the signature window, a Redis that may evict keys.
 
 use std::process::{Command, Output};
 
-use common::{MysqlDatabase, TestEnv};
 use countersink::counts::unread_counts;
 use countersink::events::Event;
+use support::{MysqlDatabase, TestEnv};
 
 fn countersink(env: &TestEnv, args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_countersink"))
@@ -156,7 +155,7 @@ async fn an_idempotency_ttl_shorter_than_the_signature_window_stops_start_up() {
 #[tokio::test]
 async fn a_redis_that_may_evict_keys_stops_start_up() {
     let env = TestEnv::sqlite().await;
-    let redis = common::OwnRedis::start(common::free_port());
+    let redis = support::OwnRedis::start(support::free_port());
     let mut conn = redis::Client::open(redis.url()).unwrap().get_connection().unwrap();
     let _: () = redis::cmd("CONFIG").arg("SET").arg("maxmemory-policy").arg("allkeys-lru").query(&mut conn).unwrap();
     let serve = |extra: &[&str]| {

@@ -2,9 +2,6 @@
 //! connection errors that carry what the database said, a `.env.sample` that works as it is,
 //! quiet idle logs, a closed stdout or stderr that stops nothing, usage lines that hold, and a
 //! README that explains every status and outcome the code can answer.
-#![allow(clippy::unwrap_used)]
-
-mod common;
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
@@ -13,8 +10,8 @@ use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use clap::CommandFactory;
-use common::TestEnv;
 use countersink::cli::Cli;
+use support::TestEnv;
 
 const BIN: &str = env!("CARGO_BIN_EXE_countersink");
 
@@ -52,8 +49,8 @@ fn server_of(url: &str) -> String {
 
 #[test]
 fn database_connection_errors_say_what_the_database_said() {
-    let pg = server_of(&common::postgres_url());
-    let my = server_of(&common::mysql_url());
+    let pg = server_of(&support::postgres_url());
+    let my = server_of(&support::mysql_url());
     let dir = tempfile::tempdir().unwrap();
     let missing_folder = dir.path().join("no-such-folder");
     let sqlite = format!("sqlite://{}/counts.sqlite3", missing_folder.display());
@@ -221,7 +218,7 @@ async fn the_service_starts_on_env_sample_as_it_is() {
     let env = TestEnv::sqlite().await;
     let dir = tempfile::tempdir().unwrap();
     let sample = Path::new(env!("CARGO_MANIFEST_DIR")).join(".env.sample");
-    let base = format!("http://127.0.0.1:{}", common::free_port());
+    let base = format!("http://127.0.0.1:{}", support::free_port());
     // Loaded by a shell as the README shows; the flags only keep this test on its own port, Redis
     // prefix and (in a scratch folder, the sample's relative SQLite path) database.
     let script = "set -a; . \"$0\"; set +a; exec \"$@\"";
@@ -247,7 +244,7 @@ async fn the_service_starts_on_env_sample_as_it_is() {
 
 /// `serve` on `env` with `log` as `COUNTERSINK_LOG` (unset when `None`), flushing every second.
 fn serve(env: &TestEnv, log: Option<&str>, stdout: Stdio, stderr: Stdio) -> (std::process::Child, String) {
-    let base = format!("http://127.0.0.1:{}", common::free_port());
+    let base = format!("http://127.0.0.1:{}", support::free_port());
     let mut command = countersink();
     command
         .args(["--redis-url", &env.core.redis_url, "--redis-prefix", &env.core.redis_prefix])
@@ -302,7 +299,7 @@ async fn an_idle_service_logs_nothing_after_start_up() {
     let idle = lines.lock().unwrap().clone();
     // Work is still reported at info: one flush that wrote one user.
     assert_eq!(send_event(&base, 1, 7), Some(200));
-    let flushed = common::eventually(Duration::from_secs(5), || {
+    let flushed = support::eventually(Duration::from_secs(5), || {
         lines.lock().unwrap().iter().any(|line| line.contains("flush done") && line.contains("users_written=1"))
     })
     .await;
@@ -446,7 +443,7 @@ async fn readme_quick_start_answers_as_shown() {
     let args: Vec<&str> = args[1..].iter().copied().filter(|a| !a.starts_with("2>") && *a != "&").collect();
 
     let dir = tempfile::tempdir().unwrap();
-    let port = common::free_port();
+    let port = support::free_port();
     let mut child = countersink()
         .current_dir(dir.path())
         .env("COUNTERSINK_REDIS_PREFIX", &env.core.redis_prefix)

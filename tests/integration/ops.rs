@@ -2,9 +2,6 @@
 //! move with the events, request ids in headers and logs, readiness, and a graceful shutdown
 //! that finishes the request in flight, refuses new connections, flushes and exits 0, and that
 //! stops waiting for a request at its deadline.
-#![allow(clippy::unwrap_used)]
-
-mod common;
 
 use std::collections::HashMap;
 use std::process::{Child, Command, Stdio};
@@ -12,11 +9,11 @@ use std::time::Duration;
 
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
-use common::{free_port, TestEnv};
 use countersink::app::AppState;
 use countersink::webhook::WebhookSecret;
 use http_body_util::BodyExt;
 use serde_json::{json, Value};
+use support::{free_port, TestEnv};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tower::ServiceExt;
 
@@ -182,7 +179,7 @@ async fn a_sane_request_id_is_echoed_and_logged_and_others_are_replaced() {
     assert_eq!(response.status(), 200);
     assert_eq!(response.headers()["x-request-id"], "django-7f3a:42");
     // The handler's own log line carries the id, through the request's span.
-    let logged = common::eventually(Duration::from_secs(5), || {
+    let logged = support::eventually(Duration::from_secs(5), || {
         std::fs::read_to_string(&log).unwrap().lines().any(|line| {
             let line: Value = serde_json::from_str(line).unwrap_or_default();
             line["fields"]["message"] == "events applied"
@@ -311,7 +308,7 @@ async fn sigterm_finishes_the_request_in_flight_refuses_new_ones_and_flushes() {
     tokio::time::sleep(Duration::from_millis(200)).await;
 
     sidecar.terminate();
-    let refused = common::eventually(Duration::from_secs(5), || {
+    let refused = support::eventually(Duration::from_secs(5), || {
         std::net::TcpStream::connect(("127.0.0.1", sidecar.port)).is_err()
     })
     .await;
@@ -347,7 +344,7 @@ async fn a_request_slower_than_the_shutdown_deadline_does_not_hold_the_exit() {
     tokio::time::sleep(Duration::from_millis(100)).await;
     let started = std::time::Instant::now();
     sidecar.terminate();
-    let exited = common::eventually(Duration::from_secs(10), || matches!(sidecar.child.try_wait(), Ok(Some(_)))).await;
+    let exited = support::eventually(Duration::from_secs(10), || matches!(sidecar.child.try_wait(), Ok(Some(_)))).await;
     assert!(exited, "still running 10 s after SIGTERM");
     let status = sidecar.child.wait().unwrap();
     assert!(status.success(), "exit status {status}");
@@ -359,13 +356,13 @@ async fn readyz_reports_an_unmigrated_postgres_or_mysql_database() {
     use diesel::{Connection, RunQueryDsl};
     let env = TestEnv::sqlite().await;
     let name = format!("cstest_fresh_{:016x}", rand::random::<u64>());
-    let mut pg = diesel::PgConnection::establish(&common::postgres_url()).unwrap();
+    let mut pg = diesel::PgConnection::establish(&support::postgres_url()).unwrap();
     diesel::sql_query(format!("CREATE SCHEMA {name}")).execute(&mut pg).unwrap();
-    let mut mysql = diesel::MysqlConnection::establish(&common::mysql_url()).unwrap();
+    let mut mysql = diesel::MysqlConnection::establish(&support::mysql_url()).unwrap();
     diesel::sql_query(format!("CREATE DATABASE {name}")).execute(&mut mysql).unwrap();
     let urls = [
-        format!("{}?options=-csearch_path%3D{name}", common::postgres_url()),
-        format!("{}/{name}", common::mysql_url().rsplit_once('/').unwrap().0),
+        format!("{}?options=-csearch_path%3D{name}", support::postgres_url()),
+        format!("{}/{name}", support::mysql_url().rsplit_once('/').unwrap().0),
     ];
     for url in urls {
         let mut fresh = env.core.clone();

@@ -1,15 +1,13 @@
-//! The flush, exactly once, on PostgreSQL and SQLite: stopped after each step, run by several
-//! flushers at once, and read from while it runs.
-#![allow(clippy::unwrap_used)]
-
-mod common;
+//! The flush, exactly once, on every backend: stopped after each step, run by several flushers at
+//! once, chunked past what one statement carries, and read from while it runs; its lease renewed
+//! during long work and fenced in the database against an older holder; Redis restored from an
+//! older snapshot or rolled back (no batch flushed twice, reads wait for the rebuild).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::TestEnv;
 use countersink::app::AppState;
 use countersink::config::MAX_FLUSH_CHUNK_USERS;
 use countersink::counts::unread_counts;
@@ -19,6 +17,7 @@ use countersink::events::Event;
 use countersink::flush::{FlushError, WhenBusy};
 use countersink::store::Acquired;
 use diesel::prelude::*;
+use support::TestEnv;
 
 const WAIT: WhenBusy = WhenBusy::Wait(Duration::from_secs(30));
 

@@ -1,19 +1,18 @@
 //! Live counts over Server-Sent Events: two "processes" (two app states and servers on one
 //! prefix) against the real Redis and PostgreSQL; an event posted to one moves the stream on the
-//! other, duplicates push nothing, reconnects start with the current count, rejections.
-#![allow(clippy::unwrap_used)]
-
-mod common;
+//! other, duplicates push nothing, reconnects start with the current count, a reconcile's repair
+//! is pushed, the stream cap and tokens, and streams catch up after a lost subscription or a
+//! rollback resync.
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use common::{OwnRedis, TestEnv};
 use countersink::app::{AppState, Limits};
 use countersink::credentials::{Auth, BearerToken};
 use countersink::live::token;
 use countersink::webhook::WebhookSecret;
 use serde_json::{json, Value};
+use support::{OwnRedis, TestEnv};
 
 /// Long enough for a change to cross Redis pub/sub and a read on a busy CI machine.
 const PUSHED_WITHIN: Duration = Duration::from_secs(5);
@@ -243,7 +242,7 @@ async fn streams_beyond_the_cap_are_refused_until_one_closes() {
     assert_eq!(refused.status(), 503);
     assert!(refused.headers().contains_key("retry-after"));
     drop(first);
-    assert!(common::eventually(PUSHED_WITHIN, || live.watched_users() == 0).await, "a closed stream unregisters");
+    assert!(support::eventually(PUSHED_WITHIN, || live.watched_users() == 0).await, "a closed stream unregisters");
     let mut next = SseClient::open(b, 42, "", None).await;
     assert_eq!(next.next_count().await, 0);
 }
@@ -300,7 +299,7 @@ async fn streams_need_a_valid_token_for_their_own_user_or_the_read_token() {
 
 #[tokio::test]
 async fn after_the_subscription_is_lost_streams_catch_up_with_what_changed_meanwhile() {
-    let port = common::free_port();
+    let port = support::free_port();
     let own = OwnRedis::start(port);
     let mut env = TestEnv::postgres().await;
     env.core.redis_url = own.url();
@@ -315,7 +314,7 @@ async fn after_the_subscription_is_lost_streams_catch_up_with_what_changed_meanw
     let mut admin = redis::Client::open(own.url()).unwrap().get_connection().unwrap();
     let _: () = redis::cmd("ACL").arg(&["SETUSER", "default", "-subscribe"]).query(&mut admin).unwrap();
     let _: i64 = redis::cmd("CLIENT").arg(&["KILL", "TYPE", "pubsub"]).query(&mut admin).unwrap();
-    assert!(common::eventually(PUSHED_WITHIN, || !live.is_subscribed()).await);
+    assert!(support::eventually(PUSHED_WITHIN, || !live.is_subscribed()).await);
     post(a, json!([created(1, 61)])).await;
     assert_eq!(stream.next(QUIET_FOR).await, None, "the message was published while no one listened");
 
