@@ -3,6 +3,7 @@
 
 use redis::AsyncCommands;
 
+use super::scripts::{self, HandoffReply, ReadBatchesReply};
 use super::{parse_score, Lease, Store, StoreError};
 
 /// What loading some users' counts reads from Redis besides their pending deltas (see
@@ -24,25 +25,22 @@ impl Store {
     /// The users' deltas in batches not yet dropped, with the hand-off sequence and the ready
     /// marker, atomically: what loading their counts needs besides the database.
     pub async fn batches_snapshot(&self, user_ids: &[u64]) -> Result<BatchesSnapshot, StoreError> {
-        let mut invocation = self.scripts.read_batches.prepare_invoke();
-        invocation
-            .key(self.keys.batches())
-            .key(self.keys.handoff_seq())
-            .key(self.keys.ready())
-            .arg(self.keys.batch(""))
-            .arg(u8::from(self.requires_bootstrap));
+        let mut invocation = scripts::ReadBatches {
+            batches: self.keys.batches(),
+            handoff_seq: self.keys.handoff_seq(),
+            ready: self.keys.ready(),
+            batch_prefix: self.keys.batch(""),
+            requires_bootstrap: u8::from(self.requires_bootstrap),
+        }
+        .prepare();
         for user in user_ids {
             invocation.arg(*user);
         }
         let mut conn = self.conn.clone();
-        let reply: redis::Value = invocation.invoke_async(&mut conn).await?;
-        if let redis::Value::Array(items) = &reply {
-            if let [redis::Value::Int(-1)] = items[..] {
-                return Err(StoreError::StateMissing);
-            }
-        }
-        let (seq, ready, batch_ids, rows): (u64, String, Vec<String>, Vec<Vec<String>>) =
-            redis::FromRedisValue::from_redis_value(reply).map_err(|e| StoreError::Unexpected(e.to_string()))?;
+        let (seq, ready, batch_ids, rows) = match scripts::ReadBatches::run(invocation, &mut conn).await? {
+            ReadBatchesReply::Refused(refusal) => return Err(refusal.into()),
+            ReadBatchesReply::Snapshot(seq, ready, batch_ids, rows) => (seq, ready, batch_ids, rows),
+        };
         let deltas = rows
             .iter()
             .map(|row| row.iter().map(|s| parse_score(s)).collect::<Result<Vec<_>, _>>())
@@ -70,29 +68,30 @@ impl Store {
     /// number; `None` if nothing was pending.
     pub async fn handoff(&self, lease: &Lease, batch_id: &str) -> Result<Option<u64>, StoreError> {
         let mut conn = self.conn.clone();
-        let seq: u64 = self
-            .fenced_invocation(&self.scripts.handoff, lease)
-            .key(self.keys.pending())
-            .key(self.keys.batch(batch_id))
-            .key(self.keys.batches())
-            .key(self.keys.handoff_seq())
-            .key(self.keys.instance())
-            .arg(batch_id)
-            .invoke_async(&mut conn)
-            .await?;
-        Ok((seq > 0).then_some(seq))
+        let reply = scripts::Handoff {
+            lease: self.keys.flush_lock(),
+            pending: self.keys.pending(),
+            batch: self.keys.batch(batch_id),
+            batches: self.keys.batches(),
+            handoff_seq: self.keys.handoff_seq(),
+            instance: self.keys.instance(),
+            token: lease.token().to_owned(),
+            batch_id: batch_id.to_owned(),
+        }
+        .invoke(&mut conn)
+        .await?;
+        Ok(match reply {
+            HandoffReply::NothingPending => None,
+            HandoffReply::HandedOff(seq) => Some(seq),
+        })
     }
 
     /// Whether the batch `batch_id` still holds `users` users on a Redis server that vouches for
     /// the state: what a flush checks before it commits what it read of the batch.
     pub async fn batch_intact(&self, batch_id: &str, users: u64) -> Result<bool, StoreError> {
         let mut conn = self.conn.clone();
-        let (held, vouched): (u64, u8) = self
-            .scripts
-            .check_batch
-            .key(self.keys.batch(batch_id))
-            .key(self.keys.instance())
-            .invoke_async(&mut conn)
+        let (held, vouched) = scripts::CheckBatch { batch: self.keys.batch(batch_id), instance: self.keys.instance() }
+            .invoke(&mut conn)
             .await?;
         Ok(held == users && vouched == 1)
     }
@@ -125,13 +124,14 @@ impl Store {
     /// Deletes a batch whose deltas are committed.
     pub async fn drop_batch(&self, lease: &Lease, batch_id: &str) -> Result<(), StoreError> {
         let mut conn = self.conn.clone();
-        let _: i64 = self
-            .fenced_invocation(&self.scripts.drop_batch, lease)
-            .key(self.keys.batch(batch_id))
-            .key(self.keys.batches())
-            .arg(batch_id)
-            .invoke_async(&mut conn)
-            .await?;
-        Ok(())
+        scripts::DropBatch {
+            lease: self.keys.flush_lock(),
+            batch: self.keys.batch(batch_id),
+            batches: self.keys.batches(),
+            token: lease.token().to_owned(),
+            batch_id: batch_id.to_owned(),
+        }
+        .invoke(&mut conn)
+        .await
     }
 }

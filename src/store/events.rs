@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use tracing::instrument;
 
+use super::scripts::{self, ApplyReply};
 use super::{Keys, Store, StoreError};
 use crate::events::{Event, EventKind};
 
@@ -101,27 +102,28 @@ impl Store {
     /// is that request's ([`StoreError::IdempotencyKeyReused`]).
     #[instrument(level = "debug", skip_all, fields(requests = requests.len()))]
     pub async fn apply_many(&self, requests: &[Request<'_>]) -> Result<Vec<Result<Applied, StoreError>>, StoreError> {
-        let mut invocation = self.scripts.apply_events.prepare_invoke();
         let ttl = requests.iter().filter_map(|r| r.idempotency.as_ref()).map(|i| i.ttl).max().unwrap_or_default();
-        invocation
-            .key(self.keys.pending())
-            .key(self.keys.reconciling())
-            .key(self.keys.ready())
-            .key(self.keys.rebuilt())
-            .key(self.keys.recounts())
-            .key(self.keys.instance())
-            .key(self.keys.handoff_seq())
-            .arg(ttl.as_secs())
-            .arg(self.keys.journal(""))
-            .arg(self.keys.reconciled(""))
-            .arg(u8::from(self.requires_bootstrap))
-            .arg(self.keys.live_channel())
-            .arg(requests.len())
-            .arg(self.keys.reconcile_draft(""))
-            .arg(self.keys.reconcile_tally(""));
-        // KEYS[1..7] are taken; each idempotency key, distinct state shard and count bucket gets
-        // the next index.
-        let mut next_key = 8;
+        let mut invocation = scripts::ApplyEvents {
+            pending: self.keys.pending(),
+            reconciling: self.keys.reconciling(),
+            ready: self.keys.ready(),
+            rebuilt: self.keys.rebuilt(),
+            recounts: self.keys.recounts(),
+            instance: self.keys.instance(),
+            handoff_seq: self.keys.handoff_seq(),
+            idempotency_ttl: ttl.as_secs(),
+            journal_prefix: self.keys.journal(""),
+            reconciled_prefix: self.keys.reconciled(""),
+            requires_bootstrap: u8::from(self.requires_bootstrap),
+            live_channel: self.keys.live_channel(),
+            requests: requests.len(),
+            draft_prefix: self.keys.reconcile_draft(""),
+            tally_prefix: self.keys.reconcile_tally(""),
+        }
+        .prepare();
+        // The named keys are taken; each idempotency key, distinct state shard and count bucket
+        // gets the next index (Lua's, from 1).
+        let mut next_key = scripts::ApplyEvents::CONTRACT.keys.fixed.len() + 1;
         for request in requests {
             match &request.idempotency {
                 Some(i) => {
@@ -161,35 +163,17 @@ impl Store {
                 .arg(field);
         }
         let mut conn = self.conn.clone();
-        let reply: Vec<i64> = invocation.invoke_async(&mut conn).await?;
-        match reply[..] {
-            [-1] => return Err(StoreError::StateMissing),
-            [-4] => return Err(StoreError::RedisRestarted),
-            _ if reply.len() != 6 * requests.len() => {
-                return Err(StoreError::Unexpected(format!("apply_events returned {reply:?}")))
+        match scripts::ApplyEvents::run(invocation, &mut conn).await? {
+            ApplyReply::Refused(refusal) => Err(refusal.into()),
+            ApplyReply::Requests(answers) if answers.len() == requests.len() => {
+                Ok(answers.into_iter().map(|answer| answer.map_err(StoreError::from)).collect())
             }
-            _ => {}
+            ApplyReply::Requests(answers) => Err(StoreError::Unexpected(format!(
+                "apply_events answered {} requests of {}",
+                answers.len(),
+                requests.len()
+            ))),
         }
-        Ok(reply
-            .chunks(6)
-            .map(|answer| match *answer {
-                [-3, ..] => Err(StoreError::IdempotencyKeyReused),
-                [changed, recorded, duplicate, stale, after_delete, replayed] => {
-                    let count = |n: i64| n as u64;
-                    Ok(Applied {
-                        outcome: ApplyOutcome {
-                            changed: count(changed),
-                            recorded: count(recorded),
-                            duplicate: count(duplicate),
-                            stale: count(stale),
-                            after_delete: count(after_delete),
-                        },
-                        replayed: replayed == 1,
-                    })
-                }
-                _ => Err(StoreError::Unexpected(format!("apply_events returned {answer:?}"))),
-            })
-            .collect())
     }
 
     /// How many of the state shards `shards` do not exist yet (an event in one would create it).

@@ -5,6 +5,7 @@ use std::collections::HashMap;
 
 use redis::AsyncCommands;
 
+use super::scripts::{self, InstallReply};
 use super::{typed, BatchesSnapshot, Keys, Store, StoreError, ALL_USERS};
 
 impl Store {
@@ -68,17 +69,21 @@ impl Store {
         snapshot: &BatchesSnapshot,
         bases: &[(u64, i64)],
     ) -> Result<Option<Vec<i64>>, StoreError> {
-        let mut invocation = self.scripts.install_counts.prepare_invoke();
-        invocation
-            .key(self.keys.handoff_seq())
-            .key(self.keys.ready())
-            .key(self.keys.pending())
-            .key(self.keys.counts_stale());
-        invocation.arg(snapshot.handoff_seq).arg(&snapshot.ready);
+        let mut invocation = scripts::InstallCounts {
+            handoff_seq: self.keys.handoff_seq(),
+            ready: self.keys.ready(),
+            pending: self.keys.pending(),
+            counts_stale: self.keys.counts_stale(),
+            read_seq: snapshot.handoff_seq,
+            read_ready: snapshot.ready.clone(),
+        }
+        .prepare();
+        // The buckets follow the named keys (Lua's index, from 1).
+        let first_bucket = scripts::InstallCounts::CONTRACT.keys.fixed.len() + 1;
         let mut bucket_index: HashMap<u64, usize> = HashMap::new();
         for (user, base) in bases {
             let (bucket, field) = Keys::count_slot(*user);
-            let next = bucket_index.len() + 5;
+            let next = bucket_index.len() + first_bucket;
             let index = *bucket_index.entry(bucket).or_insert_with(|| {
                 invocation.key(self.keys.counts(bucket));
                 next
@@ -86,12 +91,15 @@ impl Store {
             invocation.arg(*user).arg(index).arg(field).arg(*base);
         }
         let mut conn = self.conn.clone();
-        let reply: Vec<i64> = invocation.invoke_async(&mut conn).await?;
-        match reply.split_first() {
-            Some((0, [])) => Ok(None),
-            Some((2, [])) => Err(StoreError::CountsReloading),
-            Some((1, counts)) if counts.len() == bases.len() => Ok(Some(counts.to_vec())),
-            _ => Err(StoreError::Unexpected(format!("install_counts returned {reply:?}"))),
+        match scripts::InstallCounts::run(invocation, &mut conn).await? {
+            InstallReply::Moved => Ok(None),
+            InstallReply::Refused(refusal) => Err(refusal.into()),
+            InstallReply::Installed(counts) if counts.len() == bases.len() => Ok(Some(counts)),
+            InstallReply::Installed(counts) => Err(StoreError::Unexpected(format!(
+                "install_counts returned {} counts for {} users",
+                counts.len(),
+                bases.len()
+            ))),
         }
     }
 

@@ -3,7 +3,25 @@
 
 use redis::AsyncCommands;
 
+use super::scripts;
 use super::{Lease, Store, StoreError};
+
+/// How `vouch.lua` vouches: whatever the instance key holds, or only if it names this server.
+#[derive(Debug, Clone, Copy)]
+enum VouchMode {
+    Claim,
+    Confirm,
+}
+
+impl VouchMode {
+    /// The word `vouch.lua` reads.
+    fn as_str(self) -> &'static str {
+        match self {
+            VouchMode::Claim => "claim",
+            VouchMode::Confirm => "confirm",
+        }
+    }
+}
 
 /// Whether the Redis server vouches for the state ([`Store::check_instance`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -26,15 +44,14 @@ impl Store {
     /// did (see `instance.lua`).
     pub async fn check_instance(&self) -> Result<InstanceCheck, StoreError> {
         let mut conn = self.conn.clone();
-        let (server, vouched_by, last_restart, new): (String, String, String, u8) = self
-            .scripts
-            .check_instance
-            .key(self.keys.instance())
-            .key(self.keys.last_restart())
-            .key(self.keys.handoff_seq())
-            .key(self.keys.pending())
-            .invoke_async(&mut conn)
-            .await?;
+        let (server, vouched_by, last_restart, new) = scripts::CheckInstance {
+            instance: self.keys.instance(),
+            last_restart: self.keys.last_restart(),
+            handoff_seq: self.keys.handoff_seq(),
+            pending: self.keys.pending(),
+        }
+        .invoke(&mut conn)
+        .await?;
         let vouched_by = (!vouched_by.is_empty()).then_some(vouched_by);
         let last_restart = (!last_restart.is_empty()).then_some(last_restart);
         let vouched = vouched_by.as_deref() == Some(server.as_str());
@@ -43,7 +60,7 @@ impl Store {
 
     /// Vouches for the state on this Redis server, from now on.
     pub async fn claim_instance(&self, lease: &Lease) -> Result<(), StoreError> {
-        self.vouch(lease, "claim").await
+        self.vouch(lease, VouchMode::Claim).await
     }
 
     /// Keeps what a recovery from a Redis restart did (a JSON document), for `/readyz`.
@@ -56,17 +73,19 @@ impl Store {
     /// Vouches for the state as [`Store::claim_instance`] did, if this is still the server that
     /// claimed it; [`StoreError::RedisRestarted`] if Redis restarted since.
     pub async fn confirm_instance(&self, lease: &Lease) -> Result<(), StoreError> {
-        self.vouch(lease, "confirm").await
+        self.vouch(lease, VouchMode::Confirm).await
     }
 
-    async fn vouch(&self, lease: &Lease, mode: &str) -> Result<(), StoreError> {
+    async fn vouch(&self, lease: &Lease, mode: VouchMode) -> Result<(), StoreError> {
         let mut conn = self.conn.clone();
-        let _: String = self
-            .fenced_invocation(&self.scripts.vouch, lease)
-            .key(self.keys.instance())
-            .arg(mode)
-            .invoke_async(&mut conn)
-            .await?;
+        let _server: String = scripts::Vouch {
+            lease: self.keys.flush_lock(),
+            instance: self.keys.instance(),
+            token: lease.token().to_owned(),
+            mode: mode.as_str(),
+        }
+        .invoke(&mut conn)
+        .await?;
         Ok(())
     }
 

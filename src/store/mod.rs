@@ -2,8 +2,9 @@
 //! and the flush lease ([`lease`]). Every multi-key change is one Lua script, so it is atomic and
 //! costs one round trip per request, however many events the request holds.
 //!
-//! [`Store`] owns the connection, the key layout ([`Keys`]), the loaded scripts and
-//! [`StoreError`]; its methods are grouped by concept, one file each:
+//! [`Store`] owns the connection, the key layout ([`Keys`]) and [`StoreError`]; `scripts.rs` owns
+//! the loaded scripts and their contract (one typed wrapper per script: named keys and arguments,
+//! typed replies). The store's methods are grouped by concept, one file each:
 //!
 //! | file             | owns                                                                     |
 //! |------------------|--------------------------------------------------------------------------|
@@ -16,6 +17,7 @@
 //! | `lease.rs`       | the flush lease and its guard [`Lease`], the fenced writes               |
 //! | `group_commit.rs`| concurrent requests merged into one apply call                           |
 //! | `keys.rs`        | the key names                                                            |
+//! | `scripts.rs`     | one typed wrapper per Lua script, checked against the script's header    |
 //!
 //! Each file adds an `impl Store` block rather than a type of its own reached from the store
 //! (`store.batches().handoff(..)`): a caller holds one `Store` and calls what it needs, the
@@ -35,11 +37,12 @@ mod instance;
 mod keys;
 mod lease;
 mod recounts;
+mod scripts;
 
 use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{AsyncCommands, Script};
+use redis::AsyncCommands;
 
 pub use batches::BatchesSnapshot;
 pub use events::{Applied, ApplyOutcome, Idempotency, Request};
@@ -106,11 +109,11 @@ pub enum StoreError {
 impl From<redis::RedisError> for StoreError {
     /// Every Redis failure passes here, so this is where it is counted.
     fn from(e: redis::RedisError) -> Self {
-        if e.code() == Some("LEASE_LOST") {
+        if e.code() == Some(scripts::error_code::LEASE_LOST) {
             // A fenced script's refusal (lease.lua): Redis is fine, the caller is late.
             return StoreError::LeaseLost(e.detail().unwrap_or("the flush lease was lost").to_string());
         }
-        if e.code() == Some("UNVOUCHED") {
+        if e.code() == Some(scripts::error_code::UNVOUCHED) {
             // A guarded script's refusal (instance.lua): Redis answers, its state is unvouched.
             return StoreError::RedisRestarted;
         }
@@ -157,80 +160,7 @@ impl StoreError {
 pub struct Store {
     conn: ConnectionManager,
     keys: Keys,
-    scripts: &'static Scripts,
     requires_bootstrap: bool,
-}
-
-struct Scripts {
-    apply_events: Script,
-    reconcile_begin: Script,
-    reconcile_truth: Script,
-    reconcile_finish: Script,
-    take_recounts: Script,
-    renew_recounts: Script,
-    handoff: Script,
-    vouch: Script,
-    check_instance: Script,
-    check_batch: Script,
-    drop_batch: Script,
-    read_batches: Script,
-    install_counts: Script,
-    acquire_lease: Script,
-    extend_lease: Script,
-    release_lease: Script,
-    fenced: Script,
-    fenced_on_claimed_instance: Script,
-}
-
-fn scripts() -> &'static Scripts {
-    static SCRIPTS: std::sync::OnceLock<Scripts> = std::sync::OnceLock::new();
-    SCRIPTS.get_or_init(|| Scripts {
-        apply_events: Script::new(concat!(
-            include_str!("transition.lua"),
-            include_str!("instance.lua"),
-            include_str!("move_counts.lua"),
-            include_str!("apply_events.lua")
-        )),
-        reconcile_begin: Script::new(concat!(
-            include_str!("lease.lua"),
-            include_str!("transition.lua"),
-            include_str!("reconcile_begin.lua")
-        )),
-        reconcile_truth: Script::new(concat!(
-            include_str!("lease.lua"),
-            include_str!("transition.lua"),
-            include_str!("move_counts.lua"),
-            include_str!("reconcile_truth.lua")
-        )),
-        reconcile_finish: Script::new(concat!(
-            include_str!("lease.lua"),
-            include_str!("transition.lua"),
-            include_str!("reconcile_finish.lua")
-        )),
-        take_recounts: Script::new(include_str!("take_recounts.lua")),
-        renew_recounts: Script::new(include_str!("renew_recounts.lua")),
-        handoff: Script::new(concat!(
-            include_str!("lease.lua"),
-            include_str!("instance.lua"),
-            include_str!("handoff.lua")
-        )),
-        vouch: Script::new(concat!(include_str!("lease.lua"), include_str!("instance.lua"), include_str!("vouch.lua"))),
-        check_instance: Script::new(concat!(include_str!("instance.lua"), include_str!("check_instance.lua"))),
-        check_batch: Script::new(concat!(include_str!("instance.lua"), include_str!("check_batch.lua"))),
-        drop_batch: Script::new(concat!(include_str!("lease.lua"), include_str!("drop_batch.lua"))),
-        read_batches: Script::new(include_str!("read_batches.lua")),
-        install_counts: Script::new(include_str!("install_counts.lua")),
-        acquire_lease: Script::new(include_str!("acquire_lease.lua")),
-        extend_lease: Script::new(include_str!("extend_lease.lua")),
-        release_lease: Script::new(include_str!("release_lease.lua")),
-        fenced: Script::new(concat!(include_str!("lease.lua"), include_str!("fenced.lua"))),
-        fenced_on_claimed_instance: Script::new(concat!(
-            include_str!("lease.lua"),
-            include_str!("instance.lua"),
-            include_str!("claimed.lua"),
-            include_str!("fenced.lua")
-        )),
-    })
 }
 
 impl Store {
@@ -243,7 +173,7 @@ impl Store {
             .set_response_timeout(Some(REDIS_RESPONSE_TIMEOUT))
             .set_number_of_retries(1);
         let conn = ConnectionManager::new_lazy_with_config(client, config)?;
-        Ok(Self { conn, keys: Keys::new(prefix), scripts: scripts(), requires_bootstrap: false })
+        Ok(Self { conn, keys: Keys::new(prefix), requires_bootstrap: false })
     }
 
     /// The same store, refusing events until a bootstrap has marked the state complete.

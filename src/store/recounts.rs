@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use redis::AsyncCommands;
 
+use super::scripts;
 use super::{Keys, Lease, Store, StoreError};
 
 /// How often at most a reconcile queues another recount of the same user (an event older than its
@@ -89,18 +90,21 @@ impl redis::FromRedisValue for UserRepair {
 impl Store {
     /// Fences `users` for `fence`: until it is lifted or expires, their events are journaled.
     pub async fn reconcile_begin(&self, lease: &Lease, users: &[u64], fence: Duration) -> Result<(), StoreError> {
-        let mut invocation = self.fenced_invocation(&self.scripts.reconcile_begin, lease);
-        invocation
-            .key(self.keys.reconciling())
-            .arg(self.keys.journal(""))
-            .arg(fence.as_millis() as u64)
-            .arg(self.keys.reconcile_draft(""))
-            .arg(self.keys.reconcile_tally(""));
+        let mut invocation = scripts::ReconcileBegin {
+            lease: self.keys.flush_lock(),
+            reconciling: self.keys.reconciling(),
+            token: lease.token().to_owned(),
+            journal_prefix: self.keys.journal(""),
+            fence_ms: fence.as_millis() as u64,
+            draft_prefix: self.keys.reconcile_draft(""),
+            tally_prefix: self.keys.reconcile_tally(""),
+        }
+        .prepare();
         for user in users {
             invocation.arg(*user);
         }
         let mut conn = self.conn.clone();
-        let _: i64 = invocation.invoke_async(&mut conn).await?;
+        let _fenced: u64 = scripts::ReconcileBegin::run(invocation, &mut conn).await?;
         Ok(())
     }
 
@@ -121,16 +125,19 @@ impl Store {
                 "a truth chunk of {total} states (at most {TRUTH_STATES_PER_CALL})"
             )));
         }
-        let mut invocation = self.fenced_invocation(&self.scripts.reconcile_truth, lease);
-        invocation
-            .key(self.keys.reconciling())
-            .key(self.keys.pending())
-            .arg(self.keys.journal(""))
-            .arg(self.keys.reconcile_draft(""))
-            .arg(self.keys.reconcile_tally(""))
-            .arg(self.keys.reconciled(""))
-            .arg(self.keys.live_channel())
-            .arg(fence.as_millis() as u64);
+        let mut invocation = scripts::ReconcileTruth {
+            lease: self.keys.flush_lock(),
+            reconciling: self.keys.reconciling(),
+            pending: self.keys.pending(),
+            token: lease.token().to_owned(),
+            journal_prefix: self.keys.journal(""),
+            draft_prefix: self.keys.reconcile_draft(""),
+            tally_prefix: self.keys.reconcile_tally(""),
+            reconciled_prefix: self.keys.reconciled(""),
+            live_channel: self.keys.live_channel(),
+            fence_ms: fence.as_millis() as u64,
+        }
+        .prepare();
         for (user, piece) in chunk {
             let (bucket, field) = Keys::count_slot(*user);
             let mut by_shard: std::collections::BTreeMap<u64, Vec<(u64, u8)>> = Default::default();
@@ -151,7 +158,7 @@ impl Store {
             }
         }
         let mut conn = self.conn.clone();
-        Ok(invocation.invoke_async(&mut conn).await?)
+        scripts::ReconcileTruth::run(invocation, &mut conn).await
     }
 
     /// Repairs fenced users whose truth is written ([`Store::reconcile_truth`]): sets each one's
@@ -169,25 +176,28 @@ impl Store {
         stored: &[(u64, i64)],
         grace: Duration,
     ) -> Result<Vec<(u64, UserRepair)>, StoreError> {
-        let mut invocation = self.fenced_invocation(&self.scripts.reconcile_finish, lease);
-        invocation
-            .key(self.keys.pending())
-            .key(self.keys.reconciling())
-            .key(self.keys.recounts())
-            .arg(self.keys.journal(""))
-            .arg(self.keys.reconciled(""))
-            .arg(grace.as_millis() as u64)
-            .arg(self.keys.live_channel())
-            .arg(self.keys.reconcile_draft(""))
-            .arg(self.keys.reconcile_tally(""))
-            .arg(self.keys.recounted_again(""))
-            .arg(RECOUNT_AGAIN_AT_MOST_EVERY.as_millis() as u64);
+        let mut invocation = scripts::ReconcileFinish {
+            lease: self.keys.flush_lock(),
+            pending: self.keys.pending(),
+            reconciling: self.keys.reconciling(),
+            recounts: self.keys.recounts(),
+            token: lease.token().to_owned(),
+            journal_prefix: self.keys.journal(""),
+            reconciled_prefix: self.keys.reconciled(""),
+            grace_ms: grace.as_millis() as u64,
+            live_channel: self.keys.live_channel(),
+            draft_prefix: self.keys.reconcile_draft(""),
+            tally_prefix: self.keys.reconcile_tally(""),
+            recounted_again_prefix: self.keys.recounted_again(""),
+            recount_again_ms: RECOUNT_AGAIN_AT_MOST_EVERY.as_millis() as u64,
+        }
+        .prepare();
         for (user, stored) in stored {
             let (bucket, field) = Keys::count_slot(*user);
             invocation.arg(*user).arg(*stored).arg(self.keys.counts(bucket)).arg(field);
         }
         let mut conn = self.conn.clone();
-        let repairs: Vec<UserRepair> = invocation.invoke_async(&mut conn).await?;
+        let repairs = scripts::ReconcileFinish::run(invocation, &mut conn).await?;
         Ok(stored.iter().map(|(user, _)| *user).zip(repairs).collect())
     }
 
@@ -208,30 +218,30 @@ impl Store {
     pub async fn take_recounts(&self, limit: usize, ttl: Duration) -> Result<RecountClaim, StoreError> {
         let id = format!("{:032x}", rand::random::<u128>());
         let mut conn = self.conn.clone();
-        let users: Vec<u64> = self
-            .scripts
-            .take_recounts
-            .key(self.keys.recounts())
-            .key(self.keys.recount_claims())
-            .key(self.keys.recounts_taken())
-            .arg(&id)
-            .arg(limit.max(1))
-            .arg(ttl.as_millis() as u64)
-            .invoke_async(&mut conn)
-            .await?;
+        let users = scripts::TakeRecounts {
+            recounts: self.keys.recounts(),
+            recount_claims: self.keys.recount_claims(),
+            recounts_taken: self.keys.recounts_taken(),
+            claim_id: id.clone(),
+            limit: limit.max(1),
+            ttl_ms: ttl.as_millis() as u64,
+        }
+        .invoke(&mut conn)
+        .await?;
         Ok(RecountClaim { id, users })
     }
 
     /// Extends `claim` by `ttl` from now; returns how many of its users it still holds (fewer when
     /// some lapsed and were given back to waiting: they are recounted again, which is harmless).
     pub async fn renew_recounts(&self, claim: &RecountClaim, ttl: Duration) -> Result<u64, StoreError> {
-        let mut invocation = self.scripts.renew_recounts.prepare_invoke();
-        invocation.key(self.keys.recount_claims()).arg(ttl.as_millis() as u64);
+        let mut invocation =
+            scripts::RenewRecounts { recount_claims: self.keys.recount_claims(), ttl_ms: ttl.as_millis() as u64 }
+                .prepare();
         for member in claim.members() {
             invocation.arg(member);
         }
         let mut conn = self.conn.clone();
-        Ok(invocation.invoke_async(&mut conn).await?)
+        scripts::RenewRecounts::run(invocation, &mut conn).await
     }
 
     /// Ends `claim`: its users are done, except those of `requeue`, which wait again (a recount
@@ -282,5 +292,22 @@ impl RecountClaim {
     /// The claims' members in [`Keys::recount_claims`].
     fn members(&self) -> Vec<String> {
         self.users.iter().map(|user| format!("{}:{user}", self.id)).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `take_recounts.lua` gives a lapsed claim's user back by parsing its member with
+    /// `string.match(member, ':(%d+)$')`: a member ends with `:` and the user id, and the claim
+    /// id (which `take_recounts` makes) has no `:` of its own.
+    #[test]
+    fn a_claim_member_ends_with_its_user_as_take_recounts_parses_it() {
+        let claim = RecountClaim { id: format!("{:032x}", u128::MAX), users: vec![0, 42, u64::MAX >> 1] };
+        assert!(!claim.id.contains(':'));
+        for (member, user) in claim.members().iter().zip(&claim.users) {
+            assert_eq!(member.rsplit_once(':'), Some((claim.id.as_str(), user.to_string().as_str())));
+        }
     }
 }
