@@ -207,35 +207,63 @@ mod tests {
     use super::*;
     use crate::store::state;
 
-    /// `transition.lua` declares the states and reads the op codes; this side names them too
-    /// (`state`, `op_code`). Nothing else ties the two languages together.
+    /// The `local NAME, ... = value, ...` line of a script that starts with `local first`.
+    fn lua_locals(lua: &str, first: &str) -> Vec<(String, i64)> {
+        let line = lua
+            .lines()
+            .find(|line| line.starts_with(&format!("local {first},")))
+            .unwrap_or_else(|| panic!("no `local {first}, ...` line"));
+        let (names, values) = line["local ".len()..].split_once('=').expect("an assignment");
+        let names = names.split(',').map(|n| n.trim().to_string());
+        let values = values.split(',').map(|v| v.trim().parse::<i64>().expect("an integer"));
+        names.zip(values).collect()
+    }
+
+    /// Issue #19: `transition.lua` declares the states, and [`state`] names them for Rust (the
+    /// bootstrap writes them, reconcile reads them from the table).
     #[test]
-    fn the_state_and_op_codes_agree_with_the_lua_state_machine() {
+    fn the_states_agree_with_the_lua_state_machine() {
         let lua = include_str!("transition.lua");
-        assert!(
-            lua.contains(&format!(
-                "local UNSEEN, READ, UNREAD, DELETED = 0, {}, {}, {}",
-                state::READ,
-                state::UNREAD,
-                state::DELETED
-            )),
-            "transition.lua's states differ from store::state"
-        );
-        let events = [
-            Event::delete(1, 1),
-            Event::save(1, 1, true, true),
-            Event::save(1, 1, false, true),
-            Event::save(1, 1, true, false),
-            Event::save(1, 1, false, false),
-        ];
-        let ops: Vec<&str> = events.iter().map(op_code).collect();
-        assert_eq!(ops, ["D", "C1", "C0", "S1", "S0"]);
-        // The header documents every op, and the function reads their two characters.
-        assert!(lua.contains("Ops: C1 created unread, C0 created read, S1 saved unread, S0 saved read, D deleted"));
+        let rust =
+            [("UNSEEN", state::UNSEEN), ("READ", state::READ), ("UNREAD", state::UNREAD), ("DELETED", state::DELETED)];
+        let rust: Vec<(String, i64)> = rust.iter().map(|(name, code)| (name.to_string(), i64::from(*code))).collect();
+        assert_eq!(lua_locals(lua, "UNSEEN"), rust, "transition.lua's states and store::state");
+    }
+
+    /// Issue #19: the op codes Rust sends ([`op_code`]) are the ones `transition.lua` lists, and
+    /// read the way the function reads them (`D` deletes; `C` creates; a second `1` is unread),
+    /// each meaning what its event says.
+    #[test]
+    fn the_op_codes_agree_with_the_lua_state_machine() {
+        let lua = include_str!("transition.lua");
+        let listed: std::collections::BTreeSet<&str> = lua
+            .lines()
+            .find_map(|line| line.strip_prefix("-- Ops: "))
+            .expect("transition.lua lists its ops")
+            .split(',')
+            .filter_map(|op| op.split_whitespace().next())
+            .collect();
         assert!(
             lua.contains("if op == 'D'")
                 && lua.contains("string.sub(op, 1, 1) == 'C'")
-                && lua.contains("string.sub(op, 2, 2) == '1'")
+                && lua.contains("string.sub(op, 2, 2) == '1'"),
+            "transition.lua reads its ops otherwise"
         );
+        let mut sent = std::collections::BTreeSet::new();
+        for created in [false, true] {
+            for unread in [false, true] {
+                for event in [Event::save(1, 1, unread, created), Event::delete(1, 1)] {
+                    let op = op_code(&event);
+                    sent.insert(op);
+                    let deletes = op == "D";
+                    assert_eq!(deletes, event.kind == EventKind::PostDelete, "{op} for {event:?}");
+                    if !deletes {
+                        assert_eq!(op.starts_with('C'), event.created, "{op} for {event:?}");
+                        assert_eq!(op.get(1..2) == Some("1"), event.unread, "{op} for {event:?}");
+                    }
+                }
+            }
+        }
+        assert_eq!(sent, listed, "the ops Rust sends and those transition.lua lists");
     }
 }

@@ -56,6 +56,8 @@ pub use recounts::{
 
 /// The 2-bit states of a notification, as `transition.lua` defines them (0 is unseen).
 pub mod state {
+    /// Never seen (a bitmap's zero).
+    pub const UNSEEN: u8 = 0;
     /// Seen, read.
     pub const READ: u8 = 1;
     /// Seen, unread: counts for its recipient.
