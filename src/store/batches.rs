@@ -75,7 +75,7 @@ impl Store {
             batches: self.keys.batches(),
             handoff_seq: self.keys.handoff_seq(),
             instance: self.keys.instance(),
-            token: lease.token().to_owned(),
+            token: lease.fence_token(),
             batch_id: batch_id.to_owned(),
         }
         .invoke(&mut conn)
@@ -128,7 +128,7 @@ impl Store {
             lease: self.keys.flush_lock(),
             batch: self.keys.batch(batch_id),
             batches: self.keys.batches(),
-            token: lease.token().to_owned(),
+            token: lease.fence_token(),
             batch_id: batch_id.to_owned(),
         }
         .invoke(&mut conn)

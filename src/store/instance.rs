@@ -81,7 +81,7 @@ impl Store {
         let _server: String = scripts::Vouch {
             lease: self.keys.flush_lock(),
             instance: self.keys.instance(),
-            token: lease.token().to_owned(),
+            token: lease.fence_token(),
             mode: mode.as_str(),
         }
         .invoke(&mut conn)

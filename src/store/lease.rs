@@ -42,6 +42,28 @@ impl Lease {
     }
 }
 
+/// A lease's fencing token as the argument of a fenced script (`lease.lua` checks it). Only a
+/// [`Lease`] gives one, so the contract of a script that writes under the lease
+/// (`store::scripts`) cannot be filled in without holding it.
+#[derive(Debug)]
+pub(super) struct FenceToken(String);
+
+impl Lease {
+    /// The token for a fenced script's `ARGV[1]`.
+    pub(super) fn fence_token(&self) -> FenceToken {
+        FenceToken(self.token.clone())
+    }
+}
+
+impl ToRedisArgs for FenceToken {
+    fn write_redis_args<W>(&self, out: &mut W)
+    where
+        W: ?Sized + redis::RedisWrite,
+    {
+        self.0.write_redis_args(out)
+    }
+}
+
 /// The renewal side of a [`Lease`]: it can renew the lease, not write under it.
 #[derive(Debug)]
 pub struct LeaseRenewal {
@@ -115,8 +137,9 @@ impl Store {
     /// Gives the lease back, if it is still this holder's.
     pub async fn release_lease(&self, lease: Lease) -> Result<(), StoreError> {
         let mut conn = self.conn.clone();
-        let _released: bool =
-            scripts::ReleaseLease { lease: self.keys.flush_lock(), token: lease.token }.invoke(&mut conn).await?;
+        let _released: bool = scripts::ReleaseLease { lease: self.keys.flush_lock(), token: lease.fence_token() }
+            .invoke(&mut conn)
+            .await?;
         Ok(())
     }
 
@@ -136,7 +159,7 @@ impl Store {
         if writes.commands.is_empty() {
             return Ok(());
         }
-        let (lease_key, token) = (self.keys.flush_lock(), lease.token.clone());
+        let (lease_key, token) = (self.keys.flush_lock(), lease.fence_token());
         let mut invocation = if writes.on_claimed_instance {
             scripts::FencedOnClaimedInstance { lease: lease_key, instance: self.keys.instance(), token }.prepare()
         } else {

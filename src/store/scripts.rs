@@ -15,12 +15,14 @@
 //! wrapper's, and that every `.lua` file here belongs to a wrapper. Replies are typed: the
 //! sentinel replies (`{-1}`, `{-3, ...}`, `{-4}`, `{2}`) become [`Refusal`]s, mapped to
 //! [`StoreError`] in one place (`impl From<Refusal> for StoreError`), as the `error_reply`
-//! codes ([`error_code`]) are in `From<redis::RedisError>`.
+//! codes ([`error_code`]) are in `From<redis::RedisError>`. A script that writes under the flush
+//! lease takes its token as a [`FenceToken`], which only a [`Lease`](super::Lease) gives.
 
 use redis::aio::ConnectionLike;
 use redis::{FromRedisValue, ParsingError, Value};
 
 use super::events::Applied;
+use super::lease::FenceToken;
 use super::{ApplyOutcome, StoreError, UserRepair};
 
 /// The reply codes the scripts answer with, named as each script names them in a `local` line
@@ -197,7 +199,7 @@ scripts! {
     /// `release_lease.lua`: gives the lease back if it is still this holder's; `true` if released.
     ReleaseLease = ["release_lease.lua"] {
         keys: [lease],
-        args: [token: String],
+        args: [token: FenceToken],
         reply: bool,
     }
 
@@ -205,14 +207,14 @@ scripts! {
     /// and the commands (word count, then words); answers how many ran.
     Fenced = ["lease.lua", "fenced.lua"] {
         keys: [lease; ..written],
-        args: [token: String; ..commands],
+        args: [token: FenceToken; ..commands],
         reply: u64,
     }
 
     /// [`Fenced`] on the instance a rebuild claimed (`claimed.lua`).
     FencedOnClaimedInstance = ["lease.lua", "instance.lua", "claimed.lua", "fenced.lua"] {
         keys: [lease, instance; ..written],
-        args: [token: String; ..commands],
+        args: [token: FenceToken; ..commands],
         reply: u64,
     }
 
@@ -253,14 +255,14 @@ scripts! {
     /// `drop_batch.lua`: deletes a committed batch.
     DropBatch = ["lease.lua", "drop_batch.lua"] {
         keys: [lease, batch, batches],
-        args: [token: String, batch_id: String],
+        args: [token: FenceToken, batch_id: String],
         reply: (),
     }
 
     /// `handoff.lua`: renames the pending set to a batch.
     Handoff = ["lease.lua", "instance.lua", "handoff.lua"] {
         keys: [lease, pending, batch, batches, handoff_seq, instance],
-        args: [token: String, batch_id: String],
+        args: [token: FenceToken, batch_id: String],
         reply: HandoffReply,
     }
 
@@ -282,7 +284,7 @@ scripts! {
     /// `reconcile_begin.lua`: fences users; answers how many.
     ReconcileBegin = ["lease.lua", "transition.lua", "reconcile_begin.lua"] {
         keys: [lease, reconciling],
-        args: [token: String, journal_prefix: String, fence_ms: u64, draft_prefix: String, tally_prefix: String; ..users],
+        args: [token: FenceToken, journal_prefix: String, fence_ms: u64, draft_prefix: String, tally_prefix: String; ..users],
         reply: u64,
     }
 
@@ -290,7 +292,7 @@ scripts! {
     ReconcileTruth = ["lease.lua", "transition.lua", "move_counts.lua", "reconcile_truth.lua"] {
         keys: [lease, reconciling, pending],
         args: [
-            token: String,
+            token: FenceToken,
             journal_prefix: String,
             draft_prefix: String,
             tally_prefix: String,
@@ -306,7 +308,7 @@ scripts! {
     ReconcileFinish = ["lease.lua", "transition.lua", "reconcile_finish.lua"] {
         keys: [lease, pending, reconciling, recounts],
         args: [
-            token: String,
+            token: FenceToken,
             journal_prefix: String,
             reconciled_prefix: String,
             grace_ms: u64,
@@ -337,7 +339,7 @@ scripts! {
     /// `vouch.lua`: vouches for the state on this server; answers its run id.
     Vouch = ["lease.lua", "instance.lua", "vouch.lua"] {
         keys: [lease, instance],
-        args: [token: String, mode: &'static str],
+        args: [token: FenceToken, mode: &'static str],
         reply: String,
     }
 }
