@@ -275,13 +275,24 @@ impl<'de> serde::de::Visitor<'de> for UniqueKeysVisitor {
     }
 }
 
+/// The `kind` of each event, as the Django package names them too (`events.POST_SAVE`, ...,
+/// compared by `tests/first_run.rs`).
+pub mod kind {
+    /// Django's `post_save`.
+    pub const POST_SAVE: &str = "post_save";
+    /// Django's `post_delete`.
+    pub const POST_DELETE: &str = "post_delete";
+    /// A recount of one user from the Notification table.
+    pub const RECOUNT: &str = "recount";
+}
+
 const KNOWN_FIELDS: [&str; 6] = ["kind", "notification_id", "user_id", "unread", "created", "occurred_at"];
 
 fn parse_event(object: &Map<String, Value>, index: Option<usize>) -> Result<Parsed, EventError> {
     let kind = match object.get("kind") {
-        Some(Value::String(s)) if s == "post_save" => EventKind::PostSave,
-        Some(Value::String(s)) if s == "post_delete" => EventKind::PostDelete,
-        Some(Value::String(s)) if s == "recount" => return parse_recount(object, index),
+        Some(Value::String(s)) if s == kind::POST_SAVE => EventKind::PostSave,
+        Some(Value::String(s)) if s == kind::POST_DELETE => EventKind::PostDelete,
+        Some(Value::String(s)) if s == kind::RECOUNT => return parse_recount(object, index),
         Some(_) => {
             return Err(field_error(index, Some("kind"), "must be \"post_save\", \"post_delete\" or \"recount\""))
         }

@@ -12,7 +12,7 @@
 //! | [`config`]    | every setting, as a flag and a `COUNTERSINK_*` variable, validated once   |
 //! | [`error`]     | the error policy and the one mapping from errors to HTTP responses        |
 //! | [`events`]    | the wire format of an event and its validation                            |
-//! | [`store`]     | the Redis side: key layout, Lua scripts, transitions, the pending set     |
+//! | [`store`]     | the Redis side: key layout, Lua scripts, the flush lease; one file per concept (events, held counts, batches, instance, recounts, bootstrap) |
 //! | [`db`]        | the SQL side: diesel schema, backends (PostgreSQL, MySQL, SQLite), migrations |
 //! | [`flush`]     | the exactly-once hand-off of pending deltas into the count table         |
 //! | [`counts`]    | real-time reads: the counts held in Redis, and a user's first load       |

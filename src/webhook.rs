@@ -24,8 +24,11 @@ pub const MAX_SIGNATURES: usize = 8;
 /// The longest `webhook-signature` header accepted: [`MAX_SIGNATURES`] signatures of 47
 /// characters (`v1,` and 44 of base64) with their spaces, and room to spare.
 pub const MAX_SIGNATURE_HEADER_LEN: usize = 1_024;
-/// Secrets shorter than this are refused at start-up (the scheme suggests 24 to 64 bytes).
-const MIN_SECRET_BYTES: usize = 16;
+/// Secrets shorter than this are refused at start-up (the scheme suggests 24 to 64 bytes). The
+/// Django package checks the same (`signing.MIN_KEY_BYTES`, compared by `tests/first_run.rs`).
+pub const MIN_SECRET_BYTES: usize = 16;
+/// What a secret starts with, before its base64 key (`signing.SECRET_PREFIX` in the Django package).
+pub const SECRET_PREFIX: &str = "whsec_";
 
 /// One `whsec_` signing secret. Its `Debug` never shows the key.
 #[derive(Clone, PartialEq, Eq)]
@@ -41,7 +44,7 @@ impl FromStr for WebhookSecret {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, String> {
-        let encoded = s.trim().strip_prefix("whsec_").ok_or("a webhook secret starts with \"whsec_\"")?;
+        let encoded = s.trim().strip_prefix(SECRET_PREFIX).ok_or("a webhook secret starts with \"whsec_\"")?;
         let key = BASE64.decode(encoded).map_err(|_| "the part after \"whsec_\" must be base64")?;
         if key.len() < MIN_SECRET_BYTES {
             return Err(format!("a webhook secret must hold at least {MIN_SECRET_BYTES} bytes"));

@@ -20,7 +20,8 @@ use sha2::Sha256;
 
 use crate::webhook::WebhookSecret;
 
-/// The label the stream-token key is derived with.
+/// The label the stream-token key is derived with (the Django package's `live.KEY_LABEL`, compared
+/// by `tests/first_run.rs`).
 pub const KEY_LABEL: &str = "countersink live stream token v1";
 /// The longest lifetime a token may claim by default (`--max-stream-token-secs`): the Django
 /// package's default STREAM_TOKEN_TTL, so a token leaked from a URL is useless within the hour.

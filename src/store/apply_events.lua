@@ -11,6 +11,8 @@
 -- after the last. A call with several users asks with one EXISTS whether any of them has a
 -- reconciled set before asking per user.
 --
+-- KEYS: pending reconciling ready rebuilt recounts instance handoff_seq ..webhooks_states_buckets
+-- ARGV: idempotency_ttl journal_prefix reconciled_prefix requires_bootstrap live_channel requests draft_prefix tally_prefix ..requests_then_events
 -- KEYS[1]   the pending sorted set (member = user id, score = pending delta)
 -- KEYS[2]   the users being reconciled (member = user id, score = fence deadline in ms)
 -- KEYS[3]   the marker a bootstrap writes when the state is complete
@@ -49,6 +51,8 @@
 -- Locals, not globals: each global read is a lookup in the globals table, and ARGV is read
 -- several times per event.
 local KEYS, ARGV = KEYS, ARGV
+-- The sentinel replies (store::scripts::reply names them alike).
+local STATE_MISSING, ID_REUSED, UNVOUCHED = -1, -3, -4
 local ttl = tonumber(ARGV[1])
 local requests = tonumber(ARGV[6])
 local FIRST_REQUEST, REQUEST_ARGS, EVENT_ARGS = 9, 3, 7
@@ -60,7 +64,7 @@ local MAX_ARGS = 3000
 local STATE_TEXT = {[UNSEEN] = '0', [READ] = '1', [UNREAD] = '2', [DELETED] = '3'}
 
 if ARGV[4] == '1' and redis.call('EXISTS', KEYS[3]) == 0 then
-  return {-1}
+  return {STATE_MISSING}
 end
 
 local server = this_server()
@@ -72,7 +76,7 @@ if vouched_by ~= server then
     -- lost everything, whose pending deltas were all lost with it). This server holds it from now.
     redis.call('SET', KEYS[6], server)
   else
-    return {-4}
+    return {UNVOUCHED}
   end
 end
 
@@ -377,7 +381,7 @@ local reply = {}
 for r = 1, requests do
   local answer = answers[r]
   if answer == REFUSED then
-    answer = {-3, 0, 0, 0, 0, 0}
+    answer = {ID_REUSED, 0, 0, 0, 0, 0}
   elseif type(answer) == 'number' then
     -- The same request twice in this call: the second is a replay of the first.
     local first = tallies[answer]

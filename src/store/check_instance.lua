@@ -1,5 +1,7 @@
 -- Whether this Redis server vouches for the state (instance.lua is prepended). Read-only.
 --
+-- KEYS: instance last_restart handoff_seq pending
+-- ARGV: (none)
 -- KEYS[1] the instance key, KEYS[2] the last restart's record (see vouch.lua),
 -- KEYS[3] the hand-off sequence, KEYS[4] pending
 -- Returns {this server's run id, the run id in the key or '', the last restart's record or '',

@@ -4,6 +4,8 @@
 -- first, so the commands are read from ARGV[2] and keys are only declared).
 -- (lease.lua is prepended: KEYS[1] the lease, ARGV[1] the holder's token.)
 --
+-- KEYS: lease ..written
+-- ARGV: token ..commands
 -- KEYS[2..] the keys the commands write (declared for Redis; all under one hash tag)
 -- ARGV[2..] the commands: per command its word count n, then its n words (name, arguments)
 -- Returns the number of commands run.

@@ -1,6 +1,8 @@
 -- Hands the pending set off to a batch, atomically: after this, new deltas start a fresh set.
 -- (lease.lua and instance.lua are prepended: KEYS[1] the lease, ARGV[1] the holder's token.)
 --
+-- KEYS: lease pending batch batches handoff_seq instance
+-- ARGV: token batch_id
 -- KEYS[2] pending, KEYS[3] the batch key, KEYS[4] the set of batch ids, KEYS[5] the hand-off sequence,
 -- KEYS[6] the instance key
 -- ARGV[2] the batch id

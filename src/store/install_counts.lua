@@ -6,6 +6,8 @@
 -- rollback rewrites the stored counts, so the caller passes the hand-off sequence and the ready
 -- marker it read with base, and nothing is installed if either has changed since.
 --
+-- KEYS: handoff_seq ready pending counts_stale ..buckets
+-- ARGV: read_seq read_ready ..users
 -- KEYS[1]   the hand-off sequence
 -- KEYS[2]   the ready marker
 -- KEYS[3]   the pending sorted set
@@ -18,13 +20,15 @@
 -- Returns {1, count per user (in order)} when installed: a count already held (another read or an
 -- event got there first) is kept and returned as it is; {0} when the sequence or the marker moved,
 -- and the caller reads base again; {2} while held counts are being dropped (a held one may be stale).
+-- The reply codes (store::scripts::reply names them alike).
+local MOVED, INSTALLED, RELOADING = 0, 1, 2
 if (redis.call('GET', KEYS[1]) or '0') ~= ARGV[1] or (redis.call('GET', KEYS[2]) or '') ~= ARGV[2] then
-  return {0}
+  return {MOVED}
 end
 if redis.call('EXISTS', KEYS[4]) == 1 then
-  return {2}
+  return {RELOADING}
 end
-local counts = {1}
+local counts = {INSTALLED}
 for i = 3, #ARGV, 4 do
   local user, bucket, field = ARGV[i], KEYS[tonumber(ARGV[i + 1])], ARGV[i + 2]
   local held = redis.call('HGET', bucket, field)

@@ -7,6 +7,9 @@
 -- The run id is read from `INFO server` on every call (scripts keep no state between calls). A
 -- plain find of its label and an anchored match after it cost half what an unanchored pattern
 -- over the whole section did (docs/design.md, *Redis restarts*, has the figures).
+--
+-- KEYS: (none)
+-- ARGV: (none)
 local function this_server()
   local info = redis.call('INFO', 'server')
   local at = string.find(info, 'run_id:', 1, true)

@@ -180,3 +180,45 @@ impl Keys {
         format!("{}:{glob}", self.tag)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Issue #19: the scripts rebuild some keys from a prefix passed in ARGV (`prefix .. user id`,
+    /// `prefix .. batch id`), so each such key must be its prefix (the key for "") followed by the
+    /// id: a change of the format here that broke it would leave the scripts writing other keys.
+    #[test]
+    fn the_keys_scripts_build_from_a_prefix_are_that_prefix_and_the_id() {
+        let keys = Keys::new("deploy-7");
+        type PerId = fn(&Keys, &str) -> String;
+        let built_in_lua: [(&str, PerId); 6] = [
+            ("journal", Keys::journal),
+            ("reconciled", Keys::reconciled),
+            ("reconcile_draft", Keys::reconcile_draft),
+            ("reconcile_tally", Keys::reconcile_tally),
+            ("recounted_again", Keys::recounted_again),
+            ("batch", Keys::batch),
+        ];
+        for (name, key) in built_in_lua {
+            for id in ["42", "18446744073709551615", "20261203-183500-abc"] {
+                assert_eq!(key(&keys, id), format!("{}{id}", key(&keys, "")), "Keys::{name}");
+            }
+        }
+    }
+
+    /// `apply_events.lua` reads a state key's shard with `string.match(key, ':(%d+)$')`, and the
+    /// journal entries that `reconcile_truth.lua` and `reconcile_finish.lua` parse hold the key
+    /// between spaces: a state key ends with `:` and its shard, and has no space.
+    #[test]
+    fn a_state_key_ends_with_its_shard_as_the_scripts_parse_it() {
+        let keys = Keys::new("deploy-7");
+        for id in [0, 1, (1 << SHARD_BITS) - 1, 1 << SHARD_BITS, 5_000_000_000, u64::MAX >> 1] {
+            let (shard, _) = Keys::state_slot(id);
+            let key = keys.state(shard);
+            let digits = key.rsplit_once(':').map(|(_, digits)| digits);
+            assert_eq!(digits, Some(shard.to_string().as_str()), "{key}");
+            assert!(!key.contains(char::is_whitespace), "{key}");
+        }
+    }
+}

@@ -2,6 +2,8 @@
 -- a holder that lost its lease (it stalled past the lease's time to live, and another process
 -- may hold it now) changes nothing. Checked before the first write, so a refusal leaves no trace.
 --
+-- KEYS: lease
+-- ARGV: token
 -- KEYS[1] the lease, ARGV[1] the token the holder was given when it took the lease.
 -- Fails with `LEASE_LOST` when another token (or none) is in the lease.
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then

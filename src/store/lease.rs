@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use redis::ToRedisArgs;
 
+use super::scripts::{self, AcquireReply};
 use super::{Store, StoreError};
 
 /// Proof of holding the flush lease, with its fencing token. Not `Clone` outside this module:
@@ -38,6 +39,28 @@ impl Lease {
     /// What the renewal task needs: the token, to renew with.
     pub fn renewal(&self) -> LeaseRenewal {
         LeaseRenewal { token: self.token.clone() }
+    }
+}
+
+/// A lease's fencing token as the argument of a fenced script (`lease.lua` checks it). Only a
+/// [`Lease`] gives one, so the contract of a script that writes under the lease
+/// (`store::scripts`) cannot be filled in without holding it.
+#[derive(Debug)]
+pub(super) struct FenceToken(String);
+
+impl Lease {
+    /// The token for a fenced script's `ARGV[1]`.
+    pub(super) fn fence_token(&self) -> FenceToken {
+        FenceToken(self.token.clone())
+    }
+}
+
+impl ToRedisArgs for FenceToken {
+    fn write_redis_args<W>(&self, out: &mut W)
+    where
+        W: ?Sized + redis::RedisWrite,
+    {
+        self.0.write_redis_args(out)
     }
 }
 
@@ -81,19 +104,18 @@ impl Store {
     /// (the database's fence: Redis may have lost its counter).
     pub async fn try_acquire_lease(&self, ttl: Duration, floor: i64) -> Result<Acquired, StoreError> {
         let mut conn = self.conn.clone();
-        let reply: (u8, String, Option<i64>) = self
-            .scripts
-            .acquire_lease
-            .key(self.keys.flush_lock())
-            .key(self.keys.lease_tokens())
-            .arg(ttl.as_millis() as u64)
-            .arg(format!("{:016x}", rand::random::<u64>()))
-            .arg(floor)
-            .invoke_async(&mut conn)
-            .await?;
+        let reply = scripts::AcquireLease {
+            lease: self.keys.flush_lock(),
+            lease_tokens: self.keys.lease_tokens(),
+            ttl_ms: ttl.as_millis() as u64,
+            random_id: format!("{:016x}", rand::random::<u64>()),
+            floor,
+        }
+        .invoke(&mut conn)
+        .await?;
         Ok(match reply {
-            (1, token, _) => Acquired::Held(Lease { token }),
-            (_, token, ms_left) => Acquired::Busy(LeaseHolder {
+            AcquireReply::Taken(token) => Acquired::Held(Lease { token }),
+            AcquireReply::Busy(token, ms_left) => Acquired::Busy(LeaseHolder {
                 token,
                 expires_in: Duration::from_millis(ms_left.unwrap_or(0).max(0) as u64),
             }),
@@ -103,34 +125,22 @@ impl Store {
     /// Renews the lease for `ttl` if `renewal`'s holder still has it; `false` if it is gone.
     pub async fn renew_lease(&self, renewal: &LeaseRenewal, ttl: Duration) -> Result<bool, StoreError> {
         let mut conn = self.conn.clone();
-        let renewed: i64 = self
-            .scripts
-            .extend_lease
-            .key(self.keys.flush_lock())
-            .arg(&renewal.token)
-            .arg(ttl.as_millis() as u64)
-            .invoke_async(&mut conn)
-            .await?;
-        Ok(renewed == 1)
+        scripts::ExtendLease {
+            lease: self.keys.flush_lock(),
+            token: renewal.token.clone(),
+            ttl_ms: ttl.as_millis() as u64,
+        }
+        .invoke(&mut conn)
+        .await
     }
 
     /// Gives the lease back, if it is still this holder's.
     pub async fn release_lease(&self, lease: Lease) -> Result<(), StoreError> {
         let mut conn = self.conn.clone();
-        let _: i64 =
-            self.scripts.release_lease.key(self.keys.flush_lock()).arg(&lease.token).invoke_async(&mut conn).await?;
+        let _released: bool = scripts::ReleaseLease { lease: self.keys.flush_lock(), token: lease.fence_token() }
+            .invoke(&mut conn)
+            .await?;
         Ok(())
-    }
-
-    /// A fenced script call: KEYS[1] and ARGV[1] are the lease and its token (`lease.lua`).
-    pub(super) fn fenced_invocation<'a>(
-        &self,
-        script: &'a redis::Script,
-        lease: &Lease,
-    ) -> redis::ScriptInvocation<'a> {
-        let mut invocation = script.prepare_invoke();
-        invocation.key(self.keys.flush_lock()).arg(&lease.token);
-        invocation
     }
 
     /// Commands for [`Store::run_fenced`].
@@ -141,7 +151,7 @@ impl Store {
     /// Commands for [`Store::run_fenced`] that also require the instance a rebuild claimed
     /// (`claimed.lua`): a Redis restarted since gets none of them.
     pub(super) fn fenced_writes_on_claimed_instance(&self) -> FencedWrites {
-        FencedWrites { keys: vec![self.keys.instance()], commands: Vec::new(), on_claimed_instance: true }
+        FencedWrites { keys: Vec::new(), commands: Vec::new(), on_claimed_instance: true }
     }
 
     /// Runs `writes` atomically if `lease` is still held (`fenced.lua`).
@@ -149,9 +159,12 @@ impl Store {
         if writes.commands.is_empty() {
             return Ok(());
         }
-        let script =
-            if writes.on_claimed_instance { &self.scripts.fenced_on_claimed_instance } else { &self.scripts.fenced };
-        let mut invocation = self.fenced_invocation(script, lease);
+        let (lease_key, token) = (self.keys.flush_lock(), lease.fence_token());
+        let mut invocation = if writes.on_claimed_instance {
+            scripts::FencedOnClaimedInstance { lease: lease_key, instance: self.keys.instance(), token }.prepare()
+        } else {
+            scripts::Fenced { lease: lease_key, token }.prepare()
+        };
         for key in &writes.keys {
             invocation.key(key);
         }
@@ -162,7 +175,7 @@ impl Store {
             }
         }
         let mut conn = self.conn.clone();
-        let _: i64 = invocation.invoke_async(&mut conn).await?;
+        let _run: u64 = scripts::Fenced::run(invocation, &mut conn).await?;
         Ok(())
     }
 }
@@ -171,7 +184,7 @@ impl Store {
 pub(super) struct FencedWrites {
     keys: Vec<String>,
     commands: Vec<Vec<Vec<u8>>>,
-    /// The instance key is `keys[0]`, checked by `claimed.lua` before the commands run.
+    /// Whether `claimed.lua` checks the instance key before the commands run.
     on_claimed_instance: bool,
 }
 

@@ -2,6 +2,8 @@
 -- (apply_events.lua, reconcile_truth.lua): per user one ZINCRBY of the pending delta and, if the
 -- user's real-time count is held, one HINCRBY of it; then one message to live streams.
 --
+-- KEYS: (none)
+-- ARGV: (none)
 -- pending: the pending sorted set's key; users: user ids in order; deltas[user]: the delta;
 -- count_at[user]: {count bucket key, field in it}; channel: the live channel; known_held: nil, or
 -- per user the held count the caller read in this script (false: not held), so it is not asked again.

@@ -4,6 +4,8 @@
 -- chunk at a time.
 -- (lease.lua and transition.lua are prepended: KEYS[1] the lease, ARGV[1] the holder's token.)
 --
+-- KEYS: lease reconciling
+-- ARGV: token journal_prefix fence_ms draft_prefix tally_prefix ..users
 -- KEYS[2] the users being reconciled (member = user id, score = fence deadline in ms)
 -- ARGV[2] the prefix of journal keys, ARGV[3] the fence's length in ms,
 -- ARGV[4] the prefix of draft keys, ARGV[5] the prefix of tally keys,

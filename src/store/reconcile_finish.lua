@@ -17,6 +17,8 @@
 --   ARGV[9] ms, so a sender whose clock is behind cannot keep a user recounted back to back.
 -- (lease.lua and transition.lua are prepended: KEYS[1] the lease, ARGV[1] the holder's token.)
 --
+-- KEYS: lease pending reconciling recounts
+-- ARGV: token journal_prefix reconciled_prefix grace_ms live_channel draft_prefix tally_prefix recounted_again_prefix recount_again_ms ..users
 -- KEYS[2] pending, KEYS[3] the users being reconciled, KEYS[4] the users waiting for a recount
 -- ARGV[2] the prefix of journal keys, ARGV[3] the prefix of reconciled-set keys,
 -- ARGV[4] how long the reconciled set is kept (ms)

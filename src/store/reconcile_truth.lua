@@ -14,6 +14,8 @@
 -- (lease.lua, transition.lua and move_counts.lua are prepended: KEYS[1] the lease, ARGV[1] the
 -- holder's token.)
 --
+-- KEYS: lease reconciling pending
+-- ARGV: token journal_prefix draft_prefix tally_prefix reconciled_prefix live_channel fence_ms ..pieces
 -- KEYS[2] the users being reconciled (member = user id, score = fence deadline in ms)
 -- KEYS[3] pending (member = user id, score = pending delta)
 -- ARGV[2] the prefix of journal keys, ARGV[3] the prefix of draft keys,

@@ -2,6 +2,8 @@
 -- lapsed and was given back to waiting by a take is not renewed (another worker may hold it
 -- now); one that lapsed and is still there is, since nobody else took its user.
 --
+-- KEYS: recount_claims
+-- ARGV: ttl_ms ..members
 -- KEYS[1] the claims (a sorted set: member = "<claim id>:<user id>", score = deadline in ms)
 -- ARGV[1] the claim's new length in ms
 -- ARGV[2..] the claim's members, "<claim id>:<user id>"

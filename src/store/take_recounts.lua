@@ -4,6 +4,8 @@
 -- A user asked for again while claimed is waiting again too, and is recounted again: the new
 -- change may postdate the claimed recount's read.
 --
+-- KEYS: recounts recount_claims recounts_taken
+-- ARGV: claim_id limit ttl_ms
 -- KEYS[1] the users waiting for a recount (a set; `recount` events and apply_events.lua add)
 -- KEYS[2] the claims (a sorted set: member = "<claim id>:<user id>", score = deadline in ms,
 --         Redis time)

@@ -1,6 +1,9 @@
 -- The state machine of one notification, shared by the scripts that change state.
 -- States (2 bits per notification): 0 unseen, 1 read, 2 unread, 3 deleted.
 -- Ops: C1 created unread, C0 created read, S1 saved unread, S0 saved read, D deleted.
+--
+-- KEYS: (none)
+-- ARGV: (none)
 local UNSEEN, READ, UNREAD, DELETED = 0, 1, 2, 3
 
 -- Returns the new state and, when nothing changes, why: 'duplicate', 'stale' or 'after_delete'.

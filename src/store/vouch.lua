@@ -1,6 +1,8 @@
 -- Vouches for the state on this Redis server: writes its run id into the instance key.
 -- (lease.lua and instance.lua are prepended: KEYS[1] the lease, ARGV[1] the holder's token.)
 --
+-- KEYS: lease instance
+-- ARGV: token mode
 -- KEYS[2] the instance key
 -- ARGV[2] 'claim' to vouch whatever the key holds (a rebuild or resync starts over from a state it
 --         knows), or 'confirm' to vouch only if the key already names this server (a rebuild that

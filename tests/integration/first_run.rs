@@ -538,6 +538,22 @@ fn python_constant(module: &str, name: &str) -> u64 {
     }
 }
 
+/// A string constant `NAME = "..."` (or `b"..."`) of the Python client's `module`.
+fn python_string(module: &str, name: &str) -> String {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("python_client/src/countersink").join(module);
+    let text = std::fs::read_to_string(&path).unwrap();
+    let value = text
+        .lines()
+        .find_map(|line| line.strip_prefix(name)?.trim_start().strip_prefix('=').map(str::trim))
+        .unwrap_or_else(|| panic!("no {name} = ... in {}", path.display()));
+    let quoted = value.strip_prefix('b').unwrap_or(value);
+    quoted
+        .strip_prefix('"')
+        .and_then(|rest| rest.strip_suffix('"'))
+        .unwrap_or_else(|| panic!("{name} = {value}: not a plain string"))
+        .to_string()
+}
+
 /// Issue #19, limits copied across languages and places: `Limits::default()` (what in-process
 /// code and tests assume) is what `countersink serve` parses with no flag set, and the Python
 /// client's hard-coded limits are the sidecar's defaults (a client sending larger batches or
@@ -555,4 +571,12 @@ fn the_python_client_and_the_sidecar_agree_on_the_default_limits() {
     assert_eq!(python_constant("api.py", "MAX_USERS_PER_READ"), limits.max_read_users as u64);
     assert_eq!(python_constant("events.py", "MAX_ID"), countersink::events::MAX_ID);
     assert_eq!(python_constant("checks.py", "MAX_STREAM_TOKEN_TTL"), countersink::config::MAX_STREAM_TOKEN_SECS);
+    // Labels and codes both sides define: the stream-token key's label, the secret's form, the
+    // event kinds.
+    assert_eq!(python_string("live.py", "KEY_LABEL"), countersink::live::token::KEY_LABEL);
+    assert_eq!(python_string("signing.py", "SECRET_PREFIX"), countersink::webhook::SECRET_PREFIX);
+    assert_eq!(python_constant("signing.py", "MIN_KEY_BYTES"), countersink::webhook::MIN_SECRET_BYTES as u64);
+    assert_eq!(python_string("events.py", "POST_SAVE"), countersink::events::kind::POST_SAVE);
+    assert_eq!(python_string("events.py", "POST_DELETE"), countersink::events::kind::POST_DELETE);
+    assert_eq!(python_string("events.py", "RECOUNT"), countersink::events::kind::RECOUNT);
 }
