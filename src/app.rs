@@ -13,7 +13,7 @@ use crate::live::caps::StreamCaps;
 use crate::live::Live;
 use crate::reconcile::Reconciler;
 use crate::source::Source;
-use crate::store::{GroupCommit, RedisTarget, Store};
+use crate::store::{GroupCommit, RedisTarget, ReplicaWait, Store};
 
 /// Everything a handler needs: one shared [`App`], so the clone that every middleware layer and
 /// extractor makes is one reference count, not a copy of each part.
@@ -130,6 +130,13 @@ impl AppState {
         let store = Store::open(&RedisTarget::from_config(core), &core.redis_prefix)?;
         // With a Notification table to rebuild from, a lost state is refused until rebuilt.
         let store = if source.is_some() { store.requiring_bootstrap() } else { store };
+        let store = match serve {
+            Some(serve) if serve.redis_wait_replicas > 0 => store.waiting_for_replicas(ReplicaWait {
+                replicas: serve.redis_wait_replicas,
+                timeout: Duration::from_millis(serve.redis_wait_timeout_ms),
+            }),
+            _ => store,
+        };
         let db = Db::connect(&core.database_url, core.db_pool_size, core.db_timeout())?;
         let flusher = Flusher::new(
             store.clone(),

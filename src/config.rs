@@ -304,6 +304,17 @@ pub struct ServeConfig {
     #[arg(long, env = "COUNTERSINK_IDEMPOTENCY_TTL_SECS", default_value_t = 3_600)]
     pub idempotency_ttl_secs: u64,
 
+    /// Replicas that must hold an event request's changes before it is answered 200 (Redis `WAIT`
+    /// after the apply script, on the same connection): an acknowledged event is then on a replica
+    /// that a failover can promote. 0: answered once the master has applied it.
+    #[arg(long, env = "COUNTERSINK_REDIS_WAIT_REPLICAS", default_value_t = 0)]
+    pub redis_wait_replicas: u32,
+
+    /// Milliseconds to wait for `--redis-wait-replicas`; past it the request is answered 503 with
+    /// `Retry-After` (applied on the master: the sender's retry is recognised by its `webhook-id`).
+    #[arg(long, env = "COUNTERSINK_REDIS_WAIT_TIMEOUT_MS", default_value_t = 1_000)]
+    pub redis_wait_timeout_ms: u64,
+
     /// Seconds a request may take, once its body has arrived, before it is answered 503.
     #[arg(long, env = "COUNTERSINK_REQUEST_TIMEOUT_SECS", default_value_t = 30)]
     pub request_timeout_secs: u64,
@@ -534,6 +545,7 @@ impl ServeConfig {
                 ),
             ));
         }
+        at_least_one(self.redis_wait_timeout_ms, setting!(ServeConfig.redis_wait_timeout_ms))?;
         at_least_one(self.shutdown_timeout_secs, setting!(ServeConfig.shutdown_timeout_secs))?;
         at_least_one(self.request_timeout_secs, setting!(ServeConfig.request_timeout_secs))?;
         Ok(())

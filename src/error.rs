@@ -166,6 +166,12 @@ impl From<StoreError> for AppError {
         if matches!(e, StoreError::CountsReloading) {
             return AppError::Unavailable { dependency: "the held counts (being reloaded after a Redis rollback)" };
         }
+        if let StoreError::NotReplicated { .. } = &e {
+            tracing::warn!(error = %e, "events not acknowledged: too few replicas had them in time");
+            return AppError::Unavailable {
+                dependency: "Redis replicas (the events are applied on the master; a retry with the same webhook-id is answered once a replica has them)",
+            };
+        }
         if let StoreError::IdempotencyKeyReused = &e {
             return AppError::Conflict(e.to_string());
         }

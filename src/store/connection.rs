@@ -122,6 +122,30 @@ impl RedisConnection {
         Ok(self.master().await?.client)
     }
 
+    /// Runs `invocation`, then `WAIT` for `replicas` replicas for at most `timeout`, in one
+    /// pipeline on one connection: `WAIT` then covers the script's writes (it waits for what this
+    /// connection wrote), which a `WAIT` sent after a reconnection would not. Returns the script's
+    /// reply and how many replicas acknowledged it. A script Redis does not hold yet is loaded and
+    /// the pipeline sent again.
+    pub async fn invoke_and_wait<T: redis::FromRedisValue>(
+        &self,
+        invocation: &redis::ScriptInvocation<'_>,
+        replicas: u32,
+        timeout: Duration,
+    ) -> Result<(T, u64), RedisError> {
+        let timeout_ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX).max(1);
+        let mut pipeline = redis::pipe();
+        pipeline.invoke_script(invocation).cmd("WAIT").arg(replicas).arg(timeout_ms);
+        let mut conn = self.clone();
+        match pipeline.query_async(&mut conn).await {
+            Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
+                invocation.load_async(&mut conn).await?;
+                pipeline.query_async(&mut conn).await
+            }
+            answer => answer,
+        }
+    }
+
     /// The master in use, asking Sentinel first when none is.
     async fn master(&self) -> Result<Master, RedisError> {
         if let Some(master) = self.current() {

@@ -162,8 +162,20 @@ impl Store {
                 .arg(count_key)
                 .arg(field);
         }
-        let mut conn = self.conn.clone();
-        match scripts::ApplyEvents::run(invocation, &mut conn).await? {
+        let reply = match self.replicas {
+            None => scripts::ApplyEvents::run(invocation, &mut self.conn.clone()).await?,
+            Some(wait) => {
+                let (reply, acknowledged): (redis::Value, u64) =
+                    self.conn.invoke_and_wait(&invocation, wait.replicas, wait.timeout).await?;
+                let reply: ApplyReply = super::typed(reply)?;
+                // A refusal changed nothing: there is nothing for a replica to have.
+                if !matches!(reply, ApplyReply::Refused(_)) && acknowledged < u64::from(wait.replicas) {
+                    return Err(StoreError::NotReplicated { acknowledged, wanted: wait.replicas });
+                }
+                reply
+            }
+        };
+        match reply {
             ApplyReply::Refused(refusal) => Err(refusal.into()),
             ApplyReply::Requests(answers) if answers.len() == requests.len() => {
                 Ok(answers.into_iter().map(|answer| answer.map_err(StoreError::from)).collect())

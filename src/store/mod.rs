@@ -101,6 +101,16 @@ pub enum StoreError {
     /// Redis answered something the scripts never return: a bug or a foreign key clash.
     #[error("unexpected reply from redis: {0}")]
     Unexpected(String),
+    /// Events were applied on the master, but fewer replicas than `--redis-wait-replicas` had
+    /// them within `--redis-wait-timeout-ms`: not acknowledged, since a failover could lose them.
+    /// A retry with the same `webhook-id` is answered as replayed once a replica has them.
+    #[error("applied on the Redis master, but only {acknowledged} of {wanted} replicas had it in time")]
+    NotReplicated {
+        /// Replicas that had the change when the wait ended.
+        acknowledged: u64,
+        /// Replicas required.
+        wanted: u32,
+    },
 }
 
 impl From<redis::RedisError> for StoreError {
@@ -150,7 +160,10 @@ impl StoreError {
                     || e.is_connection_refusal()
                     || e.is_connection_dropped()
             }
-            StoreError::StateMissing | StoreError::CountsReloading | StoreError::RedisRestarted => true,
+            StoreError::StateMissing
+            | StoreError::CountsReloading
+            | StoreError::RedisRestarted
+            | StoreError::NotReplicated { .. } => true,
             StoreError::LeaseLost(_) | StoreError::IdempotencyKeyReused | StoreError::Unexpected(_) => false,
         }
     }
@@ -162,6 +175,17 @@ pub struct Store {
     conn: RedisConnection,
     keys: Keys,
     requires_bootstrap: bool,
+    replicas: Option<ReplicaWait>,
+}
+
+/// How many replicas must have a request's events before it is acknowledged, and for how long
+/// to wait for them (`--redis-wait-replicas`, `--redis-wait-timeout-ms`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReplicaWait {
+    /// Replicas that must have the change.
+    pub replicas: u32,
+    /// How long to wait for them.
+    pub timeout: std::time::Duration,
 }
 
 impl Store {
@@ -175,12 +199,18 @@ impl Store {
     /// across failovers).
     pub fn open(target: &RedisTarget, prefix: &str) -> Result<Self, StoreError> {
         let conn = RedisConnection::open(target)?;
-        Ok(Self { conn, keys: Keys::new(prefix), requires_bootstrap: false })
+        Ok(Self { conn, keys: Keys::new(prefix), requires_bootstrap: false, replicas: None })
     }
 
     /// The connection to the master, for what needs a connection of its own (pub/sub).
     pub fn connection(&self) -> &RedisConnection {
         &self.conn
+    }
+
+    /// The same store, acknowledging events only once `wait` says replicas have them.
+    pub fn waiting_for_replicas(mut self, wait: ReplicaWait) -> Self {
+        self.replicas = Some(wait);
+        self
     }
 
     /// The same store, refusing events until a bootstrap has marked the state complete.

@@ -179,3 +179,37 @@ async fn with_no_sentinel_answering_requests_are_answered_503_without_queueing()
     assert!(started.elapsed() < Duration::from_secs(4), "all answered after {:?}", started.elapsed());
     drop(silent);
 }
+
+/// `--redis-wait-replicas 1`: an event request is answered 200 only once a replica holds what it
+/// changed. With the replica gone it is answered 503 (applied on the master alone, where a
+/// failover would lose it), and its retry, with the same `webhook-id`, is answered 200 as replayed
+/// once a replica has caught up. Before, the request was answered 200 with no replica at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_wait_replicas_an_event_is_acknowledged_only_once_a_replica_holds_it() {
+    let env = TestEnv::postgres().await;
+    let mut redis = SentinelSetup::start();
+    let options = SidecarOptions {
+        flush_cron: "off".into(),
+        redis_url: Some(format!("redis://127.0.0.1:{}", redis.master_port)),
+        serve_args: vec!["--redis-wait-replicas".into(), "1".into(), "--redis-wait-timeout-ms".into(), "300".into()],
+        ..SidecarOptions::default()
+    };
+    let sidecar = Sidecar::start(&env, options).await;
+    let client = reqwest::Client::new();
+    let event = |id: u64| serde_json::json!({"kind": "post_save", "notification_id": id, "user_id": 7, "unread": true, "created": true});
+    post_until_accepted(&sidecar, &[event(1)], 0).await;
+
+    redis.kill_replica();
+    let webhook_id = new_webhook_id();
+    let started = std::time::Instant::now();
+    let answer = post_signed(&client, &sidecar.base, &webhook_id, &[event(2)]).await;
+    assert_eq!(answer.as_ref().map(|(status, _)| *status), Some(503), "{answer:?}\n{}", sidecar.stderr_text());
+    assert!(started.elapsed() < Duration::from_secs(2), "answered after {:?}", started.elapsed());
+
+    redis.restart_replica();
+    let answer = post_signed(&client, &sidecar.base, &webhook_id, &[event(2)]).await;
+    let (status, body) = answer.expect("an answer");
+    assert_eq!(status, 200, "{body}\n{}", sidecar.stderr_text());
+    assert_eq!(body["replayed"], serde_json::json!(true), "{body}");
+    assert_eq!(sidecar.read_counts(&[7]).await, vec![(7, 2)]);
+}

@@ -97,6 +97,21 @@ impl SentinelSetup {
         info(self.master_port, "replication").is_some_and(|info| info.contains("role:slave"))
     }
 
+    /// Kills the replica (SIGKILL); [`SentinelSetup::restart_replica`] starts it again.
+    pub fn kill_replica(&mut self) {
+        let _ = self.replica.kill();
+        let _ = self.replica.wait();
+    }
+
+    /// Starts the replica again, replicating the first master, and waits until it is in sync.
+    pub fn restart_replica(&mut self) {
+        let (port, master) = (self.replica_port.to_string(), self.master_port.to_string());
+        self.replica = redis_server(&["--port", &port, "--replicaof", "127.0.0.1", &master]);
+        wait_for(Duration::from_secs(10), "the replica to sync", || {
+            info(self.replica_port, "replication").is_some_and(|info| info.contains("master_link_status:up"))
+        });
+    }
+
     /// Kills the master without a word (SIGKILL): the Sentinels then promote the replica.
     pub fn kill_master(&mut self) {
         let _ = self.master.kill();
