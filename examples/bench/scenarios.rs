@@ -243,8 +243,13 @@ pub async fn run(args: &Args) -> anyhow::Result<Results> {
     };
     if args.redis_url.is_none() {
         let port = free_addr()?.port();
+        // A folder of its own: in the working directory it would load a stray dump.rdb.
+        let dir = std::env::temp_dir().join(format!("countersink-bench-redis-{port}"));
+        std::fs::create_dir_all(&dir).context("creating the bench Redis's folder")?;
         let redis = Command::new("redis-server")
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(&dir)
             .stdout(Stdio::null())
             .spawn()
             .context("starting redis-server (install it, or pass --redis-url)")?;

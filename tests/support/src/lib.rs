@@ -384,6 +384,9 @@ pub struct OwnRedis {
     dir: Option<std::path::PathBuf>,
     /// Whether it logs every write to an append-only file (and restarts from it).
     aof: bool,
+    /// Without `dir`, an empty folder of its own for `--dir`: Redis would otherwise load a
+    /// `dump.rdb` it found in the working directory (a replica leaves one there) and write there.
+    _scratch: Option<tempfile::TempDir>,
 }
 
 impl OwnRedis {
@@ -406,12 +409,20 @@ impl OwnRedis {
         } else {
             command.args(["--appendonly", "no"]);
         }
-        if let Some(dir) = &dir {
-            command.arg("--dir").arg(dir).args(["--dbfilename", "dump.rdb"]);
-        }
+        let scratch = match &dir {
+            Some(dir) => {
+                command.arg("--dir").arg(dir).args(["--dbfilename", "dump.rdb"]);
+                None
+            }
+            None => {
+                let scratch = tempfile::tempdir().unwrap();
+                command.arg("--dir").arg(scratch.path());
+                Some(scratch)
+            }
+        };
         let child =
             command.stdout(std::process::Stdio::null()).spawn().expect("redis-server must be on PATH for these tests");
-        let redis = OwnRedis { port, child, dir, aof };
+        let redis = OwnRedis { port, child, dir, aof, _scratch: scratch };
         let client = redis::Client::open(redis.url()).unwrap();
         for _ in 0..250 {
             if let Ok(mut conn) = client.get_connection() {

@@ -29,9 +29,11 @@ impl SentinelSetup {
     pub fn start() -> SentinelSetup {
         let dir = tempfile::tempdir().unwrap();
         let (master_port, replica_port) = (free_port(), free_port());
-        let master = redis_server(&["--port", &master_port.to_string()]);
-        let replica =
-            redis_server(&["--port", &replica_port.to_string(), "--replicaof", "127.0.0.1", &master_port.to_string()]);
+        let master = redis_server(dir.path(), &["--port", &master_port.to_string()]);
+        let replica = redis_server(
+            dir.path(),
+            &["--port", &replica_port.to_string(), "--replicaof", "127.0.0.1", &master_port.to_string()],
+        );
         wait_for(Duration::from_secs(10), "the replica to sync", || {
             info(replica_port, "replication").is_some_and(|info| info.contains("master_link_status:up"))
         });
@@ -106,7 +108,7 @@ impl SentinelSetup {
     /// Starts the replica again, replicating the first master, and waits until it is in sync.
     pub fn restart_replica(&mut self) {
         let (port, master) = (self.replica_port.to_string(), self.master_port.to_string());
-        self.replica = redis_server(&["--port", &port, "--replicaof", "127.0.0.1", &master]);
+        self.replica = redis_server(self._dir.path(), &["--port", &port, "--replicaof", "127.0.0.1", &master]);
         wait_for(Duration::from_secs(10), "the replica to sync", || {
             info(self.replica_port, "replication").is_some_and(|info| info.contains("master_link_status:up"))
         });
@@ -128,10 +130,17 @@ impl Drop for SentinelSetup {
     }
 }
 
-fn redis_server(args: &[&str]) -> Child {
+/// A redis-server on the port `args` names, keeping its files in a folder of its own under
+/// `dir` (a replica writes the snapshot it syncs from; left in the working directory, every
+/// later test's Redis started there would load it).
+fn redis_server(dir: &std::path::Path, args: &[&str]) -> Child {
     let port: u16 = args[1].parse().unwrap();
+    let own_dir = dir.join(format!("redis-{port}"));
+    std::fs::create_dir_all(&own_dir).unwrap();
     let child = Command::new("redis-server")
         .args(args)
+        .arg("--dir")
+        .arg(&own_dir)
         .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
         .stdout(Stdio::null())
         .spawn()
