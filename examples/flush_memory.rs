@@ -8,6 +8,9 @@
 //! Uses PostgreSQL at `COUNTERSINK_TEST_POSTGRES_URL` (default `postgres://postgres@127.0.0.1:5432/test`)
 //! in a schema of its own, and Redis at `COUNTERSINK_TEST_REDIS_URL` under a prefix of its own;
 //! both are removed at the end.
+// clippy computes the layout of main's future (a flush and the store's connection types
+// nested in it) past the default query depth of 128.
+#![recursion_limit = "256"]
 
 use std::time::{Duration, Instant};
 

@@ -8,6 +8,9 @@
 //! ```
 //! Uses PostgreSQL at `COUNTERSINK_TEST_POSTGRES_URL` and Redis at `COUNTERSINK_TEST_REDIS_URL`
 //! (the test defaults) in a schema and a prefix of its own, removed at the end.
+// clippy computes the layout of main's future (a flush and the store's connection types
+// nested in it) past the default query depth of 128.
+#![recursion_limit = "256"]
 
 use std::time::{Duration, Instant};
 

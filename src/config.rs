@@ -326,6 +326,10 @@ pub struct ServeConfig {
     pub shutdown_timeout_secs: u64,
 }
 
+/// The longest `--redis-wait-timeout-ms`: a request waits that long for replicas before its
+/// answer, and the connection that waits allows it on top of its response timeout.
+pub const MAX_REDIS_WAIT_TIMEOUT_MS: u64 = 10_000;
+
 /// The setting declared as field `$field` of `$config` (e.g. `setting!(CoreConfig.redis_url)`),
 /// for [`ConfigError::new`]: the compiler checks that the field exists, and the flag and the
 /// variable an error names are read from its `#[arg]`, so no message retypes them.
@@ -546,6 +550,12 @@ impl ServeConfig {
             ));
         }
         at_least_one(self.redis_wait_timeout_ms, setting!(ServeConfig.redis_wait_timeout_ms))?;
+        if self.redis_wait_timeout_ms > MAX_REDIS_WAIT_TIMEOUT_MS {
+            return Err(ConfigError::new(
+                setting!(ServeConfig.redis_wait_timeout_ms),
+                format!("at most {MAX_REDIS_WAIT_TIMEOUT_MS}: events wait that long before they are answered"),
+            ));
+        }
         at_least_one(self.shutdown_timeout_secs, setting!(ServeConfig.shutdown_timeout_secs))?;
         at_least_one(self.request_timeout_secs, setting!(ServeConfig.request_timeout_secs))?;
         Ok(())

@@ -113,6 +113,11 @@ for r = 1, requests do
           for c in string.gmatch(outcomes or first, '%d+') do counts[#counts + 1] = tonumber(c) end
           counts[#counts + 1] = 1
           answers[r] = counts
+          -- Written again as it is: a replay writes, so a WAIT after this call (the sidecar's
+          -- --redis-wait-replicas) waits until a replica has everything up to here, the first
+          -- delivery included, even on a connection that never wrote it, whatever else this
+          -- call writes or not.
+          redis.call('SET', key, first, 'KEEPTTL')
         end
       else
         seen_here[key] = r

@@ -86,6 +86,8 @@ struct Sentinel {
 struct Master {
     client: redis::Client,
     manager: ConnectionManager,
+    /// For pipelines that end in `WAIT` (see [`RedisConnection::invoke_and_wait`]).
+    waits: ConnectionManager,
     generation: u64,
 }
 
@@ -97,7 +99,7 @@ impl RedisConnection {
             RedisTarget::Address(url) => {
                 let client = redis::Client::open(url.as_str())?;
                 let db = client.get_connection_info().redis_settings().db();
-                let master = Master { manager: manager(client.clone())?, client, generation: 0 };
+                let master = Master::new(client, 0)?;
                 let shared = Shared { current: Mutex::new(Some(master)), found: AtomicU64::new(0), sentinel: None };
                 Ok(RedisConnection { shared: Arc::new(shared), db })
             }
@@ -124,9 +126,13 @@ impl RedisConnection {
 
     /// Runs `invocation`, then `WAIT` for `replicas` replicas for at most `timeout`, in one
     /// pipeline on one connection: `WAIT` then covers the script's writes (it waits for what this
-    /// connection wrote), which a `WAIT` sent after a reconnection would not. Returns the script's
-    /// reply and how many replicas acknowledged it. A script Redis does not hold yet is loaded and
-    /// the pipeline sent again.
+    /// connection wrote, and a replica that has that has everything before it), which a `WAIT`
+    /// sent after a reconnection would not. Returns the script's reply and how many replicas
+    /// acknowledged it. A script Redis does not hold yet is loaded and the pipeline sent again.
+    ///
+    /// `WAIT` blocks the connection it is sent on, so these pipelines have a connection of their
+    /// own: reads, the lease and the flush go on beside a wait. Under Sentinel, too few replicas
+    /// makes the next command ask for the master again (this one may be cut off from the rest).
     pub async fn invoke_and_wait<T: redis::FromRedisValue>(
         &self,
         invocation: &redis::ScriptInvocation<'_>,
@@ -136,14 +142,23 @@ impl RedisConnection {
         let timeout_ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX).max(1);
         let mut pipeline = redis::pipe();
         pipeline.invoke_script(invocation).cmd("WAIT").arg(replicas).arg(timeout_ms);
-        let mut conn = self.clone();
-        match pipeline.query_async(&mut conn).await {
+        let master = self.master().await?;
+        let mut conn = master.waits.clone();
+        let answer: Result<(T, u64), RedisError> = match pipeline.query_async(&mut conn).await {
             Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
                 invocation.load_async(&mut conn).await?;
                 pipeline.query_async(&mut conn).await
             }
             answer => answer,
+        };
+        match &answer {
+            Err(error) => self.failed(&master, error),
+            Ok((_, acknowledged)) if *acknowledged < u64::from(replicas) => {
+                self.forget(&master, "too few replicas acknowledged a write")
+            }
+            Ok(_) => {}
         }
+        answer
     }
 
     /// The master in use, asking Sentinel first when none is.
@@ -179,7 +194,7 @@ impl RedisConnection {
         tracing::info!(master = %client.get_connection_info().addr(), "redis: the master, as Sentinel says");
         crate::metrics::redis_master_found();
         let generation = self.shared.found.fetch_add(1, Ordering::Relaxed) + 1;
-        let master = Master { manager: manager(client.clone())?, client, generation };
+        let master = Master::new(client, generation)?;
         *self.lock_current() = Some(master.clone());
         Ok(master)
     }
@@ -196,12 +211,20 @@ impl RedisConnection {
     /// After a command to `master` failed with `error`: under Sentinel, a failure a failover
     /// causes makes the next command ask for the master again (unless one already did).
     fn failed(&self, master: &Master, error: &RedisError) {
-        if self.shared.sentinel.is_none() || !looks_like_failover(error) {
+        if looks_like_failover(error) {
+            self.forget(master, &error.to_string());
+        }
+    }
+
+    /// Under Sentinel, makes the next command ask for the master again, unless one already did
+    /// since `master` was found.
+    fn forget(&self, master: &Master, why: &str) {
+        if self.shared.sentinel.is_none() {
             return;
         }
         let mut current = self.lock_current();
         if current.as_ref().is_some_and(|m| m.generation == master.generation) {
-            tracing::warn!(error = %error, "redis: the master failed; asking Sentinel for the master again");
+            tracing::warn!(error = why, "redis: the master failed; asking Sentinel for the master again");
             *current = None;
         }
     }
@@ -217,12 +240,26 @@ fn looks_like_failover(error: &RedisError) -> bool {
         || matches!(error.kind(), ErrorKind::Server(ServerErrorKind::ReadOnly | ServerErrorKind::MasterDown))
 }
 
-fn manager(client: redis::Client) -> Result<ConnectionManager, RedisError> {
+fn manager(client: redis::Client, response_timeout: Duration) -> Result<ConnectionManager, RedisError> {
     let config = ConnectionManagerConfig::new()
         .set_connection_timeout(Some(REDIS_CONNECT_TIMEOUT))
-        .set_response_timeout(Some(REDIS_RESPONSE_TIMEOUT))
+        .set_response_timeout(Some(response_timeout))
         .set_number_of_retries(1);
     ConnectionManager::new_lazy_with_config(client, config)
+}
+
+impl Master {
+    /// The master `client` connects to: a connection for commands, and one for pipelines that
+    /// end in `WAIT`, which may take up to the longest wait more (connected at its first use).
+    fn new(client: redis::Client, generation: u64) -> Result<Master, RedisError> {
+        let wait = Duration::from_millis(crate::config::MAX_REDIS_WAIT_TIMEOUT_MS);
+        Ok(Master {
+            manager: manager(client.clone(), REDIS_RESPONSE_TIMEOUT)?,
+            waits: manager(client.clone(), REDIS_RESPONSE_TIMEOUT + wait)?,
+            client,
+            generation,
+        })
+    }
 }
 
 impl ConnectionLike for RedisConnection {

@@ -144,6 +144,9 @@ impl StoreError {
                             | ServerErrorKind::MasterDown
                             | ServerErrorKind::ReadOnly
                             | ServerErrorKind::ClusterDown
+                            // A script missing again right after it was loaded: a new master
+                            // or a reconnection came between the two.
+                            | ServerErrorKind::NoScript
                     )
                 ) || matches!(
                     // Sentinel does not name a master (yet): a failover is under way.

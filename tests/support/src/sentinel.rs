@@ -17,9 +17,9 @@ pub struct SentinelSetup {
     pub replica_port: u16,
     /// The Sentinels' ports.
     pub sentinel_ports: Vec<u16>,
-    master: Child,
-    replica: Child,
-    sentinels: Vec<Child>,
+    master: Running,
+    replica: Running,
+    _sentinels: Vec<Running>,
     _dir: tempfile::TempDir,
 }
 
@@ -59,10 +59,18 @@ impl SentinelSetup {
                     .stdout(Stdio::null())
                     .spawn()
                     .expect("redis-server must be on PATH for these tests");
-                child
+                Running(child)
             })
             .collect();
-        let setup = SentinelSetup { master_port, replica_port, sentinel_ports, master, replica, sentinels, _dir: dir };
+        let setup = SentinelSetup {
+            master_port,
+            replica_port,
+            sentinel_ports,
+            master,
+            replica,
+            _sentinels: sentinels,
+            _dir: dir,
+        };
         for &port in &setup.sentinel_ports {
             wait_for(Duration::from_secs(20), "each Sentinel to know the replica and the other Sentinels", || {
                 let known = |what: &str| {
@@ -101,8 +109,17 @@ impl SentinelSetup {
 
     /// Kills the replica (SIGKILL); [`SentinelSetup::restart_replica`] starts it again.
     pub fn kill_replica(&mut self) {
-        let _ = self.replica.kill();
-        let _ = self.replica.wait();
+        self.replica.stop();
+    }
+
+    /// Stops the replica (SIGSTOP): still connected, it takes and acknowledges nothing more.
+    pub fn pause_replica(&self) {
+        signal(&self.replica, "-STOP");
+    }
+
+    /// Lets a paused replica go on (SIGCONT).
+    pub fn resume_replica(&self) {
+        signal(&self.replica, "-CONT");
     }
 
     /// Starts the replica again, replicating the first master, and waits until it is in sync.
@@ -116,35 +133,27 @@ impl SentinelSetup {
 
     /// Kills the master without a word (SIGKILL): the Sentinels then promote the replica.
     pub fn kill_master(&mut self) {
-        let _ = self.master.kill();
-        let _ = self.master.wait();
-    }
-}
-
-impl Drop for SentinelSetup {
-    fn drop(&mut self) {
-        for child in self.sentinels.iter_mut().chain([&mut self.master, &mut self.replica]) {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        self.master.stop();
     }
 }
 
 /// A redis-server on the port `args` names, keeping its files in a folder of its own under
 /// `dir` (a replica writes the snapshot it syncs from; left in the working directory, every
 /// later test's Redis started there would load it).
-fn redis_server(dir: &std::path::Path, args: &[&str]) -> Child {
+fn redis_server(dir: &std::path::Path, args: &[&str]) -> Running {
     let port: u16 = args[1].parse().unwrap();
     let own_dir = dir.join(format!("redis-{port}"));
     std::fs::create_dir_all(&own_dir).unwrap();
-    let child = Command::new("redis-server")
-        .args(args)
-        .arg("--dir")
-        .arg(&own_dir)
-        .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("redis-server must be on PATH for these tests");
+    let child = Running(
+        Command::new("redis-server")
+            .args(args)
+            .arg("--dir")
+            .arg(&own_dir)
+            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("redis-server must be on PATH for these tests"),
+    );
     wait_for(Duration::from_secs(5), "redis-server to start", || info(port, "server").is_some());
     child
 }
@@ -164,5 +173,27 @@ fn wait_for(limit: Duration, what: &str, mut done: impl FnMut() -> bool) {
     while !done() {
         assert!(start.elapsed() < limit, "timed out waiting for {what}");
         std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn signal(child: &Running, signal: &str) {
+    let status = Command::new("kill").arg(signal).arg(child.0.id().to_string()).status().unwrap();
+    assert!(status.success(), "kill {signal} failed");
+}
+
+/// A process of the set-up, killed when dropped, also when a wait of [`SentinelSetup::start`]
+/// fails before the set-up is whole.
+struct Running(Child);
+
+impl Running {
+    fn stop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.stop();
     }
 }
