@@ -9,7 +9,7 @@ use tokio::net::TcpListener;
 use tracing::{error, info, warn};
 
 use crate::app::AppState;
-use crate::config::{setting, CoreConfig, LogFormat, ServeConfig};
+use crate::config::{setting, ConfigError, CoreConfig, LogFormat, ServeConfig};
 use crate::flush::{Flusher, WhenBusy};
 use crate::schedule::Schedules;
 use crate::{bootstrap, http, schedule};
@@ -170,7 +170,12 @@ async fn run_serve(core: &CoreConfig, serve: ServeConfig) -> anyhow::Result<()> 
     schedule::validate_cron(&serve.flush_cron, setting!(ServeConfig.flush_cron))?;
     schedule::validate_cron(&serve.reconcile_cron, setting!(ServeConfig.reconcile_cron))?;
     if core.source.source_table.is_none() && serve.reconcile_cron != schedule::CRON_OFF {
-        anyhow::bail!("--reconcile-cron (COUNTERSINK_RECONCILE_CRON) needs --source-table (COUNTERSINK_SOURCE_TABLE)");
+        let (table_flag, table_env) = setting!(SourceConfig.source_table).names();
+        return Err(ConfigError::new(
+            setting!(ServeConfig.reconcile_cron),
+            format!("needs {table_flag} ({table_env}): a reconcile recounts from the Notification table"),
+        )
+        .into());
     }
     let state = AppState::new(core, Some(&serve))?;
     warn_if_few_file_descriptors(core, &serve);

@@ -69,7 +69,7 @@ async fn fresh_mysql_database_is_migrated_by_the_migrate_command() {
 #[tokio::test]
 async fn invalid_settings_stop_start_up_naming_the_variable() {
     let env = TestEnv::sqlite().await;
-    let cases: [(&[&str], &str); 11] = [
+    let cases: [(&[&str], &str); 14] = [
         (&["serve"], "COUNTERSINK_WEBHOOK_SECRET"),
         (&["serve", "--webhook-secret", "not-a-whsec-secret"], "COUNTERSINK_WEBHOOK_SECRET"),
         (&["--database-url", "sqlite://", "migrate"], "COUNTERSINK_DATABASE_URL"),
@@ -81,6 +81,9 @@ async fn invalid_settings_stop_start_up_naming_the_variable() {
         (&["serve", "--insecure-no-auth", "--max-read-users", "20000"], "COUNTERSINK_MAX_READ_USERS"),
         (&["serve", "--insecure-no-auth", "--max-connections", "1000"], "COUNTERSINK_MAX_CONNECTIONS"),
         (&["serve", "--insecure-no-auth", "--max-stream-token-secs", "90000"], "COUNTERSINK_MAX_STREAM_TOKEN_SECS"),
+        (&["serve", "--insecure-no-auth", "--reconcile-cron", "0 * * * * *"], "COUNTERSINK_SOURCE_TABLE"),
+        (&["--redis-sentinels", "127.0.0.1:26379", "flush"], "COUNTERSINK_REDIS_SENTINEL_MASTER"),
+        (&["serve", "--insecure-no-auth", "--redis-wait-timeout-ms", "60000"], "COUNTERSINK_REDIS_WAIT_TIMEOUT_MS"),
     ];
     for (args, variable) in cases {
         let output = countersink(&env, args);

@@ -524,14 +524,19 @@ fn django_readme_gets_from_nothing_to_a_running_sidecar() {
     Cli::try_parse_with(args, |_| None).unwrap_or_else(|e| panic!("{command}: {e}"));
 }
 
-/// The value of `NAME = <integer>` (or `2**N - 1`) in a module of the Python client.
-fn python_constant(module: &str, name: &str) -> u64 {
+/// The right-hand side of `NAME = ...` in a module of the Python client.
+fn python_assignment(module: &str, name: &str) -> String {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("python_client/src/countersink").join(module);
     let text = std::fs::read_to_string(&path).unwrap();
-    let value = text
-        .lines()
-        .find_map(|line| line.strip_prefix(name)?.trim_start().strip_prefix('=').map(str::trim))
-        .unwrap_or_else(|| panic!("no {name} = ... in {}", path.display()));
+    text.lines()
+        .find_map(|line| line.strip_prefix(name)?.trim_start().strip_prefix('=').map(|v| v.trim().to_string()))
+        .unwrap_or_else(|| panic!("no {name} = ... in {}", path.display()))
+}
+
+/// The value of `NAME = <integer>` (or `2**N - 1`) in a module of the Python client.
+fn python_constant(module: &str, name: &str) -> u64 {
+    let value = python_assignment(module, name);
+    let value = value.as_str();
     match value.strip_prefix("2**").and_then(|rest| rest.strip_suffix(" - 1")) {
         Some(power) => (1u64 << power.parse::<u32>().unwrap()) - 1,
         None => value.replace('_', "").parse().unwrap_or_else(|_| panic!("{name} = {value}: not an integer")),
@@ -540,12 +545,8 @@ fn python_constant(module: &str, name: &str) -> u64 {
 
 /// A string constant `NAME = "..."` (or `b"..."`) of the Python client's `module`.
 fn python_string(module: &str, name: &str) -> String {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("python_client/src/countersink").join(module);
-    let text = std::fs::read_to_string(&path).unwrap();
-    let value = text
-        .lines()
-        .find_map(|line| line.strip_prefix(name)?.trim_start().strip_prefix('=').map(str::trim))
-        .unwrap_or_else(|| panic!("no {name} = ... in {}", path.display()));
+    let value = python_assignment(module, name);
+    let value = value.as_str();
     let quoted = value.strip_prefix('b').unwrap_or(value);
     quoted
         .strip_prefix('"')
