@@ -53,6 +53,8 @@
 local KEYS, ARGV = KEYS, ARGV
 -- The sentinel replies (store::scripts::reply names them alike).
 local STATE_MISSING, ID_REUSED, UNVOUCHED = -1, -3, -4
+-- A record's outcomes: changed, recorded, duplicate, stale, after_delete.
+local OUTCOMES = 5
 local ttl = tonumber(ARGV[1])
 local requests = tonumber(ARGV[6])
 local FIRST_REQUEST, REQUEST_ARGS, EVENT_ARGS = 9, 3, 7
@@ -111,13 +113,19 @@ for r = 1, requests do
         else
           local counts = {}
           for c in string.gmatch(outcomes or first, '%d+') do counts[#counts + 1] = tonumber(c) end
-          counts[#counts + 1] = 1
-          answers[r] = counts
-          -- Written again as it is: a replay writes, so a WAIT after this call (the sidecar's
-          -- --redis-wait-replicas) waits until a replica has everything up to here, the first
-          -- delivery included, even on a connection that never wrote it, whatever else this
-          -- call writes or not.
-          redis.call('SET', key, first, 'KEEPTTL')
+          if #counts ~= OUTCOMES then
+            -- Not a record this script wrote (another program's key, a damaged value): refused
+            -- as a reused id, for this request alone; the others in the call go on.
+            answers[r] = REFUSED
+          else
+            counts[#counts + 1] = 1
+            answers[r] = counts
+            -- Written again as it is: a replay writes, so a WAIT after this call (the sidecar's
+            -- --redis-wait-replicas) waits until a replica has everything up to here, the first
+            -- delivery included, even on a connection that never wrote it, whatever else this
+            -- call writes or not.
+            redis.call('SET', key, first, 'KEEPTTL')
+          end
         end
       else
         seen_here[key] = r

@@ -453,3 +453,32 @@ async fn the_apply_script_writes_the_state_codes_rust_reads() {
         assert_eq!(written, [expected], "{event:?}");
     }
 }
+
+/// Issue #15: a `webhook-id` whose stored record is not one the script wrote (another program's
+/// key, a damaged value) is refused for its own request, as a reused id is (409, nothing
+/// applied), and the requests merged with it in one group-commit call are applied as usual.
+/// Before, its record parsed into a short answer and the whole call failed: every merged
+/// request was answered 500.
+#[tokio::test]
+async fn a_malformed_idempotency_record_refuses_its_request_alone() {
+    use countersink::store::{Idempotency, Request, StoreError};
+    let env = TestEnv::sqlite().await;
+    let state = env.state();
+    let ttl = std::time::Duration::from_secs(3600);
+    let damaged = Idempotency::new("msg_damaged", b"a", ttl);
+    redis::cmd("SET")
+        .arg(state.store.keys().webhook("msg_damaged"))
+        .arg("not a record")
+        .exec(&mut env.redis())
+        .unwrap();
+    let events = [Event::save(1, 10, true, true)];
+    let other = [Event::save(2, 11, true, true)];
+    let requests = [
+        Request { events: &events, idempotency: Some(damaged) },
+        Request { events: &other, idempotency: Some(Idempotency::new("msg_fine", b"b", ttl)) },
+    ];
+    let answers = state.store.apply_many(&requests).await.expect("the call as a whole succeeds");
+    assert!(matches!(answers[0], Err(StoreError::IdempotencyKeyReused)), "{:?}", answers[0]);
+    assert!(answers[1].as_ref().is_ok_and(|a| a.outcome.changed == 1 && !a.replayed), "{:?}", answers[1]);
+    assert_eq!((count(&state, 10).await, count(&state, 11).await), (0, 1));
+}
