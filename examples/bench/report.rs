@@ -269,14 +269,14 @@ fn markdown(args: &Args, r: &Results) -> anyhow::Result<String> {
         s,
         "\n### 5. Memory\n\n- Redis, state bitmaps: **{:.3} bytes per tracked notification** ({} notifications \
          with dense ids, `MEMORY USAGE` of the state keys).\n- Redis, pending set: {:.0} bytes per dirty user \
-         until the next flush; idempotency key: {} bytes per request for `--idempotency-ttl-secs` (1 h by default; `MEMORY USAGE` \
-         leaves out the key space's tables, with which a record costs 219 bytes: docs/security.md, *Redis memory*).\n\
+         until the next flush; idempotency record: {:.1} bytes per request for `--idempotency-ttl-secs` (1 h by default; \
+         `MEMORY USAGE` of the record buckets over the records they hold; docs/security.md, *Redis memory*).\n\
          - Redis, held real-time counts: **{:.2} bytes per user** (every user read once; buckets of 128 users).\n\
          - Sidecar resident memory: {:.1} MiB idle, **{:.1} MiB peak** (VmHWM) over the ingest and read scenarios.\n",
         r.redis_bytes_per_notification,
         r.notifications_tracked,
         r.redis_pending_bytes_per_user,
-        r.redis_webhook_key_bytes,
+        r.redis_webhook_record_bytes,
         r.redis_count_bytes_per_user,
         r.sidecar_rss_idle_mib,
         r.sidecar_rss_peak_mib

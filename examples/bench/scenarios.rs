@@ -128,8 +128,8 @@ pub struct Results {
     pub first_reads_users: u64,
     /// First reads (loads from SQL and Redis) of every user, 1,000 per request, 4 connections: users/s.
     pub first_reads_users_per_s: f64,
-    /// Bytes of one idempotency key (`webhook-id`, kept 1 h by default).
-    pub redis_webhook_key_bytes: u64,
+    /// Bytes per idempotency record (`webhook-id`, kept 1 h by default), packed in hashes.
+    pub redis_webhook_record_bytes: f64,
     /// The sidecar's resident memory when idle before the load, MiB.
     pub sidecar_rss_idle_mib: f64,
     /// The sidecar's peak resident memory over the ingest and read scenarios, MiB.
@@ -427,20 +427,20 @@ pub async fn run(args: &Args) -> anyhow::Result<Results> {
     let state_bytes = memory_usage(&mut redis, &format!("{{{name}}}:state:*"))?;
     let pending_bytes = memory_usage(&mut redis, &format!("{{{name}}}:pending"))?;
     let pending_users: u64 = redis::cmd("ZCARD").arg(format!("{{{name}}}:pending")).query(&mut redis)?;
-    let webhook_key: Option<String> = redis::cmd("SCAN")
-        .arg(0)
-        .arg("MATCH")
-        .arg(format!("{{{name}}}:webhook:*"))
-        .arg("COUNT")
-        .arg(1000)
-        .query::<(u64, Vec<String>)>(&mut redis)?
-        .1
-        .into_iter()
-        .next();
-    let redis_webhook_key_bytes = match webhook_key {
-        Some(k) => memory_usage(&mut redis, &k)?,
-        None => 0,
-    };
+    // The packed idempotency records (`records.lua`): every key under `{P}:webhooks:` over the
+    // records their buckets (the hashes; the epochs' lists are strings) hold.
+    let record_keys: Vec<String> =
+        redis::Commands::scan_match::<_, String>(&mut redis, format!("{{{name}}}:webhooks:*"))?
+            .filter_map(Result::ok)
+            .collect();
+    let mut records = 0u64;
+    for key in &record_keys {
+        if redis::cmd("TYPE").arg(key).query::<String>(&mut redis)? == "hash" {
+            records += redis::cmd("HLEN").arg(key).query::<u64>(&mut redis)?;
+        }
+    }
+    let record_bytes = memory_usage(&mut redis, &format!("{{{name}}}:webhooks:*"))?;
+    let redis_webhook_record_bytes = record_bytes as f64 / records.max(1) as f64;
 
     // The sidecar's flush of what was ingested, by the CLI (its backends report on exit).
     let tables = ["countersink_usernotificationscount", "countersink_flush_batches"];
@@ -613,7 +613,7 @@ pub async fn run(args: &Args) -> anyhow::Result<Results> {
         redis_count_bytes_per_user: count_bytes as f64 / USERS as f64,
         first_reads_users: USERS,
         first_reads_users_per_s,
-        redis_webhook_key_bytes,
+        redis_webhook_record_bytes,
         sidecar_rss_idle_mib,
         sidecar_rss_peak_mib,
         profiles,

@@ -2,7 +2,7 @@
 -- user one ZINCRBY of the pending delta and, if the user's real-time count is held, one HINCRBY of
 -- it. Several requests in one call are a group commit (`store::group_commit`): each keeps its own
 -- idempotency record and outcome, as if each had been its own call, in the order sent.
--- (transition.lua, instance.lua and move_counts.lua are prepended.)
+-- (transition.lua, instance.lua, move_counts.lua and records.lua are prepended.)
 --
 -- A state shard that one event touches is read and written by that event (one BITFIELD GET, and
 -- one SET if the state changes): the usual single-event request pays nothing more. A shard that
@@ -12,7 +12,7 @@
 -- reconciled set before asking per user.
 --
 -- KEYS: pending reconciling ready rebuilt recounts instance handoff_seq ..webhooks_states_buckets
--- ARGV: idempotency_ttl journal_prefix reconciled_prefix requires_bootstrap live_channel requests draft_prefix tally_prefix ..requests_then_events
+-- ARGV: idempotency_ttl journal_prefix reconciled_prefix requires_bootstrap live_channel requests draft_prefix tally_prefix records_prefix ..requests_then_events
 -- KEYS[1]   the pending sorted set (member = user id, score = pending delta)
 -- KEYS[2]   the users being reconciled (member = user id, score = fence deadline in ms)
 -- KEYS[3]   the marker a bootstrap writes when the state is complete
@@ -22,10 +22,11 @@
 --           below zero add theirs)
 -- KEYS[6]   the instance key: the run id of the Redis server that vouches for the state
 -- KEYS[7]   the hand-off sequence
--- KEYS[8..] the requests' idempotency keys (their webhook-ids), state shard bitmaps (2 bits per
+-- KEYS[8..] the requests' former idempotency keys (`{P}:webhook:<id>`, written before records
+--           were packed and still honoured until they expire), state shard bitmaps (2 bits per
 --           notification) and held-count buckets (hashes: field = user id within the bucket,
 --           value = the user's real-time count)
--- ARGV[1]   seconds to remember an idempotency key
+-- ARGV[1]   seconds to remember an idempotency record (0: none is written or looked up)
 -- ARGV[2]   the prefix of journal keys (journal key = prefix .. user id)
 -- ARGV[3]   the prefix of reconciled-set keys (set key = prefix .. user id)
 -- ARGV[4]   1 if the state must be bootstrapped (the marker must exist), else 0
@@ -33,8 +34,11 @@
 -- ARGV[6]   the number of requests, R
 -- ARGV[7]   the prefix of a reconcile's draft-picture keys (key = prefix .. user id)
 -- ARGV[8]   the prefix of a reconcile's tally keys (key = prefix .. user id)
--- ARGV[9..] 3 values per request: its idempotency key's index (into KEYS; 0 when it has none),
---           a digest of its body (hex, remembered with the key) and its number of events
+-- ARGV[9]   the prefix of the packed idempotency records' keys (records.lua)
+-- ARGV[10..] 5 values per request: its former idempotency key's index (into KEYS; 0 when it has
+--           no webhook-id), its record's field (12 bytes of the webhook-id's SHA-256) and bucket
+--           seed (a number from 4 more), a digest of its body (8 bytes, kept in the record) and
+--           its number of events
 -- then      7 values per event, the requests' events in order: op, state key index (into KEYS),
 --           index in shard, user id, when it occurred (unix ms, 0 if the sender did not say), the
 --           user's count bucket index (into KEYS) and field in it
@@ -57,7 +61,7 @@ local STATE_MISSING, ID_REUSED, UNVOUCHED = -1, -3, -4
 local OUTCOMES = 5
 local ttl = tonumber(ARGV[1])
 local requests = tonumber(ARGV[6])
-local FIRST_REQUEST, REQUEST_ARGS, EVENT_ARGS = 9, 3, 7
+local FIRST_REQUEST, REQUEST_ARGS, EVENT_ARGS = 10, 5, 7
 local FIRST_EVENT = FIRST_REQUEST + REQUEST_ARGS * requests
 -- Arguments per command built here: unpack() must fit them on Lua's C stack (8,000 slots); a
 -- multiple of both a GET's 3 and a SET's 4.
@@ -84,51 +88,75 @@ end
 
 -- Each request's idempotency record. A request seen before, in an earlier call or earlier in this
 -- one, is answered as its first delivery was and its events are skipped. `live` lists the ARGV
--- index of every event to apply, `live_tally` the outcome of its request, `key_of_request` each
--- request's idempotency key (false for none). Arrays indexed from 1, not tables keyed by ARGV
--- index: the call's bookkeeping costs little beside one event's work.
-local answers, live, live_tally, key_of_request, seen_here = {}, {}, {}, {}, {}
+-- index of every event to apply, `live_tally` the outcome of its request, `record_of_request` the
+-- ARGV index of each request's values when it has a webhook-id (false for none). Arrays indexed
+-- from 1, not tables keyed by ARGV index: the call's bookkeeping costs little beside one event's work.
+--
+-- A record (records.lua finds and keeps it) is the body's 8-byte digest, then the outcomes
+-- (changed recorded duplicate stale after_delete) as numbers separated by spaces, without the
+-- zeros at the end: the usual single-event request's is its digest and "1".
+local answers, live, live_tally, record_of_request, seen_here = {}, {}, {}, {}, {}
 local REFUSED = 'refused'
 local tallies = {}
--- A request's digest is ARGV[FIRST_REQUEST + REQUEST_ARGS * (r - 1) + 1], written out where it is
+local epochs = nil
+-- A request's digest is ARGV[FIRST_REQUEST + REQUEST_ARGS * (r - 1) + 3], written out where it is
 -- read: a helper function is a closure made at every call, 2% of a one-request call's work.
 local next_event = FIRST_EVENT
 for r = 1, requests do
   local at = FIRST_REQUEST + REQUEST_ARGS * (r - 1)
-  local key_index, digest, n = ARGV[at], ARGV[at + 1], tonumber(ARGV[at + 2])
-  local key = key_index ~= '0' and KEYS[tonumber(key_index)]
-  key_of_request[r] = key
-  if key then
-    local earlier = seen_here[key]
+  local legacy_index, field, digest, n = ARGV[at], ARGV[at + 1], ARGV[at + 3], tonumber(ARGV[at + 4])
+  record_of_request[r] = legacy_index ~= '0' and at
+  if legacy_index ~= '0' then
+    local earlier = seen_here[field]
     if earlier then
       -- Filled in at the end, from the earlier request's outcome.
-      answers[r] = ARGV[FIRST_REQUEST + REQUEST_ARGS * (earlier - 1) + 1] == digest and earlier or REFUSED
+      answers[r] = ARGV[FIRST_REQUEST + REQUEST_ARGS * (earlier - 1) + 3] == digest and earlier or REFUSED
     else
-      local first = redis.call('GET', key)
+      local first, bucket = false, nil
+      if ttl > 0 then
+        epochs = epochs or record_epochs(ARGV[9], ttl)
+        first, bucket = find_record(epochs, field, tonumber(ARGV[at + 2]))
+      end
+      local legacy = KEYS[tonumber(legacy_index)]
+      local first_digest, outcomes
       if first then
-        -- "digest:outcomes"; a record written before digests were kept is the outcomes alone.
-        local first_digest, outcomes = string.match(first, '^(%x+):(.*)$')
+        first_digest, outcomes = string.sub(first, 1, 8), string.sub(first, 9)
+        if #first < 8 or not string.match(outcomes, '^[%d ]*$') then outcomes = nil end
+      else
+        -- Written before records were packed: "hex digest:outcomes", or the outcomes alone.
+        first = redis.call('GET', legacy)
+        if first then
+          local hex
+          hex, outcomes = string.match(first, '^(%x+):(.*)$')
+          first_digest = hex and string.gsub(hex, '%x%x', function(b) return string.char(tonumber(b, 16)) end)
+          outcomes = outcomes or first
+        end
+      end
+      if first then
+        local counts = {}
+        for c in string.gmatch(outcomes or '', '%d+') do counts[#counts + 1] = tonumber(c) end
         if first_digest and first_digest ~= digest then
           answers[r] = REFUSED
+        elseif outcomes == nil or #counts > OUTCOMES or (bucket == nil and #counts ~= OUTCOMES) then
+          -- Not a record this script wrote (another program's key, a damaged value): refused
+          -- as a reused id, for this request alone; the others in the call go on.
+          answers[r] = REFUSED
         else
-          local counts = {}
-          for c in string.gmatch(outcomes or first, '%d+') do counts[#counts + 1] = tonumber(c) end
-          if #counts ~= OUTCOMES then
-            -- Not a record this script wrote (another program's key, a damaged value): refused
-            -- as a reused id, for this request alone; the others in the call go on.
-            answers[r] = REFUSED
+          for j = #counts + 1, OUTCOMES do counts[j] = 0 end
+          counts[OUTCOMES + 1] = 1
+          answers[r] = counts
+          -- Written again as it is: a replay writes, so a WAIT after this call (the sidecar's
+          -- --redis-wait-replicas) waits until a replica has everything up to here, the first
+          -- delivery included, even on a connection that never wrote it, whatever else this
+          -- call writes or not.
+          if bucket then
+            redis.call('HSET', bucket, field, first)
           else
-            counts[#counts + 1] = 1
-            answers[r] = counts
-            -- Written again as it is: a replay writes, so a WAIT after this call (the sidecar's
-            -- --redis-wait-replicas) waits until a replica has everything up to here, the first
-            -- delivery included, even on a connection that never wrote it, whatever else this
-            -- call writes or not.
-            redis.call('SET', key, first, 'KEEPTTL')
+            redis.call('SET', legacy, first, 'KEEPTTL')
           end
         end
       else
-        seen_here[key] = r
+        seen_here[field] = r
       end
     end
   end
@@ -402,9 +430,12 @@ for r = 1, requests do
   elseif answer == nil then
     local t = tallies[r]
     answer = {t.changed, t.recorded, t.duplicate, t.stale, t.after_delete}
-    if key_of_request[r] and ttl > 0 then
-      local digest = ARGV[FIRST_REQUEST + REQUEST_ARGS * (r - 1) + 1]
-      redis.call('SET', key_of_request[r], digest .. ':' .. table.concat(answer, ' '), 'EX', ttl)
+    local at = record_of_request[r]
+    if at and ttl > 0 then
+      local last = 0
+      for j = 1, OUTCOMES do if answer[j] ~= 0 then last = j end end
+      epochs = epochs or record_epochs(ARGV[9], ttl)
+      write_record(epochs, ARGV[at + 1], tonumber(ARGV[at + 2]), ARGV[at + 3] .. table.concat(answer, ' ', 1, last))
     end
     answer[6] = 0
   end

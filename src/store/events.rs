@@ -40,10 +40,16 @@ impl ApplyOutcome {
 pub struct Idempotency {
     /// The `webhook-id`.
     pub key: String,
-    /// The first 8 bytes of the body's SHA-256, in hex: enough to tell two bodies apart (the
-    /// sender signs both), 16 bytes of Redis per request.
-    pub body_digest: String,
-    /// How long the key is remembered.
+    /// The first 12 bytes of the id's SHA-256: the record's field in its bucket. 96 bits: the
+    /// chance that two ids remembered at once share it is negligible (about 10^-11 with
+    /// 10^9 records held).
+    pub record_field: [u8; 12],
+    /// The next 4 bytes of the id's SHA-256: which bucket of an epoch holds the record.
+    pub bucket_seed: u32,
+    /// The first 8 bytes of the body's SHA-256: enough to tell two bodies apart (the sender
+    /// signs both).
+    pub body_digest: [u8; 8],
+    /// How long the record is remembered, at least.
     pub ttl: Duration,
 }
 
@@ -51,9 +57,19 @@ impl Idempotency {
     /// The idempotency of a request with id `key` and `body`, remembered for `ttl`.
     pub fn new(key: &str, body: &[u8], ttl: Duration) -> Self {
         use sha2::Digest;
-        let hash = sha2::Sha256::digest(body);
-        let body_digest = hash[..8].iter().map(|b| format!("{b:02x}")).collect();
-        Idempotency { key: key.to_string(), body_digest, ttl }
+        let id = sha2::Sha256::digest(key.as_bytes());
+        let body = sha2::Sha256::digest(body);
+        let mut record_field = [0; 12];
+        record_field.copy_from_slice(&id[..12]);
+        let mut body_digest = [0; 8];
+        body_digest.copy_from_slice(&body[..8]);
+        Idempotency {
+            key: key.to_string(),
+            record_field,
+            bucket_seed: u32::from_be_bytes([id[12], id[13], id[14], id[15]]),
+            body_digest,
+            ttl,
+        }
     }
 }
 
@@ -119,20 +135,21 @@ impl Store {
             requests: requests.len(),
             draft_prefix: self.keys.reconcile_draft(""),
             tally_prefix: self.keys.reconcile_tally(""),
+            records_prefix: self.keys.webhook_records(),
         }
         .prepare();
-        // The named keys are taken; each idempotency key, distinct state shard and count bucket
-        // gets the next index (Lua's, from 1).
+        // The named keys are taken; each former idempotency key, distinct state shard and count
+        // bucket gets the next index (Lua's, from 1).
         let mut next_key = scripts::ApplyEvents::CONTRACT.keys.fixed.len() + 1;
         for request in requests {
             match &request.idempotency {
                 Some(i) => {
                     invocation.key(self.keys.webhook(&i.key));
-                    invocation.arg(next_key).arg(&i.body_digest);
+                    invocation.arg(next_key).arg(&i.record_field[..]).arg(i.bucket_seed).arg(&i.body_digest[..]);
                     next_key += 1;
                 }
                 None => {
-                    invocation.arg(0).arg("");
+                    invocation.arg(0).arg("").arg(0).arg("");
                 }
             }
             invocation.arg(request.events.len());

@@ -68,9 +68,17 @@ impl Keys {
         format!("{}:handoff_seq", self.tag)
     }
 
-    /// Remembers a request's `webhook-id`, so a replay is answered as already applied.
+    /// Where a request's `webhook-id` was remembered before records were packed: still read, so
+    /// a replay of a request the former version applied is recognised until its key expires.
     pub fn webhook(&self, webhook_id: &str) -> String {
         format!("{}:webhook:{webhook_id}", self.tag)
+    }
+
+    /// The prefix of the packed idempotency records' keys: `<prefix><ttl>:<epoch>` lists an
+    /// epoch's bucket counts, `<prefix><ttl>:<epoch>:<count>:<bucket>` is a hash of records
+    /// (see `records.lua`).
+    pub fn webhook_records(&self) -> String {
+        format!("{}:webhooks:", self.tag)
     }
 
     /// Users being reconciled: member = user id, score = the fence's deadline (ms).

@@ -219,9 +219,9 @@ scripts! {
     }
 
     /// `apply_events.lua`: the events of one or more requests; the tails are each request's
-    /// idempotency key, state shard and count bucket, and per request then per event their
+    /// former idempotency key, state shard and count bucket, and per request then per event their
     /// values (see the script).
-    ApplyEvents = ["transition.lua", "instance.lua", "move_counts.lua", "apply_events.lua"] {
+    ApplyEvents = ["transition.lua", "instance.lua", "move_counts.lua", "records.lua", "apply_events.lua"] {
         keys: [pending, reconciling, ready, rebuilt, recounts, instance, handoff_seq; ..webhooks_states_buckets],
         args: [
             idempotency_ttl: u64,
@@ -231,7 +231,8 @@ scripts! {
             live_channel: String,
             requests: usize,
             draft_prefix: String,
-            tally_prefix: String;
+            tally_prefix: String,
+            records_prefix: String;
             ..requests_then_events
         ],
         reply: ApplyReply,

@@ -454,11 +454,11 @@ async fn the_apply_script_writes_the_state_codes_rust_reads() {
     }
 }
 
-/// Issue #15: a `webhook-id` whose stored record is not one the script wrote (another program's
-/// key, a damaged value) is refused for its own request, as a reused id is (409, nothing
-/// applied), and the requests merged with it in one group-commit call are applied as usual.
-/// Before, its record parsed into a short answer and the whole call failed: every merged
-/// request was answered 500.
+/// Issue #15: a `webhook-id` whose stored record is not one the script wrote (a damaged value in
+/// its bucket, another program's value under the former one-key-per-id name) is refused for its
+/// own request, as a reused id is (409, nothing applied), and the requests merged with it in one
+/// group-commit call are applied as usual. Before, its record parsed into a short answer and the
+/// whole call failed: every merged request was answered 500.
 #[tokio::test]
 async fn a_malformed_idempotency_record_refuses_its_request_alone() {
     use countersink::store::{Idempotency, Request, StoreError};
@@ -466,19 +466,52 @@ async fn a_malformed_idempotency_record_refuses_its_request_alone() {
     let state = env.state();
     let ttl = std::time::Duration::from_secs(3600);
     let damaged = Idempotency::new("msg_damaged", b"a", ttl);
-    redis::cmd("SET")
-        .arg(state.store.keys().webhook("msg_damaged"))
-        .arg("not a record")
-        .exec(&mut env.redis())
-        .unwrap();
-    let events = [Event::save(1, 10, true, true)];
+    state.store.apply_once(&[Event::save(1, 10, true, true)], Some(damaged.clone())).await.unwrap();
+    let bucket = env.idempotency_bucket_of("msg_damaged").expect("the first delivery's record");
+    let mut redis = env.redis();
+    redis::cmd("HSET").arg(&bucket).arg(&damaged.record_field[..]).arg("a damaged value").exec(&mut redis).unwrap();
+    redis::cmd("SET").arg(state.store.keys().webhook("msg_foreign")).arg("not a record").exec(&mut redis).unwrap();
+
+    let retried = [Event::save(3, 10, true, true)];
+    let foreign = [Event::save(4, 10, true, true)];
     let other = [Event::save(2, 11, true, true)];
     let requests = [
-        Request { events: &events, idempotency: Some(damaged) },
+        Request { events: &retried, idempotency: Some(damaged) },
+        Request { events: &foreign, idempotency: Some(Idempotency::new("msg_foreign", b"c", ttl)) },
         Request { events: &other, idempotency: Some(Idempotency::new("msg_fine", b"b", ttl)) },
     ];
     let answers = state.store.apply_many(&requests).await.expect("the call as a whole succeeds");
     assert!(matches!(answers[0], Err(StoreError::IdempotencyKeyReused)), "{:?}", answers[0]);
-    assert!(answers[1].as_ref().is_ok_and(|a| a.outcome.changed == 1 && !a.replayed), "{:?}", answers[1]);
-    assert_eq!((count(&state, 10).await, count(&state, 11).await), (0, 1));
+    assert!(matches!(answers[1], Err(StoreError::IdempotencyKeyReused)), "{:?}", answers[1]);
+    assert!(answers[2].as_ref().is_ok_and(|a| a.outcome.changed == 1 && !a.replayed), "{:?}", answers[2]);
+    assert_eq!((count(&state, 10).await, count(&state, 11).await), (1, 1));
+}
+
+/// Issue #15: records are packed into hashes now; one that the former version wrote, a key per
+/// `webhook-id` holding "hex body digest:outcomes", is still honoured until it expires: its
+/// replay is answered with its first outcome and applies nothing, a reuse with another body is
+/// refused. A sidecar upgraded under load would otherwise apply again the retries of requests its
+/// predecessor had applied.
+#[tokio::test]
+async fn a_record_the_former_version_wrote_is_honoured() {
+    use countersink::store::{Idempotency, StoreError};
+    let env = TestEnv::sqlite().await;
+    let state = env.state();
+    let ttl = std::time::Duration::from_secs(3600);
+    let replayed = Idempotency::new("msg_before_upgrade", b"the body", ttl);
+    let hex: String = replayed.body_digest.iter().map(|b| format!("{b:02x}")).collect();
+    redis::cmd("SET")
+        .arg(state.store.keys().webhook("msg_before_upgrade"))
+        .arg(format!("{hex}:1 0 0 0 0"))
+        .arg("EX")
+        .arg(600)
+        .exec(&mut env.redis())
+        .unwrap();
+    let events = [Event::save(1, 10, true, true)];
+    let applied = state.store.apply_once(&events, Some(replayed)).await.unwrap();
+    assert!(applied.replayed && applied.outcome.changed == 1, "{applied:?}");
+    assert_eq!(count(&state, 10).await, 0, "a replay applies nothing");
+    let reused = state.store.apply_once(&events, Some(Idempotency::new("msg_before_upgrade", b"another", ttl))).await;
+    assert!(matches!(reused, Err(StoreError::IdempotencyKeyReused)), "{reused:?}");
+    assert_eq!(env.idempotency_buckets(), Vec::<String>::new(), "nothing was written for them");
 }

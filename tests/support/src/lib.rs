@@ -255,6 +255,37 @@ impl TestEnv {
         (bytes, keys.len())
     }
 
+    /// The buckets of this test's packed idempotency records (`records.lua`): the hashes under
+    /// `{P}:webhooks:`, not the epochs' lists of bucket counts.
+    pub fn idempotency_buckets(&self) -> Vec<String> {
+        let records = self.key("webhooks:");
+        self.redis_keys()
+            .into_iter()
+            .filter(|k| k.strip_prefix(&records).is_some_and(|r| r.split(':').count() == 4))
+            .collect()
+    }
+
+    /// How many idempotency records this test holds, packed or (as the former version wrote
+    /// them) one key each.
+    pub fn idempotency_records(&self) -> u64 {
+        let mut redis = self.redis();
+        let packed: u64 = self
+            .idempotency_buckets()
+            .iter()
+            .map(|bucket| -> u64 { redis::cmd("HLEN").arg(bucket).query(&mut redis).unwrap() })
+            .sum();
+        packed + self.redis_keys().iter().filter(|k| k.contains(":webhook:")).count() as u64
+    }
+
+    /// The bucket that holds `webhook_id`'s record, if one does.
+    pub fn idempotency_bucket_of(&self, webhook_id: &str) -> Option<String> {
+        let field = countersink::store::Idempotency::new(webhook_id, b"", std::time::Duration::ZERO).record_field;
+        let mut redis = self.redis();
+        self.idempotency_buckets()
+            .into_iter()
+            .find(|bucket| redis::cmd("HEXISTS").arg(bucket).arg(&field[..]).query::<bool>(&mut redis).unwrap())
+    }
+
     /// Every key this test holds in Redis, sorted.
     pub fn redis_keys(&self) -> Vec<String> {
         scan_keys(&mut self.redis(), &self.key("*"))
