@@ -175,6 +175,10 @@ impl From<StoreError> for AppError {
         if let StoreError::IdempotencyKeyReused = &e {
             return AppError::Conflict(e.to_string());
         }
+        if let StoreError::IdempotencyRecordUnreadable = &e {
+            tracing::warn!(error = %e, "a request refused: its idempotency record is unreadable");
+            return AppError::Conflict(e.to_string());
+        }
         if let StoreError::LeaseLost(_) = &e {
             // This process stalled past its lease; another holds it: the caller may try again.
             return AppError::Conflict(e.to_string());

@@ -35,10 +35,9 @@
 -- ARGV[7]   the prefix of a reconcile's draft-picture keys (key = prefix .. user id)
 -- ARGV[8]   the prefix of a reconcile's tally keys (key = prefix .. user id)
 -- ARGV[9]   the prefix of the packed idempotency records' keys (records.lua)
--- ARGV[10..] 5 values per request: its former idempotency key's index (into KEYS; 0 when it has
---           no webhook-id), its record's field (12 bytes of the webhook-id's SHA-256) and bucket
---           seed (a number from 4 more), a digest of its body (8 bytes, kept in the record) and
---           its number of events
+-- ARGV[10..] 4 values per request: its former idempotency key's index (into KEYS; 0 when it has
+--           no webhook-id), its record's field (12 bytes of the webhook-id's SHA-256), a digest of
+--           its body (8 bytes, kept in the record) and its number of events
 -- then      7 values per event, the requests' events in order: op, state key index (into KEYS),
 --           index in shard, user id, when it occurred (unix ms, 0 if the sender did not say), the
 --           user's count bucket index (into KEYS) and field in it
@@ -48,7 +47,8 @@
 -- state, that were stale creations, that arrived after the notification was deleted; replayed is
 -- 1 when the request's id was seen before (in an earlier call or earlier in this one), and the
 -- counts are then those of its first delivery. {-3, 0, 0, 0, 0, 0} for a request whose
--- idempotency key was seen with another body: its events are not applied.
+-- idempotency key was seen with another body, {-5, 0, 0, 0, 0, 0} for one whose stored record is
+-- not one this script wrote (damaged, or another program's key): its events are not applied.
 -- Returns {-1} when the marker is required and missing: the state was lost, nothing is applied.
 -- Returns {-4} when this Redis server does not vouch for the state (it restarted, from a snapshot
 -- or empty, since the state was vouched for): nothing is applied until it is rebuilt or resynced.
@@ -56,12 +56,12 @@
 -- several times per event.
 local KEYS, ARGV = KEYS, ARGV
 -- The sentinel replies (store::scripts::reply names them alike).
-local STATE_MISSING, ID_REUSED, UNVOUCHED = -1, -3, -4
+local STATE_MISSING, ID_REUSED, UNVOUCHED, RECORD_UNREADABLE = -1, -3, -4, -5
 -- A record's outcomes: changed, recorded, duplicate, stale, after_delete.
 local OUTCOMES = 5
 local ttl = tonumber(ARGV[1])
 local requests = tonumber(ARGV[6])
-local FIRST_REQUEST, REQUEST_ARGS, EVENT_ARGS = 10, 5, 7
+local FIRST_REQUEST, REQUEST_ARGS, EVENT_ARGS = 10, 4, 7
 local FIRST_EVENT = FIRST_REQUEST + REQUEST_ARGS * requests
 -- Arguments per command built here: unpack() must fit them on Lua's C stack (8,000 slots); a
 -- multiple of both a GET's 3 and a SET's 4.
@@ -96,33 +96,33 @@ end
 -- (changed recorded duplicate stale after_delete) as numbers separated by spaces, without the
 -- zeros at the end: the usual single-event request's is its digest and "1".
 local answers, live, live_tally, record_of_request, seen_here = {}, {}, {}, {}, {}
-local REFUSED = 'refused'
+local REFUSED, UNREADABLE = 'refused', 'unreadable'
 local tallies = {}
 local epochs = nil
--- A request's digest is ARGV[FIRST_REQUEST + REQUEST_ARGS * (r - 1) + 3], written out where it is
+-- A request's digest is ARGV[FIRST_REQUEST + REQUEST_ARGS * (r - 1) + 2], written out where it is
 -- read: a helper function is a closure made at every call, 2% of a one-request call's work.
 local next_event = FIRST_EVENT
 for r = 1, requests do
   local at = FIRST_REQUEST + REQUEST_ARGS * (r - 1)
-  local legacy_index, field, digest, n = ARGV[at], ARGV[at + 1], ARGV[at + 3], tonumber(ARGV[at + 4])
+  local legacy_index, field, digest, n = ARGV[at], ARGV[at + 1], ARGV[at + 2], tonumber(ARGV[at + 3])
   record_of_request[r] = legacy_index ~= '0' and at
   if legacy_index ~= '0' then
     local earlier = seen_here[field]
     if earlier then
       -- Filled in at the end, from the earlier request's outcome.
-      answers[r] = ARGV[FIRST_REQUEST + REQUEST_ARGS * (earlier - 1) + 3] == digest and earlier or REFUSED
+      answers[r] = ARGV[FIRST_REQUEST + REQUEST_ARGS * (earlier - 1) + 2] == digest and earlier or REFUSED
     else
       local first, bucket = false, nil
       if ttl > 0 then
         epochs = epochs or record_epochs(ARGV[9], ttl)
-        first, bucket = find_record(epochs, field, tonumber(ARGV[at + 2]))
+        first, bucket = find_record(epochs, field)
       end
       local legacy = KEYS[tonumber(legacy_index)]
       local first_digest, outcomes
       if first then
         first_digest, outcomes = string.sub(first, 1, 8), string.sub(first, 9)
         if #first < 8 or not string.match(outcomes, '^[%d ]*$') then outcomes = nil end
-      else
+      elseif ttl > 0 and former_records_live(epochs, ttl) then
         -- Written before records were packed: "hex digest:outcomes", or the outcomes alone.
         first = redis.call('GET', legacy)
         if first then
@@ -135,11 +135,11 @@ for r = 1, requests do
       if first then
         local counts = {}
         for c in string.gmatch(outcomes or '', '%d+') do counts[#counts + 1] = tonumber(c) end
-        if first_digest and first_digest ~= digest then
-          answers[r] = REFUSED
-        elseif outcomes == nil or #counts > OUTCOMES or (bucket == nil and #counts ~= OUTCOMES) then
-          -- Not a record this script wrote (another program's key, a damaged value): refused
-          -- as a reused id, for this request alone; the others in the call go on.
+        if outcomes == nil or #counts > OUTCOMES or (bucket == nil and #counts ~= OUTCOMES) then
+          -- Not a record this script wrote (another program's key, a damaged value): refused, for
+          -- this request alone; the others in the call go on.
+          answers[r] = UNREADABLE
+        elseif first_digest and first_digest ~= digest then
           answers[r] = REFUSED
         else
           for j = #counts + 1, OUTCOMES do counts[j] = 0 end
@@ -423,6 +423,8 @@ for r = 1, requests do
   local answer = answers[r]
   if answer == REFUSED then
     answer = {ID_REUSED, 0, 0, 0, 0, 0}
+  elseif answer == UNREADABLE then
+    answer = {RECORD_UNREADABLE, 0, 0, 0, 0, 0}
   elseif type(answer) == 'number' then
     -- The same request twice in this call: the second is a replay of the first.
     local first = tallies[answer]
@@ -435,7 +437,7 @@ for r = 1, requests do
       local last = 0
       for j = 1, OUTCOMES do if answer[j] ~= 0 then last = j end end
       epochs = epochs or record_epochs(ARGV[9], ttl)
-      write_record(epochs, ARGV[at + 1], tonumber(ARGV[at + 2]), ARGV[at + 3] .. table.concat(answer, ' ', 1, last))
+      write_record(epochs, ARGV[at + 1], ARGV[at + 2] .. table.concat(answer, ' ', 1, last))
     end
     answer[6] = 0
   end

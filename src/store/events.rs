@@ -44,8 +44,6 @@ pub struct Idempotency {
     /// chance that two ids remembered at once share it is negligible (about 10^-11 with
     /// 10^9 records held).
     pub record_field: [u8; 12],
-    /// The next 4 bytes of the id's SHA-256: which bucket of an epoch holds the record.
-    pub bucket_seed: u32,
     /// The first 8 bytes of the body's SHA-256: enough to tell two bodies apart (the sender
     /// signs both).
     pub body_digest: [u8; 8],
@@ -63,13 +61,7 @@ impl Idempotency {
         record_field.copy_from_slice(&id[..12]);
         let mut body_digest = [0; 8];
         body_digest.copy_from_slice(&body[..8]);
-        Idempotency {
-            key: key.to_string(),
-            record_field,
-            bucket_seed: u32::from_be_bytes([id[12], id[13], id[14], id[15]]),
-            body_digest,
-            ttl,
-        }
+        Idempotency { key: key.to_string(), record_field, body_digest, ttl }
     }
 }
 
@@ -145,11 +137,11 @@ impl Store {
             match &request.idempotency {
                 Some(i) => {
                     invocation.key(self.keys.webhook(&i.key));
-                    invocation.arg(next_key).arg(&i.record_field[..]).arg(i.bucket_seed).arg(&i.body_digest[..]);
+                    invocation.arg(next_key).arg(&i.record_field[..]).arg(&i.body_digest[..]);
                     next_key += 1;
                 }
                 None => {
-                    invocation.arg(0).arg("").arg(0).arg("");
+                    invocation.arg(0).arg("").arg("");
                 }
             }
             invocation.arg(request.events.len());

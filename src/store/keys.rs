@@ -74,9 +74,9 @@ impl Keys {
         format!("{}:webhook:{webhook_id}", self.tag)
     }
 
-    /// The prefix of the packed idempotency records' keys: `<prefix><ttl>:<epoch>` lists an
-    /// epoch's bucket counts, `<prefix><ttl>:<epoch>:<count>:<bucket>` is a hash of records
-    /// (see `records.lua`).
+    /// The prefix of the packed idempotency records' keys: `<prefix><ttl>:<epoch>` holds an
+    /// epoch's bucket count, `<prefix><ttl>:<epoch>:n` its record count and
+    /// `<prefix><ttl>:<epoch>:<bucket>` is a hash of records (see `records.lua`).
     pub fn webhook_records(&self) -> String {
         format!("{}:webhooks:", self.tag)
     }

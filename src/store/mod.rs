@@ -98,6 +98,14 @@ pub enum StoreError {
          webhook-id (a retry resends the same body under the same id)"
     )]
     IdempotencyKeyReused,
+    /// The record kept for a request's `webhook-id` is not one countersink wrote; nothing was
+    /// applied.
+    #[error(
+        "the idempotency record kept in Redis for this webhook-id is not one countersink wrote (a damaged value, or \
+         another program's key under the deployment's prefix); nothing was applied: send the request under a new \
+         webhook-id, and look for what else writes to Redis under --redis-prefix"
+    )]
+    IdempotencyRecordUnreadable,
     /// Redis answered something the scripts never return: a bug or a foreign key clash.
     #[error("unexpected reply from redis: {0}")]
     Unexpected(String),
@@ -167,7 +175,10 @@ impl StoreError {
             | StoreError::CountsReloading
             | StoreError::RedisRestarted
             | StoreError::NotReplicated { .. } => true,
-            StoreError::LeaseLost(_) | StoreError::IdempotencyKeyReused | StoreError::Unexpected(_) => false,
+            StoreError::LeaseLost(_)
+            | StoreError::IdempotencyKeyReused
+            | StoreError::IdempotencyRecordUnreadable
+            | StoreError::Unexpected(_) => false,
         }
     }
 }

@@ -5,44 +5,76 @@
 --
 -- Records are grouped by epoch, epoch e = floor(now / ttl) on Redis's clock. Every key of epoch e
 -- expires at (e + 2) * ttl, so a record lives at least ttl and less than twice that, and a lookup
--- reads epochs e and e - 1. In an epoch, records go to buckets, hashes `<prefix><ttl>:<e>:<N>:<b>`
--- with b = the id's seed mod N. The epoch key `<prefix><ttl>:<e>` lists the bucket counts N it
--- has used, oldest first: a generation each. A record stays where it was written, a new one goes
--- to the last generation, and a lookup reads the id's bucket in each. When a bucket passes
--- RECORD_FILL entries (under Redis's default hash-max-listpack-entries, 128) the epoch starts a
--- generation RECORD_GROWTH times larger; a new epoch starts as large as one sample bucket of the
--- previous epoch says its records need. The ttl is in the names: records written under another
--- --idempotency-ttl-secs are not found.
+-- reads epochs e and e - 1: one bucket each. The ttl is in the names: records written under
+-- another --idempotency-ttl-secs are not found.
+--
+-- An epoch's records are a linear hash table (Litwin's linear hashing), so a lookup reads one
+-- bucket however many records the epoch holds, and the table grows one bucket at a time:
+--   `<prefix><ttl>:<e>`    "<buckets> <since>": how many buckets the epoch has, and since when (unix
+--                          seconds) records have been packed (copied from epoch to epoch), which
+--                          tells whether a key the former version wrote may still live;
+--   `<prefix><ttl>:<e>:n`  how many records the epoch holds;
+--   `<prefix><ttl>:<e>:<b>` bucket b, a hash: field = the record's 12 bytes, value = the record,
+--                          and the field '' (empty), so that a write knows it made the bucket
+--                          (HSET answers 2) and gives it its expiry.
+-- With n buckets and low the largest power of two <= n, a record with seed s (its field's first
+-- 4 bytes) is in bucket s mod 2low, or s mod low when that is n or more. Each time the epoch
+-- passes RECORD_FILL records per bucket, bucket n - low is split: those of its records with
+-- s mod 2low = n move to the new bucket n. A bucket holds RECORD_FILL records on average and
+-- one not yet split in a round up to twice that, under Redis's default hash-max-listpack-entries
+-- (128).
 --
 -- All the keys share the deployment's hash tag (the prefix's): one Redis Cluster slot.
 --
 -- KEYS: (none)
 -- ARGV: (none)
-local RECORD_FILL, RECORD_GROWTH, RECORD_MAX_BUCKETS = 96, 4, 4194304
+local RECORD_FILL = 48
 
--- The current and the previous epoch: their keys, generations (bucket counts) and expiry.
+-- The bucket of `seed` in a table of `buckets` buckets.
+local function record_bucket(seed, buckets)
+  local low = 1
+  while low * 2 <= buckets do low = low * 2 end
+  local b = seed % (2 * low)
+  if b >= buckets then b = seed % low end
+  return b
+end
+
+-- A record's seed: its field's first 4 bytes, a number below 2^32.
+local function record_seed(field)
+  local a, b, c, d = string.byte(field, 1, 4)
+  return ((a * 256 + b) * 256 + c) * 256 + d
+end
+
+-- The current and the previous epoch: their keys, bucket counts (0 for an epoch without records)
+-- and expiry; and since when records have been packed (now, for the first).
 local function record_epochs(prefix, ttl)
-  local e = math.floor(tonumber(redis.call('TIME')[1]) / ttl)
-  local epochs = {}
-  for i, epoch in ipairs({e, e - 1}) do
-    local key = prefix .. ttl .. ':' .. epoch
-    local sizes = {}
-    local listed = redis.call('GET', key)
-    if listed then
-      for size in string.gmatch(listed, '%d+') do sizes[#sizes + 1] = tonumber(size) end
-    end
-    epochs[i] = {key = key, sizes = sizes, expires = (epoch + 2) * ttl}
+  local now = tonumber(redis.call('TIME')[1])
+  local e = math.floor(now / ttl)
+  local current, previous = prefix .. ttl .. ':' .. e, prefix .. ttl .. ':' .. (e - 1)
+  local listed = redis.call('MGET', current, previous)
+  local epochs, since = {}, now
+  for i, key in ipairs({current, previous}) do
+    local buckets, from = string.match(listed[i] or '', '^(%d+) (%d+)$')
+    buckets = tonumber(buckets) or 0
+    if buckets > 0 then since = math.min(since, tonumber(from)) end
+    epochs[i] = {key = key, buckets = buckets, expires = (e + 3 - i) * ttl}
   end
+  epochs.since, epochs.now = since, now
   return epochs
 end
 
--- The record of the id with digest `field` and `seed`, newest first, and the bucket holding it;
--- false when there is none.
-local function find_record(epochs, field, seed)
+-- Whether a key the former version wrote (one per record, expiring after the ttl) may still live.
+local function former_records_live(epochs, ttl)
+  return epochs.now - epochs.since <= ttl
+end
+
+-- The record of the id with `field`, newest epoch first, and the bucket holding it; false when
+-- there is none.
+local function find_record(epochs, field)
+  local seed = record_seed(field)
   for _, epoch in ipairs(epochs) do
-    for g = #epoch.sizes, 1, -1 do
-      local size = epoch.sizes[g]
-      local bucket = epoch.key .. ':' .. size .. ':' .. (seed % size)
+    if epoch.buckets > 0 then
+      local bucket = epoch.key .. ':' .. record_bucket(seed, epoch.buckets)
       local value = redis.call('HGET', bucket, field)
       if value then return value, bucket end
     end
@@ -50,26 +82,45 @@ local function find_record(epochs, field, seed)
   return false, nil
 end
 
--- Writes a new record in the current epoch's last generation.
-local function write_record(epochs, field, seed, value)
-  local epoch, previous = epochs[1], epochs[2]
-  if #epoch.sizes == 0 then
-    -- Buckets for about half of RECORD_FILL each, if the epoch takes as many records as the last.
-    local size, last = 1, previous.sizes[#previous.sizes]
-    if last then
-      local sampled = redis.call('HLEN', previous.key .. ':' .. last .. ':' .. (seed % last)) * last
-      while size < RECORD_MAX_BUCKETS and size * RECORD_FILL / 2 < sampled do size = size * 2 end
+-- Writes new records (`entries`: field, value, field, value...) in `bucket`; a bucket it makes
+-- gets the epoch's expiry.
+local function put_records(epoch, bucket, entries)
+  if redis.call('HSET', bucket, '', '', unpack(entries)) > #entries / 2 then
+    redis.call('EXPIREAT', bucket, epoch.expires)
+  end
+end
+
+-- Adds bucket n to the epoch: the records of bucket n - low that belong there move.
+local function split_bucket(epoch, since)
+  local n = epoch.buckets
+  local low = 1
+  while low * 2 <= n do low = low * 2 end
+  local from = epoch.key .. ':' .. (n - low)
+  local held = redis.call('HGETALL', from)
+  local moved, fields = {}, {}
+  for i = 1, #held, 2 do
+    local field = held[i]
+    if field ~= '' and record_seed(field) % (2 * low) == n then
+      moved[#moved + 1], moved[#moved + 2] = field, held[i + 1]
+      fields[#fields + 1] = field
     end
-    epoch.sizes[1] = size
-    redis.call('SET', epoch.key, size, 'EXAT', epoch.expires)
   end
-  local size = epoch.sizes[#epoch.sizes]
-  local bucket = epoch.key .. ':' .. size .. ':' .. (seed % size)
-  redis.call('HSET', bucket, field, value)
-  local entries = redis.call('HLEN', bucket)
-  if entries == 1 then redis.call('EXPIREAT', bucket, epoch.expires) end
-  if entries > RECORD_FILL and size < RECORD_MAX_BUCKETS then
-    epoch.sizes[#epoch.sizes + 1] = math.min(size * RECORD_GROWTH, RECORD_MAX_BUCKETS)
-    redis.call('SET', epoch.key, table.concat(epoch.sizes, ' '), 'EXAT', epoch.expires)
+  put_records(epoch, epoch.key .. ':' .. n, moved)
+  if #fields > 0 then redis.call('HDEL', from, unpack(fields)) end
+  epoch.buckets = n + 1
+  redis.call('SET', epoch.key, epoch.buckets .. ' ' .. since, 'EXAT', epoch.expires)
+end
+
+-- Writes a new record in the current epoch (which it starts if it has none yet).
+local function write_record(epochs, field, value)
+  local epoch = epochs[1]
+  if epoch.buckets == 0 then
+    epoch.buckets = 1
+    redis.call('SET', epoch.key, '1 ' .. epochs.since, 'EXAT', epoch.expires)
   end
+  put_records(epoch, epoch.key .. ':' .. record_bucket(record_seed(field), epoch.buckets), {field, value})
+  local count_key = epoch.key .. ':n'
+  local records = redis.call('INCR', count_key)
+  if records == 1 then redis.call('EXPIREAT', count_key, epoch.expires) end
+  if records > RECORD_FILL * epoch.buckets then split_bucket(epoch, epochs.since) end
 end

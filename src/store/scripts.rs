@@ -34,6 +34,8 @@ pub(super) mod reply {
     pub const ID_REUSED: i64 = -3;
     /// `apply_events.lua`: this Redis server does not vouch for the state.
     pub const UNVOUCHED: i64 = -4;
+    /// `apply_events.lua`: a request's stored idempotency record is not one the script wrote.
+    pub const RECORD_UNREADABLE: i64 = -5;
     /// `install_counts.lua`: the hand-off sequence or the ready marker moved since the snapshot.
     pub const MOVED: i64 = 0;
     /// `install_counts.lua`: the counts are installed (and follow).
@@ -67,6 +69,8 @@ pub(super) enum Refusal {
     Unvouched,
     /// [`reply::ID_REUSED`].
     IdReused,
+    /// [`reply::RECORD_UNREADABLE`].
+    RecordUnreadable,
     /// [`reply::RELOADING`].
     CountsReloading,
 }
@@ -77,6 +81,7 @@ impl From<Refusal> for StoreError {
             Refusal::StateMissing => StoreError::StateMissing,
             Refusal::Unvouched => StoreError::RedisRestarted,
             Refusal::IdReused => StoreError::IdempotencyKeyReused,
+            Refusal::RecordUnreadable => StoreError::IdempotencyRecordUnreadable,
             Refusal::CountsReloading => StoreError::CountsReloading,
         }
     }
@@ -387,7 +392,7 @@ pub(super) enum ApplyReply {
     /// Nothing was applied ([`reply::STATE_MISSING`], [`reply::UNVOUCHED`]).
     Refused(Refusal),
     /// One answer per request, in order: applied (or replayed), or refused
-    /// ([`reply::ID_REUSED`]).
+    /// ([`reply::ID_REUSED`], [`reply::RECORD_UNREADABLE`]).
     Requests(Vec<Result<Applied, Refusal>>),
 }
 
@@ -406,6 +411,7 @@ impl FromRedisValue for ApplyReply {
         let count = |n: i64| n as u64;
         let answers = reply.chunks_exact(APPLY_ANSWER_LEN).map(|answer| match *answer {
             [reply::ID_REUSED, ..] => Ok(Err(Refusal::IdReused)),
+            [reply::RECORD_UNREADABLE, ..] => Ok(Err(Refusal::RecordUnreadable)),
             [changed, recorded, duplicate, stale, after_delete, replayed] => Ok(Ok(Applied {
                 outcome: ApplyOutcome {
                     changed: count(changed),
@@ -559,10 +565,11 @@ mod tests {
             (
                 "apply_events.lua",
                 format!(
-                    "local STATE_MISSING, ID_REUSED, UNVOUCHED = {}, {}, {}",
+                    "local STATE_MISSING, ID_REUSED, UNVOUCHED, RECORD_UNREADABLE = {}, {}, {}, {}",
                     reply::STATE_MISSING,
                     reply::ID_REUSED,
-                    reply::UNVOUCHED
+                    reply::UNVOUCHED,
+                    reply::RECORD_UNREADABLE
                 ),
             ),
             ("read_batches.lua", format!("local STATE_MISSING = {}", reply::STATE_MISSING)),

@@ -456,7 +456,7 @@ async fn the_apply_script_writes_the_state_codes_rust_reads() {
 
 /// Issue #15: a `webhook-id` whose stored record is not one the script wrote (a damaged value in
 /// its bucket, another program's value under the former one-key-per-id name) is refused for its
-/// own request, as a reused id is (409, nothing applied), and the requests merged with it in one
+/// own request (409, nothing applied, a message of its own), and the requests merged with it in one
 /// group-commit call are applied as usual. Before, its record parsed into a short answer and the
 /// whole call failed: every merged request was answered 500.
 #[tokio::test]
@@ -481,8 +481,8 @@ async fn a_malformed_idempotency_record_refuses_its_request_alone() {
         Request { events: &other, idempotency: Some(Idempotency::new("msg_fine", b"b", ttl)) },
     ];
     let answers = state.store.apply_many(&requests).await.expect("the call as a whole succeeds");
-    assert!(matches!(answers[0], Err(StoreError::IdempotencyKeyReused)), "{:?}", answers[0]);
-    assert!(matches!(answers[1], Err(StoreError::IdempotencyKeyReused)), "{:?}", answers[1]);
+    assert!(matches!(answers[0], Err(StoreError::IdempotencyRecordUnreadable)), "{:?}", answers[0]);
+    assert!(matches!(answers[1], Err(StoreError::IdempotencyRecordUnreadable)), "{:?}", answers[1]);
     assert!(answers[2].as_ref().is_ok_and(|a| a.outcome.changed == 1 && !a.replayed), "{:?}", answers[2]);
     assert_eq!((count(&state, 10).await, count(&state, 11).await), (1, 1));
 }
@@ -514,4 +514,48 @@ async fn a_record_the_former_version_wrote_is_honoured() {
     let reused = state.store.apply_once(&events, Some(Idempotency::new("msg_before_upgrade", b"another", ttl))).await;
     assert!(matches!(reused, Err(StoreError::IdempotencyKeyReused)), "{reused:?}");
     assert_eq!(env.idempotency_buckets(), Vec::<String>::new(), "nothing was written for them");
+}
+
+/// Issue #15: an epoch's records are a linear hash table that grows a bucket at a time
+/// (`records.lua`), moving records as buckets split. After 3,000 requests every one of their ids
+/// is still found, wherever its record moved: each retry is answered as replayed with its first
+/// outcome and applies nothing. The buckets stay small enough for Redis's compact encoding.
+#[tokio::test]
+async fn every_record_is_found_after_its_epoch_grew() {
+    use countersink::store::{Idempotency, Request};
+    let env = TestEnv::sqlite().await;
+    let state = env.state();
+    let ttl = std::time::Duration::from_secs(3600);
+    let requests = 3_000u64;
+    let events: Vec<[Event; 1]> = (1..=requests).map(|n| [Event::save(n, 1 + n % 7, true, true)]).collect();
+    let ids: Vec<Idempotency> =
+        (1..=requests).map(|n| Idempotency::new(&format!("msg_grow_{n}"), n.to_string().as_bytes(), ttl)).collect();
+    let batch = |range: std::ops::Range<usize>| -> Vec<Request<'_>> {
+        range.map(|i| Request { events: &events[i], idempotency: Some(ids[i].clone()) }).collect()
+    };
+    for start in (0..requests as usize).step_by(100) {
+        let answers = state.store.apply_many(&batch(start..start + 100)).await.unwrap();
+        assert!(answers.iter().all(|a| a.as_ref().is_ok_and(|a| !a.replayed && a.outcome.changed == 1)));
+    }
+    assert_eq!(env.idempotency_records(), requests);
+    let buckets = env.idempotency_buckets();
+    assert!(buckets.len() >= 50, "the table grew: {} buckets", buckets.len());
+    let mut redis = env.redis();
+    for bucket in &buckets {
+        let encoding: String = redis::cmd("OBJECT").arg("ENCODING").arg(bucket).query(&mut redis).unwrap();
+        assert_eq!(encoding, "listpack", "{bucket}");
+    }
+
+    for start in (0..requests as usize).step_by(100) {
+        let answers = state.store.apply_many(&batch(start..start + 100)).await.unwrap();
+        for (i, answer) in answers.iter().enumerate() {
+            assert!(
+                answer.as_ref().is_ok_and(|a| a.replayed && a.outcome.changed == 1),
+                "msg_grow_{}: {answer:?}",
+                start + i + 1
+            );
+        }
+    }
+    let total: i64 = futures_util::future::join_all((1..=7).map(|u| count(&state, u))).await.iter().sum();
+    assert_eq!(total, requests as i64, "the retries applied nothing");
 }

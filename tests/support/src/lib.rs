@@ -255,13 +255,18 @@ impl TestEnv {
         (bytes, keys.len())
     }
 
-    /// The buckets of this test's packed idempotency records (`records.lua`): the hashes under
-    /// `{P}:webhooks:`, not the epochs' lists of bucket counts.
+    /// The buckets of this test's packed idempotency records (`records.lua`): the hashes
+    /// `{P}:webhooks:<ttl>:<epoch>:<bucket>`, not the epochs' bucket and record counts.
     pub fn idempotency_buckets(&self) -> Vec<String> {
         let records = self.key("webhooks:");
         self.redis_keys()
             .into_iter()
-            .filter(|k| k.strip_prefix(&records).is_some_and(|r| r.split(':').count() == 4))
+            .filter(|k| {
+                k.strip_prefix(&records).is_some_and(|r| {
+                    let parts: Vec<&str> = r.split(':').collect();
+                    parts.len() == 3 && parts[2].parse::<u64>().is_ok()
+                })
+            })
             .collect()
     }
 
@@ -272,7 +277,8 @@ impl TestEnv {
         let packed: u64 = self
             .idempotency_buckets()
             .iter()
-            .map(|bucket| -> u64 { redis::cmd("HLEN").arg(bucket).query(&mut redis).unwrap() })
+            // Each bucket also holds the empty field its writer made it with.
+            .map(|bucket| -> u64 { redis::cmd("HLEN").arg(bucket).query::<u64>(&mut redis).unwrap() - 1 })
             .sum();
         packed + self.redis_keys().iter().filter(|k| k.contains(":webhook:")).count() as u64
     }
