@@ -46,7 +46,7 @@ pub struct EventsResponse {
         (status = 200, description = "Applied (or a replay of a request applied before)", body = EventsResponse),
         (status = 400, description = "The batch is invalid, or would create more state shards than `--max-new-state-shards` (`too_sparse`); nothing was applied", body = ErrorBody),
         (status = 401, description = "Missing, forged, stale or future-dated signature; nothing was applied", body = ErrorBody),
-        (status = 409, description = "The webhook-id was applied before with another body; nothing was applied", body = ErrorBody),
+        (status = 409, description = "The webhook-id was applied before with another body, or its stored record is not one countersink wrote; nothing was applied", body = ErrorBody),
         (status = 413, description = "The body is too large", body = ErrorBody),
         (status = 408, description = "The body did not arrive within `--body-timeout-secs`; nothing was applied: retry", body = ErrorBody),
         (status = 503, description = "Redis unavailable, state being rebuilt, or overloaded: retry", body = ErrorBody),

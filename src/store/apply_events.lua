@@ -11,8 +11,8 @@
 -- after the last. A call with several users asks with one EXISTS whether any of them has a
 -- reconciled set before asking per user.
 --
--- KEYS: pending reconciling ready rebuilt recounts instance handoff_seq ..webhooks_states_buckets
--- ARGV: idempotency_ttl journal_prefix reconciled_prefix requires_bootstrap live_channel requests draft_prefix tally_prefix records_prefix ..requests_then_events
+-- KEYS: pending reconciling ready rebuilt recounts instance handoff_seq former_window ..webhooks_states_buckets
+-- ARGV: idempotency_ttl journal_prefix reconciled_prefix requires_bootstrap live_channel requests draft_prefix tally_prefix records_prefix open_former_window ..requests_then_events
 -- KEYS[1]   the pending sorted set (member = user id, score = pending delta)
 -- KEYS[2]   the users being reconciled (member = user id, score = fence deadline in ms)
 -- KEYS[3]   the marker a bootstrap writes when the state is complete
@@ -22,7 +22,9 @@
 --           below zero add theirs)
 -- KEYS[6]   the instance key: the run id of the Redis server that vouches for the state
 -- KEYS[7]   the hand-off sequence
--- KEYS[8..] the requests' former idempotency keys (`{P}:webhook:<id>`, written before records
+-- KEYS[8]   while it exists, a key the former version wrote (`{P}:webhook:<id>`) may still live
+--           and is read (records.lua)
+-- KEYS[9..] the requests' former idempotency keys (`{P}:webhook:<id>`, written before records
 --           were packed and still honoured until they expire), state shard bitmaps (2 bits per
 --           notification) and held-count buckets (hashes: field = user id within the bucket,
 --           value = the user's real-time count)
@@ -35,7 +37,8 @@
 -- ARGV[7]   the prefix of a reconcile's draft-picture keys (key = prefix .. user id)
 -- ARGV[8]   the prefix of a reconcile's tally keys (key = prefix .. user id)
 -- ARGV[9]   the prefix of the packed idempotency records' keys (records.lua)
--- ARGV[10..] 4 values per request: its former idempotency key's index (into KEYS; 0 when it has
+-- ARGV[10]  1 for a process's first call: KEYS[8] is set for a ttl (records.lua says why)
+-- ARGV[11..] 4 values per request: its former idempotency key's index (into KEYS; 0 when it has
 --           no webhook-id), its record's field (12 bytes of the webhook-id's SHA-256), a digest of
 --           its body (8 bytes, kept in the record) and its number of events
 -- then      7 values per event, the requests' events in order: op, state key index (into KEYS),
@@ -61,7 +64,7 @@ local STATE_MISSING, ID_REUSED, UNVOUCHED, RECORD_UNREADABLE = -1, -3, -4, -5
 local OUTCOMES = 5
 local ttl = tonumber(ARGV[1])
 local requests = tonumber(ARGV[6])
-local FIRST_REQUEST, REQUEST_ARGS, EVENT_ARGS = 10, 4, 7
+local FIRST_REQUEST, REQUEST_ARGS, EVENT_ARGS = 11, 4, 7
 local FIRST_EVENT = FIRST_REQUEST + REQUEST_ARGS * requests
 -- Arguments per command built here: unpack() must fit them on Lua's C stack (8,000 slots); a
 -- multiple of both a GET's 3 and a SET's 4.
@@ -84,6 +87,10 @@ if vouched_by ~= server then
   else
     return {UNVOUCHED}
   end
+end
+
+if ARGV[10] == '1' and ttl > 0 then
+  redis.call('SET', KEYS[8], '1', 'EX', ttl)
 end
 
 -- Each request's idempotency record. A request seen before, in an earlier call or earlier in this
@@ -114,7 +121,7 @@ for r = 1, requests do
     else
       local first, bucket = false, nil
       if ttl > 0 then
-        epochs = epochs or record_epochs(ARGV[9], ttl)
+        epochs = epochs or record_epochs(ARGV[9], ttl, KEYS[8])
         first, bucket = find_record(epochs, field)
       end
       local legacy = KEYS[tonumber(legacy_index)]
@@ -122,7 +129,7 @@ for r = 1, requests do
       if first then
         first_digest, outcomes = string.sub(first, 1, 8), string.sub(first, 9)
         if #first < 8 or not string.match(outcomes, '^[%d ]*$') then outcomes = nil end
-      elseif ttl > 0 and former_records_live(epochs, ttl) then
+      elseif ttl > 0 and epochs.former_keys_may_live then
         -- Written before records were packed: "hex digest:outcomes", or the outcomes alone.
         first = redis.call('GET', legacy)
         if first then
@@ -436,7 +443,7 @@ for r = 1, requests do
     if at and ttl > 0 then
       local last = 0
       for j = 1, OUTCOMES do if answer[j] ~= 0 then last = j end end
-      epochs = epochs or record_epochs(ARGV[9], ttl)
+      epochs = epochs or record_epochs(ARGV[9], ttl, KEYS[8])
       write_record(epochs, ARGV[at + 1], ARGV[at + 2] .. table.concat(answer, ' ', 1, last))
     end
     answer[6] = 0

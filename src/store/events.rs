@@ -2,6 +2,7 @@
 //! (`apply_events.lua`), with their idempotency records, and the op code of each event.
 
 use std::collections::HashMap;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use tracing::instrument;
@@ -107,7 +108,8 @@ impl Store {
     /// applied alone by [`Store::apply_once`] just after the ones before it. The outer error is
     /// the call's, for every request (the state missing or unvouched: nothing was applied; Redis
     /// unreachable or gone during the call: unknown, a retry finds out by its id); an inner one
-    /// is that request's ([`StoreError::IdempotencyKeyReused`]).
+    /// is that request's ([`StoreError::IdempotencyKeyReused`],
+    /// [`StoreError::IdempotencyRecordUnreadable`]).
     #[instrument(level = "debug", skip_all, fields(requests = requests.len()))]
     pub async fn apply_many(&self, requests: &[Request<'_>]) -> Result<Vec<Result<Applied, StoreError>>, StoreError> {
         let ttl = requests.iter().filter_map(|r| r.idempotency.as_ref()).map(|i| i.ttl).max().unwrap_or_default();
@@ -119,6 +121,7 @@ impl Store {
             recounts: self.keys.recounts(),
             instance: self.keys.instance(),
             handoff_seq: self.keys.handoff_seq(),
+            former_window: self.keys.webhook_former_window(),
             idempotency_ttl: ttl.as_secs(),
             journal_prefix: self.keys.journal(""),
             reconciled_prefix: self.keys.reconciled(""),
@@ -128,6 +131,7 @@ impl Store {
             draft_prefix: self.keys.reconcile_draft(""),
             tally_prefix: self.keys.reconcile_tally(""),
             records_prefix: self.keys.webhook_records(),
+            open_former_window: u8::from(!self.former_window_opened.load(Ordering::Relaxed)),
         }
         .prepare();
         // The named keys are taken; each former idempotency key, distinct state shard and count
@@ -187,6 +191,7 @@ impl Store {
         match reply {
             ApplyReply::Refused(refusal) => Err(refusal.into()),
             ApplyReply::Requests(answers) if answers.len() == requests.len() => {
+                self.former_window_opened.store(true, Ordering::Relaxed);
                 Ok(answers.into_iter().map(|answer| answer.map_err(StoreError::from)).collect())
             }
             ApplyReply::Requests(answers) => Err(StoreError::Unexpected(format!(

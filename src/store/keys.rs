@@ -81,6 +81,12 @@ impl Keys {
         format!("{}:webhooks:", self.tag)
     }
 
+    /// While it exists, an idempotency key the former version wrote ([`Keys::webhook`]) may
+    /// still live, and is read: each process opens it for a ttl with its first apply call.
+    pub fn webhook_former_window(&self) -> String {
+        format!("{}:webhooks:former_window", self.tag)
+    }
+
     /// Users being reconciled: member = user id, score = the fence's deadline (ms).
     pub fn reconciling(&self) -> String {
         format!("{}:reconciling", self.tag)

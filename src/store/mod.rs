@@ -41,6 +41,9 @@ mod lease;
 mod recounts;
 mod scripts;
 
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
 use redis::AsyncCommands;
 
 pub use batches::BatchesSnapshot;
@@ -190,6 +193,9 @@ pub struct Store {
     keys: Keys,
     requires_bootstrap: bool,
     replicas: Option<ReplicaWait>,
+    /// Whether this process's apply calls have opened the window in which the former version's
+    /// idempotency keys are read (`records.lua`): its first successful call does.
+    former_window_opened: Arc<AtomicBool>,
 }
 
 /// How many replicas must have a request's events before it is acknowledged, and for how long
@@ -213,7 +219,13 @@ impl Store {
     /// across failovers).
     pub fn open(target: &RedisTarget, prefix: &str) -> Result<Self, StoreError> {
         let conn = RedisConnection::open(target)?;
-        Ok(Self { conn, keys: Keys::new(prefix), requires_bootstrap: false, replicas: None })
+        Ok(Self {
+            conn,
+            keys: Keys::new(prefix),
+            requires_bootstrap: false,
+            replicas: None,
+            former_window_opened: Arc::new(AtomicBool::new(false)),
+        })
     }
 
     /// The connection to the master, for what needs a connection of its own (pub/sub).

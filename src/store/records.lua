@@ -10,19 +10,21 @@
 --
 -- An epoch's records are a linear hash table (Litwin's linear hashing), so a lookup reads one
 -- bucket however many records the epoch holds, and the table grows one bucket at a time:
---   `<prefix><ttl>:<e>`    "<buckets> <since>": how many buckets the epoch has, and since when (unix
---                          seconds) records have been packed (copied from epoch to epoch), which
---                          tells whether a key the former version wrote may still live;
---   `<prefix><ttl>:<e>:n`  how many records the epoch holds;
+--   `<prefix><ttl>:<e>`     how many buckets the epoch has, n;
+--   `<prefix><ttl>:<e>:n`   how many records it holds;
 --   `<prefix><ttl>:<e>:<b>` bucket b, a hash: field = the record's 12 bytes, value = the record,
---                          and the field '' (empty), so that a write knows it made the bucket
---                          (HSET answers 2) and gives it its expiry.
--- With n buckets and low the largest power of two <= n, a record with seed s (its field's first
--- 4 bytes) is in bucket s mod 2low, or s mod low when that is n or more. Each time the epoch
--- passes RECORD_FILL records per bucket, bucket n - low is split: those of its records with
--- s mod 2low = n move to the new bucket n. A bucket holds RECORD_FILL records on average and
--- one not yet split in a round up to twice that, under Redis's default hash-max-listpack-entries
--- (128).
+--                           and the field '' (empty), so that a write knows it made the bucket
+--                           (HSET answers 2) and gives it its expiry.
+-- With low the largest power of two <= n, a record with seed s (its field's first 4 bytes) is in
+-- bucket s mod 2low, or s mod low when that is n or more. Each time the epoch passes RECORD_FILL
+-- records per bucket, bucket n - low is split: those of its records with s mod 2low = n move to
+-- the new bucket n. A bucket holds RECORD_FILL records on average and one not yet split in a
+-- round up to about twice that, under Redis's default hash-max-listpack-entries (128).
+--
+-- Keys the former version wrote, one per record (`{P}:webhook:<id>`), are read while the window
+-- key (apply_events.lua's KEYS[8]) exists. Each process sets it for a ttl with its first call:
+-- an upgrade stops the former version first (docs/design.md), so every key it wrote is older than
+-- that call and expires within the window; a rollback and a second upgrade open it again.
 --
 -- All the keys share the deployment's hash tag (the prefix's): one Redis Cluster slot.
 --
@@ -46,26 +48,16 @@ local function record_seed(field)
 end
 
 -- The current and the previous epoch: their keys, bucket counts (0 for an epoch without records)
--- and expiry; and since when records have been packed (now, for the first).
-local function record_epochs(prefix, ttl)
-  local now = tonumber(redis.call('TIME')[1])
-  local e = math.floor(now / ttl)
+-- and expiry; and whether a key the former version wrote may still live (`window` exists).
+local function record_epochs(prefix, ttl, window)
+  local e = math.floor(tonumber(redis.call('TIME')[1]) / ttl)
   local current, previous = prefix .. ttl .. ':' .. e, prefix .. ttl .. ':' .. (e - 1)
-  local listed = redis.call('MGET', current, previous)
-  local epochs, since = {}, now
+  local listed = redis.call('MGET', current, previous, window)
+  local epochs = {former_keys_may_live = listed[3] ~= false}
   for i, key in ipairs({current, previous}) do
-    local buckets, from = string.match(listed[i] or '', '^(%d+) (%d+)$')
-    buckets = tonumber(buckets) or 0
-    if buckets > 0 then since = math.min(since, tonumber(from)) end
-    epochs[i] = {key = key, buckets = buckets, expires = (e + 3 - i) * ttl}
+    epochs[i] = {key = key, buckets = tonumber(listed[i]) or 0, expires = (e + 3 - i) * ttl}
   end
-  epochs.since, epochs.now = since, now
   return epochs
-end
-
--- Whether a key the former version wrote (one per record, expiring after the ttl) may still live.
-local function former_records_live(epochs, ttl)
-  return epochs.now - epochs.since <= ttl
 end
 
 -- The record of the id with `field`, newest epoch first, and the bucket holding it; false when
@@ -91,7 +83,7 @@ local function put_records(epoch, bucket, entries)
 end
 
 -- Adds bucket n to the epoch: the records of bucket n - low that belong there move.
-local function split_bucket(epoch, since)
+local function split_bucket(epoch)
   local n = epoch.buckets
   local low = 1
   while low * 2 <= n do low = low * 2 end
@@ -100,7 +92,8 @@ local function split_bucket(epoch, since)
   local moved, fields = {}, {}
   for i = 1, #held, 2 do
     local field = held[i]
-    if field ~= '' and record_seed(field) % (2 * low) == n then
+    -- Only the 12-byte fields this script writes move (another's would stay where they are).
+    if #field == 12 and record_seed(field) % (2 * low) == n then
       moved[#moved + 1], moved[#moved + 2] = field, held[i + 1]
       fields[#fields + 1] = field
     end
@@ -108,7 +101,7 @@ local function split_bucket(epoch, since)
   put_records(epoch, epoch.key .. ':' .. n, moved)
   if #fields > 0 then redis.call('HDEL', from, unpack(fields)) end
   epoch.buckets = n + 1
-  redis.call('SET', epoch.key, epoch.buckets .. ' ' .. since, 'EXAT', epoch.expires)
+  redis.call('SET', epoch.key, epoch.buckets, 'EXAT', epoch.expires)
 end
 
 -- Writes a new record in the current epoch (which it starts if it has none yet).
@@ -116,11 +109,11 @@ local function write_record(epochs, field, value)
   local epoch = epochs[1]
   if epoch.buckets == 0 then
     epoch.buckets = 1
-    redis.call('SET', epoch.key, '1 ' .. epochs.since, 'EXAT', epoch.expires)
+    redis.call('SET', epoch.key, '1', 'EXAT', epoch.expires)
   end
   put_records(epoch, epoch.key .. ':' .. record_bucket(record_seed(field), epoch.buckets), {field, value})
   local count_key = epoch.key .. ':n'
   local records = redis.call('INCR', count_key)
   if records == 1 then redis.call('EXPIREAT', count_key, epoch.expires) end
-  if records > RECORD_FILL * epoch.buckets then split_bucket(epoch, epochs.since) end
+  if records > RECORD_FILL * epoch.buckets then split_bucket(epoch) end
 end

@@ -227,7 +227,7 @@ scripts! {
     /// former idempotency key, state shard and count bucket, and per request then per event their
     /// values (see the script).
     ApplyEvents = ["transition.lua", "instance.lua", "move_counts.lua", "records.lua", "apply_events.lua"] {
-        keys: [pending, reconciling, ready, rebuilt, recounts, instance, handoff_seq; ..webhooks_states_buckets],
+        keys: [pending, reconciling, ready, rebuilt, recounts, instance, handoff_seq, former_window; ..webhooks_states_buckets],
         args: [
             idempotency_ttl: u64,
             journal_prefix: String,
@@ -237,7 +237,8 @@ scripts! {
             requests: usize,
             draft_prefix: String,
             tally_prefix: String,
-            records_prefix: String;
+            records_prefix: String,
+            open_former_window: u8;
             ..requests_then_events
         ],
         reply: ApplyReply,

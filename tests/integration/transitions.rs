@@ -545,6 +545,11 @@ async fn every_record_is_found_after_its_epoch_grew() {
         let encoding: String = redis::cmd("OBJECT").arg("ENCODING").arg(bucket).query(&mut redis).unwrap();
         assert_eq!(encoding, "listpack", "{bucket}");
     }
+    // Every key of the records expires, within two ttls (an epoch's keys at its end + 1 ttl).
+    for key in env.redis_keys().iter().filter(|k| k.contains(":webhooks:")) {
+        let expires_in: i64 = redis::cmd("TTL").arg(key).query(&mut redis).unwrap();
+        assert!((1..=7_200).contains(&expires_in), "{key} expires in {expires_in} s");
+    }
 
     for start in (0..requests as usize).step_by(100) {
         let answers = state.store.apply_many(&batch(start..start + 100)).await.unwrap();
@@ -558,4 +563,43 @@ async fn every_record_is_found_after_its_epoch_grew() {
     }
     let total: i64 = futures_util::future::join_all((1..=7).map(|u| count(&state, u))).await.iter().sum();
     assert_eq!(total, requests as i64, "the retries applied nothing");
+}
+
+/// Issue #15: a record lives at least its ttl and less than twice it (records expire by epoch);
+/// the keys the former version wrote are read for a ttl after this process's first call, not
+/// after: an upgrade stops the former version first, so none of its keys outlives that window,
+/// and the lookup stops paying a `GET` for each new request. With a 2-second ttl.
+#[tokio::test]
+async fn records_live_between_one_and_two_ttls_and_former_keys_are_read_for_one() {
+    use countersink::store::Idempotency;
+    use std::time::{Duration, Instant};
+    let env = TestEnv::sqlite().await;
+    let state = env.state();
+    let ttl = Duration::from_secs(2);
+    let former = Idempotency::new("msg_former", b"former", ttl);
+    let hex: String = former.body_digest.iter().map(|b| format!("{b:02x}")).collect();
+    redis::cmd("SET")
+        .arg(state.store.keys().webhook("msg_former"))
+        .arg(format!("{hex}:1 0 0 0 0"))
+        .arg("EX")
+        .arg(600)
+        .exec(&mut env.redis())
+        .unwrap();
+    let written = Instant::now();
+    let new = Idempotency::new("msg_new", b"new", ttl);
+    let first = state.store.apply_once(&[Event::save(1, 10, true, true)], Some(new.clone())).await.unwrap();
+    assert!(!first.replayed && first.outcome.changed == 1, "{first:?}");
+    let read = state.store.apply_once(&[Event::save(2, 10, true, true)], Some(former.clone())).await.unwrap();
+    assert!(read.replayed, "the former version's key is read in the window: {read:?}");
+
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let retry = state.store.apply_once(&[Event::save(1, 10, true, true)], Some(new.clone())).await.unwrap();
+    assert!(retry.replayed && retry.outcome.changed == 1, "1.5 s after, within the ttl: {retry:?}");
+
+    tokio::time::sleep(Duration::from_millis(4_500).saturating_sub(written.elapsed())).await;
+    let late = state.store.apply_once(&[Event::save(1, 10, true, true)], Some(new)).await.unwrap();
+    assert!(!late.replayed && late.outcome.duplicate == 1, "past twice the ttl the record is gone: {late:?}");
+    let after_window = state.store.apply_once(&[Event::save(2, 10, true, true)], Some(former)).await.unwrap();
+    assert!(!after_window.replayed && after_window.outcome.changed == 1, "{after_window:?}");
+    assert_eq!(count(&state, 10).await, 2);
 }
