@@ -125,8 +125,8 @@ impl Auth {
     }
 
     pub(crate) fn check_bearer(&self, headers: &HeaderMap, accepted: &[&Option<BearerToken>]) -> Result<(), AppError> {
-        let tokens: Vec<&BearerToken> = accepted.iter().filter_map(|t| t.as_ref()).collect();
-        if tokens.is_empty() {
+        let mut tokens = accepted.iter().filter_map(|t| t.as_ref()).peekable();
+        if tokens.peek().is_none() {
             return Ok(());
         }
         let presented = headers
@@ -135,7 +135,7 @@ impl Auth {
             .and_then(|v| v.strip_prefix("Bearer "))
             .ok_or_else(|| AppError::Unauthorized("send Authorization: Bearer <token>".into()))?;
         // Check every token, so timing does not tell which one was close.
-        let matched = tokens.iter().fold(false, |any, token| token.matches(presented) | any);
+        let matched = tokens.fold(false, |any, token| token.matches(presented) | any);
         if matched {
             Ok(())
         } else {

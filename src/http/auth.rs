@@ -1,8 +1,9 @@
-//! Request authentication middleware: the bearer tokens of [`crate::credentials`] required on
-//! the admin and read routes (webhook signatures are checked by the events handler, which needs
+//! Request authentication: the bearer tokens of [`crate::credentials`] required on the admin
+//! routes (a middleware) and the read routes (an extractor) (webhook signatures are checked by the events handler, which needs
 //! the body).
 
-use axum::extract::{Request, State};
+use axum::extract::{FromRequestParts, Request, State};
+use axum::http::request::Parts;
 use axum::middleware::Next;
 use axum::response::Response;
 
@@ -15,10 +16,18 @@ pub async fn require_admin(State(state): State<AppState>, request: Request, next
     Ok(next.run(request).await)
 }
 
-/// Middleware: the read token (or the admin token), when a read token is configured.
-pub async fn require_read(State(state): State<AppState>, request: Request, next: Next) -> Result<Response, AppError> {
-    if state.auth.read_token.is_some() {
-        state.auth.check_bearer(request.headers(), &[&state.auth.read_token, &state.auth.admin_token])?;
+/// Extractor: the read token (or the admin token), when a read token is configured; a read
+/// handler takes it first. An extractor rather than a layer: a `from_fn` layer costs each request
+/// of its routes a cloned service and a boxed future, on the path every page view takes.
+pub struct ReadAccess;
+
+impl FromRequestParts<AppState> for ReadAccess {
+    type Rejection = AppError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, AppError> {
+        if state.auth.read_token.is_some() {
+            state.auth.check_bearer(&parts.headers, &[&state.auth.read_token, &state.auth.admin_token])?;
+        }
+        Ok(ReadAccess)
     }
-    Ok(next.run(request).await)
 }

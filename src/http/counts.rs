@@ -8,6 +8,7 @@ use crate::app::AppState;
 use crate::counts::{unread_counts, UnreadCount};
 use crate::error::{AppError, ErrorBody};
 use crate::events::MAX_ID;
+use crate::http::auth::ReadAccess;
 use crate::http::user_ids::UserIds;
 
 /// `GET /v1/users/{user_id}/unread-count`
@@ -25,6 +26,7 @@ use crate::http::user_ids::UserIds;
     security((), ("read_token" = []))
 )]
 pub async fn get_unread_count(
+    _: ReadAccess,
     State(state): State<AppState>,
     path: Result<Path<String>, PathRejection>,
 ) -> Result<Json<UnreadCount>, AppError> {
@@ -56,6 +58,7 @@ pub struct UnreadCounts {
     security((), ("read_token" = []))
 )]
 pub async fn get_unread_counts(
+    _: ReadAccess,
     State(state): State<AppState>,
     UserIds(user_ids): UserIds,
 ) -> Result<Json<UnreadCounts>, AppError> {

@@ -10,6 +10,7 @@ use tracing::warn;
 
 use crate::app::AppState;
 use crate::error::{AppError, ErrorBody, ErrorCode};
+use crate::http::auth::ReadAccess;
 use crate::metrics::{self, Dependency};
 
 /// How long a scrape waits for Redis to count the pending users: a scrape must not hang on a
@@ -32,7 +33,7 @@ const UNMATCHED: &str = "unmatched";
     ),
     security((), ("read_token" = []))
 )]
-pub async fn get_metrics(State(state): State<AppState>) -> Response {
+pub async fn get_metrics(_: ReadAccess, State(state): State<AppState>) -> Response {
     match tokio::time::timeout(PENDING_READ_TIMEOUT, state.store.pending_users()).await {
         Ok(Ok(users)) => metrics::set_pending_users(users),
         // Counted where the Redis error arose.

@@ -14,7 +14,7 @@
 //! | `GET /openapi.json`                      | `openapi.rs` |
 //!
 //! `server.rs` accepts connections (hyper's HTTP/1 with a header-read timeout and a connection
-//! cap), in front of this router. `user_ids.rs` parses the bulk read's query. `auth.rs` holds the bearer-token middleware
+//! cap), in front of this router. `user_ids.rs` parses the bulk read's query. `auth.rs` holds the bearer-token checks, a middleware for the admin routes and an extractor for the reads
 //! (the tokens and their checks are [`crate::credentials`]): reads take the read token (when
 //! set), flush and status the admin token; `events.rs` checks the webhook signature. `request_id.rs` gives every request an
 //! id for its log lines; `metrics.rs` also times every request.
@@ -34,6 +34,7 @@ pub mod user_ids;
 
 use std::time::Duration;
 
+use axum::body::HttpBody;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::middleware::{self, Next};
@@ -60,8 +61,7 @@ pub fn router(state: AppState) -> Router {
     let reads = Router::new()
         .route("/v1/users/{user_id}/unread-count", get(counts::get_unread_count))
         .route("/v1/unread-counts", get(counts::get_unread_counts))
-        .route("/metrics", get(metrics::get_metrics))
-        .route_layer(middleware::from_fn_with_state(state.clone(), auth::require_read));
+        .route("/metrics", get(metrics::get_metrics));
     // Live streams check their own credentials (a stream token in the query, or the read token).
     // The deadline below only bounds the time to the response head, never the streamed body.
     let live = Router::new().route("/v1/users/{user_id}/unread-count/stream", get(live::get_stream));
@@ -76,8 +76,7 @@ pub fn router(state: AppState) -> Router {
         .merge(live)
         .merge(admin)
         .route("/openapi.json", get(openapi::get_openapi))
-        .route_layer(middleware::from_fn(move |request: Request, next: Next| deadline(request, next, request_timeout)))
-        .route_layer(middleware::from_fn_with_state(state.clone(), shed_load));
+        .route_layer(middleware::from_fn_with_state(state.clone(), admit));
     let health = Router::new()
         .route("/healthz", get(status::get_healthz))
         .route("/readyz", get(status::get_readyz))
@@ -100,6 +99,10 @@ pub fn router(state: AppState) -> Router {
 /// until `timeout`, never a slot meant for work. Past the limit: 413; too slow: 408, and hyper
 /// closes the connection (its body was not read to the end).
 async fn receive_body(request: Request, next: Next, (timeout, limit): (Duration, usize)) -> Response {
+    if request.body().is_end_stream() {
+        // Nothing to receive (a GET, or `Content-Length: 0`): no timer, no buffer.
+        return next.run(request).await;
+    }
     let declared = request
         .headers()
         .get(axum::http::header::CONTENT_LENGTH)
@@ -130,10 +133,12 @@ async fn receive_body(request: Request, next: Next, (timeout, limit): (Duration,
     next.run(Request::from_parts(parts, axum::body::Body::from(bytes))).await
 }
 
-/// Answers 503 at once when `--max-concurrent-requests` are in flight: no unbounded queue.
-async fn shed_load(State(state): State<AppState>, request: Request, next: Next) -> Response {
+/// Admits a request to a work route: a permit of `--max-concurrent-requests` (503 at once when
+/// none is free: no unbounded queue), then `--request-timeout-secs`. One layer for both: each
+/// `from_fn` layer costs every request a cloned service and a boxed future.
+async fn admit(State(state): State<AppState>, request: Request, next: Next) -> Response {
     match state.in_flight.clone().try_acquire_owned() {
-        Ok(_permit) => next.run(request).await,
+        Ok(_permit) => deadline(request, next, state.limits.request_timeout).await,
         Err(_) => AppError::Overloaded.into_response(),
     }
 }
