@@ -63,6 +63,7 @@ async fn run(database_url: &str, redis_url: &str, prefix: &str, rows: u64, users
         redis_prefix: prefix.to_string(),
         redis_sentinels: Vec::new(),
         redis_sentinel_master: None,
+        redis_cluster_nodes: Vec::new(),
         database_url: database_url.to_string(),
         db_pool_size: 4,
         db_timeout_secs: 30,

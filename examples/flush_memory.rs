@@ -37,6 +37,7 @@ async fn main() -> anyhow::Result<()> {
         redis_prefix: name.clone(),
         redis_sentinels: Vec::new(),
         redis_sentinel_master: None,
+        redis_cluster_nodes: Vec::new(),
         database_url: format!("{postgres}?options=-csearch_path%3D{name}"),
         db_pool_size: 4,
         db_timeout_secs: 10,

@@ -55,6 +55,13 @@ pub struct CoreConfig {
     #[arg(long, global = true, env = "COUNTERSINK_REDIS_SENTINEL_MASTER")]
     pub redis_sentinel_master: Option<String>,
 
+    /// Redis Cluster nodes (`host:port`, comma-separated; a few are enough): the master of the
+    /// slot the deployment's keys hash to is then found through them and followed across
+    /// failovers and resharding, and `--redis-url` gives only the credentials. Every key of a
+    /// deployment is in that one slot (docs/scaling.md, *Redis Cluster*).
+    #[arg(long, global = true, env = "COUNTERSINK_REDIS_CLUSTER_NODES", value_delimiter = ',')]
+    pub redis_cluster_nodes: Vec<String>,
+
     /// Prefix of every Redis key; several deployments can share one Redis under different prefixes.
     /// Letters, digits and `_ - . :` only (braces are added by countersink as a Redis Cluster hash tag).
     #[arg(long, global = true, env = "COUNTERSINK_REDIS_PREFIX", default_value = "countersink")]
@@ -412,12 +419,35 @@ impl CoreConfig {
                 format!("expected a redis:// or rediss:// URL, got {:?}", self.redis_url),
             ));
         }
-        for address in &self.redis_sentinels {
-            let port = address.rsplit_once(':').and_then(|(host, port)| (!host.is_empty()).then_some(port));
-            if !port.is_some_and(|port| port.parse::<u16>().is_ok_and(|port| port > 0)) {
+        for (addresses, setting) in [
+            (&self.redis_sentinels, setting!(CoreConfig.redis_sentinels)),
+            (&self.redis_cluster_nodes, setting!(CoreConfig.redis_cluster_nodes)),
+        ] {
+            for address in addresses {
+                if parse_host_port(address).is_none() {
+                    return Err(ConfigError::new(
+                        setting,
+                        format!("expected host:port addresses, comma-separated; got {address:?}"),
+                    ));
+                }
+            }
+        }
+        if !self.redis_cluster_nodes.is_empty() {
+            if !self.redis_sentinels.is_empty() {
+                let (flag, env) = setting!(CoreConfig.redis_sentinels).names();
                 return Err(ConfigError::new(
-                    setting!(CoreConfig.redis_sentinels),
-                    format!("expected host:port addresses, comma-separated; got {address:?}"),
+                    setting!(CoreConfig.redis_cluster_nodes),
+                    format!("is used without {flag} ({env}): a deployment is on a Redis Cluster or behind Sentinel"),
+                ));
+            }
+            let db = redis::IntoConnectionInfo::into_connection_info(self.redis_url.as_str())
+                .map(|info| info.redis_settings().db())
+                .unwrap_or(0);
+            if db != 0 {
+                let (flag, env) = setting!(CoreConfig.redis_url).names();
+                return Err(ConfigError::new(
+                    setting!(CoreConfig.redis_cluster_nodes),
+                    format!("a Redis Cluster has database 0 only; {flag} ({env}) names database {db}"),
                 ));
             }
         }
@@ -563,6 +593,14 @@ impl ServeConfig {
     }
 }
 
+/// The host and port of a `host:port` address (`[::1]:6379` for IPv6).
+pub fn parse_host_port(address: &str) -> Option<(String, u16)> {
+    let (host, port) = address.rsplit_once(':')?;
+    let port = port.parse::<u16>().ok().filter(|port| *port > 0)?;
+    let host = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
+    (!host.is_empty()).then(|| (host.to_string(), port))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -613,5 +651,33 @@ mod tests {
         assert!(no_sentinels.contains("is used only with --redis-sentinels"), "{no_sentinels}");
         let no_port = core(&["--redis-sentinels", "127.0.0.1", "--redis-sentinel-master", "m"]).validate().unwrap_err();
         assert!(no_port.to_string().contains("expected host:port"), "{no_port}");
+    }
+
+    #[test]
+    fn cluster_nodes_are_host_ports_on_database_0_and_not_behind_sentinel() {
+        let nodes = core(&["--redis-cluster-nodes", "127.0.0.1:7000,[::1]:7001"]);
+        assert!(nodes.validate().is_ok());
+        assert_eq!(nodes.redis_cluster_nodes, ["127.0.0.1:7000", "[::1]:7001"]);
+        assert_eq!(parse_host_port("[::1]:7001"), Some(("::1".to_string(), 7001)));
+        let no_port = core(&["--redis-cluster-nodes", "127.0.0.1"]).validate().unwrap_err().to_string();
+        assert!(
+            no_port.starts_with(
+                "invalid setting --redis-cluster-nodes (COUNTERSINK_REDIS_CLUSTER_NODES): expected host:port"
+            ),
+            "{no_port}"
+        );
+        let both = core(&[
+            "--redis-cluster-nodes",
+            "127.0.0.1:7000",
+            "--redis-sentinels",
+            "127.0.0.1:26379",
+            "--redis-sentinel-master",
+            "m",
+        ]);
+        let both = both.validate().unwrap_err().to_string();
+        assert!(both.contains("is used without --redis-sentinels (COUNTERSINK_REDIS_SENTINELS)"), "{both}");
+        let db = core(&["--redis-cluster-nodes", "127.0.0.1:7000", "--redis-url", "redis://127.0.0.1/2"]);
+        let db = db.validate().unwrap_err().to_string();
+        assert!(db.contains("database 0 only; --redis-url (COUNTERSINK_REDIS_URL) names database 2"), "{db}");
     }
 }

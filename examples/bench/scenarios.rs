@@ -199,6 +199,7 @@ impl Env {
             redis_prefix: prefix.to_string(),
             redis_sentinels: Vec::new(),
             redis_sentinel_master: None,
+            redis_cluster_nodes: Vec::new(),
             database_url: self.schema_url(schema),
             db_pool_size: 8,
             db_timeout_secs: 30,

@@ -1,10 +1,13 @@
-//! The connection to the Redis master: at one address (`--redis-url`), or found by name through
-//! Redis Sentinel (`--redis-sentinels`, `--redis-sentinel-master`) and followed across failovers
-//! without a restart.
+//! The connection to the Redis master: at one address (`--redis-url`), found by name through
+//! Redis Sentinel (`--redis-sentinels`, `--redis-sentinel-master`), or, on a Redis Cluster
+//! (`--redis-cluster-nodes`), the master of the one slot every key of the deployment hashes to
+//! (its `{prefix}` hash tag); under Sentinel and on a cluster, followed across failovers without
+//! a restart.
 //!
-//! Under Sentinel, a command that fails the way a failover makes commands fail (the connection
-//! refused or dropped, a timeout, `READONLY` from a demoted master, `MASTERDOWN`) forgets the
-//! master it went to, and the next command asks Sentinel again. The failed command itself is
+//! Under Sentinel or on a cluster, a command that fails the way a failover makes commands fail
+//! (the connection refused or dropped, a timeout, `READONLY` from a demoted master, `MASTERDOWN`;
+//! on a cluster also `MOVED`, `ASK`, `TRYAGAIN` and `CLUSTERDOWN`, a slot that moved or is moving)
+//! forgets the master it went to, and the next command asks again. The failed command itself is
 //! answered as Redis being unavailable (503 with `Retry-After` for a request): it is not retried
 //! here, because a script whose reply was lost may have run. A promoted replica does not vouch
 //! for the state (its run id is not the one in the instance key), so what it lacks is recovered
@@ -16,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::sentinel::{SentinelClient, SentinelNodeConnectionInfo, SentinelServerType};
-use redis::{Cmd, IntoConnectionInfo, Pipeline, RedisError, RedisFuture, Value};
+use redis::{Cmd, ConnectionAddr, ConnectionInfo, IntoConnectionInfo, Pipeline, RedisError, RedisFuture, Value};
 
 use crate::config::CoreConfig;
 
@@ -25,10 +28,10 @@ const REDIS_RESPONSE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long connecting (or asking Sentinel for the master) may take; short, so an outage is
 /// answered quickly.
 const REDIS_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
-/// How long a failed question to Sentinel is answered for the commands behind it without asking
-/// again: Sentinels that do not answer would otherwise hold every command for the connect timeout
-/// in turn.
-const SENTINEL_RETRY_AFTER: Duration = Duration::from_millis(250);
+/// How long a failed question to Sentinel (or the cluster) is answered for the commands behind it
+/// without asking again: Sentinels that do not answer would otherwise hold every command for the
+/// connect timeout in turn.
+const FIND_RETRY_AFTER: Duration = Duration::from_millis(250);
 
 /// Where the Redis master is.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -44,11 +47,27 @@ pub enum RedisTarget {
         /// The database number and the credentials of the master (its address is ignored).
         url: String,
     },
+    /// On a Redis Cluster, wherever its nodes say the slot of `hash_tag` is served.
+    Cluster {
+        /// Some of the cluster's nodes, `host:port`.
+        nodes: Vec<String>,
+        /// The deployment's hash tag (`{prefix}`): every key of it is in this one slot.
+        hash_tag: String,
+        /// The credentials of the nodes (the address is ignored).
+        url: String,
+    },
 }
 
 impl RedisTarget {
     /// The target the settings name.
     pub fn from_config(core: &CoreConfig) -> RedisTarget {
+        if !core.redis_cluster_nodes.is_empty() {
+            return RedisTarget::Cluster {
+                nodes: core.redis_cluster_nodes.clone(),
+                hash_tag: super::Keys::new(&core.redis_prefix).hash_tag().to_string(),
+                url: core.redis_url.clone(),
+            };
+        }
         match &core.redis_sentinel_master {
             Some(master) if !core.redis_sentinels.is_empty() => RedisTarget::Sentinel {
                 sentinels: core.redis_sentinels.clone(),
@@ -69,17 +88,98 @@ pub struct RedisConnection {
 }
 
 struct Shared {
-    /// The master in use; `None` under Sentinel until the next command asks who it is.
+    /// The master in use; `None` under Sentinel or on a cluster until the next command asks who
+    /// it is.
     current: Mutex<Option<Master>>,
     /// Masters found so far: a failure forgets the master it met only if no later one was found.
     found: AtomicU64,
-    sentinel: Option<tokio::sync::Mutex<Sentinel>>,
+    /// Who says where the master is, under Sentinel or on a cluster.
+    finder: Option<tokio::sync::Mutex<Finder>>,
 }
 
-/// The Sentinel client, and its last failure while no master is known.
-struct Sentinel {
-    client: SentinelClient,
+/// Who says where the master is, and the last failure to find it while none is known.
+struct Finder {
+    locator: Locator,
     failed: Option<(Instant, RedisError)>,
+}
+
+enum Locator {
+    Sentinel(SentinelClient),
+    Cluster {
+        /// The nodes asked, in turn.
+        nodes: Vec<ConnectionInfo>,
+        hash_tag: String,
+    },
+}
+
+impl Locator {
+    /// A client for the master, as Sentinel or the cluster says now.
+    async fn find(&mut self) -> Result<redis::Client, RedisError> {
+        match self {
+            Locator::Sentinel(client) => tokio::time::timeout(REDIS_CONNECT_TIMEOUT, client.async_get_client())
+                .await
+                .unwrap_or_else(|_| Err(timed_out())),
+            Locator::Cluster { nodes, hash_tag } => {
+                let mut last_error = None;
+                for node in nodes.iter() {
+                    let asked = tokio::time::timeout(REDIS_CONNECT_TIMEOUT, slot_master(node, hash_tag))
+                        .await
+                        .unwrap_or_else(|_| Err(timed_out()));
+                    match asked {
+                        Ok(master) => return redis::Client::open(node.clone().set_addr(master)),
+                        Err(error) => last_error = Some(error),
+                    }
+                }
+                Err(last_error
+                    .unwrap_or_else(|| RedisError::from((redis::ErrorKind::Client, "no cluster node to ask"))))
+            }
+        }
+    }
+
+    fn name(&self) -> &'static str {
+        match self {
+            Locator::Sentinel(_) => "Sentinel",
+            Locator::Cluster { .. } => "the cluster",
+        }
+    }
+}
+
+fn timed_out() -> RedisError {
+    RedisError::from(std::io::Error::from(std::io::ErrorKind::TimedOut))
+}
+
+/// Asks the cluster node `node` which master serves the slot of `hash_tag` (`CLUSTER KEYSLOT`,
+/// then `CLUSTER SLOTS`: `[start, end, [host, port, id, ...], replicas...]` per range).
+async fn slot_master(node: &ConnectionInfo, hash_tag: &str) -> Result<ConnectionAddr, RedisError> {
+    let mut conn = redis::Client::open(node.clone())?.get_multiplexed_async_connection().await?;
+    let slot: i64 = redis::cmd("CLUSTER").arg("KEYSLOT").arg(hash_tag).query_async(&mut conn).await?;
+    let ranges: Vec<Vec<Value>> = redis::cmd("CLUSTER").arg("SLOTS").query_async(&mut conn).await?;
+    for range in ranges {
+        let (Some(start), Some(end), Some(master)) = (range.first(), range.get(1), range.get(2)) else { continue };
+        let (start, end): (i64, i64) = (redis::from_redis_value_ref(start)?, redis::from_redis_value_ref(end)?);
+        if !(start..=end).contains(&slot) {
+            continue;
+        }
+        let master: Vec<Value> = redis::from_redis_value_ref(master)?;
+        let (Some(host), Some(port)) = (master.first(), master.get(1)) else { break };
+        let (host, port): (String, u16) = (redis::from_redis_value_ref(host)?, redis::from_redis_value_ref(port)?);
+        // An empty host is the node asked (it does not know its own address).
+        let host = if host.is_empty() {
+            match node.addr() {
+                ConnectionAddr::Tcp(host, _) | ConnectionAddr::TcpTls { host, .. } => host.clone(),
+                _ => host,
+            }
+        } else {
+            host
+        };
+        return Ok(match node.addr() {
+            ConnectionAddr::TcpTls { insecure, tls_params, .. } => {
+                ConnectionAddr::TcpTls { host, port, insecure: *insecure, tls_params: tls_params.clone() }
+            }
+            _ => ConnectionAddr::Tcp(host, port),
+        });
+    }
+    Err(RedisError::from((redis::ErrorKind::Server(redis::ServerErrorKind::ClusterDown), "no master serves the slot")))
 }
 
 #[derive(Clone)]
@@ -100,7 +200,7 @@ impl RedisConnection {
                 let client = redis::Client::open(url.as_str())?;
                 let db = client.get_connection_info().redis_settings().db();
                 let master = Master::new(client, 0)?;
-                let shared = Shared { current: Mutex::new(Some(master)), found: AtomicU64::new(0), sentinel: None };
+                let shared = Shared { current: Mutex::new(Some(master)), found: AtomicU64::new(0), finder: None };
                 Ok(RedisConnection { shared: Arc::new(shared), db })
             }
             RedisTarget::Sentinel { sentinels, master, url } => {
@@ -109,14 +209,40 @@ impl RedisConnection {
                 let node = SentinelNodeConnectionInfo::default().set_redis_connection_info(settings);
                 let addresses: Vec<String> = sentinels.iter().map(|address| format!("redis://{address}")).collect();
                 let client = SentinelClient::build(addresses, master.clone(), Some(node), SentinelServerType::Master)?;
-                let shared = Shared {
-                    current: Mutex::new(None),
-                    found: AtomicU64::new(0),
-                    sentinel: Some(tokio::sync::Mutex::new(Sentinel { client, failed: None })),
-                };
-                Ok(RedisConnection { shared: Arc::new(shared), db })
+                Ok(RedisConnection::found_by(Locator::Sentinel(client), db))
+            }
+            RedisTarget::Cluster { nodes, hash_tag, url } => {
+                let info = url.as_str().into_connection_info()?;
+                let nodes = nodes
+                    .iter()
+                    .map(|address| {
+                        let (host, port) = crate::config::parse_host_port(address).ok_or_else(|| {
+                            RedisError::from((redis::ErrorKind::Client, "a cluster node is not host:port"))
+                        })?;
+                        Ok(info.clone().set_addr(match info.addr() {
+                            ConnectionAddr::TcpTls { insecure, tls_params, .. } => ConnectionAddr::TcpTls {
+                                host,
+                                port,
+                                insecure: *insecure,
+                                tls_params: tls_params.clone(),
+                            },
+                            _ => ConnectionAddr::Tcp(host, port),
+                        }))
+                    })
+                    .collect::<Result<Vec<_>, RedisError>>()?;
+                Ok(RedisConnection::found_by(Locator::Cluster { nodes, hash_tag: hash_tag.clone() }, 0))
             }
         }
+    }
+
+    /// A connection whose master `locator` finds, at its first command.
+    fn found_by(locator: Locator, db: i64) -> RedisConnection {
+        let shared = Shared {
+            current: Mutex::new(None),
+            found: AtomicU64::new(0),
+            finder: Some(tokio::sync::Mutex::new(Finder { locator, failed: None })),
+        };
+        RedisConnection { shared: Arc::new(shared), db }
     }
 
     /// A client for the current master, for what needs a connection of its own (pub/sub).
@@ -161,37 +287,34 @@ impl RedisConnection {
         answer
     }
 
-    /// The master in use, asking Sentinel first when none is.
+    /// The master in use, asking Sentinel or the cluster first when none is.
     async fn master(&self) -> Result<Master, RedisError> {
         if let Some(master) = self.current() {
             return Ok(master);
         }
-        let Some(sentinel) = &self.shared.sentinel else {
+        let Some(finder) = &self.shared.finder else {
             // A connection to one address keeps its master from the start.
             return Err(RedisError::from((redis::ErrorKind::Client, "no Redis master is known")));
         };
-        // One question to Sentinel at a time; who waited for it uses its answer.
-        let mut sentinel = sentinel.lock().await;
+        // One question at a time; who waited for it uses its answer.
+        let mut finder = finder.lock().await;
         if let Some(master) = self.current() {
             return Ok(master);
         }
-        if let Some((at, error)) = &sentinel.failed {
-            if at.elapsed() < SENTINEL_RETRY_AFTER {
+        if let Some((at, error)) = &finder.failed {
+            if at.elapsed() < FIND_RETRY_AFTER {
                 return Err(error.clone());
             }
         }
-        let asked = tokio::time::timeout(REDIS_CONNECT_TIMEOUT, sentinel.client.async_get_client())
-            .await
-            .unwrap_or_else(|_| Err(RedisError::from(std::io::Error::from(std::io::ErrorKind::TimedOut))));
-        let client = match asked {
+        let client = match finder.locator.find().await {
             Ok(client) => client,
             Err(error) => {
-                sentinel.failed = Some((Instant::now(), error.clone()));
+                finder.failed = Some((Instant::now(), error.clone()));
                 return Err(error);
             }
         };
-        sentinel.failed = None;
-        tracing::info!(master = %client.get_connection_info().addr(), "redis: the master, as Sentinel says");
+        finder.failed = None;
+        tracing::info!(master = %client.get_connection_info().addr(), "redis: the master, as {} says", finder.locator.name());
         crate::metrics::redis_master_found();
         let generation = self.shared.found.fetch_add(1, Ordering::Relaxed) + 1;
         let master = Master::new(client, generation)?;
@@ -208,23 +331,23 @@ impl RedisConnection {
         self.shared.current.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// After a command to `master` failed with `error`: under Sentinel, a failure a failover
-    /// causes makes the next command ask for the master again (unless one already did).
+    /// After a command to `master` failed with `error`: under Sentinel or on a cluster, a failure
+    /// a failover causes makes the next command ask for the master again (unless one already did).
     fn failed(&self, master: &Master, error: &RedisError) {
         if looks_like_failover(error) {
             self.forget(master, &error.to_string());
         }
     }
 
-    /// Under Sentinel, makes the next command ask for the master again, unless one already did
-    /// since `master` was found.
+    /// Under Sentinel or on a cluster, makes the next command ask for the master again, unless one
+    /// already did since `master` was found.
     fn forget(&self, master: &Master, why: &str) {
-        if self.shared.sentinel.is_none() {
+        if self.shared.finder.is_none() {
             return;
         }
         let mut current = self.lock_current();
         if current.as_ref().is_some_and(|m| m.generation == master.generation) {
-            tracing::warn!(error = why, "redis: the master failed; asking Sentinel for the master again");
+            tracing::warn!(error = why, "redis: the master failed; asking for the master again");
             *current = None;
         }
     }
@@ -237,7 +360,17 @@ fn looks_like_failover(error: &RedisError) -> bool {
         || error.is_connection_refusal()
         || error.is_connection_dropped()
         || error.is_timeout()
-        || matches!(error.kind(), ErrorKind::Server(ServerErrorKind::ReadOnly | ServerErrorKind::MasterDown))
+        || matches!(
+            error.kind(),
+            ErrorKind::Server(
+                ServerErrorKind::ReadOnly
+                    | ServerErrorKind::MasterDown
+                    | ServerErrorKind::Moved
+                    | ServerErrorKind::Ask
+                    | ServerErrorKind::TryAgain
+                    | ServerErrorKind::ClusterDown
+            )
+        )
 }
 
 fn manager(client: redis::Client, response_timeout: Duration) -> Result<ConnectionManager, RedisError> {

@@ -21,6 +21,11 @@ impl Keys {
         Self { tag: format!("{{{prefix}}}") }
     }
 
+    /// The deployment's hash tag, `{prefix}`, that every key begins with: one Redis Cluster slot.
+    pub fn hash_tag(&self) -> &str {
+        &self.tag
+    }
+
     /// The shard of notification `id` and its index inside the shard.
     pub fn state_slot(id: u64) -> (u64, u64) {
         (id >> SHARD_BITS, id & ((1 << SHARD_BITS) - 1))

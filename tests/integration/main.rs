@@ -14,6 +14,7 @@
 mod auth;
 mod bootstrap;
 mod cli;
+mod cluster;
 mod end_to_end;
 mod first_run;
 mod flush;

@@ -15,7 +15,7 @@ use support::{eventually_async, TestEnv};
 const USERS: u64 = 200;
 const OPERATIONS: usize = 150;
 
-async fn reads_served(sidecar: &Sidecar) -> bool {
+pub(crate) async fn reads_served(sidecar: &Sidecar) -> bool {
     let ready = reqwest::get(format!("{}/readyz", sidecar.base)).await.is_ok_and(|r| r.status() == 200);
     let read = reqwest::get(format!("{}/v1/unread-counts?user_ids=1", sidecar.base)).await;
     ready && read.is_ok_and(|r| r.status() == 200)
@@ -23,7 +23,7 @@ async fn reads_served(sidecar: &Sidecar) -> bool {
 
 /// Posts `events` as the Django package does, retrying a 503 (and a lost answer) with the same
 /// webhook-id for up to a minute; any other answer fails the test with the sidecar's log.
-async fn post_until_accepted(sidecar: &Sidecar, events: &[Value], round: usize) {
+pub(crate) async fn post_until_accepted(sidecar: &Sidecar, events: &[Value], round: usize) {
     let client = reqwest::Client::new();
     let webhook_id = new_webhook_id();
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
@@ -133,7 +133,7 @@ async fn failover_under_load(failover: Failover) {
         .unwrap_or_else(|| panic!("no countersink_redis_masters_found_total in\n{metrics}"));
     assert!(found >= 2, "{found} masters found: the first and the promoted replica at least");
     assert!(
-        sidecar.stderr_text().contains("asking Sentinel for the master again"),
+        sidecar.stderr_text().contains("asking for the master again"),
         "the failover was not noticed as one:\n{}",
         sidecar.stderr_text()
     );

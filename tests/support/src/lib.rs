@@ -8,6 +8,7 @@
 // A helper that cannot set up what a test asked for fails that test: it panics.
 #![allow(clippy::unwrap_used)]
 
+pub mod cluster;
 pub mod proxy;
 pub mod sentinel;
 pub mod sidecar;
@@ -331,6 +332,7 @@ pub fn core_config(prefix: &str, database_url: &str) -> CoreConfig {
         redis_prefix: prefix.to_string(),
         redis_sentinels: Vec::new(),
         redis_sentinel_master: None,
+        redis_cluster_nodes: Vec::new(),
         database_url: database_url.to_string(),
         db_pool_size: 4,
         db_timeout_secs: 5,

@@ -140,7 +140,7 @@ impl SentinelSetup {
 /// A redis-server on the port `args` names, keeping its files in a folder of its own under
 /// `dir` (a replica writes the snapshot it syncs from; left in the working directory, every
 /// later test's Redis started there would load it).
-fn redis_server(dir: &std::path::Path, args: &[&str]) -> Running {
+pub(crate) fn redis_server(dir: &std::path::Path, args: &[&str]) -> Running {
     let port: u16 = args[1].parse().unwrap();
     let own_dir = dir.join(format!("redis-{port}"));
     std::fs::create_dir_all(&own_dir).unwrap();
@@ -158,7 +158,7 @@ fn redis_server(dir: &std::path::Path, args: &[&str]) -> Running {
     child
 }
 
-fn info(port: u16, section: &str) -> Option<String> {
+pub(crate) fn info(port: u16, section: &str) -> Option<String> {
     let mut conn = redis::Client::open(format!("redis://127.0.0.1:{port}")).ok()?.get_connection().ok()?;
     redis::cmd("INFO").arg(section).query(&mut conn).ok()
 }
@@ -168,7 +168,7 @@ fn sentinel_query<T: redis::FromRedisValue>(port: u16, args: &[&str]) -> Option<
     redis::cmd("SENTINEL").arg(args).query(&mut conn).ok()
 }
 
-fn wait_for(limit: Duration, what: &str, mut done: impl FnMut() -> bool) {
+pub(crate) fn wait_for(limit: Duration, what: &str, mut done: impl FnMut() -> bool) {
     let start = Instant::now();
     while !done() {
         assert!(start.elapsed() < limit, "timed out waiting for {what}");
@@ -183,10 +183,10 @@ fn signal(child: &Running, signal: &str) {
 
 /// A process of the set-up, killed when dropped, also when a wait of [`SentinelSetup::start`]
 /// fails before the set-up is whole.
-struct Running(Child);
+pub(crate) struct Running(Child);
 
 impl Running {
-    fn stop(&mut self) {
+    pub(crate) fn stop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
