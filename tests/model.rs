@@ -16,7 +16,8 @@
 //! the table's.
 //!
 //! Cases run on PostgreSQL, MySQL/MariaDB and SQLite, against one database and one Redis server
-//! of its own per backend (a `redis-server` the test starts, saves and restarts), each case on ids
+//! of its own per backend (a `redis-server` the test starts, saves and restarts), and on
+//! PostgreSQL against a Redis Cluster of its own (without the snapshot steps), each case on ids
 //! of its own. `COUNTERSINK_MODEL_CASES` sets the cases per backend
 //! (default 700). A failure shrinks to a minimal sequence of operations, printed in full.
 #![allow(clippy::unwrap_used)]
@@ -33,6 +34,7 @@ use countersink::flush::WhenBusy;
 use countersink::store::Idempotency;
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestError, TestRunner};
+use support::cluster::ClusterSetup;
 use support::{free_port, OwnRedis, TestEnv};
 
 /// Users and notifications per case: few, so sequences revisit them often.
@@ -222,7 +224,7 @@ impl Model {
 /// Runs one case; `Err` names the first step where the sidecar and the model disagree.
 async fn run_case(
     env: &TestEnv,
-    redis: &Mutex<OwnRedis>,
+    redis: &Mutex<ModelRedis>,
     state: &AppState,
     ids: &Ids,
     ops: &[Op],
@@ -344,9 +346,15 @@ async fn run_case(
                 deliver(state, &webhook_id, &event).await;
                 model.last_delivery = Some((webhook_id, event));
             }
-            Op::Snapshot => redis.lock().unwrap().save(),
+            Op::Snapshot => match &*redis.lock().unwrap() {
+                ModelRedis::Own(redis) => redis.save(),
+                ModelRedis::Cluster { .. } => continue,
+            },
             Op::RestartFromSnapshot => {
-                redis.lock().unwrap().restart();
+                match &mut *redis.lock().unwrap() {
+                    ModelRedis::Own(redis) => redis.restart(),
+                    ModelRedis::Cluster { .. } => continue,
+                }
                 recover_from_restart(state).await;
                 forget_what_a_rebuild_repaired(&mut model);
             }
@@ -468,7 +476,7 @@ fn cases() -> u32 {
 }
 
 /// Runs the property over `env`; panics with the minimal failing sequence.
-fn check_model(runtime: &tokio::runtime::Runtime, env: &TestEnv, redis: &Mutex<OwnRedis>) {
+fn check_model(runtime: &tokio::runtime::Runtime, env: &TestEnv, redis: &Mutex<ModelRedis>) {
     let state = {
         let _entered = runtime.enter();
         env.state()
@@ -492,12 +500,25 @@ fn check_model(runtime: &tokio::runtime::Runtime, env: &TestEnv, redis: &Mutex<O
 fn run_model<F: std::future::Future<Output = TestEnv>>(make_env: impl FnOnce() -> F) {
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     let snapshots = tempfile::tempdir().unwrap();
-    let redis = Mutex::new(OwnRedis::start_with_snapshots(free_port(), snapshots.path()));
+    let redis = OwnRedis::start_with_snapshots(free_port(), snapshots.path());
     let mut env = runtime.block_on(make_env());
-    env.core.redis_url = redis.lock().unwrap().url();
+    env.core.redis_url = redis.url();
+    let redis = Mutex::new(ModelRedis::Own(redis));
     runtime.block_on(env.add_notification_table());
     check_model(&runtime, &env, &redis);
     runtime.block_on(async move { drop(env) });
+}
+
+/// The Redis of a model run: a server of its own, which the model snapshots and restarts, or a
+/// Redis Cluster of its own (3 masters, 3 replicas), the deployment in the slot its hash tag
+/// names (`--redis-cluster-nodes`). On the cluster the snapshot steps are skipped: a cluster
+/// node's restart is a failover, which `tests/integration/cluster.rs` covers.
+enum ModelRedis {
+    Own(OwnRedis),
+    /// Held so its processes run as long as the model does.
+    Cluster {
+        _nodes: ClusterSetup,
+    },
 }
 
 #[test]
@@ -513,4 +534,21 @@ fn the_pipeline_matches_the_model_on_sqlite() {
 #[test]
 fn the_pipeline_matches_the_model_on_mysql() {
     run_model(TestEnv::mysql);
+}
+
+/// The model on a Redis Cluster (issue #16), on PostgreSQL: every script, pipeline and check runs
+/// on the master of the deployment's slot, found through the cluster's nodes. The test's own
+/// inspection of Redis (`TestEnv::redis`) goes to that master directly.
+#[test]
+fn the_pipeline_matches_the_model_on_a_redis_cluster() {
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let cluster = ClusterSetup::start();
+    let mut env = runtime.block_on(TestEnv::postgres());
+    let master = cluster.master_of(&format!("{{{}}}", env.core.redis_prefix)).expect("a master serves the slot");
+    env.core.redis_cluster_nodes = cluster.addresses().split(',').map(String::from).collect();
+    env.core.redis_url = format!("redis://127.0.0.1:{master}");
+    let redis = Mutex::new(ModelRedis::Cluster { _nodes: cluster });
+    runtime.block_on(env.add_notification_table());
+    check_model(&runtime, &env, &redis);
+    runtime.block_on(async move { drop(env) });
 }
