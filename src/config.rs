@@ -41,13 +41,15 @@ pub const MAX_WORKER_THREADS: usize = 1024;
 /// Settings every subcommand needs: where Redis and the database are.
 #[derive(Debug, Clone, Args)]
 pub struct CoreConfig {
-    /// Redis URL (`redis://` or `rediss://`).
+    /// Redis URL (`redis://`; TLS, `rediss://`, is not built in: reach a Redis across a network
+    /// through a TLS tunnel).
     #[arg(long, global = true, env = "COUNTERSINK_REDIS_URL", default_value = "redis://127.0.0.1:6379")]
     pub redis_url: String,
 
-    /// Redis Sentinel addresses (`host:port`, comma-separated): the master is then found through
-    /// them by `--redis-sentinel-master` and followed across failovers, and `--redis-url` gives
-    /// only the database number and the credentials of the master.
+    /// Redis Sentinel addresses (`host:port`, comma-separated; or `redis://[user]:password@host:port`
+    /// URLs for Sentinels that require a password): the master is then found through them by
+    /// `--redis-sentinel-master` and followed across failovers, and `--redis-url` gives only the
+    /// database number and the credentials of the master.
     #[arg(long, global = true, env = "COUNTERSINK_REDIS_SENTINELS", value_delimiter = ',')]
     pub redis_sentinels: Vec<String>,
 
@@ -57,8 +59,8 @@ pub struct CoreConfig {
 
     /// Redis Cluster nodes (`host:port`, comma-separated; a few are enough): the master of the
     /// slot the deployment's keys hash to is then found through them and followed across
-    /// failovers and resharding, and `--redis-url` gives only the credentials. Every key of a
-    /// deployment is in that one slot (docs/scaling.md, *Redis Cluster*).
+    /// failovers, and `--redis-url` gives only the credentials. Every key of a deployment is in
+    /// that one slot (docs/deployment.md, *Redis Cluster*: stop the sidecars to move it).
     #[arg(long, global = true, env = "COUNTERSINK_REDIS_CLUSTER_NODES", value_delimiter = ',')]
     pub redis_cluster_nodes: Vec<String>,
 
@@ -413,10 +415,17 @@ impl CoreConfig {
 
     /// Checks what clap's types cannot.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        if !(self.redis_url.starts_with("redis://") || self.redis_url.starts_with("rediss://")) {
+        if self.redis_url.starts_with("rediss://") {
             return Err(ConfigError::new(
                 setting!(CoreConfig.redis_url),
-                format!("expected a redis:// or rediss:// URL, got {:?}", self.redis_url),
+                "TLS to Redis (rediss://) is not built into this binary: give a redis:// URL, and reach a Redis across \
+                 a network through a TLS tunnel (stunnel, spiped) on this host",
+            ));
+        }
+        if !self.redis_url.starts_with("redis://") {
+            return Err(ConfigError::new(
+                setting!(CoreConfig.redis_url),
+                format!("expected a redis:// URL, got {:?}", self.redis_url),
             ));
         }
         for (addresses, setting) in [
@@ -424,7 +433,9 @@ impl CoreConfig {
             (&self.redis_cluster_nodes, setting!(CoreConfig.redis_cluster_nodes)),
         ] {
             for address in addresses {
-                if parse_host_port(address).is_none() {
+                let sentinel_url = setting.0 == "redis_sentinels" && address.starts_with("redis://");
+                let url_ok = sentinel_url && redis::IntoConnectionInfo::into_connection_info(address.as_str()).is_ok();
+                if !url_ok && parse_host_port(address).is_none() {
                     return Err(ConfigError::new(
                         setting,
                         format!("expected host:port addresses, comma-separated; got {address:?}"),
@@ -598,7 +609,7 @@ pub fn parse_host_port(address: &str) -> Option<(String, u16)> {
     let (host, port) = address.rsplit_once(':')?;
     let port = port.parse::<u16>().ok().filter(|port| *port > 0)?;
     let host = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
-    (!host.is_empty()).then(|| (host.to_string(), port))
+    (!host.is_empty() && !host.contains('/')).then(|| (host.to_string(), port))
 }
 
 #[cfg(test)]
@@ -651,6 +662,10 @@ mod tests {
         assert!(no_sentinels.contains("is used only with --redis-sentinels"), "{no_sentinels}");
         let no_port = core(&["--redis-sentinels", "127.0.0.1", "--redis-sentinel-master", "m"]).validate().unwrap_err();
         assert!(no_port.to_string().contains("expected host:port"), "{no_port}");
+        let with_password = core(&["--redis-sentinels", "redis://:secret@127.0.0.1:26379", "--redis-sentinel-master", "m"]);
+        assert!(with_password.validate().is_ok());
+        let tls = core(&["--redis-sentinels", "rediss://127.0.0.1:26379", "--redis-sentinel-master", "m"]);
+        assert!(tls.validate().unwrap_err().to_string().contains("expected host:port"));
     }
 
     #[test]

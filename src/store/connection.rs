@@ -90,7 +90,9 @@ pub struct RedisConnection {
 struct Shared {
     /// The master in use; `None` under Sentinel or on a cluster until the next command asks who
     /// it is.
-    current: Mutex<Option<Master>>,
+    /// An `Arc`: every command takes the current master, which would otherwise clone its client
+    /// (the connection settings, with their strings) each time.
+    current: Mutex<Option<Arc<Master>>>,
     /// Masters found so far: a failure forgets the master it met only if no later one was found.
     found: AtomicU64,
     /// Who says where the master is, under Sentinel or on a cluster.
@@ -106,8 +108,10 @@ struct Finder {
 enum Locator {
     Sentinel(SentinelClient),
     Cluster {
-        /// The nodes asked, in turn.
+        /// The nodes asked, in turn, from the last one that answered (a node that is down and
+        /// silent costs each question the connect timeout).
         nodes: Vec<ConnectionInfo>,
+        answered: usize,
         hash_tag: String,
     },
 }
@@ -119,14 +123,18 @@ impl Locator {
             Locator::Sentinel(client) => tokio::time::timeout(REDIS_CONNECT_TIMEOUT, client.async_get_client())
                 .await
                 .unwrap_or_else(|_| Err(timed_out())),
-            Locator::Cluster { nodes, hash_tag } => {
+            Locator::Cluster { nodes, answered, hash_tag } => {
                 let mut last_error = None;
-                for node in nodes.iter() {
+                for at in (0..nodes.len()).map(|i| (*answered + i) % nodes.len()) {
+                    let node = &nodes[at];
                     let asked = tokio::time::timeout(REDIS_CONNECT_TIMEOUT, slot_master(node, hash_tag))
                         .await
                         .unwrap_or_else(|_| Err(timed_out()));
                     match asked {
-                        Ok(master) => return redis::Client::open(node.clone().set_addr(master)),
+                        Ok(master) => {
+                            *answered = at;
+                            return redis::Client::open(node.clone().set_addr(master));
+                        }
                         Err(error) => last_error = Some(error),
                     }
                 }
@@ -162,15 +170,20 @@ async fn slot_master(node: &ConnectionInfo, hash_tag: &str) -> Result<Connection
         }
         let master: Vec<Value> = redis::from_redis_value_ref(master)?;
         let (Some(host), Some(port)) = (master.first(), master.get(1)) else { break };
-        let (host, port): (String, u16) = (redis::from_redis_value_ref(host)?, redis::from_redis_value_ref(port)?);
-        // An empty host is the node asked (it does not know its own address).
-        let host = if host.is_empty() {
-            match node.addr() {
-                ConnectionAddr::Tcp(host, _) | ConnectionAddr::TcpTls { host, .. } => host.clone(),
-                _ => host,
+        let port: u16 = redis::from_redis_value_ref(port)?;
+        // Nil (`cluster-preferred-endpoint-type unknown-endpoint`), empty or unspecified: the
+        // node asked, as redis-rs's cluster client reads it. "?" (a hostname wanted and none
+        // announced): this node cannot say; the next one is asked.
+        let host: Option<String> = redis::from_redis_value_ref(host)?;
+        let host = match host.as_deref() {
+            Some("?") => {
+                return Err(RedisError::from((redis::ErrorKind::Client, "the node knows no address for the master")))
             }
-        } else {
-            host
+            None | Some("" | "0.0.0.0" | "::") => match node.addr() {
+                ConnectionAddr::Tcp(host, _) | ConnectionAddr::TcpTls { host, .. } => host.clone(),
+                _ => return Err(RedisError::from((redis::ErrorKind::Client, "a cluster node is not a TCP address"))),
+            },
+            Some(host) => host.to_string(),
         };
         return Ok(match node.addr() {
             ConnectionAddr::TcpTls { insecure, tls_params, .. } => {
@@ -182,7 +195,6 @@ async fn slot_master(node: &ConnectionInfo, hash_tag: &str) -> Result<Connection
     Err(RedisError::from((redis::ErrorKind::Server(redis::ServerErrorKind::ClusterDown), "no master serves the slot")))
 }
 
-#[derive(Clone)]
 struct Master {
     client: redis::Client,
     manager: ConnectionManager,
@@ -199,7 +211,7 @@ impl RedisConnection {
             RedisTarget::Address(url) => {
                 let client = redis::Client::open(url.as_str())?;
                 let db = client.get_connection_info().redis_settings().db();
-                let master = Master::new(client, 0)?;
+                let master = Arc::new(Master::new(client, 0)?);
                 let shared = Shared { current: Mutex::new(Some(master)), found: AtomicU64::new(0), finder: None };
                 Ok(RedisConnection { shared: Arc::new(shared), db })
             }
@@ -207,7 +219,18 @@ impl RedisConnection {
                 let settings = url.as_str().into_connection_info()?.redis_settings().clone();
                 let db = settings.db();
                 let node = SentinelNodeConnectionInfo::default().set_redis_connection_info(settings);
-                let addresses: Vec<String> = sentinels.iter().map(|address| format!("redis://{address}")).collect();
+                // `host:port`, or a `redis://` URL with the Sentinels' own credentials.
+                let addresses: Vec<String> =
+                    sentinels
+                        .iter()
+                        .map(|address| {
+                            if address.starts_with("redis://") {
+                                address.clone()
+                            } else {
+                                format!("redis://{address}")
+                            }
+                        })
+                        .collect();
                 let client = SentinelClient::build(addresses, master.clone(), Some(node), SentinelServerType::Master)?;
                 Ok(RedisConnection::found_by(Locator::Sentinel(client), db))
             }
@@ -230,7 +253,7 @@ impl RedisConnection {
                         }))
                     })
                     .collect::<Result<Vec<_>, RedisError>>()?;
-                Ok(RedisConnection::found_by(Locator::Cluster { nodes, hash_tag: hash_tag.clone() }, 0))
+                Ok(RedisConnection::found_by(Locator::Cluster { nodes, answered: 0, hash_tag: hash_tag.clone() }, 0))
             }
         }
     }
@@ -247,7 +270,7 @@ impl RedisConnection {
 
     /// A client for the current master, for what needs a connection of its own (pub/sub).
     pub async fn client(&self) -> Result<redis::Client, RedisError> {
-        Ok(self.master().await?.client)
+        Ok(self.master().await?.client.clone())
     }
 
     /// Runs `invocation`, then `WAIT` for `replicas` replicas for at most `timeout`, in one
@@ -288,7 +311,7 @@ impl RedisConnection {
     }
 
     /// The master in use, asking Sentinel or the cluster first when none is.
-    async fn master(&self) -> Result<Master, RedisError> {
+    async fn master(&self) -> Result<Arc<Master>, RedisError> {
         if let Some(master) = self.current() {
             return Ok(master);
         }
@@ -317,16 +340,16 @@ impl RedisConnection {
         tracing::info!(master = %client.get_connection_info().addr(), "redis: the master, as {} says", finder.locator.name());
         crate::metrics::redis_master_found();
         let generation = self.shared.found.fetch_add(1, Ordering::Relaxed) + 1;
-        let master = Master::new(client, generation)?;
+        let master = Arc::new(Master::new(client, generation)?);
         *self.lock_current() = Some(master.clone());
         Ok(master)
     }
 
-    fn current(&self) -> Option<Master> {
+    fn current(&self) -> Option<Arc<Master>> {
         self.lock_current().clone()
     }
 
-    fn lock_current(&self) -> std::sync::MutexGuard<'_, Option<Master>> {
+    fn lock_current(&self) -> std::sync::MutexGuard<'_, Option<Arc<Master>>> {
         // The lock guards a plain swap: a panic cannot leave it half done.
         self.shared.current.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
@@ -400,8 +423,11 @@ impl ConnectionLike for RedisConnection {
         Box::pin(async move {
             let master = self.master().await?;
             let result = master.manager.clone().req_packed_command(cmd).await;
-            if let Err(error) = &result {
-                self.failed(&master, error);
+            match &result {
+                Err(error) => self.failed(&master, error),
+                // An error reply (`MOVED`, `READONLY`...) arrives as a value, made an error later.
+                Ok(Value::ServerError(error)) => self.failed(&master, &error.clone().into()),
+                Ok(_) => {}
             }
             result
         })
@@ -416,8 +442,14 @@ impl ConnectionLike for RedisConnection {
         Box::pin(async move {
             let master = self.master().await?;
             let result = master.manager.clone().req_packed_commands(pipeline, offset, count).await;
-            if let Err(error) = &result {
-                self.failed(&master, error);
+            match &result {
+                Err(error) => self.failed(&master, error),
+                Ok(values) => {
+                    if let Some(Value::ServerError(error)) = values.iter().find(|v| matches!(v, Value::ServerError(_)))
+                    {
+                        self.failed(&master, &error.clone().into());
+                    }
+                }
             }
             result
         })

@@ -146,7 +146,9 @@ impl StoreError {
         match self {
             StoreError::Redis(e) => {
                 use redis::{ErrorKind, ServerErrorKind};
-                // A Redis loading its data, failing over or read-only answers again soon.
+                // A Redis loading its data, failing over or read-only answers again soon; so does
+                // a cluster whose slot moved to another master (`MOVED`, `ASK`: the next command
+                // asks the nodes where it is).
                 let passing = matches!(
                     e.kind(),
                     ErrorKind::Server(
@@ -155,6 +157,8 @@ impl StoreError {
                             | ServerErrorKind::MasterDown
                             | ServerErrorKind::ReadOnly
                             | ServerErrorKind::ClusterDown
+                            | ServerErrorKind::Moved
+                            | ServerErrorKind::Ask
                             // A script missing again right after it was loaded: a new master
                             // or a reconnection came between the two.
                             | ServerErrorKind::NoScript

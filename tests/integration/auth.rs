@@ -137,6 +137,11 @@ async fn admin_and_read_endpoints_require_their_tokens() {
         (get("/v1/users/2/unread-count", Some("not-the-read-token")), StatusCode::UNAUTHORIZED),
         (get("/v1/users/2/unread-count", Some(READ)), StatusCode::OK),
         (get("/v1/unread-counts?user_ids=2", Some(ADMIN)), StatusCode::OK),
+        // The token is checked before the request is read: no word on what it got wrong.
+        (get("/v1/users/not-a-user/unread-count", None), StatusCode::UNAUTHORIZED),
+        (get("/v1/unread-counts?user_ids=x", None), StatusCode::UNAUTHORIZED),
+        (get("/metrics", None), StatusCode::UNAUTHORIZED),
+        (get("/metrics", Some(READ)), StatusCode::OK),
         (get("/healthz", None), StatusCode::OK),
     ] {
         let uri = request.uri().to_string();

@@ -69,12 +69,22 @@ async fn fresh_mysql_database_is_migrated_by_the_migrate_command() {
 #[tokio::test]
 async fn invalid_settings_stop_start_up_naming_the_variable() {
     let env = TestEnv::sqlite().await;
-    let cases: [(&[&str], &str); 14] = [
+    let cases: [(&[&str], &str); 17] = [
         (&["serve"], "COUNTERSINK_WEBHOOK_SECRET"),
         (&["serve", "--webhook-secret", "not-a-whsec-secret"], "COUNTERSINK_WEBHOOK_SECRET"),
         (&["--database-url", "sqlite://", "migrate"], "COUNTERSINK_DATABASE_URL"),
         (&["--database-url", "http://example", "migrate"], "COUNTERSINK_DATABASE_URL"),
         (&["--redis-url", "localhost:6379", "flush"], "COUNTERSINK_REDIS_URL"),
+        // TLS is not built in: refused with a word on what to do, not at the first connection.
+        (
+            &["--redis-url", "rediss://127.0.0.1:6380", "flush"],
+            "TLS to Redis (rediss://) is not built into this binary",
+        ),
+        (&["--redis-cluster-nodes", "127.0.0.1", "flush"], "COUNTERSINK_REDIS_CLUSTER_NODES"),
+        (
+            &["--redis-cluster-nodes", "127.0.0.1:7000", "--redis-url", "redis://127.0.0.1/3", "flush"],
+            "database 0 only",
+        ),
         (&["--worker-threads", "100000", "flush"], "COUNTERSINK_WORKER_THREADS"),
         (&["--flush-chunk-users", "20000", "flush"], "COUNTERSINK_FLUSH_CHUNK_USERS"),
         (&["serve", "--flush-cron", "every minute"], "COUNTERSINK_FLUSH_CRON"),

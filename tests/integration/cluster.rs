@@ -20,10 +20,31 @@ use super::sentinel::{post_until_accepted, reads_served};
 const USERS: u64 = 200;
 const OPERATIONS: usize = 150;
 
+/// How the slot's master goes away.
+#[derive(Debug, Clone, Copy)]
+enum Failover {
+    /// SIGKILL: the other masters promote its replica a second later.
+    MasterKilled,
+    /// `CLUSTER FAILOVER` on the replica: the old master, still running, becomes its replica and
+    /// answers `MOVED` for the slot.
+    Requested,
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deployment_runs_in_its_slot_and_follows_a_failover_of_its_master() {
+    failover_under_load(Failover::MasterKilled).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_requested_failover_is_followed_away_from_the_demoted_master() {
+    failover_under_load(Failover::Requested).await;
+}
+
+/// Events in rounds, a flush, the failover between two rounds with deltas pending, more rounds
+/// (retried through the 503s), and every user's count read and stored checked.
+async fn failover_under_load(failover: Failover) {
     let seed: u64 = rand::random();
-    println!("seed {seed}");
+    println!("{failover:?}: seed {seed}");
     let env = TestEnv::postgres_with_source().await;
     let mut cluster = ClusterSetup::start();
     let hash_tag = format!("{{{}}}", env.core.redis_prefix);
@@ -56,7 +77,12 @@ async fn a_deployment_runs_in_its_slot_and_follows_a_failover_of_its_master() {
             sidecar.flush().await;
         }
         if round == 4 {
-            cluster.kill(first_master);
+            match failover {
+                Failover::MasterKilled => cluster.kill(first_master),
+                Failover::Requested => {
+                    cluster.request_failover(first_master);
+                }
+            }
             promoted = Some(cluster.wait_for_failover(&hash_tag, first_master));
         }
         let events: Vec<Value> = world.write(&site.db, OPERATIONS).await;

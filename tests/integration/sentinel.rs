@@ -266,3 +266,35 @@ async fn post_until_answered(sidecar: &Sidecar, webhook_id: &str, events: &[Valu
         }
     }
 }
+
+/// Issue #16: Sentinels that require a password (`requirepass`) are reached with the one in
+/// their URLs (`--redis-sentinels redis://:password@host:port,...`); a client without it is
+/// refused, so the sidecar's reads served prove it used it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sentinels_that_require_a_password_are_reached_with_the_one_in_their_urls() {
+    let env = TestEnv::postgres_with_source().await;
+    let redis = SentinelSetup::start_with_password("sentinel-secret");
+    let mut plain = redis::Client::open(format!("redis://127.0.0.1:{}", redis.sentinel_ports[0]))
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    let refused = redis::cmd("SENTINEL").arg("masters").query::<redis::Value>(&mut plain);
+    assert!(refused.is_err(), "a Sentinel answered without its password: {refused:?}");
+    let options = SidecarOptions {
+        flush_cron: "off".into(),
+        redis_url: Some("redis://127.0.0.1:1".into()),
+        serve_args: vec![
+            "--redis-sentinels".into(),
+            redis.urls(),
+            "--redis-sentinel-master".into(),
+            MASTER_NAME.into(),
+        ],
+        ..SidecarOptions::default()
+    };
+    let sidecar = Sidecar::start(&env, options).await;
+    assert!(
+        eventually_async(Duration::from_secs(30), || reads_served(&sidecar)).await,
+        "the master was not found through the Sentinels:\n{}",
+        sidecar.stderr_text()
+    );
+}

@@ -21,7 +21,7 @@ impl ClusterSetup {
     /// until every node says the cluster is up and each master has its replica.
     pub fn start() -> ClusterSetup {
         let dir = tempfile::tempdir().unwrap();
-        let ports: Vec<u16> = (0..6).map(|_| free_port()).collect();
+        let ports: Vec<u16> = (0..6).map(|_| cluster_port()).collect();
         let nodes = ports
             .iter()
             .map(|port| {
@@ -107,6 +107,25 @@ impl ClusterSetup {
         }
     }
 
+    /// Asks the replica of the master on `master` to take over (`CLUSTER FAILOVER` on it): the
+    /// master, still running, becomes its replica and answers `MOVED` for the slot. Returns the
+    /// replica's port.
+    pub fn request_failover(&self, master: u16) -> u16 {
+        let replica = self
+            .ports
+            .iter()
+            .copied()
+            .find(|&port| {
+                super::sentinel::info(port, "replication")
+                    .is_some_and(|info| info.contains("role:slave") && info.contains(&format!("master_port:{master}")))
+            })
+            .expect("the master has a replica");
+        let mut conn = connection(replica).expect("the replica answers");
+        let answer: String = redis::cmd("CLUSTER").arg("FAILOVER").query(&mut conn).unwrap();
+        assert_eq!(answer, "OK", "CLUSTER FAILOVER was refused");
+        replica
+    }
+
     /// Waits until a node other than `old_master` serves the slot of `key`.
     pub fn wait_for_failover(&self, key: &str, old_master: u16) -> u16 {
         let mut promoted = None;
@@ -115,6 +134,17 @@ impl ClusterSetup {
             promoted.is_some()
         });
         promoted.unwrap()
+    }
+}
+
+/// A free port for a node whose cluster bus port (10,000 above it; Redis refuses a node above
+/// 55,535) is free too.
+fn cluster_port() -> u16 {
+    loop {
+        let port = free_port();
+        if port <= 55_535 && std::net::TcpListener::bind(("127.0.0.1", port + 10_000)).is_ok() {
+            return port;
+        }
     }
 }
 

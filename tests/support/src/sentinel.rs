@@ -17,6 +17,8 @@ pub struct SentinelSetup {
     pub replica_port: u16,
     /// The Sentinels' ports.
     pub sentinel_ports: Vec<u16>,
+    /// The password the Sentinels require, if any.
+    password: Option<String>,
     master: Running,
     replica: Running,
     _sentinels: Vec<Running>,
@@ -27,6 +29,16 @@ impl SentinelSetup {
     /// Starts every process and waits until the Sentinels know the master, its replica and each
     /// other (what a failover needs).
     pub fn start() -> SentinelSetup {
+        Self::start_with(None)
+    }
+
+    /// [`SentinelSetup::start`], with Sentinels that require `password` (`requirepass`) from
+    /// their clients and each other.
+    pub fn start_with_password(password: &str) -> SentinelSetup {
+        Self::start_with(Some(password))
+    }
+
+    fn start_with(password: Option<&str>) -> SentinelSetup {
         let dir = tempfile::tempdir().unwrap();
         let (master_port, replica_port) = (free_port(), free_port());
         let master = redis_server(dir.path(), &["--port", &master_port.to_string()]);
@@ -48,8 +60,10 @@ impl SentinelSetup {
                         "port {port}\nbind 127.0.0.1\ndir {dir}\n\
                          sentinel monitor {MASTER_NAME} 127.0.0.1 {master_port} 2\n\
                          sentinel down-after-milliseconds {MASTER_NAME} 1000\n\
-                         sentinel failover-timeout {MASTER_NAME} 10000\n",
-                        dir = dir.path().display()
+                         sentinel failover-timeout {MASTER_NAME} 10000\n{auth}",
+                        dir = dir.path().display(),
+                        auth = password
+                            .map_or(String::new(), |p| format!("requirepass {p}\nsentinel sentinel-pass {p}\n")),
                     ),
                 )
                 .unwrap();
@@ -66,6 +80,7 @@ impl SentinelSetup {
             master_port,
             replica_port,
             sentinel_ports,
+            password: password.map(String::from),
             master,
             replica,
             _sentinels: sentinels,
@@ -74,7 +89,8 @@ impl SentinelSetup {
         for &port in &setup.sentinel_ports {
             wait_for(Duration::from_secs(20), "each Sentinel to know the replica and the other Sentinels", || {
                 let known = |what: &str| {
-                    sentinel_query::<Vec<redis::Value>>(port, &[what, MASTER_NAME]).map_or(0, |list| list.len())
+                    sentinel_query::<Vec<redis::Value>>(port, password, &[what, MASTER_NAME])
+                        .map_or(0, |list| list.len())
                 };
                 known("replicas") == 1 && known("sentinels") == 2
             });
@@ -87,10 +103,21 @@ impl SentinelSetup {
         self.sentinel_ports.iter().map(|port| format!("127.0.0.1:{port}")).collect::<Vec<_>>().join(",")
     }
 
+    /// The Sentinels' URLs with their password, as `--redis-sentinels` also takes them.
+    pub fn urls(&self) -> String {
+        let password = self.password.as_deref().unwrap_or_default();
+        self.sentinel_ports
+            .iter()
+            .map(|port| format!("redis://:{password}@127.0.0.1:{port}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
     /// The master's port, as the first Sentinel that answers says.
     pub fn master_port_now(&self) -> Option<u16> {
         self.sentinel_ports.iter().find_map(|&port| {
-            let (_, master_port): (String, u16) = sentinel_query(port, &["get-master-addr-by-name", MASTER_NAME])?;
+            let (_, master_port): (String, u16) =
+                sentinel_query(port, self.password.as_deref(), &["get-master-addr-by-name", MASTER_NAME])?;
             Some(master_port)
         })
     }
@@ -98,7 +125,8 @@ impl SentinelSetup {
     /// Asks a Sentinel to fail over now (`SENTINEL FAILOVER`): the replica is promoted and the
     /// master, still running, becomes its replica.
     pub fn request_failover(&self) {
-        let answer: Option<String> = sentinel_query(self.sentinel_ports[0], &["failover", MASTER_NAME]);
+        let answer: Option<String> =
+            sentinel_query(self.sentinel_ports[0], self.password.as_deref(), &["failover", MASTER_NAME]);
         assert_eq!(answer.as_deref(), Some("OK"), "SENTINEL FAILOVER was refused");
     }
 
@@ -163,8 +191,9 @@ pub(crate) fn info(port: u16, section: &str) -> Option<String> {
     redis::cmd("INFO").arg(section).query(&mut conn).ok()
 }
 
-fn sentinel_query<T: redis::FromRedisValue>(port: u16, args: &[&str]) -> Option<T> {
-    let mut conn = redis::Client::open(format!("redis://127.0.0.1:{port}")).ok()?.get_connection().ok()?;
+fn sentinel_query<T: redis::FromRedisValue>(port: u16, password: Option<&str>, args: &[&str]) -> Option<T> {
+    let auth = password.map_or(String::new(), |p| format!(":{p}@"));
+    let mut conn = redis::Client::open(format!("redis://{auth}127.0.0.1:{port}")).ok()?.get_connection().ok()?;
     redis::cmd("SENTINEL").arg(args).query(&mut conn).ok()
 }
 
