@@ -662,7 +662,8 @@ mod tests {
         assert!(no_sentinels.contains("is used only with --redis-sentinels"), "{no_sentinels}");
         let no_port = core(&["--redis-sentinels", "127.0.0.1", "--redis-sentinel-master", "m"]).validate().unwrap_err();
         assert!(no_port.to_string().contains("expected host:port"), "{no_port}");
-        let with_password = core(&["--redis-sentinels", "redis://:secret@127.0.0.1:26379", "--redis-sentinel-master", "m"]);
+        let with_password =
+            core(&["--redis-sentinels", "redis://:secret@127.0.0.1:26379", "--redis-sentinel-master", "m"]);
         assert!(with_password.validate().is_ok());
         let tls = core(&["--redis-sentinels", "rediss://127.0.0.1:26379", "--redis-sentinel-master", "m"]);
         assert!(tls.validate().unwrap_err().to_string().contains("expected host:port"));

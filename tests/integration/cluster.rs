@@ -6,19 +6,11 @@
 //! rebuilt from the Notification table, as after a restart). Spreading one deployment over the
 //! masters is not built (docs/scaling.md, *Redis Cluster*).
 
-use std::collections::HashMap;
-use std::time::Duration;
-
-use serde_json::Value;
 use support::cluster::ClusterSetup;
 use support::sidecar::{Sidecar, SidecarOptions};
-use support::world::{wrong_users, World};
-use support::{eventually_async, TestEnv};
+use support::TestEnv;
 
-use super::sentinel::{post_until_accepted, reads_served};
-
-const USERS: u64 = 200;
-const OPERATIONS: usize = 150;
+use super::sentinel::rounds_across_a_failover;
 
 /// How the slot's master goes away.
 #[derive(Debug, Clone, Copy)]
@@ -57,62 +49,23 @@ async fn failover_under_load(failover: Failover) {
         ..SidecarOptions::default()
     };
     let sidecar = Sidecar::start(&env, options).await;
-    assert!(
-        eventually_async(Duration::from_secs(30), || reads_served(&sidecar)).await,
-        "the first bootstrap did not finish:\n{}",
-        sidecar.stderr_text()
-    );
     let keys_on = |port: u16| -> usize {
         let mut conn = redis::Client::open(format!("redis://127.0.0.1:{port}")).unwrap().get_connection().unwrap();
         let keys: Vec<String> = redis::cmd("KEYS").arg(format!("{hash_tag}*")).query(&mut conn).unwrap();
         keys.len()
     };
-    assert!(keys_on(first_master) > 0, "the deployment's keys are on its slot's master");
-
-    let site = env.state();
-    let mut world = World::new(seed, USERS, 1);
     let mut promoted = None;
-    for round in 0..8 {
-        if round == 2 {
-            sidecar.flush().await;
-        }
-        if round == 4 {
-            match failover {
-                Failover::MasterKilled => cluster.kill(first_master),
-                Failover::Requested => {
-                    cluster.request_failover(first_master);
-                }
+    rounds_across_a_failover(&env, &sidecar, seed, async || {
+        assert!(keys_on(first_master) > 0, "the deployment's keys are on its slot's master");
+        match failover {
+            Failover::MasterKilled => cluster.kill(first_master),
+            Failover::Requested => {
+                cluster.request_failover(first_master);
             }
-            promoted = Some(cluster.wait_for_failover(&hash_tag, first_master));
         }
-        let events: Vec<Value> = world.write(&site.db, OPERATIONS).await;
-        for chunk in events.chunks(50) {
-            post_until_accepted(&sidecar, chunk, round).await;
-        }
-    }
-    let promoted = promoted.unwrap();
-
-    assert!(
-        eventually_async(Duration::from_secs(60), || reads_served(&sidecar)).await,
-        "reads were not served again after the failover:\n{}",
-        sidecar.stderr_text()
-    );
-    let want = world.expected_counts();
-    let read: HashMap<u64, i64> = sidecar.read_counts(&world.user_ids()).await.into_iter().collect();
-    let wrong = wrong_users(&world.user_ids(), &read, &want);
-    assert!(wrong.is_empty(), "{} users read wrong, e.g. (user, read, true) {:?}", wrong.len(), &wrong[..1]);
-    sidecar.flush().await;
-    let stored = env.stored_counts().await;
-    let wrong = wrong_users(&world.user_ids(), &stored, &want);
-    assert!(wrong.is_empty(), "{} users stored wrong, e.g. (user, stored, true) {:?}", wrong.len(), &wrong[..1]);
+        promoted = Some(cluster.wait_for_failover(&hash_tag, first_master));
+    })
+    .await;
+    let promoted = promoted.expect("the failover ran");
     assert!(keys_on(promoted) > 0, "the deployment's keys are on the promoted master");
-    let metrics = reqwest::get(format!("{}/metrics", sidecar.base)).await.unwrap().text().await.unwrap();
-    let found: u64 = metrics
-        .lines()
-        .find_map(|line| line.strip_prefix("countersink_redis_masters_found_total "))
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("no countersink_redis_masters_found_total in\n{metrics}"));
-    assert!(found >= 2, "{found} masters found: the first and the promoted replica at least");
-    let stderr = sidecar.stderr_text();
-    assert!(stderr.contains("asking for the master again"), "the failover was not noticed as one:\n{stderr}");
 }

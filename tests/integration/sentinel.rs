@@ -15,7 +15,7 @@ use support::{eventually_async, TestEnv};
 const USERS: u64 = 200;
 const OPERATIONS: usize = 150;
 
-pub(crate) async fn reads_served(sidecar: &Sidecar) -> bool {
+async fn reads_served(sidecar: &Sidecar) -> bool {
     let ready = reqwest::get(format!("{}/readyz", sidecar.base)).await.is_ok_and(|r| r.status() == 200);
     let read = reqwest::get(format!("{}/v1/unread-counts?user_ids=1", sidecar.base)).await;
     ready && read.is_ok_and(|r| r.status() == 200)
@@ -23,7 +23,7 @@ pub(crate) async fn reads_served(sidecar: &Sidecar) -> bool {
 
 /// Posts `events` as the Django package does, retrying a 503 (and a lost answer) with the same
 /// webhook-id for up to a minute; any other answer fails the test with the sidecar's log.
-pub(crate) async fn post_until_accepted(sidecar: &Sidecar, events: &[Value], round: usize) {
+async fn post_until_accepted(sidecar: &Sidecar, events: &[Value], round: usize) {
     let client = reqwest::Client::new();
     let webhook_id = new_webhook_id();
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
@@ -59,6 +59,18 @@ async fn a_requested_failover_is_followed_away_from_the_demoted_master() {
     failover_under_load(Failover::Requested).await;
 }
 
+/// Options for a sidecar that finds the master through the Sentinels `sentinels` (addresses or
+/// URLs) only.
+fn through_sentinels(sentinels: String) -> SidecarOptions {
+    SidecarOptions {
+        flush_cron: "off".into(),
+        // Nothing listens there: the master can only be found through Sentinel.
+        redis_url: Some("redis://127.0.0.1:1".into()),
+        serve_args: vec!["--redis-sentinels".into(), sentinels, "--redis-sentinel-master".into(), MASTER_NAME.into()],
+        ..SidecarOptions::default()
+    }
+}
+
 /// Events in rounds, a flush, then the failover between two requests with deltas pending, more
 /// rounds (retried through the 503s), and every user's count read and stored checked.
 async fn failover_under_load(failover: Failover) {
@@ -66,54 +78,57 @@ async fn failover_under_load(failover: Failover) {
     println!("{failover:?}: seed {seed}");
     let env = TestEnv::postgres_with_source().await;
     let mut redis = SentinelSetup::start();
-    let options = SidecarOptions {
-        flush_cron: "off".into(),
-        // Nothing listens there: the master can only be found through Sentinel.
-        redis_url: Some("redis://127.0.0.1:1".into()),
-        serve_args: vec![
-            "--redis-sentinels".into(),
-            redis.addresses(),
-            "--redis-sentinel-master".into(),
-            MASTER_NAME.into(),
-        ],
-        ..SidecarOptions::default()
-    };
-    let sidecar = Sidecar::start(&env, options).await;
+    let sidecar = Sidecar::start(&env, through_sentinels(redis.addresses())).await;
+    rounds_across_a_failover(&env, &sidecar, seed, async || match failover {
+        Failover::MasterKilled => redis.kill_master(),
+        Failover::Requested => {
+            redis.request_failover();
+            // The next write goes to the demoted master, still up: it must be left.
+            let demoted = eventually_async(Duration::from_secs(30), || async {
+                redis.master_port_now() == Some(redis.replica_port) && redis.old_master_is_a_replica()
+            })
+            .await;
+            assert!(demoted, "Sentinel did not swap the master and the replica");
+        }
+    })
+    .await;
+    assert_eq!(redis.master_port_now(), Some(redis.replica_port), "Sentinel did not promote the replica");
+}
+
+/// Once the first bootstrap is done: events in 8 rounds, a flush after the second, `fail_over`
+/// before the fifth, every event retried through the 503s until accepted; then every user's count
+/// read and stored must be the table's, and the sidecar must have found a second master after
+/// noticing the first one fail.
+pub(crate) async fn rounds_across_a_failover(
+    env: &TestEnv,
+    sidecar: &Sidecar,
+    seed: u64,
+    fail_over: impl AsyncFnOnce(),
+) {
     assert!(
-        eventually_async(Duration::from_secs(30), || reads_served(&sidecar)).await,
+        eventually_async(Duration::from_secs(30), || reads_served(sidecar)).await,
         "the first bootstrap did not finish:\n{}",
         sidecar.stderr_text()
     );
-
     let site = env.state();
     let mut world = World::new(seed, USERS, 1);
+    let mut fail_over = Some(fail_over);
     for round in 0..8 {
         if round == 2 {
             sidecar.flush().await;
         }
         if round == 4 {
-            match failover {
-                Failover::MasterKilled => redis.kill_master(),
-                Failover::Requested => {
-                    redis.request_failover();
-                    // The next write goes to the demoted master, still up: it must be left.
-                    let demoted = eventually_async(Duration::from_secs(30), || async {
-                        redis.master_port_now() == Some(redis.replica_port) && redis.old_master_is_a_replica()
-                    })
-                    .await;
-                    assert!(demoted, "Sentinel did not swap the master and the replica");
-                }
+            if let Some(fail_over) = fail_over.take() {
+                fail_over().await;
             }
         }
         let events: Vec<Value> = world.write(&site.db, OPERATIONS).await;
         for chunk in events.chunks(50) {
-            post_until_accepted(&sidecar, chunk, round).await;
+            post_until_accepted(sidecar, chunk, round).await;
         }
     }
-    assert_eq!(redis.master_port_now(), Some(redis.replica_port), "Sentinel did not promote the replica");
-
     assert!(
-        eventually_async(Duration::from_secs(60), || reads_served(&sidecar)).await,
+        eventually_async(Duration::from_secs(60), || reads_served(sidecar)).await,
         "reads were not served again after the failover:\n{}",
         sidecar.stderr_text()
     );
@@ -280,18 +295,7 @@ async fn sentinels_that_require_a_password_are_reached_with_the_one_in_their_url
         .unwrap();
     let refused = redis::cmd("SENTINEL").arg("masters").query::<redis::Value>(&mut plain);
     assert!(refused.is_err(), "a Sentinel answered without its password: {refused:?}");
-    let options = SidecarOptions {
-        flush_cron: "off".into(),
-        redis_url: Some("redis://127.0.0.1:1".into()),
-        serve_args: vec![
-            "--redis-sentinels".into(),
-            redis.urls(),
-            "--redis-sentinel-master".into(),
-            MASTER_NAME.into(),
-        ],
-        ..SidecarOptions::default()
-    };
-    let sidecar = Sidecar::start(&env, options).await;
+    let sidecar = Sidecar::start(&env, through_sentinels(redis.urls())).await;
     assert!(
         eventually_async(Duration::from_secs(30), || reads_served(&sidecar)).await,
         "the master was not found through the Sentinels:\n{}",
