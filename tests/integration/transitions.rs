@@ -487,6 +487,19 @@ async fn a_malformed_idempotency_record_refuses_its_request_alone() {
     assert_eq!((count(&state, 10).await, count(&state, 11).await), (1, 1));
 }
 
+/// Writes `id`'s record as the former version did, a key of its own ("hex body digest:outcomes",
+/// one event changed), for 10 minutes.
+fn write_former_record(env: &TestEnv, state: &AppState, id: &countersink::store::Idempotency) {
+    let hex: String = id.body_digest.iter().map(|b| format!("{b:02x}")).collect();
+    redis::cmd("SET")
+        .arg(state.store.keys().webhook(&id.key))
+        .arg(format!("{hex}:1 0 0 0 0"))
+        .arg("EX")
+        .arg(600)
+        .exec(&mut env.redis())
+        .unwrap();
+}
+
 /// Issue #15: records are packed into hashes now; one that the former version wrote, a key per
 /// `webhook-id` holding "hex body digest:outcomes", is still honoured until it expires: its
 /// replay is answered with its first outcome and applies nothing, a reuse with another body is
@@ -499,14 +512,7 @@ async fn a_record_the_former_version_wrote_is_honoured() {
     let state = env.state();
     let ttl = std::time::Duration::from_secs(3600);
     let replayed = Idempotency::new("msg_before_upgrade", b"the body", ttl);
-    let hex: String = replayed.body_digest.iter().map(|b| format!("{b:02x}")).collect();
-    redis::cmd("SET")
-        .arg(state.store.keys().webhook("msg_before_upgrade"))
-        .arg(format!("{hex}:1 0 0 0 0"))
-        .arg("EX")
-        .arg(600)
-        .exec(&mut env.redis())
-        .unwrap();
+    write_former_record(&env, &state, &replayed);
     let events = [Event::save(1, 10, true, true)];
     let applied = state.store.apply_once(&events, Some(replayed)).await.unwrap();
     assert!(applied.replayed && applied.outcome.changed == 1, "{applied:?}");
@@ -577,14 +583,7 @@ async fn records_live_between_one_and_two_ttls_and_former_keys_are_read_for_one(
     let state = env.state();
     let ttl = Duration::from_secs(2);
     let former = Idempotency::new("msg_former", b"former", ttl);
-    let hex: String = former.body_digest.iter().map(|b| format!("{b:02x}")).collect();
-    redis::cmd("SET")
-        .arg(state.store.keys().webhook("msg_former"))
-        .arg(format!("{hex}:1 0 0 0 0"))
-        .arg("EX")
-        .arg(600)
-        .exec(&mut env.redis())
-        .unwrap();
+    write_former_record(&env, &state, &former);
     let written = Instant::now();
     let new = Idempotency::new("msg_new", b"new", ttl);
     let first = state.store.apply_once(&[Event::save(1, 10, true, true)], Some(new.clone())).await.unwrap();
