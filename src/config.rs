@@ -428,20 +428,20 @@ impl CoreConfig {
                 format!("expected a redis:// URL, got {:?}", self.redis_url),
             ));
         }
-        for (addresses, setting) in [
-            (&self.redis_sentinels, setting!(CoreConfig.redis_sentinels)),
-            (&self.redis_cluster_nodes, setting!(CoreConfig.redis_cluster_nodes)),
-        ] {
-            for address in addresses {
-                let sentinel_url = setting.0 == "redis_sentinels" && address.starts_with("redis://");
-                let url_ok = sentinel_url && redis::IntoConnectionInfo::into_connection_info(address.as_str()).is_ok();
-                if !url_ok && parse_host_port(address).is_none() {
-                    return Err(ConfigError::new(
-                        setting,
-                        format!("expected host:port addresses, comma-separated; got {address:?}"),
-                    ));
-                }
-            }
+        // A Sentinel may also be a `redis://` URL, with the password it requires.
+        let sentinel_url =
+            |a: &str| a.starts_with("redis://") && redis::IntoConnectionInfo::into_connection_info(a).is_ok();
+        if let Some(address) = self.redis_sentinels.iter().find(|a| !sentinel_url(a) && parse_host_port(a).is_none()) {
+            return Err(ConfigError::new(
+                setting!(CoreConfig.redis_sentinels),
+                format!("expected host:port addresses or redis:// URLs, comma-separated; got {address:?}"),
+            ));
+        }
+        if let Some(address) = self.redis_cluster_nodes.iter().find(|a| parse_host_port(a).is_none()) {
+            return Err(ConfigError::new(
+                setting!(CoreConfig.redis_cluster_nodes),
+                format!("expected host:port addresses, comma-separated; got {address:?}"),
+            ));
         }
         if !self.redis_cluster_nodes.is_empty() {
             if !self.redis_sentinels.is_empty() {

@@ -1,6 +1,6 @@
-//! Request authentication: the bearer tokens of [`crate::credentials`] required on the admin
-//! routes (a middleware) and the read routes (an extractor) (webhook signatures are checked by the events handler, which needs
-//! the body).
+//! Request authentication: the bearer tokens of [`crate::credentials`], required on the admin
+//! routes by a middleware and on the read routes by an extractor. Webhook signatures are checked
+//! by the events handler, which needs the body.
 
 use axum::extract::{FromRequestParts, Request, State};
 use axum::http::request::Parts;

@@ -14,9 +14,10 @@
 //! | `GET /openapi.json`                      | `openapi.rs` |
 //!
 //! `server.rs` accepts connections (hyper's HTTP/1 with a header-read timeout and a connection
-//! cap), in front of this router. `user_ids.rs` parses the bulk read's query. `auth.rs` holds the bearer-token checks, a middleware for the admin routes and an extractor for the reads
-//! (the tokens and their checks are [`crate::credentials`]): reads take the read token (when
-//! set), flush and status the admin token; `events.rs` checks the webhook signature. `request_id.rs` gives every request an
+//! cap), in front of this router. `user_ids.rs` parses the bulk read's query. `auth.rs` holds the
+//! bearer-token checks, a middleware for the admin routes and an extractor for the reads (the
+//! tokens and their checks are [`crate::credentials`]): reads take the read token (when set),
+//! flush and status the admin token; `events.rs` checks the webhook signature. `request_id.rs` gives every request an
 //! id for its log lines; `metrics.rs` also times every request.
 
 pub mod auth;

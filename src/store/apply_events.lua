@@ -111,9 +111,9 @@ local epochs = nil
 local next_event = FIRST_EVENT
 for r = 1, requests do
   local at = FIRST_REQUEST + REQUEST_ARGS * (r - 1)
-  local legacy_index, field, digest, n = ARGV[at], ARGV[at + 1], ARGV[at + 2], tonumber(ARGV[at + 3])
-  record_of_request[r] = legacy_index ~= '0' and at
-  if legacy_index ~= '0' then
+  local former_index, field, digest, n = ARGV[at], ARGV[at + 1], ARGV[at + 2], tonumber(ARGV[at + 3])
+  record_of_request[r] = former_index ~= '0' and at
+  if former_index ~= '0' then
     local earlier = seen_here[field]
     if earlier then
       -- Filled in at the end, from the earlier request's outcome.
@@ -124,14 +124,14 @@ for r = 1, requests do
         epochs = epochs or record_epochs(ARGV[9], ttl, KEYS[8])
         first, bucket = find_record(epochs, field)
       end
-      local legacy = KEYS[tonumber(legacy_index)]
+      local former = KEYS[tonumber(former_index)]
       local first_digest, outcomes
       if first then
         first_digest, outcomes = string.sub(first, 1, 8), string.sub(first, 9)
         if #first < 8 or not string.match(outcomes, '^[%d ]*$') then outcomes = nil end
       elseif ttl > 0 and epochs.former_keys_may_live then
         -- Written before records were packed: "hex digest:outcomes", or the outcomes alone.
-        first = redis.call('GET', legacy)
+        first = redis.call('GET', former)
         if first then
           local hex
           hex, outcomes = string.match(first, '^(%x+):(.*)$')
@@ -159,7 +159,7 @@ for r = 1, requests do
           if bucket then
             redis.call('HSET', bucket, field, first)
           else
-            redis.call('SET', legacy, first, 'KEEPTTL')
+            redis.call('SET', former, first, 'KEEPTTL')
           end
         end
       else

@@ -180,17 +180,13 @@ async fn slot_master(node: &ConnectionInfo, hash_tag: &str) -> Result<Connection
                 return Err(RedisError::from((redis::ErrorKind::Client, "the node knows no address for the master")))
             }
             None | Some("" | "0.0.0.0" | "::") => match node.addr() {
-                ConnectionAddr::Tcp(host, _) | ConnectionAddr::TcpTls { host, .. } => host.clone(),
+                ConnectionAddr::Tcp(host, _) => host.clone(),
                 _ => return Err(RedisError::from((redis::ErrorKind::Client, "a cluster node is not a TCP address"))),
             },
             Some(host) => host.to_string(),
         };
-        return Ok(match node.addr() {
-            ConnectionAddr::TcpTls { insecure, tls_params, .. } => {
-                ConnectionAddr::TcpTls { host, port, insecure: *insecure, tls_params: tls_params.clone() }
-            }
-            _ => ConnectionAddr::Tcp(host, port),
-        });
+        // Plain TCP: TLS is not built in (start-up refuses `rediss://`).
+        return Ok(ConnectionAddr::Tcp(host, port));
     }
     Err(RedisError::from((redis::ErrorKind::Server(redis::ServerErrorKind::ClusterDown), "no master serves the slot")))
 }
@@ -220,17 +216,10 @@ impl RedisConnection {
                 let db = settings.db();
                 let node = SentinelNodeConnectionInfo::default().set_redis_connection_info(settings);
                 // `host:port`, or a `redis://` URL with the Sentinels' own credentials.
-                let addresses: Vec<String> =
-                    sentinels
-                        .iter()
-                        .map(|address| {
-                            if address.starts_with("redis://") {
-                                address.clone()
-                            } else {
-                                format!("redis://{address}")
-                            }
-                        })
-                        .collect();
+                let addresses: Vec<String> = sentinels
+                    .iter()
+                    .map(|a| if a.starts_with("redis://") { a.clone() } else { format!("redis://{a}") })
+                    .collect();
                 let client = SentinelClient::build(addresses, master.clone(), Some(node), SentinelServerType::Master)?;
                 Ok(RedisConnection::found_by(Locator::Sentinel(client), db))
             }
@@ -242,15 +231,7 @@ impl RedisConnection {
                         let (host, port) = crate::config::parse_host_port(address).ok_or_else(|| {
                             RedisError::from((redis::ErrorKind::Client, "a cluster node is not host:port"))
                         })?;
-                        Ok(info.clone().set_addr(match info.addr() {
-                            ConnectionAddr::TcpTls { insecure, tls_params, .. } => ConnectionAddr::TcpTls {
-                                host,
-                                port,
-                                insecure: *insecure,
-                                tls_params: tls_params.clone(),
-                            },
-                            _ => ConnectionAddr::Tcp(host, port),
-                        }))
+                        Ok(info.clone().set_addr(ConnectionAddr::Tcp(host, port)))
                     })
                     .collect::<Result<Vec<_>, RedisError>>()?;
                 Ok(RedisConnection::found_by(Locator::Cluster { nodes, answered: 0, hash_tag: hash_tag.clone() }, 0))

@@ -32,10 +32,16 @@
 -- ARGV: (none)
 local RECORD_FILL = 48
 
--- The bucket of `seed` in a table of `buckets` buckets.
-local function record_bucket(seed, buckets)
+-- The largest power of two not above `buckets`: the table's round.
+local function record_round(buckets)
   local low = 1
   while low * 2 <= buckets do low = low * 2 end
+  return low
+end
+
+-- The bucket of `seed` in a table of `buckets` buckets.
+local function record_bucket(seed, buckets)
+  local low = record_round(buckets)
   local b = seed % (2 * low)
   if b >= buckets then b = seed % low end
   return b
@@ -85,8 +91,7 @@ end
 -- Adds bucket n to the epoch: the records of bucket n - low that belong there move.
 local function split_bucket(epoch)
   local n = epoch.buckets
-  local low = 1
-  while low * 2 <= n do low = low * 2 end
+  local low = record_round(n)
   local from = epoch.key .. ':' .. (n - low)
   local held = redis.call('HGETALL', from)
   local moved, fields = {}, {}
