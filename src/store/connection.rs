@@ -293,9 +293,18 @@ impl RedisConnection {
 
     /// The master in use, asking Sentinel or the cluster first when none is.
     async fn master(&self) -> Result<Arc<Master>, RedisError> {
-        if let Some(master) = self.current() {
-            return Ok(master);
+        match self.current() {
+            Some(master) => Ok(master),
+            // Boxed: finding the master is rare, and its future holds redis-rs's Sentinel client
+            // futures, about 25 deep. Inline, it was part of every command's future, and a build
+            // from scratch of a crate that calls the store overflowed rustc's query depth
+            // computing that layout ("queries overflow the depth limit!").
+            None => Box::pin(self.find_master()).await,
         }
+    }
+
+    /// [`Self::master`] when none is known: asks Sentinel or the cluster.
+    async fn find_master(&self) -> Result<Arc<Master>, RedisError> {
         let Some(finder) = &self.shared.finder else {
             // A connection to one address keeps its master from the start.
             return Err(RedisError::from((redis::ErrorKind::Client, "no Redis master is known")));
