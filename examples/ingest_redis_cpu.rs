@@ -10,8 +10,15 @@
 //! cargo run --release --example ingest_redis_cpu -- 2000000   # another number of events
 //! cargo run --release --example ingest_redis_cpu -- 100000 1   # single-event calls, as Django sends
 //! cargo run --release --example ingest_redis_cpu -- 100000 1 16   # 16 single-event requests per call (group commit)
+//! COUNTERSINK_BENCH_CLUSTER=1 cargo run --release --example ingest_redis_cpu   # on a Redis Cluster
 //! ```
 //! Keys go under a prefix of its own, deleted at the end.
+//!
+//! With `COUNTERSINK_BENCH_CLUSTER=1` the program starts a Redis Cluster of its own (3 masters and
+//! 3 replicas on loopback ports, the tests' harness) and the store finds its master as
+//! `--redis-cluster-nodes` does; it then prints each node's Redis CPU and keys: how the load and the
+//! keys spread over the masters (issue #16's target: the busiest master at most 40% of the Redis
+//! CPU). A node's CPU includes its share of the cluster's gossip, a few ms a second.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -20,7 +27,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use countersink::events::Event;
-use countersink::store::{Idempotency, Request, Store};
+use countersink::store::{Idempotency, RedisTarget, Request, Store};
 
 /// Events per script call, as the bench's batched scenario sends (a second argument sets another).
 const DEFAULT_BATCH: u64 = 100;
@@ -49,15 +56,30 @@ async fn main() -> anyhow::Result<()> {
         batch >= 1 && merged >= 1 && events >= batch * merged,
         "give at least one event per request and one request per call, and no fewer events than a call holds"
     );
-    let redis_url = std::env::var("COUNTERSINK_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
     let name = format!("csbench_{:08x}", rand::random::<u32>());
-    let store = Store::connect(&redis_url, &name)?;
-    let mut redis = redis::Client::open(redis_url.as_str())?.get_connection()?;
-    let _: () = redis::cmd("CONFIG").arg("RESETSTAT").query(&mut redis)?;
+    let redis_url = std::env::var("COUNTERSINK_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+    let cluster = std::env::var_os("COUNTERSINK_BENCH_CLUSTER").is_some().then(support::cluster::ClusterSetup::start);
+    let (store, mut nodes) = match &cluster {
+        None => (Store::connect(&redis_url, &name)?, vec![Node::open(&redis_url)?]),
+        Some(cluster) => {
+            let target = RedisTarget::Cluster {
+                nodes: cluster.addresses().split(',').map(str::to_string).collect(),
+                hash_tag: format!("{{{name}}}"),
+                url: "redis://127.0.0.1".into(),
+            };
+            let nodes: anyhow::Result<Vec<Node>> =
+                cluster.ports.iter().map(|port| Node::open(&format!("redis://127.0.0.1:{port}"))).collect();
+            (Store::open(&target, &name)?, nodes?)
+        }
+    };
+    let mut cpu_before = Vec::new();
+    for node in &mut nodes {
+        let _: () = redis::cmd("CONFIG").arg("RESETSTAT").query(&mut node.conn)?;
+        cpu_before.push(redis_cpu(&mut node.conn)?);
+    }
 
     let calls = events / (batch * merged);
     let next_call = Arc::new(AtomicU64::new(0));
-    let cpu_before = redis_cpu(&mut redis)?;
     let started = Instant::now();
     let mut tasks = Vec::new();
     for _ in 0..TASKS {
@@ -96,9 +118,20 @@ async fn main() -> anyhow::Result<()> {
         task.await??;
     }
     let elapsed = started.elapsed();
-    let cpu = redis_cpu(&mut redis)? - cpu_before;
-    let stats: String = redis::cmd("INFO").arg("commandstats").query(&mut redis)?;
-    let pending: u64 = redis::cmd("ZCARD").arg(format!("{{{name}}}:pending")).query(&mut redis)?;
+    let mut cpus = Vec::new();
+    let mut stats = BTreeMap::<String, (u64, u64)>::new();
+    for (node, before) in nodes.iter_mut().zip(&cpu_before) {
+        cpus.push(redis_cpu(&mut node.conn)? - before);
+        let info: String = redis::cmd("INFO").arg("commandstats").query(&mut node.conn)?;
+        for (command, (count, usec)) in commandstats(&info) {
+            let total = stats.entry(command).or_default();
+            *total = (total.0 + count, total.1 + usec);
+        }
+    }
+    let cpu: f64 = cpus.iter().sum();
+    let pending_key = format!("{{{name}}}:pending");
+    let own = nodes.iter_mut().position(|node| node.role == "master" && node.owns(&pending_key)).unwrap_or(0);
+    let pending: u64 = redis::cmd("ZCARD").arg(&pending_key).query(&mut nodes[own].conn)?;
 
     let applied = calls * merged * batch;
     println!(
@@ -111,8 +144,28 @@ async fn main() -> anyhow::Result<()> {
         cpu,
         cpu * 1e6 / applied as f64
     );
+    if nodes.len() > 1 {
+        println!("{:<7} {:<8} {:>10} {:>12} {:>14} {:>8}", "node", "role", "CPU s", "µs/event", "share of CPU", "keys");
+        for (node, node_cpu) in nodes.iter_mut().zip(&cpus) {
+            let keys: u64 = redis::cmd("DBSIZE").query(&mut node.conn)?;
+            println!(
+                "{:<7} {:<8} {node_cpu:>10.2} {:>12.2} {:>13.0}% {keys:>8}",
+                node.port,
+                node.role,
+                node_cpu * 1e6 / applied as f64,
+                node_cpu * 100.0 / cpu
+            );
+        }
+        let masters: Vec<f64> = nodes.iter().zip(&cpus).filter(|(n, _)| n.role == "master").map(|(_, c)| *c).collect();
+        let busiest = masters.iter().copied().fold(0.0, f64::max);
+        println!(
+            "busiest master: {:.0}% of the masters' Redis CPU ({} masters)",
+            busiest * 100.0 / masters.iter().sum::<f64>(),
+            masters.len()
+        );
+    }
     println!("{:<14} {:>10} {:>10} {:>12}", "command", "calls", "per event", "µs/event");
-    for (command, (count, usec)) in commandstats(&stats) {
+    for (command, (count, usec)) in stats {
         println!(
             "{command:<14} {count:>10} {:>10.2} {:>12.2}",
             count as f64 / applied as f64,
@@ -120,12 +173,40 @@ async fn main() -> anyhow::Result<()> {
         );
     }
 
-    let keys: Vec<String> =
-        redis::Commands::scan_match(&mut redis, format!("{{{name}}}:*"))?.filter_map(Result::ok).collect();
-    for chunk in keys.chunks(1_000) {
-        redis::Commands::unlink::<_, ()>(&mut redis, chunk)?;
+    // A cluster of the program's own goes with it.
+    if cluster.is_none() {
+        let redis = &mut nodes[0].conn;
+        let keys: Vec<String> =
+            redis::Commands::scan_match(redis, format!("{{{name}}}:*"))?.filter_map(Result::ok).collect();
+        for chunk in keys.chunks(1_000) {
+            redis::Commands::unlink::<_, ()>(redis, chunk)?;
+        }
     }
     Ok(())
+}
+
+/// One Redis server measured: the single one, or a node of the cluster.
+struct Node {
+    conn: redis::Connection,
+    port: u16,
+    /// `master` or `slave`, as `INFO replication` says.
+    role: String,
+}
+
+impl Node {
+    fn open(url: &str) -> anyhow::Result<Node> {
+        let client = redis::Client::open(url)?;
+        let port = client.get_connection_info().addr().to_string().rsplit(':').next().and_then(|p| p.parse().ok());
+        let mut conn = client.get_connection()?;
+        let info: String = redis::cmd("INFO").arg("replication").query(&mut conn)?;
+        let role = info.lines().find_map(|l| l.strip_prefix("role:")).unwrap_or("master").trim().to_string();
+        Ok(Node { conn, port: port.unwrap_or(6379), role })
+    }
+
+    /// Whether this node serves `key`'s slot (always, outside a cluster).
+    fn owns(&mut self, key: &str) -> bool {
+        redis::cmd("EXISTS").arg(key).query::<u64>(&mut self.conn).is_ok()
+    }
 }
 
 /// Seconds of CPU (user + system) the Redis server has used.
