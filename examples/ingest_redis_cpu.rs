@@ -18,7 +18,8 @@
 //! 3 replicas on loopback ports, the tests' harness) and the store finds its master as
 //! `--redis-cluster-nodes` does; it then prints each node's Redis CPU and keys: how the load and the
 //! keys spread over the masters (issue #16's target: the busiest master at most 40% of the Redis
-//! CPU). A node's CPU includes its share of the cluster's gossip, a few ms a second.
+//! CPU). A node's CPU includes its share of the cluster's gossip, measured first with the cluster
+//! idle for 5 s (the last column).
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -35,6 +36,8 @@ const DEFAULT_BATCH: u64 = 100;
 const TASKS: u64 = 32;
 /// Users the events are spread over.
 const USERS: u64 = 1_000_000;
+/// How long a cluster's nodes are watched idle before the load.
+const IDLE: Duration = Duration::from_secs(5);
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -72,6 +75,15 @@ async fn main() -> anyhow::Result<()> {
             (Store::open(&target, &name)?, nodes?)
         }
     };
+    // Each node's CPU while nothing is sent (a cluster's gossip), to tell from what the load costs.
+    let mut idle = Vec::new();
+    if cluster.is_some() {
+        let before: Vec<f64> = nodes.iter_mut().map(|node| redis_cpu(&mut node.conn)).collect::<anyhow::Result<_>>()?;
+        tokio::time::sleep(IDLE).await;
+        for (node, before) in nodes.iter_mut().zip(before) {
+            idle.push((redis_cpu(&mut node.conn)? - before) / IDLE.as_secs_f64());
+        }
+    }
     let mut cpu_before = Vec::new();
     for node in &mut nodes {
         let _: () = redis::cmd("CONFIG").arg("RESETSTAT").query(&mut node.conn)?;
@@ -145,15 +157,19 @@ async fn main() -> anyhow::Result<()> {
         cpu * 1e6 / applied as f64
     );
     if nodes.len() > 1 {
-        println!("{:<7} {:<8} {:>10} {:>12} {:>14} {:>8}", "node", "role", "CPU s", "µs/event", "share of CPU", "keys");
-        for (node, node_cpu) in nodes.iter_mut().zip(&cpus) {
+        println!(
+            "{:<7} {:<8} {:>10} {:>12} {:>14} {:>8} {:>14}",
+            "node", "role", "CPU s", "µs/event", "share of CPU", "keys", "idle CPU ms/s"
+        );
+        for ((node, node_cpu), idle) in nodes.iter_mut().zip(&cpus).zip(&idle) {
             let keys: u64 = redis::cmd("DBSIZE").query(&mut node.conn)?;
             println!(
-                "{:<7} {:<8} {node_cpu:>10.2} {:>12.2} {:>13.0}% {keys:>8}",
+                "{:<7} {:<8} {node_cpu:>10.2} {:>12.2} {:>13.0}% {keys:>8} {:>14.1}",
                 node.port,
                 node.role,
                 node_cpu * 1e6 / applied as f64,
-                node_cpu * 100.0 / cpu
+                node_cpu * 100.0 / cpu,
+                idle * 1e3
             );
         }
         let masters: Vec<f64> = nodes.iter().zip(&cpus).filter(|(n, _)| n.role == "master").map(|(_, c)| *c).collect();
