@@ -18,7 +18,8 @@
 //! 3 replicas on loopback ports, the tests' harness) and the store finds its master as
 //! `--redis-cluster-nodes` does; it then prints each node's Redis CPU and keys: how the load and the
 //! keys spread over the masters (issue #16's target: the busiest master at most 40% of the Redis
-//! CPU). A node's CPU includes its share of the cluster's gossip, measured first with the cluster
+//! CPU of an ingest run; printed as its share of the masters' CPU and of all nodes'), and the
+//! commands of the deployment's master. A node's CPU includes its share of the cluster's gossip, measured first with the cluster
 //! idle for 5 s (the last column).
 
 use std::collections::BTreeMap;
@@ -28,7 +29,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use countersink::events::Event;
-use countersink::store::{Idempotency, RedisTarget, Request, Store};
+use countersink::store::{Idempotency, Keys, RedisTarget, Request, Store};
 
 /// Events per script call, as the bench's batched scenario sends (a second argument sets another).
 const DEFAULT_BATCH: u64 = 100;
@@ -67,7 +68,7 @@ async fn main() -> anyhow::Result<()> {
         Some(cluster) => {
             let target = RedisTarget::Cluster {
                 nodes: cluster.addresses().split(',').map(str::to_string).collect(),
-                hash_tag: format!("{{{name}}}"),
+                hash_tag: Keys::new(&name).hash_tag().to_string(),
                 url: "redis://127.0.0.1".into(),
             };
             let nodes: anyhow::Result<Vec<Node>> =
@@ -131,19 +132,16 @@ async fn main() -> anyhow::Result<()> {
     }
     let elapsed = started.elapsed();
     let mut cpus = Vec::new();
-    let mut stats = BTreeMap::<String, (u64, u64)>::new();
     for (node, before) in nodes.iter_mut().zip(&cpu_before) {
         cpus.push(redis_cpu(&mut node.conn)? - before);
-        let info: String = redis::cmd("INFO").arg("commandstats").query(&mut node.conn)?;
-        for (command, (count, usec)) in commandstats(&info) {
-            let total = stats.entry(command).or_default();
-            *total = (total.0 + count, total.1 + usec);
-        }
     }
     let cpu: f64 = cpus.iter().sum();
     let pending_key = format!("{{{name}}}:pending");
     let own = nodes.iter_mut().position(|node| node.role == "master" && node.owns(&pending_key)).unwrap_or(0);
     let pending: u64 = redis::cmd("ZCARD").arg(&pending_key).query(&mut nodes[own].conn)?;
+    // The commands of the deployment's master only: its replica runs the script's effects again.
+    let info: String = redis::cmd("INFO").arg("commandstats").query(&mut nodes[own].conn)?;
+    let stats = commandstats(&info);
 
     let applied = calls * merged * batch;
     println!(
@@ -175,10 +173,12 @@ async fn main() -> anyhow::Result<()> {
         let masters: Vec<f64> = nodes.iter().zip(&cpus).filter(|(n, _)| n.role == "master").map(|(_, c)| *c).collect();
         let busiest = masters.iter().copied().fold(0.0, f64::max);
         println!(
-            "busiest master: {:.0}% of the masters' Redis CPU ({} masters)",
+            "busiest master: {:.0}% of the {} masters' Redis CPU, {:.0}% of all nodes'",
             busiest * 100.0 / masters.iter().sum::<f64>(),
-            masters.len()
+            masters.len(),
+            busiest * 100.0 / cpu
         );
+        println!("commands of the deployment's master ({}):", nodes[own].port);
     }
     println!("{:<14} {:>10} {:>10} {:>12}", "command", "calls", "per event", "µs/event");
     for (command, (count, usec)) in stats {

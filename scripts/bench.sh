@@ -3,8 +3,9 @@
 # (docs/benchmarks.png), then the read benchmark from Django (python_client/benchmarks/read_latency.py)
 # and the spread of ingest over a Redis Cluster's nodes (examples/ingest_redis_cpu.rs) into
 # sections of their own of that file. `--quick` is a smoke run that writes target/bench/ instead;
-# `--cluster` runs the cluster section alone (about 1 minute).
-# Needs Redis on 127.0.0.1:6379 and PostgreSQL on 127.0.0.1:5432 (as scripts/test.sh), python3.
+# `--cluster` runs the cluster section alone (about 1 minute; other arguments are then ignored).
+# Needs Redis on 127.0.0.1:6379 and PostgreSQL on 127.0.0.1:5432 (as scripts/test.sh), python3,
+# and redis-server and redis-cli on the PATH.
 # Other arguments go to the bench: see `target/release/examples/bench --help`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -35,14 +36,16 @@ open(doc_path, "w").write(doc)
 PY
 }
 
-# On a Redis Cluster of its own (3 masters, 3 replicas): each node's Redis CPU per event and keys,
-# 1,000,000 events in calls of 100 (issue #16: the busiest master's share of the Redis CPU).
+# On a Redis Cluster of its own (3 masters, 3 replicas; needs redis-cli): each node's Redis CPU per
+# event and keys, 1,000,000 events in calls of 100 (100,000 with --quick); issue #16: the busiest
+# master's share of the Redis CPU.
 cluster_section() {
   cargo build --locked --release --example ingest_redis_cpu
-  local result=target/bench/cluster_spread.txt
+  local result=target/bench/cluster_spread.txt events=1000000
+  [ "$out" = docs ] || events=100000
   {
     echo "commit $(git rev-parse --short HEAD), $(date -u '+%Y-%m-%d %H:%M UTC'), $(redis-server --version | cut -d' ' -f3)"
-    COUNTERSINK_BENCH_CLUSTER=1 target/release/examples/ingest_redis_cpu 1000000
+    COUNTERSINK_BENCH_CLUSTER=1 target/release/examples/ingest_redis_cpu "$events"
   } | tee "$result"
   write_section cluster-spread "$result" "Ingest on a Redis Cluster: the load per node" \
     "\`COUNTERSINK_BENCH_CLUSTER=1 target/release/examples/ingest_redis_cpu 1000000\`, run by \`scripts/bench.sh\` (\`--cluster\` alone):"
