@@ -212,11 +212,14 @@ struct Node {
 impl Node {
     fn open(url: &str) -> anyhow::Result<Node> {
         let client = redis::Client::open(url)?;
-        let port = client.get_connection_info().addr().to_string().rsplit(':').next().and_then(|p| p.parse().ok());
+        let port = match client.get_connection_info().addr() {
+            redis::ConnectionAddr::Tcp(_, port) => *port,
+            _ => 0,
+        };
         let mut conn = client.get_connection()?;
         let info: String = redis::cmd("INFO").arg("replication").query(&mut conn)?;
         let role = info.lines().find_map(|l| l.strip_prefix("role:")).unwrap_or("master").trim().to_string();
-        Ok(Node { conn, port: port.unwrap_or(6379), role })
+        Ok(Node { conn, port, role })
     }
 
     /// Whether this node serves `key`'s slot (always, outside a cluster).

@@ -428,6 +428,9 @@ impl CoreConfig {
                 format!("expected a redis:// URL, got {:?}", self.redis_url),
             ));
         }
+        let redis_url = redis::IntoConnectionInfo::into_connection_info(self.redis_url.as_str()).map_err(|e| {
+            ConfigError::new(setting!(CoreConfig.redis_url), format!("{:?} is not a Redis URL: {e}", self.redis_url))
+        })?;
         // A Sentinel may also be a `redis://` URL, with the password it requires.
         let sentinel_url =
             |a: &str| a.starts_with("redis://") && redis::IntoConnectionInfo::into_connection_info(a).is_ok();
@@ -451,9 +454,7 @@ impl CoreConfig {
                     format!("is used without {flag} ({env}): a deployment is on a Redis Cluster or behind Sentinel"),
                 ));
             }
-            let db = redis::IntoConnectionInfo::into_connection_info(self.redis_url.as_str())
-                .map(|info| info.redis_settings().db())
-                .unwrap_or(0);
+            let db = redis_url.redis_settings().db();
             if db != 0 {
                 let (flag, env) = setting!(CoreConfig.redis_url).names();
                 return Err(ConfigError::new(
@@ -692,6 +693,9 @@ mod tests {
         ]);
         let both = both.validate().unwrap_err().to_string();
         assert!(both.contains("is used without --redis-sentinels (COUNTERSINK_REDIS_SENTINELS)"), "{both}");
+        let bad_url = core(&["--redis-url", "redis://127.0.0.1:port"]).validate().unwrap_err().to_string();
+        assert!(bad_url.starts_with("invalid setting --redis-url (COUNTERSINK_REDIS_URL)"), "{bad_url}");
+        assert!(bad_url.contains("is not a Redis URL"), "{bad_url}");
         let db = core(&["--redis-cluster-nodes", "127.0.0.1:7000", "--redis-url", "redis://127.0.0.1/2"]);
         let db = db.validate().unwrap_err().to_string();
         assert!(db.contains("database 0 only; --redis-url (COUNTERSINK_REDIS_URL) names database 2"), "{db}");
