@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use crate::bootstrap::Bootstrapper;
 use crate::config::{CoreConfig, ServeConfig};
+use crate::counts::Reader;
 use crate::credentials::Auth;
 use crate::db::Db;
 use crate::flush::Flusher;
@@ -35,6 +36,8 @@ pub struct App {
     pub store: Store,
     /// Applies event requests, merging concurrent ones into shared script calls.
     pub ingest: GroupCommit,
+    /// Reads real-time counts, merging concurrent reads into shared Redis calls.
+    pub reader: Reader,
     /// The SQL side.
     pub db: Db,
     /// Runs flushes; shared so HTTP, the scheduler and shutdown use one local lock.
@@ -66,6 +69,8 @@ pub struct Limits {
     pub max_new_state_shards: usize,
     /// Most calls of the apply script at once; requests arriving meanwhile are merged.
     pub apply_calls_in_flight: usize,
+    /// Most Redis calls reading held counts at once; reads arriving meanwhile are merged.
+    pub read_calls_in_flight: usize,
     /// Most users per bulk read.
     pub max_read_users: usize,
     /// Largest request body, in bytes.
@@ -96,6 +101,7 @@ impl From<&ServeConfig> for Limits {
             max_batch_events: serve.max_batch_events,
             max_new_state_shards: serve.max_new_state_shards,
             apply_calls_in_flight: serve.apply_calls_in_flight,
+            read_calls_in_flight: serve.read_calls_in_flight,
             max_read_users: serve.max_read_users,
             max_body_bytes: serve.max_body_bytes,
             request_timeout: Duration::from_secs(serve.request_timeout_secs),
@@ -147,8 +153,9 @@ impl AppState {
         );
         let reconciler = Reconciler::new(store.clone(), db.clone(), flusher.clone(), source.clone());
         let bootstrapper = Bootstrapper::new(store.clone(), db.clone(), flusher.clone(), source);
-        let live = Live::new(store.clone(), db.clone());
         let limits = serve.map(Limits::from).unwrap_or_default();
+        let reader = Reader::new(store.clone(), db.clone(), limits.read_calls_in_flight, limits.max_read_users);
+        let live = Live::new(store.clone(), reader.clone());
         let auth = match serve {
             Some(serve) => Auth::from_config(serve)?,
             None => Auth::open(),
@@ -156,6 +163,7 @@ impl AppState {
         let ingest = GroupCommit::new(store.clone(), limits.apply_calls_in_flight, limits.max_batch_events);
         Ok(Self(Arc::new(App {
             ingest,
+            reader,
             store,
             db,
             flusher,
@@ -174,6 +182,8 @@ impl AppState {
     pub fn with_limits(self, limits: Limits) -> Self {
         self.changed(|app| {
             app.ingest = GroupCommit::new(app.store.clone(), limits.apply_calls_in_flight, limits.max_batch_events);
+            app.reader =
+                Reader::new(app.store.clone(), app.db.clone(), limits.read_calls_in_flight, limits.max_read_users);
             app.in_flight = Arc::new(tokio::sync::Semaphore::new(limits.max_concurrent_requests));
             app.live_streams = Arc::new(tokio::sync::Semaphore::new(limits.max_live_streams));
             app.stream_caps = StreamCaps::new(limits.max_live_streams_per_user, limits.max_live_streams_per_address);

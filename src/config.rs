@@ -222,6 +222,12 @@ pub struct ServeConfig {
     #[arg(long, env = "COUNTERSINK_APPLY_CALLS_IN_FLIGHT", default_value_t = 1)]
     pub apply_calls_in_flight: usize,
 
+    /// Most Redis calls reading held counts at once. Reads that arrive while they all run wait for
+    /// the next call and share it (one pipeline: the marker checks once, then every merged read's
+    /// users, at most --max-read-users a call); docs/design.md, *Merged reads*.
+    #[arg(long, env = "COUNTERSINK_READ_CALLS_IN_FLIGHT", default_value_t = 1)]
+    pub read_calls_in_flight: usize,
+
     /// Most users in one bulk read (at most 10000: the stored counts are read with one bind each).
     #[arg(long, env = "COUNTERSINK_MAX_READ_USERS", default_value_t = 1_000)]
     pub max_read_users: usize,
@@ -541,6 +547,7 @@ impl ServeConfig {
         at_least_one(self.max_batch_events, setting!(ServeConfig.max_batch_events))?;
         at_least_one(self.max_new_state_shards, setting!(ServeConfig.max_new_state_shards))?;
         at_least_one(self.apply_calls_in_flight, setting!(ServeConfig.apply_calls_in_flight))?;
+        at_least_one(self.read_calls_in_flight, setting!(ServeConfig.read_calls_in_flight))?;
         if self.max_read_users == 0 || self.max_read_users > MAX_READ_USERS {
             return Err(ConfigError::new(
                 setting!(ServeConfig.max_read_users),

@@ -24,7 +24,7 @@ use std::collections::{BTreeSet, HashMap};
 use tracing::warn;
 
 use crate::db::{queries, Db, DbError};
-use crate::store::{Store, StoreError};
+use crate::store::{MergedReads, Store, StoreError};
 
 /// Attempts before a load gives up; each retry means a flush handed off during the load.
 const MAX_LOAD_ATTEMPTS: usize = 5;
@@ -63,29 +63,47 @@ pub struct UnreadCount {
     pub unread_count: i64,
 }
 
-/// Reads the real-time unread counts of `user_ids`, in the same order: one Redis round trip when
-/// every count is held, a load (above) for those that are not.
-pub async fn unread_counts(store: &Store, db: &Db, user_ids: &[u64]) -> Result<Vec<UnreadCount>, ReadError> {
-    let held = store.held_counts(user_ids).await?;
-    let cold: Vec<u64> = user_ids
-        .iter()
-        .zip(&held)
-        .filter(|(_, count)| count.is_none())
-        .map(|(u, _)| *u)
-        .collect::<BTreeSet<_>>()
-        .into_iter()
-        .collect();
-    let loaded = if cold.is_empty() { HashMap::new() } else { load(store, db, &cold).await? };
-    user_ids
-        .iter()
-        .zip(held)
-        .map(|(user_id, count)| {
-            let unread_count = count
-                .or_else(|| loaded.get(user_id).copied())
-                .ok_or_else(|| StoreError::Unexpected(format!("no count was loaded for user {user_id}")))?;
-            Ok(UnreadCount { user_id: *user_id, unread_count })
-        })
-        .collect()
+/// Reads real-time unread counts: held counts through [`MergedReads`] (concurrent reads share
+/// one Redis call), a load (above) for users whose count is not held.
+#[derive(Clone)]
+pub struct Reader {
+    store: Store,
+    db: Db,
+    held: MergedReads,
+}
+
+impl Reader {
+    /// Reads through `store` and `db`, with at most `calls_in_flight` Redis calls for held counts
+    /// at once, each for at most `max_users_per_call` users.
+    pub fn new(store: Store, db: Db, calls_in_flight: usize, max_users_per_call: usize) -> Self {
+        let held = MergedReads::new(store.clone(), calls_in_flight, max_users_per_call);
+        Reader { store, db, held }
+    }
+
+    /// The real-time unread counts of `user_ids`, in the same order: one Redis round trip (shared
+    /// with the reads waiting with it) when every count is held, a load for those that are not.
+    pub async fn unread_counts(&self, user_ids: &[u64]) -> Result<Vec<UnreadCount>, ReadError> {
+        let held = self.held.held_counts(user_ids.to_vec()).await?;
+        let cold: Vec<u64> = user_ids
+            .iter()
+            .zip(&held)
+            .filter(|(_, count)| count.is_none())
+            .map(|(u, _)| *u)
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        let loaded = if cold.is_empty() { HashMap::new() } else { load(&self.store, &self.db, &cold).await? };
+        user_ids
+            .iter()
+            .zip(held)
+            .map(|(user_id, count)| {
+                let unread_count = count
+                    .or_else(|| loaded.get(user_id).copied())
+                    .ok_or_else(|| StoreError::Unexpected(format!("no count was loaded for user {user_id}")))?;
+                Ok(UnreadCount { user_id: *user_id, unread_count })
+            })
+            .collect()
+    }
 }
 
 /// Steps 1 to 3 for distinct `user_ids`: their counts, now held.

@@ -12,6 +12,7 @@
 //! | `countersink_events_duplicate_total` | counter | `reason`: `duplicate`, `stale`, `after_delete`, `replayed` |
 //! | `countersink_event_requests_rejected_total` | counter | `reason`: the error code answered |
 //! | `countersink_apply_calls_total`, `countersink_apply_requests_total` | counter | |
+//! | `countersink_read_calls_total`, `countersink_read_requests_total` | counter | |
 //! | `countersink_http_request_duration_seconds` | histogram | `method`, `route`, `status` |
 //! | `countersink_pending_users` | gauge | |
 //! | `countersink_flush_duration_seconds` | histogram | |
@@ -93,6 +94,8 @@ struct Metrics {
     events_received: Counter,
     apply_calls: Counter,
     apply_requests: Counter,
+    read_calls: Counter,
+    read_requests: Counter,
     events_applied: Family<OutcomeLabel, Counter>,
     events_duplicate: Family<ReasonLabel, Counter>,
     event_requests_rejected: Family<ReasonLabel, Counter>,
@@ -140,6 +143,8 @@ impl Metrics {
             events_received: Counter::default(),
             apply_calls: Counter::default(),
             apply_requests: Counter::default(),
+            read_calls: Counter::default(),
+            read_requests: Counter::default(),
             events_applied: Family::default(),
             events_duplicate: Family::default(),
             event_requests_rejected: Family::default(),
@@ -181,6 +186,16 @@ impl Metrics {
             "apply_requests",
             "Event requests applied by those calls (requests / calls = the mean group size)",
             m.apply_requests.clone(),
+        );
+        registry.register(
+            "read_calls",
+            "Redis calls reading held counts: each serves one read request or several merged",
+            m.read_calls.clone(),
+        );
+        registry.register(
+            "read_requests",
+            "Read requests served by those calls (requests / calls = the mean merge size)",
+            m.read_requests.clone(),
         );
         registry.register(
             "events_applied",
@@ -308,6 +323,12 @@ pub fn events_received(events: usize) {
 pub fn apply_call(requests: usize) {
     METRICS.apply_calls.inc();
     METRICS.apply_requests.inc_by(requests as u64);
+}
+
+/// Counts one Redis call reading held counts for `requests` read requests (merged when more than one).
+pub fn read_call(requests: usize) {
+    METRICS.read_calls.inc();
+    METRICS.read_requests.inc_by(requests as u64);
 }
 
 /// Counts `recount` events whose users were queued.

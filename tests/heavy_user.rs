@@ -7,7 +7,6 @@
 
 use std::time::Duration;
 
-use countersink::counts::unread_counts;
 use countersink::events::Event;
 use countersink::store::UserDrift;
 use support::TestEnv;
@@ -102,10 +101,10 @@ async fn a_heavy_user_is_reconciled_in_short_redis_scripts() {
     let truth = env.true_counts().await;
     assert_eq!(env.stored_counts().await, truth);
     assert_eq!(report.drift, vec![UserDrift { user_id: 42, stored: 0, actual: truth[&42] }]);
-    let counts = unread_counts(&state.store, &state.db, &[42, 43]).await.unwrap();
+    let counts = state.reader.unread_counts(&[42, 43]).await.unwrap();
     assert_eq!(counts.iter().map(|c| c.unread_count).collect::<Vec<_>>(), vec![truth[&42], 1]);
     // The state was repaired too: a later mark-as-read of a notification only the table knew counts.
     state.store.apply(&[Event::save(1, 42, false, false)]).await.unwrap();
-    let counts = unread_counts(&state.store, &state.db, &[42]).await.unwrap();
+    let counts = state.reader.unread_counts(&[42]).await.unwrap();
     assert_eq!(counts[0].unread_count, truth[&42] - 1);
 }

@@ -5,7 +5,6 @@
 //! README and docs/security.md (*Redis memory*).
 #![allow(clippy::unwrap_used)]
 
-use countersink::counts::unread_counts;
 use countersink::events::Event;
 use countersink::flush::WhenBusy;
 use countersink::store::{Idempotency, SHARD_BITS};
@@ -46,7 +45,7 @@ async fn a_held_count_costs_a_few_bytes_per_user() {
     }
     let users: Vec<u64> = (1..=USERS).collect();
     for chunk in users.chunks(1_000) {
-        let counts = unread_counts(&state.store, &state.db, chunk).await.unwrap();
+        let counts = state.reader.unread_counts(chunk).await.unwrap();
         assert!(counts.iter().all(|c| c.unread_count == (c.user_id % 4) as i64));
     }
     let (bytes, keys) = env.memory_of(":counts:");
@@ -63,7 +62,7 @@ async fn a_held_count_of_a_sparse_user_id_costs_a_bucket_key() {
     let state = env.state();
     let users: Vec<u64> = (1..=10_000u64).map(|u| u * 1_000_003).collect();
     for chunk in users.chunks(1_000) {
-        unread_counts(&state.store, &state.db, chunk).await.unwrap();
+        state.reader.unread_counts(chunk).await.unwrap();
     }
     let (bytes, keys) = env.memory_of(":counts:");
     let per_user = bytes as f64 / users.len() as f64;

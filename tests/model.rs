@@ -28,7 +28,6 @@ use std::sync::Mutex;
 
 use countersink::app::AppState;
 use countersink::bootstrap::{Batching, Rebuild};
-use countersink::counts::unread_counts;
 use countersink::events::Event;
 use countersink::flush::WhenBusy;
 use countersink::store::Idempotency;
@@ -455,7 +454,7 @@ async fn deliver_delayed(env: &TestEnv, state: &AppState, model: &mut Model, lat
 /// Every count is never below zero, and exact unless its user may be off (a lost signal since
 /// the last reconcile, a delete still held back).
 async fn check_reads(state: &AppState, ids: &Ids, model: &Model) -> Result<(), String> {
-    let counts = unread_counts(&state.store, &state.db, &ids.users()).await.unwrap();
+    let counts = state.reader.unread_counts(&ids.users()).await.unwrap();
     for count in counts {
         if count.unread_count < 0 {
             return Err(format!("user {}: read {}, below zero", count.user_id, count.unread_count));

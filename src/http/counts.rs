@@ -5,7 +5,7 @@ use axum::extract::{Path, State};
 use axum::Json;
 
 use crate::app::AppState;
-use crate::counts::{unread_counts, UnreadCount};
+use crate::counts::UnreadCount;
 use crate::error::{AppError, ErrorBody};
 use crate::events::MAX_ID;
 use crate::http::auth::ReadAccess;
@@ -32,7 +32,7 @@ pub async fn get_unread_count(
 ) -> Result<Json<UnreadCount>, AppError> {
     let Path(user_id) = path.map_err(|e| AppError::bad_parameter("user_id", e.body_text()))?;
     let user_id = parse_user_id(&user_id, "user_id")?;
-    let mut counts = unread_counts(&state.store, &state.db, &[user_id]).await?;
+    let mut counts = state.reader.unread_counts(&[user_id]).await?;
     counts.pop().map(Json).ok_or_else(|| AppError::Internal(anyhow::anyhow!("a read returned no row")))
 }
 
@@ -62,7 +62,7 @@ pub async fn get_unread_counts(
     State(state): State<AppState>,
     UserIds(user_ids): UserIds,
 ) -> Result<Json<UnreadCounts>, AppError> {
-    let counts = unread_counts(&state.store, &state.db, &user_ids).await?;
+    let counts = state.reader.unread_counts(&user_ids).await?;
     Ok(Json(UnreadCounts { counts }))
 }
 

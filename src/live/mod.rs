@@ -33,8 +33,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::{info, warn};
 
-use crate::counts::{unread_counts, ReadError};
-use crate::db::Db;
+use crate::counts::{ReadError, Reader};
 use crate::store::{RedisConnection, Store, ALL_USERS};
 
 /// First wait before resubscribing after the connection was lost; doubles up to the maximum.
@@ -70,7 +69,7 @@ pub struct Live {
 struct Inner {
     channel: String,
     store: Store,
-    db: Db,
+    reader: Reader,
     /// Per user with at least one stream here: the latest reading, watched by those streams.
     watchers: Mutex<HashMap<u64, watch::Sender<Reading>>>,
     read_seq: AtomicU64,
@@ -81,13 +80,13 @@ struct Inner {
 
 impl Live {
     /// A hub over `store`'s deployment; its subscriber starts with the first stream.
-    pub fn new(store: Store, db: Db) -> Live {
+    pub fn new(store: Store, reader: Reader) -> Live {
         let channel = store.keys().live_channel();
         Live {
             inner: Arc::new(Inner {
                 channel,
                 store,
-                db,
+                reader,
                 watchers: Mutex::new(HashMap::new()),
                 read_seq: AtomicU64::new(0),
                 started: AtomicBool::new(false),
@@ -112,7 +111,7 @@ impl Live {
     /// Reads `user_id`'s count now, numbered in this process's reading order.
     pub async fn read(&self, user_id: u64) -> Result<Reading, ReadError> {
         let seq = self.inner.next_seq();
-        let counts = unread_counts(&self.inner.store, &self.inner.db, &[user_id]).await?;
+        let counts = self.inner.reader.unread_counts(&[user_id]).await?;
         let count = counts.first().map(|c| c.unread_count).unwrap_or(0);
         Ok(Reading { seq, count })
     }
@@ -216,7 +215,7 @@ impl Inner {
         };
         for chunk in users.chunks(READ_CHUNK) {
             let seq = self.next_seq();
-            let counts = unread_counts(&self.store, &self.db, chunk).await?;
+            let counts = self.reader.unread_counts(chunk).await?;
             let watchers = self.watchers();
             for count in counts {
                 if let Some(tx) = watchers.get(&count.user_id) {

@@ -1,6 +1,6 @@
 -- Applies the events of one or more requests atomically: one state transition per event, then per
 -- user one ZINCRBY of the pending delta and, if the user's real-time count is held, one HINCRBY of
--- it. Several requests in one call are a group commit (`store::group_commit`): each keeps its own
+-- it. Several requests in one call are a group commit (`store::GroupCommit`): each keeps its own
 -- idempotency record and outcome, as if each had been its own call, in the order sent.
 -- (transition.lua, instance.lua, move_counts.lua and records.lua are prepended.)
 --

@@ -10,11 +10,19 @@ use super::{typed, BatchesSnapshot, Keys, Store, StoreError, ALL_USERS};
 
 impl Store {
     /// The real-time counts Redis holds for `user_ids`, in the same order; `None` for a user
-    /// whose count is not held yet (see [`Store::install_counts`]). One round trip: the two
-    /// markers a read depends on, then one `HMGET` per count bucket, pipelined.
+    /// whose count is not held yet (see [`Store::install_counts`]). One round trip: the markers a
+    /// read depends on (the reload flag; the ready marker too when a lost state must be rebuilt),
+    /// then one `HMGET` per count bucket, pipelined.
     pub async fn held_counts(&self, user_ids: &[u64]) -> Result<Vec<Option<i64>>, StoreError> {
         let mut pipeline = redis::pipe();
-        pipeline.exists(self.keys.counts_stale()).exists(self.keys.ready());
+        pipeline.exists(self.keys.counts_stale());
+        // Without a table to rebuild from, a lost state is not refused (`requiring_bootstrap`).
+        let markers = if self.requires_bootstrap {
+            pipeline.exists(self.keys.ready());
+            2
+        } else {
+            1
+        };
         // Users of one bucket are asked for together; `places` says where each answer goes.
         let mut buckets: Vec<(u64, Vec<usize>)> = Vec::new();
         let mut bucket_of: HashMap<u64, usize> = HashMap::new();
@@ -34,18 +42,21 @@ impl Store {
         }
         let mut conn = self.conn.clone();
         let mut replies: Vec<redis::Value> = pipeline.query_async(&mut conn).await?;
-        if replies.len() != buckets.len() + 2 {
+        if replies.len() != buckets.len() + markers {
             return Err(StoreError::Unexpected("the read pipeline returned the wrong number of replies".into()));
         }
-        let values = replies.split_off(2);
-        let [stale, ready]: [redis::Value; 2] =
-            replies.try_into().map_err(|_| StoreError::Unexpected("the read pipeline lost its markers".into()))?;
+        let values = replies.split_off(markers);
+        // `replies` now holds the markers alone: [stale] or [stale, ready].
+        let ready = if self.requires_bootstrap { replies.pop() } else { None };
+        let stale = replies.pop().ok_or_else(|| StoreError::Unexpected("the read pipeline lost its markers".into()))?;
         if typed::<bool>(stale)? {
             return Err(StoreError::CountsReloading);
         }
         // A lost or rolled-back state is the bootstrap's: its counts are not to be trusted.
-        if self.requires_bootstrap && !typed::<bool>(ready)? {
-            return Err(StoreError::StateMissing);
+        if let Some(ready) = ready {
+            if !typed::<bool>(ready)? {
+                return Err(StoreError::StateMissing);
+            }
         }
         let mut counts = vec![None; user_ids.len()];
         for ((_, places), values) in buckets.iter().zip(values) {

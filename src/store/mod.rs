@@ -15,7 +15,7 @@
 //! | `recounts.rs`    | a reconcile's fence, truth and repair; the recount queue and its claims  |
 //! | `bootstrap.rs`   | rebuilding the state from the table, its checkpoints, clearing the state |
 //! | `lease.rs`       | the flush lease and its guard [`Lease`], the fenced writes               |
-//! | `group_commit.rs`| concurrent requests merged into one apply call                           |
+//! | `merged_calls.rs`| concurrent requests merged into shared calls: group commit, merged reads |
 //! | `connection.rs`  | the connection to the master: one address, or found through Sentinel     |
 //! | `keys.rs`        | the key names                                                            |
 //! | `scripts.rs`     | one typed wrapper per Lua script, checked against the script's header    |
@@ -33,11 +33,11 @@ mod batches;
 mod bootstrap;
 mod connection;
 mod events;
-mod group_commit;
 mod held_counts;
 mod instance;
 mod keys;
 mod lease;
+mod merged_calls;
 mod recounts;
 mod scripts;
 
@@ -49,10 +49,10 @@ use redis::AsyncCommands;
 pub use batches::BatchesSnapshot;
 pub use connection::{RedisConnection, RedisTarget};
 pub use events::{Applied, ApplyOutcome, Idempotency, Request};
-pub use group_commit::GroupCommit;
 pub use instance::InstanceCheck;
 pub use keys::{Keys, SHARD_BITS};
 pub use lease::{Acquired, Lease, LeaseHolder, LeaseRenewal};
+pub use merged_calls::{GroupCommit, MergedReads};
 pub use recounts::{
     RecountClaim, TruthPiece, UserDrift, UserRepair, UserTruth, RECOUNT_AGAIN_AT_MOST_EVERY, TRUTH_STATES_PER_CALL,
 };

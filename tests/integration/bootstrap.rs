@@ -9,7 +9,6 @@ use std::time::Duration;
 
 use countersink::app::AppState;
 use countersink::bootstrap::{Batching, Rebuild};
-use countersink::counts::unread_counts;
 use countersink::events::Event;
 use countersink::flush::WhenBusy;
 use countersink::store::StoreError;
@@ -76,7 +75,7 @@ async fn events_are_refused_until_the_state_is_bootstrapped() {
     assert!(matches!(refused, StoreError::StateMissing), "{refused}");
     assert!(refused.is_unavailable(), "answered 503 so the sender retries");
     // Reads too: the pending deltas are gone, so stored + pending would be wrong.
-    let read = unread_counts(&state.store, &state.db, &[1]).await.unwrap_err();
+    let read = state.reader.unread_counts(&[1]).await.unwrap_err();
     assert!(read.is_unavailable(), "{read}");
     let app = countersink::http::router(state.clone());
     let response = tower::ServiceExt::oneshot(
@@ -179,7 +178,7 @@ async fn flushall_in_the_middle_of_a_stream_is_recovered_with_exact_counts() {
     state.flusher.flush(WAIT).await.unwrap();
     assert_eq!(env.stored_counts().await, env.true_counts().await, "seed {seed}, {refusals} refusals");
     let users: Vec<u64> = (0..50).collect();
-    let reads = unread_counts(&state.store, &state.db, &users).await.unwrap();
+    let reads = state.reader.unread_counts(&users).await.unwrap();
     let truth = env.true_counts().await;
     for read in reads {
         assert_eq!(read.unread_count, truth.get(&read.user_id).copied().unwrap_or(0));
@@ -256,7 +255,7 @@ async fn a_late_creation_retry_of_a_notification_deleted_before_redis_was_lost_c
             state.reconciler.run_queued_recounts().await.unwrap();
         }
         state.flusher.flush(WAIT).await.unwrap();
-        assert_eq!(unread_counts(&state.store, &state.db, &[9]).await.unwrap()[0].unread_count, 0);
+        assert_eq!(state.reader.unread_counts(&[9]).await.unwrap()[0].unread_count, 0);
         assert_eq!(env.stored_counts().await.get(&9), None);
 
         // A row committed out of id order, which the rebuild could not see either, is counted
@@ -269,19 +268,14 @@ async fn a_late_creation_retry_of_a_notification_deleted_before_redis_was_lost_c
         assert_eq!(outcome.changed, 0);
         assert!(recount_queued(9));
         state.reconciler.run_queued_recounts().await.unwrap();
-        assert_eq!(
-            unread_counts(&state.store, &state.db, &[9]).await.unwrap()[0].unread_count,
-            1,
-            "{:?}",
-            env.backend()
-        );
+        assert_eq!(state.reader.unread_counts(&[9]).await.unwrap()[0].unread_count, 1, "{:?}", env.backend());
         // New notifications after the rebuild count at once, as ever.
         env.sql(
             "INSERT INTO notifications_notification (id, recipient_id, unread, deleted) VALUES (8, 9, TRUE, FALSE)",
         )
         .await;
         assert_eq!(state.store.apply(&[stamped(8)]).await.unwrap().changed, 1);
-        assert_eq!(unread_counts(&state.store, &state.db, &[9]).await.unwrap()[0].unread_count, 2);
+        assert_eq!(state.reader.unread_counts(&[9]).await.unwrap()[0].unread_count, 2);
     }
 }
 
@@ -299,7 +293,7 @@ async fn a_count_loaded_across_a_rebuild_is_loaded_again() {
 
     state.bootstrapper.bootstrap(Batching::default(), Rebuild::Always, |_| {}).await.unwrap();
     assert_eq!(state.store.install_counts(&snapshot, &[(5, 0)]).await.unwrap(), None);
-    assert_eq!(unread_counts(&state.store, &state.db, &[5]).await.unwrap()[0].unread_count, 1);
+    assert_eq!(state.reader.unread_counts(&[5]).await.unwrap()[0].unread_count, 1);
 }
 
 /// Several processes that find the state missing at once (a Redis that lost its data, seen by

@@ -4,7 +4,6 @@
 
 use std::process::{Command, Output};
 
-use countersink::counts::unread_counts;
 use countersink::events::Event;
 use support::{MysqlDatabase, TestEnv};
 
@@ -34,7 +33,7 @@ async fn migrate_is_idempotent_and_flush_prints_what_it_wrote() {
     assert!(flush.status.success(), "{}", String::from_utf8_lossy(&flush.stderr));
     let report: serde_json::Value = serde_json::from_slice(&flush.stdout).unwrap();
     assert_eq!(report["users_written"], 2);
-    let counts = unread_counts(&state.store, &state.db, &[8, 9]).await.unwrap();
+    let counts = state.reader.unread_counts(&[8, 9]).await.unwrap();
     assert!(counts.iter().all(|c| c.unread_count == 1), "{counts:?}");
     assert_eq!(env.stored_counts().await, std::collections::HashMap::from([(8, 1), (9, 1)]));
 }

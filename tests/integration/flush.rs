@@ -10,7 +10,6 @@ use std::time::Duration;
 
 use countersink::app::AppState;
 use countersink::config::MAX_FLUSH_CHUNK_USERS;
-use countersink::counts::unread_counts;
 use countersink::crash_point::{self, Stopped};
 use countersink::db::queries;
 use countersink::events::Event;
@@ -107,7 +106,7 @@ async fn a_flush_stopped_after_any_step_loses_nothing_and_applies_nothing_twice(
             assert!(matches!(stopped, Err(FlushError::Stopped(Stopped(s))) if s == step), "{step:?}");
 
             // Reads stay exact while the batch is stranded.
-            let read = unread_counts(&state.store, &state.db, &[1, 2, 3]).await.unwrap();
+            let read = state.reader.unread_counts(&[1, 2, 3]).await.unwrap();
             assert_eq!(read.iter().map(|c| c.unread_count).collect::<Vec<_>>(), vec![1, 2, 3], "{step:?}");
 
             // Events keep arriving, then a new process flushes.
@@ -199,12 +198,8 @@ async fn reads_during_flushes_neither_miss_nor_double_count_the_batch_in_flight(
                         if cold {
                             reader.store.clear_held_counts().await.unwrap();
                         }
-                        let got: Vec<i64> = unread_counts(&reader.store, &reader.db, &users)
-                            .await
-                            .unwrap()
-                            .iter()
-                            .map(|c| c.unread_count)
-                            .collect();
+                        let got: Vec<i64> =
+                            reader.reader.unread_counts(&users).await.unwrap().iter().map(|c| c.unread_count).collect();
                         assert_eq!(got, want);
                         reads += 1;
                     }
@@ -298,7 +293,7 @@ async fn a_resync_interrupted_before_the_held_counts_are_dropped_is_finished_by_
     let env = TestEnv::postgres().await;
     let state = env.state();
     state.store.apply(&[Event::save(1, 5, true, true)]).await.unwrap();
-    assert_eq!(unread_counts(&state.store, &state.db, &[5]).await.unwrap()[0].unread_count, 1);
+    assert_eq!(state.reader.unread_counts(&[5]).await.unwrap()[0].unread_count, 1);
     state.store.apply(&[Event::save(2, 5, true, true)]).await.unwrap();
     state.flusher.flush(WAIT).await.unwrap();
     env.restore_snapshot_of_one_unread();
@@ -315,13 +310,13 @@ async fn a_resync_interrupted_before_the_held_counts_are_dropped_is_finished_by_
         .ignore()
         .query(&mut env.redis())
         .unwrap();
-    let read = unread_counts(&state.store, &state.db, &[5]).await.unwrap_err();
+    let read = state.reader.unread_counts(&[5]).await.unwrap_err();
     assert!(read.is_unavailable(), "a held count that may be stale is not answered: {read}");
     state.flusher.flush(WAIT).await.unwrap();
     state.store.apply(&[Event::save(3, 5, true, true)]).await.unwrap();
     state.flusher.flush(WAIT).await.unwrap();
     assert_eq!(env.stored_counts().await, HashMap::from([(5, 3)]));
-    assert_eq!(unread_counts(&state.store, &state.db, &[5]).await.unwrap()[0].unread_count, 3);
+    assert_eq!(state.reader.unread_counts(&[5]).await.unwrap()[0].unread_count, 3);
 }
 
 /// With a Notification table, a flush that notices a rollback drops the ready marker for a
@@ -340,7 +335,7 @@ async fn after_a_flush_noticed_a_rollback_reads_wait_for_the_rebuild() {
         .bootstrap(countersink::bootstrap::Batching::default(), countersink::bootstrap::Rebuild::Always, |_| {})
         .await
         .unwrap();
-    assert_eq!(unread_counts(&state.store, &state.db, &[5]).await.unwrap()[0].unread_count, 2);
+    assert_eq!(state.reader.unread_counts(&[5]).await.unwrap()[0].unread_count, 2);
     env.sql("INSERT INTO notifications_notification (id, recipient_id, unread, deleted) VALUES (3, 5, TRUE, FALSE)")
         .await;
     state.store.apply(&[Event::save(3, 5, true, true)]).await.unwrap();
@@ -352,14 +347,14 @@ async fn after_a_flush_noticed_a_rollback_reads_wait_for_the_rebuild() {
     let _: () = redis::Commands::hset(&mut redis, env.key("counts:0"), "5", 2).unwrap();
     redis::cmd("BITFIELD").arg(env.key("state:0")).arg("SET").arg("u2").arg("#3").arg(0).exec(&mut redis).unwrap();
     assert!(state.flusher.flush(WAIT).await.is_err(), "the flush notices the rollback");
-    let read = unread_counts(&state.store, &state.db, &[5]).await.unwrap_err();
+    let read = state.reader.unread_counts(&[5]).await.unwrap_err();
     assert!(read.is_unavailable(), "{read}");
     state
         .bootstrapper
         .bootstrap(countersink::bootstrap::Batching::default(), countersink::bootstrap::Rebuild::Always, |_| {})
         .await
         .unwrap();
-    assert_eq!(unread_counts(&state.store, &state.db, &[5]).await.unwrap()[0].unread_count, 3);
+    assert_eq!(state.reader.unread_counts(&[5]).await.unwrap()[0].unread_count, 3);
 }
 
 /// The database side of the lease's fencing: every flush raises the fence to its token inside its

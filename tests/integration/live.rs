@@ -331,9 +331,7 @@ async fn after_a_rollback_resync_the_stream_shows_what_a_read_answers() {
     let state = env.state();
     let address = serve(state.clone()).await;
     state.store.apply(&[countersink::events::Event::save(1, 5, true, true)]).await.unwrap();
-    let read = |state: AppState| async move {
-        countersink::counts::unread_counts(&state.store, &state.db, &[5]).await.unwrap()[0].unread_count
-    };
+    let read = |state: AppState| async move { state.reader.unread_counts(&[5]).await.unwrap()[0].unread_count };
     assert_eq!(read(state.clone()).await, 1);
     state.store.apply(&[countersink::events::Event::save(2, 5, true, true)]).await.unwrap();
     let wait = countersink::flush::WhenBusy::Wait(PUSHED_WITHIN);

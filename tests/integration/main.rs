@@ -24,6 +24,7 @@ mod live;
 mod openapi;
 mod ops;
 mod outages;
+mod reads;
 mod reconcile;
 mod restarts;
 mod sentinel;

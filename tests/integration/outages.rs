@@ -9,7 +9,6 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use countersink::app::AppState;
-use countersink::counts::unread_counts;
 use countersink::events::Event;
 use countersink::flush::WhenBusy;
 use support::proxy::Proxy;
@@ -29,7 +28,7 @@ async fn redis_outage_is_answered_503_and_recovers_without_a_restart() {
     redis.kill();
     let during = state.store.apply(&[Event::save(2, 9, true, true)]).await.unwrap_err();
     assert!(during.is_unavailable(), "{during}");
-    let read = unread_counts(&state.store, &state.db, &[9]).await.unwrap_err();
+    let read = state.reader.unread_counts(&[9]).await.unwrap_err();
     assert!(read.is_unavailable(), "{read}");
 
     let _redis = OwnRedis::start(redis.port);
@@ -50,7 +49,7 @@ async fn redis_outage_is_answered_503_and_recovers_without_a_restart() {
     assert_eq!(state.store.apply(&[Event::save(2, 9, true, true)]).await.unwrap().changed, 0);
     // This Redis keeps nothing on disk: the first event was lost with it (the reconcile
     // repairs that); what arrived after the restart is counted once.
-    assert_eq!(unread_counts(&state.store, &state.db, &[9]).await.unwrap()[0].unread_count, 1);
+    assert_eq!(state.reader.unread_counts(&[9]).await.unwrap()[0].unread_count, 1);
 }
 
 #[tokio::test]
@@ -70,12 +69,12 @@ async fn database_outage_during_a_flush_keeps_the_deltas_for_the_next_flush() {
         proxy.cut();
         let failed = state.flusher.flush(WAIT).await.unwrap_err();
         assert!(failed.is_unavailable(), "{failed} on {server}");
-        assert!(unread_counts(&state.store, &state.db, &[3]).await.unwrap_err().is_unavailable());
+        assert!(state.reader.unread_counts(&[3]).await.unwrap_err().is_unavailable());
 
         let _proxy = Proxy::start(address, server).await;
         let report = state.flusher.flush(WAIT).await.unwrap();
         assert_eq!(report.users_written, 1, "{report:?} on {server}");
-        assert_eq!(unread_counts(&state.store, &state.db, &[3]).await.unwrap()[0].unread_count, 3, "on {server}");
+        assert_eq!(state.reader.unread_counts(&[3]).await.unwrap()[0].unread_count, 3, "on {server}");
         assert_eq!(env.stored_counts().await.get(&3), Some(&3), "on {server}");
     }
 }
@@ -93,15 +92,15 @@ async fn held_counts_answer_and_stay_exact_while_the_database_is_down() {
     state.store.apply(&[Event::save(1, 4, true, true), Event::save(2, 5, true, true)]).await.unwrap();
     state.flusher.flush(WAIT).await.unwrap();
     // The first read loads user 4's count from the table and Redis; user 5 is never read.
-    assert_eq!(unread_counts(&state.store, &state.db, &[4]).await.unwrap()[0].unread_count, 1);
+    assert_eq!(state.reader.unread_counts(&[4]).await.unwrap()[0].unread_count, 1);
 
     proxy.cut();
     state.store.apply(&[Event::save(3, 4, true, true), Event::save(1, 4, false, false)]).await.unwrap();
     state.store.apply(&[Event::save(4, 4, true, true)]).await.unwrap();
-    assert_eq!(unread_counts(&state.store, &state.db, &[4]).await.unwrap()[0].unread_count, 2);
-    assert_eq!(unread_counts(&state.store, &state.db, &[4, 4]).await.unwrap()[1].unread_count, 2);
+    assert_eq!(state.reader.unread_counts(&[4]).await.unwrap()[0].unread_count, 2);
+    assert_eq!(state.reader.unread_counts(&[4, 4]).await.unwrap()[1].unread_count, 2);
     // A count not held yet needs the database.
-    assert!(unread_counts(&state.store, &state.db, &[4, 5]).await.unwrap_err().is_unavailable());
+    assert!(state.reader.unread_counts(&[4, 5]).await.unwrap_err().is_unavailable());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -145,7 +144,7 @@ async fn slow_database_times_the_flush_out_without_overlap_and_reads_still_answe
     assert!(there.skipped.is_some(), "{there:?}");
     // Reads answer at once, counting the batch being written.
     let read_started = std::time::Instant::now();
-    let counts = unread_counts(&state.store, &state.db, &[5, 6, 7]).await.unwrap();
+    let counts = state.reader.unread_counts(&[5, 6, 7]).await.unwrap();
     assert!(read_started.elapsed() < Duration::from_millis(500), "a read waited {:?}", read_started.elapsed());
     assert_eq!(counts.iter().map(|c| c.unread_count).collect::<Vec<_>>(), [2, 1, 1]);
 
@@ -154,12 +153,12 @@ async fn slow_database_times_the_flush_out_without_overlap_and_reads_still_answe
     assert!(failed.is_unavailable());
     let took = started.elapsed();
     assert!(took >= Duration::from_secs(2) && took < Duration::from_secs(3), "the flush ended after {took:?}");
-    assert_eq!(unread_counts(&state.store, &state.db, &[5, 7]).await.unwrap()[0].unread_count, 2);
+    assert_eq!(state.reader.unread_counts(&[5, 7]).await.unwrap()[0].unread_count, 2);
 
     locker.join().unwrap();
     let report = state.flusher.flush(WAIT).await.unwrap();
     assert!(report.batches.iter().any(|b| b.recovered && !b.already_applied), "{report:?}");
-    let counts = unread_counts(&state.store, &state.db, &[5, 6, 7]).await.unwrap();
+    let counts = state.reader.unread_counts(&[5, 6, 7]).await.unwrap();
     assert_eq!(counts.iter().map(|c| c.unread_count).collect::<Vec<_>>(), [2, 1, 1]);
     assert_eq!(env.stored_counts().await, HashMap::from([(5, 2), (6, 1), (7, 1)]));
 }

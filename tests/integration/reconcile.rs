@@ -10,7 +10,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use countersink::app::AppState;
-use countersink::counts::unread_counts;
 use countersink::events::Event;
 use countersink::flush::WhenBusy;
 use countersink::store::{Acquired, StoreError, UserDrift, UserRepair, UserTruth};
@@ -142,7 +141,7 @@ async fn recount_events_are_coalesced_and_repair_through_the_reconcile_path() {
         .expect("the corrected-users counter is exported");
     assert!(corrected.parse::<u64>().unwrap() >= 1, "{metrics}");
     assert!(state.reconciler.run_queued_recounts().await.unwrap().is_none(), "nothing left queued");
-    assert_eq!(unread_counts(&state.store, &state.db, &[42]).await.unwrap()[0].unread_count, 0);
+    assert_eq!(state.reader.unread_counts(&[42]).await.unwrap()[0].unread_count, 0);
 }
 
 #[tokio::test]
@@ -207,19 +206,19 @@ async fn events_inside_and_after_a_reconcile_window_count_exactly_once() {
     store.apply(&[Event::save(2, 7, false, false)]).await.unwrap();
     let drift = store.reconcile_finish(&lease, &[(7, truth.stored)], Duration::from_secs(60)).await.unwrap();
     assert_eq!(drift, vec![(7, UserRepair::Repaired(UserDrift { user_id: 7, stored: 2, actual: 1 }))]);
-    assert_eq!(unread_counts(&state.store, &state.db, &[7]).await.unwrap()[0].unread_count, 1);
+    assert_eq!(state.reader.unread_counts(&[7]).await.unwrap()[0].unread_count, 1);
 
     // The hard delete's event arrives after the repair: the table already left it out. It comes
     // with another user's event in the same shard, so the script asks about both users'
     // reconciled sets at once (one EXISTS) and reads the shard once.
     let late = store.apply(&[Event::delete(3, 7), Event::save(5, 8, true, true)]).await.unwrap();
     assert_eq!((late.changed, late.after_delete), (1, 1), "{late:?}");
-    assert_eq!(unread_counts(&state.store, &state.db, &[7, 8]).await.unwrap()[1].unread_count, 1);
+    assert_eq!(state.reader.unread_counts(&[7, 8]).await.unwrap()[1].unread_count, 1);
     // A notification created after the read still counts, and so does its delete.
     store.apply(&[Event::save(4, 7, true, true)]).await.unwrap();
-    assert_eq!(unread_counts(&state.store, &state.db, &[7]).await.unwrap()[0].unread_count, 2);
+    assert_eq!(state.reader.unread_counts(&[7]).await.unwrap()[0].unread_count, 2);
     store.apply(&[Event::delete(4, 7)]).await.unwrap();
-    assert_eq!(unread_counts(&state.store, &state.db, &[7]).await.unwrap()[0].unread_count, 1);
+    assert_eq!(state.reader.unread_counts(&[7]).await.unwrap()[0].unread_count, 1);
 }
 
 /// One writer's notifications: each change is written to the table, then its event is sent a
@@ -367,7 +366,7 @@ async fn a_save_after_a_delete_queues_its_user_for_a_recount() {
     assert_eq!(state.store.recounts_queued().await.unwrap().0, 2);
     let report = state.reconciler.run_queued_recounts().await.unwrap().unwrap();
     assert_eq!(report.drift, vec![UserDrift { user_id: 50, stored: 0, actual: 1 }]);
-    let counts = unread_counts(&state.store, &state.db, &[50, 51]).await.unwrap();
+    let counts = state.reader.unread_counts(&[50, 51]).await.unwrap();
     assert_eq!(counts.iter().map(|c| c.unread_count).collect::<Vec<_>>(), vec![1, 0]);
     assert_eq!(env.stored_counts().await, env.true_counts().await);
 }
@@ -424,7 +423,7 @@ async fn users_queued_after_a_worker_died_are_recounted_at_once_and_its_own_once
     // Once its claim lapses, worker 2 claims and recounts its users too.
     assert_eq!(recount_until(&other, &[1, 2], SHORT_CLAIM + Duration::from_secs(3)).await, [1, 2]);
     assert_eq!(other.store.recounts_queued().await.unwrap(), (0, 0));
-    let counts = unread_counts(&other.store, &other.db, &[1, 2, 3, 4]).await.unwrap();
+    let counts = other.reader.unread_counts(&[1, 2, 3, 4]).await.unwrap();
     assert!(counts.iter().all(|c| c.unread_count == 1), "{counts:?}");
 }
 
@@ -449,7 +448,7 @@ async fn one_workers_done_never_drops_another_workers_claim() {
 
     // User 3 was not lost: worker 2 recounts it once worker 3's claim lapses.
     assert_eq!(recount_until(&second, &[3], SHORT_CLAIM + Duration::from_secs(3)).await, [3]);
-    assert_eq!(unread_counts(&second.store, &second.db, &[3]).await.unwrap()[0].unread_count, 1);
+    assert_eq!(second.reader.unread_counts(&[3]).await.unwrap()[0].unread_count, 1);
     assert_eq!(second.store.recounts_queued().await.unwrap(), (0, 0));
 }
 
@@ -604,7 +603,7 @@ async fn events_between_the_truth_chunks_and_the_repair_count_exactly_once() {
     // Now unread: 1, 2, 10, 11. (Read: 5, 6; deleted: 3, 4; gone from the table: 9.)
     let [(7, UserRepair::Repaired(drift))] = repaired[..] else { panic!("{repaired:?}") };
     assert_eq!(drift.actual, 4);
-    assert_eq!(unread_counts(&state.store, &state.db, &[7]).await.unwrap()[0].unread_count, 4);
+    assert_eq!(state.reader.unread_counts(&[7]).await.unwrap()[0].unread_count, 4);
     drop(lease);
 
     // The state is exact too: every later event moves the count as it should.
@@ -619,7 +618,7 @@ async fn events_between_the_truth_chunks_and_the_repair_count_exactly_once() {
         .apply(&[Event::save(1, 7, false, false), Event::save(4, 7, true, false), Event::delete(11, 7)])
         .await
         .unwrap();
-    assert_eq!(unread_counts(&state.store, &state.db, &[7]).await.unwrap()[0].unread_count, 2);
+    assert_eq!(state.reader.unread_counts(&[7]).await.unwrap()[0].unread_count, 2);
     // Nothing of the reconcile is left but the picture, which expires.
     let left: Vec<String> =
         env.redis_keys().into_iter().filter(|k| k.contains("journal") || k.contains("draft")).collect();
@@ -685,7 +684,7 @@ async fn a_reconcile_whose_fence_expires_after_a_truth_chunk_leaves_every_count_
     let store = &state.store;
     let count = |user: u64| {
         let state = state.clone();
-        async move { unread_counts(&state.store, &state.db, &[user]).await.unwrap()[0].unread_count }
+        async move { state.reader.unread_counts(&[user]).await.unwrap()[0].unread_count }
     };
     // User 7: notification 1, read. User 8: notification 2, heard as unread, marked read since by
     // raw SQL (the table says read).
@@ -726,7 +725,7 @@ async fn a_notification_a_chunk_counted_is_held_by_the_table_though_the_last_rec
     let env = TestEnv::sqlite().await;
     let state = env.state();
     let store = &state.store;
-    let count = || async { unread_counts(&state.store, &state.db, &[9]).await.unwrap()[0].unread_count };
+    let count = || async { state.reader.unread_counts(&[9]).await.unwrap()[0].unread_count };
     store.apply(&[Event::save(5, 9, true, true)]).await.unwrap();
     let Acquired::Held(lease) = store.try_acquire_lease(Duration::from_secs(60), 0).await.unwrap() else {
         panic!("nothing else holds this test's lease")
@@ -802,7 +801,7 @@ async fn a_late_creation_retry_during_a_reconcile_of_a_notification_deleted_by_r
     state.store.reconcile_truth(&lease, &[(7, &[][..])], Duration::from_secs(60)).await.unwrap();
     let repaired = state.store.reconcile_finish(&lease, &[(7, 0)], Duration::from_secs(60)).await.unwrap();
     assert_eq!(repaired, vec![(7, UserRepair::Repaired(UserDrift { user_id: 7, stored: 1, actual: 0 }))]);
-    assert_eq!(unread_counts(&state.store, &state.db, &[7]).await.unwrap()[0].unread_count, 0);
+    assert_eq!(state.reader.unread_counts(&[7]).await.unwrap()[0].unread_count, 0);
     state.store.release_lease(lease).await.unwrap();
     // Its other late events count nothing either, while the reconciled picture is kept.
     let late = state.store.apply(&[Event::save(1, 7, false, false), Event::delete(1, 7)]).await.unwrap();
@@ -848,7 +847,7 @@ async fn an_event_older_than_a_reconcile_that_arrives_during_it_is_recounted_aga
     let report = state.reconciler.run_queued_recounts().await.unwrap().unwrap();
     assert_eq!(report.drift, vec![UserDrift { user_id: 7, stored: 2, actual: 1 }]);
     assert_eq!(report.recount_queued, Vec::<u64>::new(), "no event arrived during the second recount");
-    assert_eq!(unread_counts(&state.store, &state.db, &[7]).await.unwrap()[0].unread_count, 1);
+    assert_eq!(state.reader.unread_counts(&[7]).await.unwrap()[0].unread_count, 1);
     assert_eq!(env.stored_counts().await, env.true_counts().await);
 
     // Only events older than the fence queue a recount: one stamped after it does not.
@@ -875,7 +874,7 @@ async fn a_reconcile_leaves_alone_a_notification_the_table_gives_another_user() 
     env.sql("UPDATE notifications_notification SET recipient_id = 8 WHERE id = 1").await;
     state.store.apply(&[Event::save(1, 8, true, false)]).await.unwrap();
     state.reconciler.reconcile_users(&[8]).await.unwrap();
-    assert_eq!(unread_counts(&state.store, &state.db, &[8]).await.unwrap()[0].unread_count, 1);
+    assert_eq!(state.reader.unread_counts(&[8]).await.unwrap()[0].unread_count, 1);
     // User 7's reconcile, with a late retry of the creation (naming 7) during its fence.
     let lease = lease_of(&state).await;
     state.store.reconcile_begin(&lease, &[7], Duration::from_secs(60)).await.unwrap();
@@ -888,8 +887,8 @@ async fn a_reconcile_leaves_alone_a_notification_the_table_gives_another_user() 
     env.expire_reconciled_pictures();
     env.sql("DELETE FROM notifications_notification WHERE id = 1").await;
     state.store.apply(&[Event::delete(1, 8)]).await.unwrap();
-    assert_eq!(unread_counts(&state.store, &state.db, &[8]).await.unwrap()[0].unread_count, 0, "user 8");
-    assert_eq!(unread_counts(&state.store, &state.db, &[7]).await.unwrap()[0].unread_count, 0, "user 7");
+    assert_eq!(state.reader.unread_counts(&[8]).await.unwrap()[0].unread_count, 0, "user 8");
+    assert_eq!(state.reader.unread_counts(&[7]).await.unwrap()[0].unread_count, 0, "user 7");
 }
 
 /// A reconcile queues another recount only for an event older than its fence that changed a
@@ -950,7 +949,7 @@ async fn a_delete_delayed_past_the_reconciled_picture_never_takes_a_count_below_
     // Two minutes later: the reconciled picture has expired.
     env.expire_reconciled_pictures();
     state.store.apply(&[Event::delete(1, 7)]).await.unwrap();
-    assert_eq!(unread_counts(&state.store, &state.db, &[7]).await.unwrap()[0].unread_count, 0);
+    assert_eq!(state.reader.unread_counts(&[7]).await.unwrap()[0].unread_count, 0);
     state.flusher.flush(WAIT).await.unwrap();
     assert_eq!(env.stored_counts().await.get(&7).copied().unwrap_or(0), 0);
     assert_eq!(state.store.recounts_queued().await.unwrap(), (1, 0), "the user is recounted");

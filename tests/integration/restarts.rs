@@ -286,7 +286,7 @@ async fn review_c_a_bootstrap_resumed_after_a_restart_leaves_no_state_holes() {
     // Notification 5 (of the chunk the restart lost) is deleted: the count must drop to 8.
     env.sql("DELETE FROM notifications_notification WHERE id = 5").await;
     state.store.apply(&[Event::delete(5, 7)]).await.unwrap();
-    let count = countersink::counts::unread_counts(&state.store, &state.db, &[7]).await.unwrap()[0].unread_count;
+    let count = state.reader.unread_counts(&[7]).await.unwrap()[0].unread_count;
     assert_eq!(count, 8, "the rebuild left notification 5 unseen while counting it");
 }
 

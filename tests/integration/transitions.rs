@@ -4,13 +4,12 @@
 //! one; the apply script writes the state codes Rust reads.
 
 use countersink::app::AppState;
-use countersink::counts::unread_counts;
 use countersink::events::{Event, MAX_ID};
 use proptest::prelude::*;
 use support::TestEnv;
 
 async fn count(state: &AppState, user: u64) -> i64 {
-    unread_counts(&state.store, &state.db, &[user]).await.unwrap()[0].unread_count
+    state.reader.unread_counts(&[user]).await.unwrap()[0].unread_count
 }
 
 async fn apply(state: &AppState, events: &[Event]) -> countersink::store::ApplyOutcome {
