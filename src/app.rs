@@ -71,7 +71,7 @@ pub struct Limits {
     pub apply_calls_in_flight: usize,
     /// Most Redis calls reading held counts at once; reads arriving meanwhile are merged.
     pub read_calls_in_flight: usize,
-    /// Most users per bulk read.
+    /// Most users per bulk read, and per merged read call.
     pub max_read_users: usize,
     /// Largest request body, in bytes.
     pub max_body_bytes: usize,
@@ -184,6 +184,8 @@ impl AppState {
             app.ingest = GroupCommit::new(app.store.clone(), limits.apply_calls_in_flight, limits.max_batch_events);
             app.reader =
                 Reader::new(app.store.clone(), app.db.clone(), limits.read_calls_in_flight, limits.max_read_users);
+            // Streams read through the same queue (the hub starts nothing until its first stream).
+            app.live = Live::new(app.store.clone(), app.reader.clone());
             app.in_flight = Arc::new(tokio::sync::Semaphore::new(limits.max_concurrent_requests));
             app.live_streams = Arc::new(tokio::sync::Semaphore::new(limits.max_live_streams));
             app.stream_caps = StreamCaps::new(limits.max_live_streams_per_user, limits.max_live_streams_per_address);

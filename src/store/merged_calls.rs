@@ -3,7 +3,7 @@
 //! ([`MergedReads`], one pipeline for the users of every waiting read).
 //!
 //! Each Redis call has a fixed cost (for the apply script ~30 µs of Redis before its first event;
-//! for a read the two marker checks, the client's message and its wake-ups) that a request alone
+//! for a read the marker checks, the client's message and its wake-ups) that a request alone
 //! pays in full. Here at most `calls_in_flight` calls run at once; a request that arrives while
 //! they are all busy waits in the queue, and the next call to start takes every request waiting
 //! (up to `max_size` events or users) and serves them together: each gets its own answer, as if
@@ -25,16 +25,18 @@ use crate::metrics;
 
 /// One kind of call that can serve several requests at once.
 trait MergedCall: Send + Sync + 'static {
-    type Request: Send + 'static;
+    /// What one request asks.
+    type Input: Send + 'static;
+    /// What it is answered.
     type Answer: Send + 'static;
 
     /// What a request counts against a call's `max_size` (its events, its users).
-    fn size(request: &Self::Request) -> usize;
+    fn size(input: &Self::Input) -> usize;
 
-    /// Serves `requests` in one call: an answer each, in order, or one error for them all.
+    /// Serves `inputs` in one call: an answer each, in order, or one error for them all.
     fn call(
         &self,
-        requests: &[Self::Request],
+        inputs: &[Self::Input],
     ) -> impl Future<Output = Result<Vec<Result<Self::Answer, StoreError>>, StoreError>> + Send;
 }
 
@@ -60,7 +62,7 @@ struct Inner<C: MergedCall> {
 }
 
 struct Queued<C: MergedCall> {
-    request: C::Request,
+    input: C::Input,
     answer: oneshot::Sender<Result<C::Answer, StoreError>>,
 }
 
@@ -77,11 +79,12 @@ impl<C: MergedCall> Merger<C> {
     }
 
     /// Serves one request, alone or merged with others.
-    async fn serve(&self, request: C::Request) -> Result<C::Answer, StoreError> {
+    async fn serve(&self, input: C::Input) -> Result<C::Answer, StoreError> {
         let (answer, answered) = oneshot::channel();
-        self.inner.lock_queue().push_back(Queued { request, answer });
+        self.inner.lock_queue().push_back(Queued { input, answer });
         Inner::start_calls(&self.inner);
-        // The sender is dropped unanswered only if the call's task panicked or answered short.
+        // The sender is dropped unanswered only if the call's task panicked, answered short or
+        // was dropped unrun (the runtime shutting down).
         answered.await.unwrap_or_else(|_| Err(StoreError::Unexpected("the Redis call ended without an answer".into())))
     }
 }
@@ -126,7 +129,7 @@ impl<C: MergedCall> Inner<C> {
                 queue.pop_front();
                 continue;
             }
-            let next_size = C::size(&next.request);
+            let next_size = C::size(&next.input);
             if !group.is_empty() && size + next_size > self.max_size {
                 break;
             }
@@ -146,8 +149,8 @@ struct CallSlot<C: MergedCall> {
 
 impl<C: MergedCall> CallSlot<C> {
     async fn call(self, group: Vec<Queued<C>>) {
-        let (requests, answers): (Vec<C::Request>, Vec<_>) = group.into_iter().map(|q| (q.request, q.answer)).unzip();
-        match self.inner.call.call(&requests).await {
+        let (inputs, answers): (Vec<C::Input>, Vec<_>) = group.into_iter().map(|q| (q.input, q.answer)).unzip();
+        match self.inner.call.call(&inputs).await {
             Ok(results) => {
                 // A short reply leaves the last senders unanswered: their requests get an error.
                 for (answer, result) in answers.into_iter().zip(results) {
@@ -182,21 +185,21 @@ struct ApplyCall {
     store: Store,
 }
 
-/// An event request waiting for its call.
-struct EventRequest {
+/// An event request waiting for its call: what [`Request`] borrows.
+struct OwnedRequest {
     events: Vec<Event>,
     idempotency: Option<Idempotency>,
 }
 
 impl MergedCall for ApplyCall {
-    type Request = EventRequest;
+    type Input = OwnedRequest;
     type Answer = Applied;
 
-    fn size(request: &EventRequest) -> usize {
+    fn size(request: &OwnedRequest) -> usize {
         request.events.len()
     }
 
-    async fn call(&self, requests: &[EventRequest]) -> Result<Vec<Result<Applied, StoreError>>, StoreError> {
+    async fn call(&self, requests: &[OwnedRequest]) -> Result<Vec<Result<Applied, StoreError>>, StoreError> {
         let requests: Vec<Request<'_>> =
             requests.iter().map(|r| Request { events: &r.events, idempotency: r.idempotency.clone() }).collect();
         metrics::apply_call(requests.len());
@@ -219,7 +222,7 @@ impl GroupCommit {
 
     /// Applies one request's events, alone or merged with others: [`Store::apply_once`]'s answer.
     pub async fn apply(&self, events: Vec<Event>, idempotency: Option<Idempotency>) -> Result<Applied, StoreError> {
-        self.0.serve(EventRequest { events, idempotency }).await
+        self.0.serve(OwnedRequest { events, idempotency }).await
     }
 }
 
@@ -233,22 +236,29 @@ struct ReadCall {
 }
 
 impl MergedCall for ReadCall {
-    type Request = Vec<u64>;
+    type Input = Vec<u64>;
     type Answer = Vec<Option<i64>>;
 
     fn size(user_ids: &Vec<u64>) -> usize {
         user_ids.len()
     }
 
-    async fn call(&self, requests: &[Vec<u64>]) -> Result<Vec<Result<Vec<Option<i64>>, StoreError>>, StoreError> {
-        metrics::read_call(requests.len());
-        let mut held = if let [only] = requests {
+    async fn call(&self, reads: &[Vec<u64>]) -> Result<Vec<Result<Vec<Option<i64>>, StoreError>>, StoreError> {
+        metrics::read_call(reads.len());
+        let held = if let [only] = reads {
             self.store.held_counts(only).await?
         } else {
-            self.store.held_counts(&requests.concat()).await?
+            self.store.held_counts(&reads.concat()).await?
+        };
+        let users: usize = reads.iter().map(Vec::len).sum();
+        if held.len() != users {
+            return Err(StoreError::Unexpected(format!(
+                "a read call answered {} counts for {users} users",
+                held.len()
+            )));
         }
-        .into_iter();
-        Ok(requests.iter().map(|user_ids| Ok(held.by_ref().take(user_ids.len()).collect())).collect())
+        let mut held = held.into_iter();
+        Ok(reads.iter().map(|user_ids| Ok(held.by_ref().take(user_ids.len()).collect())).collect())
     }
 }
 

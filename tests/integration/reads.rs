@@ -5,7 +5,8 @@ use std::time::Duration;
 
 use countersink::store::{MergedReads, Store};
 
-/// How many `EXISTS` commands Redis has run: each read call checks its marker once.
+/// How many `EXISTS` commands Redis has run: each read call checks the reload flag, and the
+/// ready marker too when its store must rebuild a lost state (`requiring_bootstrap`).
 fn exists_calls(admin: &mut redis::Connection) -> u64 {
     let info: String = redis::cmd("INFO").arg("commandstats").query(admin).unwrap();
     info.lines()
@@ -15,7 +16,8 @@ fn exists_calls(admin: &mut redis::Connection) -> u64 {
 }
 
 /// Three reads that arrive while the only read call is held in a paused Redis wait, then share
-/// the next call: one marker check for the three, and each answer is its own users' counts in
+/// the next call: one marker check for the three (a store with no table to rebuild from checks
+/// the reload flag alone), and each answer is its own users' counts in
 /// its own order (a user read by two of them, a user whose count is not held).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reads_waiting_for_a_call_share_the_next_one_and_each_gets_its_own_counts() {
@@ -45,4 +47,35 @@ async fn reads_waiting_for_a_call_share_the_next_one_and_each_gets_its_own_count
     assert_eq!(c.await.unwrap().unwrap(), [None], "user 4's count is not held");
     // Two calls: the first read's, and one for the three that waited (four without merging).
     assert_eq!(exists_calls(&mut admin) - before, 2, "the waiting reads did not share a call");
+}
+
+/// A merged read call that fails answers each of its reads with the failure: here the ready marker
+/// is missing where a lost state must be rebuilt (the reads would answer 503), for the read held in
+/// the paused Redis and the two that waited for it alike. With the marker back, the same reads
+/// answer (each checks the reload flag and the marker, in that order, once per call).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_shared_read_call_answers_each_of_its_reads_with_the_failure() {
+    use countersink::store::{Keys, StoreError};
+
+    let redis = support::OwnRedis::start(support::free_port());
+    let store = Store::connect(&redis.url(), "failed_reads").unwrap().requiring_bootstrap();
+    let reads = MergedReads::new(store, 1, 1_000);
+    let mut admin = redis::Client::open(redis.url()).unwrap().get_connection().unwrap();
+    let read = |users: Vec<u64>| {
+        let reads = reads.clone();
+        tokio::spawn(async move { reads.held_counts(users).await })
+    };
+    let before = exists_calls(&mut admin);
+    let _: () = redis::cmd("CLIENT").arg("PAUSE").arg(500).arg("ALL").query(&mut admin).unwrap();
+    let first = read(vec![1]);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let waiting = [read(vec![2]), read(vec![3, 1])];
+    for answer in [first].into_iter().chain(waiting) {
+        let answer = answer.await.unwrap();
+        assert!(matches!(answer, Err(StoreError::StateMissing)), "{answer:?}");
+    }
+    assert_eq!(exists_calls(&mut admin) - before, 4, "two calls, two markers each");
+
+    let _: () = redis::cmd("SET").arg(Keys::new("failed_reads").ready()).arg("rebuilt").query(&mut admin).unwrap();
+    assert_eq!(read(vec![2, 1]).await.unwrap().unwrap(), [None, None], "nothing is held yet");
 }
