@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use serde_json::Value;
-use support::sentinel::{SentinelSetup, MASTER_NAME};
+use support::sentinel::SentinelSetup;
 use support::sidecar::{new_webhook_id, post_signed, Sidecar, SidecarOptions};
 use support::world::{wrong_users, World};
 use support::{eventually_async, TestEnv};
@@ -60,13 +60,13 @@ async fn a_requested_failover_is_followed_away_from_the_demoted_master() {
 }
 
 /// Options for a sidecar that finds the master through the Sentinels `sentinels` (addresses or
-/// URLs) only.
-fn through_sentinels(sentinels: String) -> SidecarOptions {
+/// URLs) only, under the set-up's master name `master`.
+fn through_sentinels(sentinels: String, master: &str) -> SidecarOptions {
     SidecarOptions {
         flush_cron: "off".into(),
         // Nothing listens there: the master can only be found through Sentinel.
         redis_url: Some("redis://127.0.0.1:1".into()),
-        serve_args: vec!["--redis-sentinels".into(), sentinels, "--redis-sentinel-master".into(), MASTER_NAME.into()],
+        serve_args: vec!["--redis-sentinels".into(), sentinels, "--redis-sentinel-master".into(), master.into()],
         ..SidecarOptions::default()
     }
 }
@@ -78,7 +78,7 @@ async fn failover_under_load(failover: Failover) {
     println!("{failover:?}: seed {seed}");
     let env = TestEnv::postgres_with_source().await;
     let mut redis = SentinelSetup::start();
-    let sidecar = Sidecar::start(&env, through_sentinels(redis.addresses())).await;
+    let sidecar = Sidecar::start(&env, through_sentinels(redis.addresses(), &redis.master_name)).await;
     rounds_across_a_failover(&env, &sidecar, seed, async || match failover {
         Failover::MasterKilled => redis.kill_master(),
         Failover::Requested => {
@@ -169,7 +169,7 @@ async fn with_no_sentinel_answering_requests_are_answered_503_without_queueing()
             "--redis-sentinels".into(),
             silent.local_addr().unwrap().to_string(),
             "--redis-sentinel-master".into(),
-            MASTER_NAME.into(),
+            "countersink-test".into(),
         ],
         ..SidecarOptions::default()
     };
@@ -295,7 +295,7 @@ async fn sentinels_that_require_a_password_are_reached_with_the_one_in_their_url
         .unwrap();
     let refused = redis::cmd("SENTINEL").arg("masters").query::<redis::Value>(&mut plain);
     assert!(refused.is_err(), "a Sentinel answered without its password: {refused:?}");
-    let sidecar = Sidecar::start(&env, through_sentinels(redis.urls())).await;
+    let sidecar = Sidecar::start(&env, through_sentinels(redis.urls(), &redis.master_name)).await;
     assert!(
         eventually_async(Duration::from_secs(30), || reads_served(&sidecar)).await,
         "the master was not found through the Sentinels:\n{}",

@@ -6,9 +6,6 @@ use std::time::{Duration, Instant};
 
 use super::free_port;
 
-/// The name the Sentinels monitor the master under.
-pub const MASTER_NAME: &str = "countersink-test";
-
 /// The processes of one set-up, killed when dropped.
 pub struct SentinelSetup {
     /// The first master's port (the replica's is `replica_port`).
@@ -17,6 +14,10 @@ pub struct SentinelSetup {
     pub replica_port: u16,
     /// The Sentinels' ports.
     pub sentinel_ports: Vec<u16>,
+    /// The name the Sentinels monitor the master under: one of this set-up's own, so a Sentinel
+    /// of another test (still monitoring a master whose port this one's master now has) is not
+    /// taken for one of ours.
+    pub master_name: String,
     /// The password the Sentinels require, if any.
     password: Option<String>,
     master: Running,
@@ -50,6 +51,7 @@ impl SentinelSetup {
             info(replica_port, "replication").is_some_and(|info| info.contains("master_link_status:up"))
         });
         let sentinel_ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+        let master_name = format!("countersink-test-{:016x}", rand::random::<u64>());
         let sentinels = sentinel_ports
             .iter()
             .map(|port| {
@@ -58,9 +60,9 @@ impl SentinelSetup {
                     &conf,
                     format!(
                         "port {port}\nbind 127.0.0.1\ndir {dir}\n\
-                         sentinel monitor {MASTER_NAME} 127.0.0.1 {master_port} 2\n\
-                         sentinel down-after-milliseconds {MASTER_NAME} 1000\n\
-                         sentinel failover-timeout {MASTER_NAME} 10000\n{auth}",
+                         sentinel monitor {master_name} 127.0.0.1 {master_port} 2\n\
+                         sentinel down-after-milliseconds {master_name} 1000\n\
+                         sentinel failover-timeout {master_name} 10000\n{auth}",
                         dir = dir.path().display(),
                         auth = password
                             .map_or(String::new(), |p| format!("requirepass {p}\nsentinel sentinel-pass {p}\n")),
@@ -80,6 +82,7 @@ impl SentinelSetup {
             master_port,
             replica_port,
             sentinel_ports,
+            master_name,
             password: password.map(String::from),
             master,
             replica,
@@ -87,9 +90,11 @@ impl SentinelSetup {
             _dir: dir,
         };
         for &port in &setup.sentinel_ports {
-            wait_for(Duration::from_secs(20), "each Sentinel to know the replica and the other Sentinels", || {
+            // Replicas are learnt from the master's INFO and Sentinels from hello messages every
+            // 2 s; a loaded CI machine has taken longer than 20 s.
+            wait_for(Duration::from_secs(40), "each Sentinel to know the replica and the other Sentinels", || {
                 let known = |what: &str| {
-                    sentinel_query::<Vec<redis::Value>>(port, password, &[what, MASTER_NAME])
+                    sentinel_query::<Vec<redis::Value>>(port, password, &[what, setup.master_name.as_str()])
                         .map_or(0, |list| list.len())
                 };
                 known("replicas") == 1 && known("sentinels") == 2
@@ -116,8 +121,11 @@ impl SentinelSetup {
     /// The master's port, as the first Sentinel that answers says.
     pub fn master_port_now(&self) -> Option<u16> {
         self.sentinel_ports.iter().find_map(|&port| {
-            let (_, master_port): (String, u16) =
-                sentinel_query(port, self.password.as_deref(), &["get-master-addr-by-name", MASTER_NAME])?;
+            let (_, master_port): (String, u16) = sentinel_query(
+                port,
+                self.password.as_deref(),
+                &["get-master-addr-by-name", self.master_name.as_str()],
+            )?;
             Some(master_port)
         })
     }
@@ -126,7 +134,7 @@ impl SentinelSetup {
     /// master, still running, becomes its replica.
     pub fn request_failover(&self) {
         let answer: Option<String> =
-            sentinel_query(self.sentinel_ports[0], self.password.as_deref(), &["failover", MASTER_NAME]);
+            sentinel_query(self.sentinel_ports[0], self.password.as_deref(), &["failover", self.master_name.as_str()]);
         assert_eq!(answer.as_deref(), Some("OK"), "SENTINEL FAILOVER was refused");
     }
 
