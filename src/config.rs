@@ -105,8 +105,9 @@ pub struct CoreConfig {
 
     /// Threads that run the service's tasks (1 to 1024); unset: one per core. The service mostly waits on
     /// Redis and the database: on a machine it shares with them or with the web workers, a small
-    /// number keeps its share bounded (on 2 cores shared with Redis, 1 served 15-27% more reads
-    /// and up to 17% fewer batched events: docs/benchmarks.md, the run of 2026-12-07).
+    /// number keeps its share bounded (on 2 cores shared with Redis, 1 took reads from 51% to 68%
+    /// of /healthz and served 10-17% fewer batched events for spread users, in separate runs:
+    /// docs/benchmarks.md, the run of 2026-12-07).
     #[arg(long, global = true, env = "COUNTERSINK_WORKER_THREADS")]
     pub worker_threads: Option<usize>,
 
