@@ -650,6 +650,21 @@ mod tests {
         assert!(settings > 40, "{settings} settings");
     }
 
+    /// A merging queue with no call allowed would answer nothing: 0 is refused, naming the flag.
+    #[test]
+    fn calls_in_flight_of_zero_are_refused_naming_the_flag() {
+        for (flag, variable) in [
+            ("--apply-calls-in-flight", "COUNTERSINK_APPLY_CALLS_IN_FLIGHT"),
+            ("--read-calls-in-flight", "COUNTERSINK_READ_CALLS_IN_FLIGHT"),
+        ] {
+            let command = ServeConfig::augment_args(clap::Command::new("serve")).mut_args(|arg| arg.env(None::<&str>));
+            let matches = command.try_get_matches_from(["serve", flag, "0"]).expect("parses");
+            let serve = ServeConfig::from_arg_matches(&matches).expect("parses");
+            let error = serve.validate().expect_err("0 calls in flight is refused").to_string();
+            assert_eq!(error, format!("invalid setting {flag} ({variable}): must be at least 1"));
+        }
+    }
+
     fn core(args: &[&str]) -> CoreConfig {
         #[derive(clap::Parser)]
         struct Args {
