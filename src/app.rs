@@ -178,6 +178,20 @@ impl AppState {
         })))
     }
 
+    /// The state an HTTP thread serves with (`http::server::HttpThreads`): events and reads on a
+    /// Redis connection of its own, merged with the thread's other requests; the rest shared.
+    pub fn for_http_thread(&self) -> Result<Self, crate::store::StoreError> {
+        let store = self.store.with_own_connection()?;
+        let limits = &self.limits;
+        let ingest = GroupCommit::new(store.clone(), limits.apply_calls_in_flight, limits.max_batch_events);
+        let reader = Reader::new(store.clone(), self.db.clone(), limits.read_calls_in_flight, limits.max_read_users);
+        Ok(self.clone().changed(|app| {
+            app.store = store;
+            app.ingest = ingest;
+            app.reader = reader;
+        }))
+    }
+
     /// The same state with other limits (tests).
     pub fn with_limits(self, limits: Limits) -> Self {
         self.changed(|app| {

@@ -11,6 +11,7 @@ use tracing::{error, info, warn};
 use crate::app::AppState;
 use crate::config::{setting, ConfigError, CoreConfig, LogFormat, ServeConfig};
 use crate::flush::{Flusher, WhenBusy};
+use crate::http::server::HttpThreads;
 use crate::schedule::Schedules;
 use crate::{bootstrap, http, schedule};
 
@@ -223,15 +224,16 @@ async fn run_serve(core: &CoreConfig, serve: ServeConfig) -> anyhow::Result<()> 
     let mut scheduler = schedule::start(&schedules, state.flusher.clone(), state.reconciler.clone()).await?;
     let flusher = state.flusher.clone();
     let live = state.live.clone();
-    let router = http::router(state);
+    let http_threads = serve.http_threads();
+    let threads = HttpThreads::start(http_threads, || Ok(http::router(state.for_http_thread()?)))?;
     let listener = TcpListener::bind(serve.listen).await.with_context(|| format!("binding {}", serve.listen))?;
-    info!(address = %listener.local_addr()?, "listening");
+    info!(address = %listener.local_addr()?, http_threads, "listening");
     let (stop, mut stopping) = tokio::sync::watch::channel(false);
     let connections = http::server::ConnectionLimits {
         header_timeout: Duration::from_secs(serve.header_timeout_secs),
         max_connections: serve.max_connections,
     };
-    let mut server = tokio::spawn(http::server::serve(listener, router, connections, async move {
+    let mut server = tokio::spawn(http::server::serve(listener, threads.clone(), connections, async move {
         let _ = stopping.changed().await;
     }));
     tokio::select! {
@@ -244,8 +246,15 @@ async fn run_serve(core: &CoreConfig, serve: ServeConfig) -> anyhow::Result<()> 
             live.close();
         }
     }
-    shut_down(ShutDown { stop, server, scheduler: scheduler.as_mut(), flusher, workers }, serve.shutdown_timeout_secs)
-        .await
+    let stopped = shut_down(
+        ShutDown { stop, server, scheduler: scheduler.as_mut(), flusher, workers },
+        serve.shutdown_timeout_secs,
+    )
+    .await;
+    // The final flush is done: the HTTP threads may stop (a connection of the shared store that a
+    // request on one of them opened is driven there).
+    drop(threads);
+    stopped
 }
 
 /// Descriptors the process needs besides client connections and the database pool: Redis

@@ -103,11 +103,9 @@ pub struct CoreConfig {
     #[command(flatten)]
     pub source: SourceConfig,
 
-    /// Threads that run the service's tasks (1 to 1024); unset: one per core. The service mostly waits on
-    /// Redis and the database: on a machine it shares with them or with the web workers, a small
-    /// number keeps its share bounded (on 2 cores shared with Redis, 1 took reads from 51% to 68%
-    /// of /healthz and served 10-17% fewer batched events for spread users, in separate runs:
-    /// docs/benchmarks.md, the run of 2026-12-07).
+    /// Threads that run the service's work besides serving HTTP (1 to 1024): the schedule, flushes,
+    /// reconciles, the watch on Redis, and the commands other than `serve`; unset: one per core.
+    /// `serve` answers requests on --http-threads.
     #[arg(long, global = true, env = "COUNTERSINK_WORKER_THREADS")]
     pub worker_threads: Option<usize>,
 
@@ -228,6 +226,14 @@ pub struct ServeConfig {
     /// users, at most --max-read-users a call); docs/design.md, *Merged reads*.
     #[arg(long, env = "COUNTERSINK_READ_CALLS_IN_FLIGHT", default_value_t = 1)]
     pub read_calls_in_flight: usize,
+
+    /// Threads that serve HTTP connections (1 to 1024); unset: one per core. Each is a runtime of
+    /// its own with its own Redis connection, and serves the connections handed to it start to
+    /// end, so a request wakes no other thread. --apply-calls-in-flight and
+    /// --read-calls-in-flight count per thread. The service's other work (the schedule, flushes,
+    /// reconciles, restarts watched) runs on the --worker-threads.
+    #[arg(long, env = "COUNTERSINK_HTTP_THREADS")]
+    pub http_threads: Option<usize>,
 
     /// Most users in one bulk read (at most 10000: the stored counts are read with one bind each).
     #[arg(long, env = "COUNTERSINK_MAX_READ_USERS", default_value_t = 1_000)]
@@ -530,6 +536,12 @@ impl CoreConfig {
 }
 
 impl ServeConfig {
+    /// `--http-threads`, or one per core.
+    pub fn http_threads(&self) -> usize {
+        self.http_threads
+            .unwrap_or_else(|| std::thread::available_parallelism().map(std::num::NonZeroUsize::get).unwrap_or(1))
+    }
+
     /// `countersink serve` with no flag and no variable set: the defaults declared above, for code
     /// that runs without a command line (in-process servers, tests).
     pub fn defaults() -> ServeConfig {
@@ -549,6 +561,15 @@ impl ServeConfig {
         at_least_one(self.max_new_state_shards, setting!(ServeConfig.max_new_state_shards))?;
         at_least_one(self.apply_calls_in_flight, setting!(ServeConfig.apply_calls_in_flight))?;
         at_least_one(self.read_calls_in_flight, setting!(ServeConfig.read_calls_in_flight))?;
+        if let Some(threads) = self.http_threads {
+            at_least_one(threads, setting!(ServeConfig.http_threads))?;
+            if threads > MAX_WORKER_THREADS {
+                return Err(ConfigError::new(
+                    setting!(ServeConfig.http_threads),
+                    format!("at most {MAX_WORKER_THREADS}, got {threads}"),
+                ));
+            }
+        }
         if self.max_read_users == 0 || self.max_read_users > MAX_READ_USERS {
             return Err(ConfigError::new(
                 setting!(ServeConfig.max_read_users),
@@ -663,6 +684,23 @@ mod tests {
             let error = serve.validate().expect_err("0 calls in flight is refused").to_string();
             assert_eq!(error, format!("invalid setting {flag} ({variable}): must be at least 1"));
         }
+    }
+
+    #[test]
+    fn http_threads_are_one_to_1024_and_one_per_core_when_unset() {
+        let serve = |args: &[&str]| {
+            let command = ServeConfig::augment_args(clap::Command::new("serve")).mut_args(|arg| arg.env(None::<&str>));
+            let matches = command.try_get_matches_from(std::iter::once("serve").chain(args.iter().copied()));
+            ServeConfig::from_arg_matches(&matches.expect("parses")).expect("parses")
+        };
+        let named = "invalid setting --http-threads (COUNTERSINK_HTTP_THREADS)";
+        let zero = serve(&["--http-threads", "0"]).validate().expect_err("0 threads is refused").to_string();
+        assert_eq!(zero, format!("{named}: must be at least 1"));
+        let many = serve(&["--http-threads", "1025"]).validate().expect_err("1025 threads is refused").to_string();
+        assert_eq!(many, format!("{named}: at most 1024, got 1025"));
+        assert_eq!(serve(&["--http-threads", "3"]).http_threads(), 3);
+        let cores = std::thread::available_parallelism().expect("the test machine knows its cores").get();
+        assert_eq!(serve(&[]).http_threads(), cores);
     }
 
     fn core(args: &[&str]) -> CoreConfig {

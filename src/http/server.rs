@@ -7,6 +7,14 @@
 //! each request's head, counted from when it opens or from its previous response, and at most
 //! `--max-connections` are open at once (further clients wait in the kernel's listen queue). Only
 //! HTTP/1.1 is spoken: hyper-util's version sniffing reads the first bytes with no timeout.
+//!
+//! Connections are served on [`HttpThreads`]: `--http-threads` threads, each a single-threaded
+//! runtime with a Redis connection of its own, and the accept loop hands each new connection to
+//! the next of them in turn. A request is then served start to end on one thread: its task, the
+//! Redis call it shares with the thread's other requests and the task driving that connection
+//! wake one another without waking another thread. On tokio's work-stealing runtime they woke
+//! threads across the cores at each step, and those wake-ups cost a read about as much as all of
+//! its own work (docs/design.md, *HTTP threads*).
 
 use std::future::Future;
 use std::sync::Arc;
@@ -16,7 +24,8 @@ use axum::extract::ConnectInfo;
 use axum::Router;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::runtime::Handle;
 use tokio::sync::{watch, Semaphore};
 use tower::ServiceExt;
 use tracing::{debug, warn};
@@ -37,11 +46,43 @@ pub struct ConnectionLimits {
     pub max_connections: usize,
 }
 
-/// Serves `router` on `listener` until `shutdown` resolves; then stops accepting, lets every
+/// The threads that serve connections, each a single-threaded runtime with the router over a
+/// state of its own ([`crate::app::AppState::for_http_thread`]). Clones share the threads, which
+/// run until the last clone is dropped: `serve` holds one, and whoever started them holds another
+/// until its own work on their Redis connections is done (a connection made lazily by a task on
+/// one of these threads is driven by a task there).
+#[derive(Clone)]
+pub struct HttpThreads {
+    threads: Arc<[(Handle, Router)]>,
+    /// Dropped with the last clone: each thread's runtime then returns and drops what it still runs.
+    _exit: Arc<watch::Sender<()>>,
+}
+
+impl HttpThreads {
+    /// Starts `count` threads, each serving with a router `router_for` makes.
+    pub fn start(count: usize, router_for: impl Fn() -> anyhow::Result<Router>) -> anyhow::Result<Self> {
+        let (exit, exited) = watch::channel(());
+        let mut threads = Vec::with_capacity(count);
+        for index in 0..count {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            let handle = runtime.handle().clone();
+            let mut exited = exited.clone();
+            std::thread::Builder::new().name(format!("countersink-http-{index}")).spawn(move || {
+                runtime.block_on(async move {
+                    let _ = exited.changed().await;
+                });
+            })?;
+            threads.push((handle, router_for()?));
+        }
+        Ok(HttpThreads { threads: threads.into(), _exit: Arc::new(exit) })
+    }
+}
+
+/// Serves `listener`'s connections on `threads` until `shutdown` resolves; then stops accepting, lets every
 /// open connection finish its request in flight (idle ones close at once), and returns.
 pub async fn serve(
     listener: TcpListener,
-    router: Router,
+    threads: HttpThreads,
     limits: ConnectionLimits,
     shutdown: impl Future<Output = ()> + Send,
 ) -> std::io::Result<()> {
@@ -50,6 +91,7 @@ pub async fn serve(
     // Each connection task holds a receiver; `closed()` resolves when the last one ends.
     let (open_tx, open_rx) = watch::channel(());
     tokio::pin!(shutdown);
+    let mut next_thread = 0;
     loop {
         let slot = tokio::select! {
             slot = slots.clone().acquire_owned() => match slot {
@@ -72,6 +114,16 @@ pub async fn serve(
         };
         // Small responses go out at once rather than waiting for Nagle's algorithm.
         let _ = stream.set_nodelay(true);
+        // Moved to the next thread's runtime: taken off this one's poller, put on that one's.
+        let stream = match stream.into_std() {
+            Ok(stream) => stream,
+            Err(e) => {
+                debug!(error = %e, %peer, "could not hand a connection to an HTTP thread");
+                continue;
+            }
+        };
+        let (thread, router) = &threads.threads[next_thread % threads.threads.len()];
+        next_thread = next_thread.wrapping_add(1);
         let router = router.clone();
         let service = hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
             request.extensions_mut().insert(ConnectInfo(peer));
@@ -80,9 +132,17 @@ pub async fn serve(
         let mut stopping = stopping.clone();
         let open = open_rx.clone();
         metrics::connection_opened();
-        tokio::spawn(async move {
+        thread.spawn(async move {
             let _slot = slot;
             let _open = open;
+            let stream = match TcpStream::from_std(stream) {
+                Ok(stream) => stream,
+                Err(e) => {
+                    debug!(error = %e, %peer, "an HTTP thread could not take a connection");
+                    metrics::connection_closed(false);
+                    return;
+                }
+            };
             let mut http = hyper::server::conn::http1::Builder::new();
             http.timer(TokioTimer::new()).header_read_timeout(limits.header_timeout);
             let connection = http.serve_connection(TokioIo::new(stream), service);

@@ -88,6 +88,8 @@ pub struct RedisConnection {
 }
 
 struct Shared {
+    /// Where the master is, as the settings say: for [`RedisConnection::another`].
+    target: RedisTarget,
     /// The master in use; `None` under Sentinel or on a cluster until the next command asks who
     /// it is.
     /// An `Arc`: every command takes the current master, which would otherwise clone its client
@@ -208,7 +210,12 @@ impl RedisConnection {
                 let client = redis::Client::open(url.as_str())?;
                 let db = client.get_connection_info().redis_settings().db();
                 let master = Arc::new(Master::new(client, 0)?);
-                let shared = Shared { current: Mutex::new(Some(master)), found: AtomicU64::new(0), finder: None };
+                let shared = Shared {
+                    target: target.clone(),
+                    current: Mutex::new(Some(master)),
+                    found: AtomicU64::new(0),
+                    finder: None,
+                };
                 Ok(RedisConnection { shared: Arc::new(shared), db })
             }
             RedisTarget::Sentinel { sentinels, master, url } => {
@@ -221,7 +228,7 @@ impl RedisConnection {
                     .map(|a| if a.starts_with("redis://") { a.clone() } else { format!("redis://{a}") })
                     .collect();
                 let client = SentinelClient::build(addresses, master.clone(), Some(node), SentinelServerType::Master)?;
-                Ok(RedisConnection::found_by(Locator::Sentinel(client), db))
+                Ok(RedisConnection::found_by(target, Locator::Sentinel(client), db))
             }
             RedisTarget::Cluster { nodes, hash_tag, url } => {
                 let info = url.as_str().into_connection_info()?;
@@ -234,19 +241,27 @@ impl RedisConnection {
                         Ok(info.clone().set_addr(ConnectionAddr::Tcp(host, port)))
                     })
                     .collect::<Result<Vec<_>, RedisError>>()?;
-                Ok(RedisConnection::found_by(Locator::Cluster { nodes, answered: 0, hash_tag: hash_tag.clone() }, 0))
+                let locator = Locator::Cluster { nodes, answered: 0, hash_tag: hash_tag.clone() };
+                Ok(RedisConnection::found_by(target, locator, 0))
             }
         }
     }
 
     /// A connection whose master `locator` finds, at its first command.
-    fn found_by(locator: Locator, db: i64) -> RedisConnection {
+    fn found_by(target: &RedisTarget, locator: Locator, db: i64) -> RedisConnection {
         let shared = Shared {
+            target: target.clone(),
             current: Mutex::new(None),
             found: AtomicU64::new(0),
             finder: Some(tokio::sync::Mutex::new(Finder { locator, failed: None })),
         };
         RedisConnection { shared: Arc::new(shared), db }
+    }
+
+    /// A connection of its own to the same target (not a clone sharing this one), connecting
+    /// lazily like [`Self::open`].
+    pub fn another(&self) -> Result<RedisConnection, RedisError> {
+        RedisConnection::open(&self.shared.target)
     }
 
     /// A client for the current master, for what needs a connection of its own (pub/sub).

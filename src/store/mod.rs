@@ -237,6 +237,12 @@ impl Store {
         &self.conn
     }
 
+    /// The same store on a Redis connection of its own, not shared with this one (an HTTP
+    /// thread's: the tasks driving it and waiting on it then run on that one thread).
+    pub fn with_own_connection(&self) -> Result<Self, StoreError> {
+        Ok(Store { conn: self.conn.another()?, ..self.clone() })
+    }
+
     /// The same store, acknowledging events only once `wait` says replicas have them.
     pub fn waiting_for_replicas(mut self, wait: ReplicaWait) -> Self {
         self.replicas = Some(wait);

@@ -20,6 +20,7 @@ mod first_run;
 mod flush;
 mod hostile;
 mod http_api;
+mod http_threads;
 mod live;
 mod openapi;
 mod ops;
