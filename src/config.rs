@@ -213,17 +213,18 @@ pub struct ServeConfig {
     #[arg(long, env = "COUNTERSINK_MAX_NEW_STATE_SHARDS", default_value_t = 16)]
     pub max_new_state_shards: usize,
 
-    /// Most calls of the Redis apply script at once. Event requests that arrive while they all
-    /// run wait for the next call and share it (a group commit, at most --max-batch-events
-    /// events a call). Redis runs scripts one at a time, so on loopback a second call in flight
+    /// Most calls of the Redis apply script at once, per --http-threads thread. Event requests
+    /// that arrive while they all run wait for the next call and share it (a group commit, at most
+    /// --max-batch-events events a call). Redis runs scripts one at a time, so on loopback a second call in flight
     /// only waits in Redis and one at a time merges the most (docs/design.md); with Redis across
     /// a network, 2 should hide the round trip (not measured).
     #[arg(long, env = "COUNTERSINK_APPLY_CALLS_IN_FLIGHT", default_value_t = 1)]
     pub apply_calls_in_flight: usize,
 
-    /// Most Redis calls reading held counts at once. Reads that arrive while they all run wait for
-    /// the next call and share it (one pipeline: the marker checks once, then every merged read's
-    /// users, at most --max-read-users a call); docs/design.md, *Merged reads*.
+    /// Most Redis calls reading held counts at once, per --http-threads thread. Reads that arrive
+    /// while they all run wait for the next call and share it (one pipeline: the marker checks
+    /// once, then every merged read's users, at most --max-read-users a call); docs/design.md,
+    /// *Merged reads*.
     #[arg(long, env = "COUNTERSINK_READ_CALLS_IN_FLIGHT", default_value_t = 1)]
     pub read_calls_in_flight: usize,
 
