@@ -260,6 +260,9 @@ async fn run_serve(core: &CoreConfig, serve: ServeConfig) -> anyhow::Result<()> 
 /// Descriptors the process needs besides client connections and the database pool: Redis
 /// (the shared connection, pub/sub, leases), the listener, stdio, epoll, SQLite files, and headroom.
 const RESERVED_FILE_DESCRIPTORS: u64 = 64;
+/// What each HTTP thread opens: its runtime's epoll and wake-up descriptors, and its Redis
+/// connections (commands, and `WAIT` pipelines with --redis-wait-replicas).
+const FILE_DESCRIPTORS_PER_HTTP_THREAD: u64 = 4;
 
 /// Warns when the open-file limit (RLIMIT_NOFILE, soft) is below what `--max-connections` and
 /// the pools may open: past it, accepts and Redis or database reconnects fail with "Too many
@@ -267,6 +270,7 @@ const RESERVED_FILE_DESCRIPTORS: u64 = 64;
 fn warn_if_few_file_descriptors(core: &CoreConfig, serve: &ServeConfig) {
     let needed = (serve.max_connections as u64)
         .saturating_add(u64::from(core.db_pool_size))
+        .saturating_add(FILE_DESCRIPTORS_PER_HTTP_THREAD * serve.http_threads() as u64)
         .saturating_add(RESERVED_FILE_DESCRIPTORS);
     let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile);
     // `None` is RLIM_INFINITY: no limit.
