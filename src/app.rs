@@ -58,6 +58,10 @@ pub struct App {
     pub live_streams: Arc<tokio::sync::Semaphore>,
     /// Open live streams per user and per client address (`--max-live-streams-per-*`).
     pub stream_caps: StreamCaps,
+    /// The runtime the state was made on (`--worker-threads`): what a request starts that holds the
+    /// flush lease or outlives it (a flush, a reconcile) runs there, not on the HTTP thread that
+    /// answers it, which would serve nothing else meanwhile and ends before the final flush.
+    pub jobs: tokio::runtime::Handle,
 }
 
 /// Request limits, from [`ServeConfig`].
@@ -132,6 +136,8 @@ impl AppState {
     /// Builds the state; connects lazily, so this succeeds while Redis or the database is down.
     /// Without `serve` (the CLI), requests are not authenticated.
     pub fn new(core: &CoreConfig, serve: Option<&ServeConfig>) -> anyhow::Result<Self> {
+        let jobs = tokio::runtime::Handle::try_current()
+            .map_err(|e| anyhow::anyhow!("the service's state is made inside its runtime: {e}"))?;
         let source = Source::from_config(&core.source)?.map(Arc::new);
         let store = Store::open(&RedisTarget::from_config(core), &core.redis_prefix)?;
         // With a Notification table to rebuild from, a lost state is refused until rebuilt.
@@ -155,7 +161,7 @@ impl AppState {
         let bootstrapper = Bootstrapper::new(store.clone(), db.clone(), flusher.clone(), source);
         let limits = serve.map(Limits::from).unwrap_or_default();
         let reader = Reader::new(store.clone(), db.clone(), limits.read_calls_in_flight, limits.max_read_users);
-        let live = Live::new(store.clone(), reader.clone());
+        let live = Live::new(store.clone(), reader.clone(), jobs.clone());
         let auth = match serve {
             Some(serve) => Auth::from_config(serve)?,
             None => Auth::open(),
@@ -175,18 +181,19 @@ impl AppState {
             stream_caps: StreamCaps::new(limits.max_live_streams_per_user, limits.max_live_streams_per_address),
             limits: Arc::new(limits),
             auth: Arc::new(auth),
+            jobs,
         })))
     }
 
     /// The state an HTTP thread serves with (`http::server::HttpThreads`): events and reads on a
-    /// Redis connection of its own, merged with the thread's other requests; the rest shared.
+    /// Redis connection of its own, merged with the thread's other requests. The rest is shared,
+    /// `store` too: status, readiness and metrics are the process's, not a thread's.
     pub fn for_http_thread(&self) -> Result<Self, crate::store::StoreError> {
         let store = self.store.with_own_connection()?;
         let limits = &self.limits;
         let ingest = GroupCommit::new(store.clone(), limits.apply_calls_in_flight, limits.max_batch_events);
-        let reader = Reader::new(store.clone(), self.db.clone(), limits.read_calls_in_flight, limits.max_read_users);
+        let reader = Reader::new(store, self.db.clone(), limits.read_calls_in_flight, limits.max_read_users);
         Ok(self.clone().changed(|app| {
-            app.store = store;
             app.ingest = ingest;
             app.reader = reader;
         }))
@@ -199,7 +206,7 @@ impl AppState {
             app.reader =
                 Reader::new(app.store.clone(), app.db.clone(), limits.read_calls_in_flight, limits.max_read_users);
             // Streams read through the same queue (the hub starts nothing until its first stream).
-            app.live = Live::new(app.store.clone(), app.reader.clone());
+            app.live = Live::new(app.store.clone(), app.reader.clone(), app.jobs.clone());
             app.in_flight = Arc::new(tokio::sync::Semaphore::new(limits.max_concurrent_requests));
             app.live_streams = Arc::new(tokio::sync::Semaphore::new(limits.max_live_streams));
             app.stream_caps = StreamCaps::new(limits.max_live_streams_per_user, limits.max_live_streams_per_address);

@@ -257,11 +257,13 @@ async fn run_serve(core: &CoreConfig, serve: ServeConfig) -> anyhow::Result<()> 
     stopped
 }
 
-/// Descriptors the process needs besides client connections and the database pool: Redis
-/// (the shared connection, pub/sub, leases), the listener, stdio, epoll, SQLite files, and headroom.
+/// Descriptors the process needs besides client connections, the database pool and the HTTP
+/// threads: Redis (the shared connection, pub/sub, leases), the listener, stdio, epoll, SQLite
+/// files, and headroom.
 const RESERVED_FILE_DESCRIPTORS: u64 = 64;
 /// What each HTTP thread opens: its runtime's epoll and wake-up descriptors, and its Redis
-/// connections (commands, and `WAIT` pipelines with --redis-wait-replicas).
+/// connections (commands, and `WAIT` pipelines with --redis-wait-replicas; none of its own under
+/// Sentinel or on a cluster).
 const FILE_DESCRIPTORS_PER_HTTP_THREAD: u64 = 4;
 
 /// Warns when the open-file limit (RLIMIT_NOFILE, soft) is below what `--max-connections` and

@@ -34,8 +34,8 @@ pub const MIN_STREAM_TOKEN_SECS: u64 = 60;
 /// access log) must be useless within a day.
 pub const MAX_STREAM_TOKEN_SECS: u64 = 24 * 60 * 60;
 
-/// The most `--worker-threads`: each is an OS thread started with the runtime, and a sidecar that
-/// mostly waits on Redis has no use for more.
+/// The most `--worker-threads` or `--http-threads`: each is an OS thread started with its
+/// runtime, and a sidecar that mostly waits on Redis has no use for more.
 pub const MAX_WORKER_THREADS: usize = 1024;
 
 /// Settings every subcommand needs: where Redis and the database are.
@@ -229,10 +229,11 @@ pub struct ServeConfig {
     pub read_calls_in_flight: usize,
 
     /// Threads that serve HTTP connections (1 to 1024); unset: one per core. Each is a runtime of
-    /// its own with its own Redis connection, and serves the connections handed to it start to
-    /// end, so a request wakes no other thread. --apply-calls-in-flight and
-    /// --read-calls-in-flight count per thread. The service's other work (the schedule, flushes,
-    /// reconciles, restarts watched) runs on the --worker-threads.
+    /// its own with its own Redis connection (under Sentinel or on a cluster, one shared), and
+    /// serves the connections handed to it start to end: the events and reads of a request, and
+    /// their Redis calls, run on its thread. --apply-calls-in-flight and --read-calls-in-flight
+    /// count per thread. The rest (the schedule, flushes and reconciles, also those asked over
+    /// HTTP, the live streams' subscriber, the watch on Redis) runs on the --worker-threads.
     #[arg(long, env = "COUNTERSINK_HTTP_THREADS")]
     pub http_threads: Option<usize>,
 
@@ -400,6 +401,15 @@ impl ConfigError {
     }
 }
 
+/// A number of threads: 1 to [`MAX_WORKER_THREADS`], or refused naming the setting.
+fn thread_count(threads: usize, setting: Setting) -> Result<(), ConfigError> {
+    at_least_one(threads, setting)?;
+    if threads > MAX_WORKER_THREADS {
+        return Err(ConfigError::new(setting, format!("at most {MAX_WORKER_THREADS}, got {threads}")));
+    }
+    Ok(())
+}
+
 /// A count or a duration of which 0 means nothing would work: refused, naming the setting.
 fn at_least_one<T: Default + PartialEq>(value: T, setting: Setting) -> Result<(), ConfigError> {
     if value == T::default() {
@@ -414,14 +424,7 @@ impl CoreConfig {
     pub fn runtime(&self) -> anyhow::Result<tokio::runtime::Runtime> {
         let mut builder = tokio::runtime::Builder::new_multi_thread();
         if let Some(threads) = self.worker_threads {
-            at_least_one(threads, setting!(CoreConfig.worker_threads))?;
-            if threads > MAX_WORKER_THREADS {
-                return Err(ConfigError::new(
-                    setting!(CoreConfig.worker_threads),
-                    format!("at most {MAX_WORKER_THREADS}, got {threads}"),
-                )
-                .into());
-            }
+            thread_count(threads, setting!(CoreConfig.worker_threads))?;
             builder.worker_threads(threads);
         }
         Ok(builder.enable_all().build()?)
@@ -563,13 +566,7 @@ impl ServeConfig {
         at_least_one(self.apply_calls_in_flight, setting!(ServeConfig.apply_calls_in_flight))?;
         at_least_one(self.read_calls_in_flight, setting!(ServeConfig.read_calls_in_flight))?;
         if let Some(threads) = self.http_threads {
-            at_least_one(threads, setting!(ServeConfig.http_threads))?;
-            if threads > MAX_WORKER_THREADS {
-                return Err(ConfigError::new(
-                    setting!(ServeConfig.http_threads),
-                    format!("at most {MAX_WORKER_THREADS}, got {threads}"),
-                ));
-            }
+            thread_count(threads, setting!(ServeConfig.http_threads))?;
         }
         if self.max_read_users == 0 || self.max_read_users > MAX_READ_USERS {
             return Err(ConfigError::new(

@@ -372,12 +372,14 @@ pub fn redis_master_found() {
     METRICS.redis_masters_found.inc();
 }
 
-/// A client connection closed; `header_timeout`: closed for sending no request head in time.
-pub fn connection_closed(header_timeout: bool) {
+/// A client connection closed.
+pub fn connection_closed() {
     METRICS.connections_open.dec();
-    if header_timeout {
-        METRICS.header_timeouts.inc();
-    }
+}
+
+/// Counts a connection closed because its request's head did not arrive in time.
+pub fn header_timed_out() {
+    METRICS.header_timeouts.inc();
 }
 
 /// Sets the number of users with a pending delta.

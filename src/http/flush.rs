@@ -30,9 +30,11 @@ pub async fn post_flush(State(state): State<AppState>) -> Result<Json<FlushRepor
     // Spawned: a client that hangs up or a request deadline must not cancel a flush half-way
     // (it would keep the flush lease until it expires).
     // In the request's span, so its log lines carry the request id.
-    let flush = tokio::spawn(
-        async move { state.flusher.flush(WhenBusy::Wait(WAIT_FOR_RUNNING_FLUSH)).await }.in_current_span(),
-    );
+    // On the jobs' runtime: a flush holds its HTTP thread for no one else.
+    let flush = state
+        .jobs
+        .clone()
+        .spawn(async move { state.flusher.flush(WhenBusy::Wait(WAIT_FOR_RUNNING_FLUSH)).await }.in_current_span());
     let report = flush.await.map_err(|e| AppError::Internal(e.into()))??;
     Ok(Json(report))
 }

@@ -72,7 +72,7 @@ pub async fn get_stream(
     let permit = state.live_streams.clone().try_acquire_owned().map_err(|_| AppError::Overloaded)?;
     // Watch before reading, so a change between the read and the first wait is not missed.
     let watch = state.live.watch(user_id);
-    let first = state.live.read(user_id).await?;
+    let first = state.live.read(&state.reader, user_id).await?;
     let last_event_id = headers.get("last-event-id").and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<i64>().ok());
     debug!(
         user_id,

@@ -54,7 +54,9 @@ pub async fn post_reconcile(
     }
     // Spawned, like a flush: a dropped request must not cancel a reconcile holding the flush lease.
     // In the request's span, so its log lines carry the request id.
+    // On the jobs' runtime, as a flush.
+    let jobs = state.jobs.clone();
     let reconcile =
-        tokio::spawn(async move { state.reconciler.reconcile_users(&request.user_ids).await }.in_current_span());
+        jobs.spawn(async move { state.reconciler.reconcile_users(&request.user_ids).await }.in_current_span());
     Ok(Json(reconcile.await.map_err(|e| AppError::Internal(e.into()))??))
 }

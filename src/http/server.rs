@@ -10,13 +10,14 @@
 //!
 //! Connections are served on [`HttpThreads`]: `--http-threads` threads, each a single-threaded
 //! runtime with a Redis connection of its own, and the accept loop hands each new connection to
-//! the next of them in turn. A request is then served start to end on one thread: its task, the
-//! Redis call it shares with the thread's other requests and the task driving that connection
-//! wake one another without waking another thread. On tokio's work-stealing runtime they woke
-//! threads across the cores at each step, and those wake-ups cost a read about as much as all of
-//! its own work (docs/design.md, *HTTP threads*).
+//! the thread with the fewest open. A connection is served start to end on its thread: a
+//! request's task, the Redis call its events or read share with the thread's other requests and
+//! the task driving that Redis connection wake one another without waking another thread, as on
+//! tokio's work-stealing runtime they could at each step (docs/design.md, *HTTP threads*, has
+//! what that changed: batched ingest, not the single read).
 
 use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -49,32 +50,86 @@ pub struct ConnectionLimits {
 /// The threads that serve connections, each a single-threaded runtime with the router over a
 /// state of its own ([`crate::app::AppState::for_http_thread`]). Clones share the threads, which
 /// run until the last clone is dropped: `serve` holds one, and whoever started them holds another
-/// until its own work on their Redis connections is done (a connection made lazily by a task on
-/// one of these threads is driven by a task there).
+/// until its own work on Redis is done (a connection of the shared store that a request opened
+/// first is driven by a task on that request's thread).
 #[derive(Clone)]
 pub struct HttpThreads {
-    threads: Arc<[(Handle, Router)]>,
+    threads: Arc<[HttpThread]>,
+    /// Where the next pick starts, so that threads with as many connections take turns.
+    next: Arc<AtomicUsize>,
     /// Dropped with the last clone: each thread's runtime then returns and drops what it still runs.
     _exit: Arc<watch::Sender<()>>,
 }
 
+struct HttpThread {
+    runtime: Handle,
+    router: Router,
+    /// Connections open on this thread.
+    open: Arc<AtomicUsize>,
+}
+
 impl HttpThreads {
-    /// Starts `count` threads, each serving with a router `router_for` makes.
+    /// Starts `count` threads (at least 1), each serving with a router `router_for` makes. It is
+    /// called inside the thread's runtime, so what it sets up for later (a lazy connection's tasks)
+    /// belongs to that thread.
     pub fn start(count: usize, router_for: impl Fn() -> anyhow::Result<Router>) -> anyhow::Result<Self> {
+        anyhow::ensure!(count > 0, "at least one HTTP thread is needed");
         let (exit, exited) = watch::channel(());
         let mut threads = Vec::with_capacity(count);
         for index in 0..count {
-            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            let name = format!("countersink-http-{index}");
+            // Its blocking pool (SQL of the reads' loads) carries the thread's name too.
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().thread_name(&name).build()?;
             let handle = runtime.handle().clone();
             let mut exited = exited.clone();
-            std::thread::Builder::new().name(format!("countersink-http-{index}")).spawn(move || {
+            std::thread::Builder::new().name(name).spawn(move || {
                 runtime.block_on(async move {
                     let _ = exited.changed().await;
                 });
             })?;
-            threads.push((handle, router_for()?));
+            let router = {
+                let _inside = handle.enter();
+                router_for()?
+            };
+            threads.push(HttpThread { runtime: handle, router, open: Arc::new(AtomicUsize::new(0)) });
         }
-        Ok(HttpThreads { threads: threads.into(), _exit: Arc::new(exit) })
+        Ok(HttpThreads { threads: threads.into(), next: Arc::new(AtomicUsize::new(0)), _exit: Arc::new(exit) })
+    }
+
+    /// The connections open on each thread, in thread order.
+    pub fn connections(&self) -> Vec<usize> {
+        self.threads.iter().map(|thread| thread.open.load(Ordering::Relaxed)).collect()
+    }
+
+    /// The thread with the fewest open connections (ties in turn): a keep-alive connection stays on
+    /// its thread for its life, so where new ones go is the only balancing there is.
+    fn pick(&self) -> &HttpThread {
+        let first = self.next.fetch_add(1, Ordering::Relaxed);
+        let count = self.threads.len();
+        let at = (0..count)
+            .map(|i| (first + i) % count)
+            .min_by_key(|&i| self.threads[i].open.load(Ordering::Relaxed))
+            .unwrap_or(0);
+        &self.threads[at]
+    }
+}
+
+/// A connection counted open on its thread and in the metrics until it is dropped, however its
+/// task ends (a panic, or unrun at exit).
+struct OpenConnection(Arc<AtomicUsize>);
+
+impl OpenConnection {
+    fn new(open: &Arc<AtomicUsize>) -> Self {
+        open.fetch_add(1, Ordering::Relaxed);
+        metrics::connection_opened();
+        OpenConnection(Arc::clone(open))
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+        metrics::connection_closed();
     }
 }
 
@@ -91,7 +146,6 @@ pub async fn serve(
     // Each connection task holds a receiver; `closed()` resolves when the last one ends.
     let (open_tx, open_rx) = watch::channel(());
     tokio::pin!(shutdown);
-    let mut next_thread = 0;
     loop {
         let slot = tokio::select! {
             slot = slots.clone().acquire_owned() => match slot {
@@ -114,7 +168,7 @@ pub async fn serve(
         };
         // Small responses go out at once rather than waiting for Nagle's algorithm.
         let _ = stream.set_nodelay(true);
-        // Moved to the next thread's runtime: taken off this one's poller, put on that one's.
+        // Moved to the thread's runtime: taken off this one's poller, put on that one's.
         let stream = match stream.into_std() {
             Ok(stream) => stream,
             Err(e) => {
@@ -122,24 +176,23 @@ pub async fn serve(
                 continue;
             }
         };
-        let (thread, router) = &threads.threads[next_thread % threads.threads.len()];
-        next_thread = next_thread.wrapping_add(1);
-        let router = router.clone();
+        let thread = threads.pick();
+        let router = thread.router.clone();
         let service = hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
             request.extensions_mut().insert(ConnectInfo(peer));
             router.clone().oneshot(request.map(axum::body::Body::new))
         });
         let mut stopping = stopping.clone();
         let open = open_rx.clone();
-        metrics::connection_opened();
-        thread.spawn(async move {
+        let counted = OpenConnection::new(&thread.open);
+        thread.runtime.spawn(async move {
             let _slot = slot;
             let _open = open;
+            let _counted = counted;
             let stream = match TcpStream::from_std(stream) {
                 Ok(stream) => stream,
                 Err(e) => {
                     debug!(error = %e, %peer, "an HTTP thread could not take a connection");
-                    metrics::connection_closed(false);
                     return;
                 }
             };
@@ -158,7 +211,9 @@ pub async fn serve(
             if let Err(e) = &result {
                 debug!(error = %e, %peer, "connection ended with an error");
             }
-            metrics::connection_closed(result.as_ref().is_err_and(hyper::Error::is_timeout));
+            if result.as_ref().is_err_and(hyper::Error::is_timeout) {
+                metrics::header_timed_out();
+            }
         });
     }
     drop(listener);

@@ -76,11 +76,14 @@ struct Inner {
     started: AtomicBool,
     closing: watch::Sender<bool>,
     subscribed: watch::Sender<bool>,
+    /// Where the subscriber runs (the service's jobs' runtime, not the HTTP thread of the first
+    /// stream).
+    jobs: tokio::runtime::Handle,
 }
 
 impl Live {
-    /// A hub over `store`'s deployment; its subscriber starts with the first stream.
-    pub fn new(store: Store, reader: Reader) -> Live {
+    /// A hub over `store`'s deployment; its subscriber starts on `jobs` with the first stream.
+    pub fn new(store: Store, reader: Reader, jobs: tokio::runtime::Handle) -> Live {
         let channel = store.keys().live_channel();
         Live {
             inner: Arc::new(Inner {
@@ -92,6 +95,7 @@ impl Live {
                 started: AtomicBool::new(false),
                 closing: watch::channel(false).0,
                 subscribed: watch::channel(false).0,
+                jobs,
             }),
         }
     }
@@ -108,10 +112,11 @@ impl Live {
         Watch { user_id, rx, inner: self.inner.clone() }
     }
 
-    /// Reads `user_id`'s count now, numbered in this process's reading order.
-    pub async fn read(&self, user_id: u64) -> Result<Reading, ReadError> {
+    /// Reads `user_id`'s count now through `reader` (the HTTP thread's), numbered in this
+    /// process's reading order.
+    pub async fn read(&self, reader: &Reader, user_id: u64) -> Result<Reading, ReadError> {
         let seq = self.inner.next_seq();
-        let counts = self.inner.reader.unread_counts(&[user_id]).await?;
+        let counts = reader.unread_counts(&[user_id]).await?;
         let count = counts.first().map(|c| c.unread_count).unwrap_or(0);
         Ok(Reading { seq, count })
     }
@@ -148,7 +153,7 @@ impl Live {
     fn ensure_started(&self) {
         if !self.inner.started.swap(true, Ordering::AcqRel) {
             let closing = self.inner.closing.subscribe();
-            tokio::spawn(run_subscriber(
+            self.inner.jobs.spawn(run_subscriber(
                 Arc::downgrade(&self.inner),
                 self.inner.store.connection().clone(),
                 self.inner.channel.clone(),

@@ -88,7 +88,7 @@ pub struct RedisConnection {
 }
 
 struct Shared {
-    /// Where the master is, as the settings say: for [`RedisConnection::another`].
+    /// Where the master is, as the settings say (for [`RedisConnection::another`]).
     target: RedisTarget,
     /// The master in use; `None` under Sentinel or on a cluster until the next command asks who
     /// it is.
@@ -258,10 +258,16 @@ impl RedisConnection {
         RedisConnection { shared: Arc::new(shared), db }
     }
 
-    /// A connection of its own to the same target (not a clone sharing this one), connecting
-    /// lazily like [`Self::open`].
+    /// A connection of its own to the same address, connecting lazily like [`Self::open`]. Under
+    /// Sentinel or on a cluster, this connection itself (a clone): what is known of the master,
+    /// and the forgetting of it after a failover, is per connection, and connections of their own
+    /// would each find a new master on their own (each asking, logging and failing its first
+    /// command) and might go on reading from a demoted one after another has moved on.
     pub fn another(&self) -> Result<RedisConnection, RedisError> {
-        RedisConnection::open(&self.shared.target)
+        match &self.shared.target {
+            RedisTarget::Address(_) => RedisConnection::open(&self.shared.target),
+            RedisTarget::Sentinel { .. } | RedisTarget::Cluster { .. } => Ok(self.clone()),
+        }
     }
 
     /// A client for the current master, for what needs a connection of its own (pub/sub).

@@ -41,7 +41,15 @@ impl Store {
             }
         }
         let mut conn = self.conn.clone();
-        let mut replies: Vec<redis::Value> = pipeline.query_async(&mut conn).await?;
+        let mut replies: Vec<redis::Value> = match pipeline.query_async(&mut conn).await {
+            // A connection Redis closed (it restarted) fails its next command and reconnects; this
+            // pipeline changes nothing, so it is sent again once. Each HTTP thread's connection
+            // meets a restart on its own, at its first read.
+            Err(e) if e.is_connection_dropped() || (e.is_io_error() && !e.is_timeout()) => {
+                pipeline.query_async(&mut conn).await?
+            }
+            replies => replies?,
+        };
         if replies.len() != buckets.len() + markers {
             return Err(StoreError::Unexpected("the read pipeline returned the wrong number of replies".into()));
         }

@@ -237,8 +237,9 @@ impl Store {
         &self.conn
     }
 
-    /// The same store on a Redis connection of its own, not shared with this one (an HTTP
-    /// thread's: the tasks driving it and waiting on it then run on that one thread).
+    /// The same store on a Redis connection of its own (an HTTP thread's: the tasks driving it and
+    /// waiting on it then run on that one thread); under Sentinel or on a cluster, on this store's
+    /// connection ([`RedisConnection::another`] says why).
     pub fn with_own_connection(&self) -> Result<Self, StoreError> {
         Ok(Store { conn: self.conn.another()?, ..self.clone() })
     }
