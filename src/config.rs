@@ -103,9 +103,10 @@ pub struct CoreConfig {
     #[command(flatten)]
     pub source: SourceConfig,
 
-    /// Threads that run the service's work besides serving HTTP (1 to 1024): the schedule, flushes,
-    /// reconciles, the watch on Redis, and the commands other than `serve`; unset: one per core.
-    /// `serve` answers requests on --http-threads.
+    /// Threads that run the service's work besides answering HTTP (1 to 1024): accepting
+    /// connections, the schedule, flushes and reconciles (also those asked over HTTP), the live
+    /// streams' subscriber, the watch on Redis, and the commands other than `serve`; unset: one per
+    /// core. `serve` answers requests on --http-threads.
     #[arg(long, global = true, env = "COUNTERSINK_WORKER_THREADS")]
     pub worker_threads: Option<usize>,
 
@@ -215,8 +216,9 @@ pub struct ServeConfig {
 
     /// Most calls of the Redis apply script at once, per --http-threads thread. Event requests
     /// that arrive while they all run wait for the next call and share it (a group commit, at most
-    /// --max-batch-events events a call). Redis runs scripts one at a time, so on loopback a second call in flight
-    /// only waits in Redis and one at a time merges the most (docs/design.md); with Redis across
+    /// --max-batch-events events a call). Redis runs scripts one at a time, so on loopback a second
+    /// call in flight only waits in Redis for single events and one at a time merges the most
+    /// (docs/design.md; for 100-event requests a second call did better); with Redis across
     /// a network, 2 should hide the round trip (not measured).
     #[arg(long, env = "COUNTERSINK_APPLY_CALLS_IN_FLIGHT", default_value_t = 1)]
     pub apply_calls_in_flight: usize,
@@ -233,7 +235,8 @@ pub struct ServeConfig {
     /// serves the connections handed to it start to end: the events and reads of a request, and
     /// their Redis calls, run on its thread. --apply-calls-in-flight and --read-calls-in-flight
     /// count per thread. The rest (the schedule, flushes and reconciles, also those asked over
-    /// HTTP, the live streams' subscriber, the watch on Redis) runs on the --worker-threads.
+    /// HTTP, the live streams' subscriber, the watch on Redis) runs on the --worker-threads;
+    /// status, readiness and metrics answer on the HTTP threads through the shared connection.
     #[arg(long, env = "COUNTERSINK_HTTP_THREADS")]
     pub http_threads: Option<usize>,
 

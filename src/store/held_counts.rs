@@ -42,10 +42,12 @@ impl Store {
         }
         let mut conn = self.conn.clone();
         let mut replies: Vec<redis::Value> = match pipeline.query_async(&mut conn).await {
-            // A connection Redis closed (it restarted) fails its next command and reconnects; this
-            // pipeline changes nothing, so it is sent again once. Each HTTP thread's connection
-            // meets a restart on its own, at its first read.
-            Err(e) if e.is_connection_dropped() || (e.is_io_error() && !e.is_timeout()) => {
+            // A connection that was open and was lost (Redis restarted, or closed it) fails its next
+            // command, and the connection manager reconnects meanwhile; this pipeline changes
+            // nothing, so it is sent again once. Each HTTP thread's connection meets a restart on
+            // its own, at its first read. A refused connection (Redis down) is not asked twice.
+            Err(e) if e.is_connection_dropped() && !e.is_connection_refusal() => {
+                tracing::debug!(error = %e, "the Redis connection was lost; reading again on a new one");
                 pipeline.query_async(&mut conn).await?
             }
             replies => replies?,
