@@ -160,13 +160,12 @@ impl AppState {
         let reconciler = Reconciler::new(store.clone(), db.clone(), flusher.clone(), source.clone());
         let bootstrapper = Bootstrapper::new(store.clone(), db.clone(), flusher.clone(), source);
         let limits = serve.map(Limits::from).unwrap_or_default();
-        let reader = Reader::new(store.clone(), db.clone(), limits.read_calls_in_flight, limits.max_read_users);
+        let (ingest, reader) = request_paths(&store, &db, &limits);
         let live = Live::new(store.clone(), reader.clone(), jobs.clone());
         let auth = match serve {
             Some(serve) => Auth::from_config(serve)?,
             None => Auth::open(),
         };
-        let ingest = GroupCommit::new(store.clone(), limits.apply_calls_in_flight, limits.max_batch_events);
         Ok(Self(Arc::new(App {
             ingest,
             reader,
@@ -189,10 +188,7 @@ impl AppState {
     /// Redis connection of its own, merged with the thread's other requests. The rest is shared,
     /// `store` too: status, readiness and metrics are the process's, not a thread's.
     pub fn for_http_thread(&self) -> Result<Self, crate::store::StoreError> {
-        let store = self.store.with_own_connection()?;
-        let limits = &self.limits;
-        let ingest = GroupCommit::new(store.clone(), limits.apply_calls_in_flight, limits.max_batch_events);
-        let reader = Reader::new(store, self.db.clone(), limits.read_calls_in_flight, limits.max_read_users);
+        let (ingest, reader) = request_paths(&self.store.with_own_connection()?, &self.db, &self.limits);
         Ok(self.clone().changed(|app| {
             app.ingest = ingest;
             app.reader = reader;
@@ -202,9 +198,7 @@ impl AppState {
     /// The same state with other limits (tests).
     pub fn with_limits(self, limits: Limits) -> Self {
         self.changed(|app| {
-            app.ingest = GroupCommit::new(app.store.clone(), limits.apply_calls_in_flight, limits.max_batch_events);
-            app.reader =
-                Reader::new(app.store.clone(), app.db.clone(), limits.read_calls_in_flight, limits.max_read_users);
+            (app.ingest, app.reader) = request_paths(&app.store, &app.db, &limits);
             // Streams read through the same queue (the hub starts nothing until its first stream).
             app.live = Live::new(app.store.clone(), app.reader.clone(), app.jobs.clone());
             app.in_flight = Arc::new(tokio::sync::Semaphore::new(limits.max_concurrent_requests));
@@ -225,4 +219,12 @@ impl AppState {
         change(&mut app);
         Self(Arc::new(app))
     }
+}
+
+/// The group commit and the reader over `store`, sized by `limits`: what a request's events and
+/// reads go through.
+fn request_paths(store: &Store, db: &Db, limits: &Limits) -> (GroupCommit, Reader) {
+    let ingest = GroupCommit::new(store.clone(), limits.apply_calls_in_flight, limits.max_batch_events);
+    let reader = Reader::new(store.clone(), db.clone(), limits.read_calls_in_flight, limits.max_read_users);
+    (ingest, reader)
 }

@@ -10,8 +10,9 @@ use axum::routing::get;
 use axum::Router;
 use countersink::app::AppState;
 use countersink::http::server::{serve, ConnectionLimits, HttpThreads};
+use http_body_util::BodyExt;
+use hyper_util::rt::TokioIo;
 use serde_json::{json, Value};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 
 const LIMITS: ConnectionLimits = ConnectionLimits { header_timeout: Duration::from_secs(10), max_connections: 64 };
@@ -24,43 +25,34 @@ async fn serve_on(threads: HttpThreads) -> SocketAddr {
     address
 }
 
-/// One keep-alive HTTP/1.1 connection, its requests sent one after another (a pooling client may
-/// open a second connection when a request follows the previous answer closely).
-struct Connection(BufReader<TcpStream>);
+/// One keep-alive HTTP/1.1 connection (hyper's client, as the bench's load generator), its
+/// requests sent one after another (a pooling client may open a second connection when a request
+/// follows the previous answer closely). Dropped, it closes.
+struct Connection(hyper::client::conn::http1::SendRequest<String>);
 
 impl Connection {
     async fn open(address: SocketAddr) -> Connection {
-        Connection(BufReader::new(TcpStream::connect(address).await.unwrap()))
+        let stream = TcpStream::connect(address).await.unwrap();
+        let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.unwrap();
+        tokio::spawn(connection);
+        Connection(sender)
     }
 
     /// Sends a request and reads its answer: the status and the body.
     async fn send(&mut self, method: &str, path: &str, body: Option<&Value>) -> (u16, String) {
-        let body = body.map(Value::to_string).unwrap_or_default();
-        let request = format!(
-            "{method} {path} HTTP/1.1\r\nhost: test\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
-            body.len()
-        );
-        self.0.get_mut().write_all(request.as_bytes()).await.unwrap();
-        let mut line = String::new();
-        self.0.read_line(&mut line).await.unwrap();
-        let status: u16 =
-            line.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or_else(|| panic!("status line {line:?}"));
-        let mut length = 0;
-        loop {
-            line.clear();
-            self.0.read_line(&mut line).await.unwrap();
-            if line.trim().is_empty() {
-                break;
-            }
-            if let Some((name, value)) = line.split_once(':') {
-                if name.eq_ignore_ascii_case("content-length") {
-                    length = value.trim().parse().unwrap();
-                }
-            }
-        }
-        let mut answer = vec![0; length];
-        self.0.read_exact(&mut answer).await.unwrap();
-        (status, String::from_utf8(answer).unwrap())
+        let request = hyper::Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", "test")
+            .header("content-type", "application/json")
+            .body(body.map(Value::to_string).unwrap_or_default())
+            .unwrap();
+        // Ready again once the previous answer's end has been read on the connection's task.
+        self.0.ready().await.unwrap();
+        let answer = self.0.send_request(request).await.unwrap();
+        let status = answer.status().as_u16();
+        let body = answer.into_body().collect().await.unwrap().to_bytes();
+        (status, String::from_utf8(body.to_vec()).unwrap())
     }
 
     async fn get_json(&mut self, path: &str) -> Value {
